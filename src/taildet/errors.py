@@ -1,0 +1,34 @@
+"""Errors taildet raises for bad user input.
+
+Every error about user data names the file, the item and what is wrong, so a user never has to
+read a traceback from deep inside torch to find the broken annotation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class TaildetError(Exception):
+    """Base class of every error taildet raises on purpose."""
+
+
+class DataError(TaildetError, ValueError):
+    """Invalid input data (annotation JSON, images, results files, statistics files).
+
+    Args:
+        file: the path of the offending file (or a short description when there is none).
+        item: the offending item, e.g. ``"annotation id 17"`` or ``"images[3]"``; may be empty.
+        problem: what is wrong, in words.
+    """
+
+    def __init__(self, file: Any, item: str, problem: str):
+        self.file = str(file)
+        self.item = item
+        self.problem = problem
+        where = f"{self.file}: {item}: " if item else f"{self.file}: "
+        super().__init__(where + problem)
+
+
+class ConfigError(TaildetError, ValueError):
+    """Invalid configuration: names the key and what is wrong."""
