@@ -111,7 +111,7 @@ def _train_counts(train_json: Path) -> dict[int, int]:
 
 def run_compare(recipes: Iterable[str] | None, out_dir: str | Path, seed: int = 0,
                 extra_opts: list[str] | None = None, progress: bool = True,
-                title: str = "taildet compare") -> dict:
+                title: str = "taildet compare", scale: float = 1.0) -> dict:
     """Run ``recipes`` on the embedded dataset and write ``summary.json`` + ``report.md``.
 
     Returns the summary ``{recipe: {metric: percent}}``.
@@ -127,8 +127,8 @@ def run_compare(recipes: Iterable[str] | None, out_dir: str | Path, seed: int = 
     names = list(recipes) if recipes else list(RECIPES)
     paths = {n: resolve_recipe(n) for n in names}  # fail fast on a bad name
 
-    data_root = out.parent / "data" / f"synthetic_seed{seed}"
-    info = make_dataset(data_root, seed=seed, scale=1.0, progress=progress)
+    data_root = out.parent / "data" / f"synthetic_seed{seed}_scale{scale:g}"
+    info = make_dataset(data_root, seed=seed, scale=scale, progress=progress)
     train_json, val_json = Path(info["train_json"]), Path(info["val_json"])
     stats = dataset_stats(train_json)
     stats_text = format_stats(stats)
@@ -152,7 +152,7 @@ def run_compare(recipes: Iterable[str] | None, out_dir: str | Path, seed: int = 
             from taildet.engine import train
 
             cfg = load_config(cfg_path)
-            opts = [f"output_dir={out / name}", f"data.root={data_root}", f"data.synthetic.seed={seed}",
+            opts = [f"output_dir={out / name}", f"data.root={data_root}", f"data.synthetic.seed={seed}", f"data.synthetic.scale={scale}",
                     f"train.seed={seed}"] + list(extra_opts or [])
             cfg = apply_overrides(cfg, opts)
             metrics = train(cfg, resume=False, progress=progress)["metrics"]

@@ -1,0 +1,70 @@
+"""The command line: data synth/stats, eval-results, compare with the no-training recipe."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from taildet.cli import main
+from taildet.compare import prior_baseline_results, resolve_recipe, run_compare
+from taildet.errors import ConfigError
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def test_data_synth_and_stats(tmp_path, capsys):
+    out = tmp_path / "synth"
+    assert main(["data", "synth", str(out), "--scale", "0.1", "--seed", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "rare (r)" in text and "frequent (f)" in text
+    assert (out / "annotations" / "train.json").exists()
+    assert (out / "long_tail.png").stat().st_size > 1000
+    png = tmp_path / "hist.png"
+    assert main(["data", "stats", str(out / "annotations" / "val.json"), "--out", str(png)]) == 0
+    assert png.stat().st_size > 1000
+
+
+def test_eval_results_cli_perfect_and_bad_input(tmp_path, capsys):
+    out = tmp_path / "synth"
+    main(["data", "synth", str(out), "--scale", "0.05"])
+    val = out / "annotations" / "val.json"
+    gt = json.loads(val.read_text())
+    perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"],
+                "score": 1.0} for a in gt["annotations"]]
+    res = tmp_path / "res.json"
+    res.write_text(json.dumps(perfect))
+    capsys.readouterr()
+    assert main(["eval-results", str(val), str(res), "--out", str(tmp_path / "ev")]) == 0
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["AP"] == pytest.approx(1.0)
+    # a result with an unknown category is a one-line error naming the file and the item, exit 2
+    perfect[3]["category_id"] = 99999
+    res.write_text(json.dumps(perfect))
+    assert main(["eval-results", str(val), str(res)]) == 2
+    err = capsys.readouterr().err
+    assert "res.json" in err and "results[3]" in err
+
+
+def test_prior_baseline_shows_long_tail(tmp_path):
+    summary = run_compare(["prior"], tmp_path / "cmp", seed=0, progress=False, scale=0.5)
+    row = summary["prior"]
+    # knowing only the label distribution ranks head classes first: APf far above APr
+    assert row["APf"] > row["APr"] + 5
+    assert 0 < row["AP"] < 100
+    saved = json.loads((tmp_path / "cmp" / "summary.json").read_text())
+    assert saved["prior"]["AP"] == row["AP"]
+    assert (tmp_path / "cmp" / "report.md").read_text().count("| prior |") == 1
+    assert (tmp_path / "cmp" / "per_class_ap_prior.png").exists()
+
+
+def test_prior_baseline_is_deterministic(tmp_path):
+    main(["data", "synth", str(tmp_path / "s"), "--scale", "0.05"])
+    tr, va = tmp_path / "s/annotations/train.json", tmp_path / "s/annotations/val.json"
+    assert prior_baseline_results(tr, va, seed=1) == prior_baseline_results(tr, va, seed=1)
+    assert prior_baseline_results(tr, va, seed=1) != prior_baseline_results(tr, va, seed=2)
+
+
+def test_unknown_recipe_is_a_clear_error():
+    with pytest.raises(ConfigError, match="unknown recipe 'nope'"):
+        resolve_recipe("nope")
