@@ -1,0 +1,51 @@
+"""Classification losses, selected by name through the plain dict :data:`LOSSES`.
+
+Each entry maps a config name to a callable ``(num_classes, **kwargs) -> ClassificationLoss``.
+Losses that live in files written separately are imported on first use, so this module imports
+cleanly whatever subset of them exists.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+from taildet.errors import ConfigError
+from taildet.losses.base import ClassificationLoss
+from taildet.losses.sigmoid_bce import SigmoidBCELoss
+from taildet.losses.softmax_ce import SoftmaxCrossEntropyLoss
+
+__all__ = ["LOSSES", "build_loss", "ClassificationLoss", "SoftmaxCrossEntropyLoss", "SigmoidBCELoss"]
+
+
+def _sigmoid_focal(num_classes: int, **kwargs: Any) -> ClassificationLoss:
+    """Lazy entry: :class:`taildet.losses.focal.SigmoidFocalLoss`."""
+    from taildet.losses.focal import SigmoidFocalLoss
+
+    return _construct(SigmoidFocalLoss, "sigmoid_focal", num_classes, kwargs)
+
+
+LOSSES: dict[str, Callable[..., ClassificationLoss]] = {
+    "softmax_ce": SoftmaxCrossEntropyLoss,
+    "sigmoid_bce": SigmoidBCELoss,
+    "sigmoid_focal": _sigmoid_focal,
+}
+
+
+def _construct(cls: Callable[..., Any], name: str, num_classes: int, kwargs: dict[str, Any]) -> Any:
+    """Call ``cls(num_classes, **kwargs)``, turning a bad keyword into a ConfigError naming it."""
+    try:
+        inspect.signature(cls).bind(num_classes, **kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"loss {name!r}: invalid arguments {sorted(kwargs)}: {exc}") from None
+    return cls(num_classes, **kwargs)
+
+
+def build_loss(name: str, num_classes: int, **kwargs: Any) -> ClassificationLoss:
+    """Build the loss registered as ``name`` in :data:`LOSSES` for ``num_classes`` classes."""
+    if name not in LOSSES:
+        raise ConfigError(f"unknown loss {name!r}; valid names: {', '.join(sorted(LOSSES))}")
+    factory = LOSSES[name]
+    if inspect.isclass(factory):
+        return _construct(factory, name, num_classes, kwargs)
+    return factory(num_classes, **kwargs)

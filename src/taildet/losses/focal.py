@@ -1,0 +1,140 @@
+"""Sigmoid focal loss for one-stage (dense) detectors (Lin et al., "Focal Loss for Dense Object
+Detection").
+
+``K = C`` sigmoid outputs per anchor, no background column. With ``p = sigmoid(x)``, a binary
+target ``t``, ``p_t = p t + (1 - p)(1 - t)`` and ``alpha_t = alpha t + (1 - alpha)(1 - t)``::
+
+    FL(x, t) = alpha_t * (1 - p_t) ** gamma * BCE_with_logits(x, t)
+
+``BCE_with_logits`` is ``-log p_t`` computed stably, so saturated logits (``|x| = 100``) give a
+finite loss and finite gradients. ``alpha < 0`` disables the alpha weighting (as in torchvision).
+
+One-stage label convention (see :mod:`taildet.losses.base`): ``labels[i]`` is ``0..C-1`` for a
+positive anchor, ``C`` for a negative anchor (all-zero target row) and ``-1`` for an ignored anchor
+(contributes nothing). The loss is the sum over non-ignored anchors and all ``C`` classes divided by
+``max(normalizer, 1)``; the normalizer defaults to the number of positive anchors.
+
+:func:`focal_loss` is the element-wise maths on its own (no reduction), for comparisons with the
+Equalized Focal Loss, which reduces to it when every class's focusing factor equals ``gamma``.
+The numeric reference is :func:`torchvision.ops.sigmoid_focal_loss`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from taildet.losses.base import ClassificationLoss, prior_bias
+
+__all__ = ["SigmoidFocalLoss", "focal_loss", "dense_targets", "check_dense_inputs"]
+
+
+def focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """Element-wise sigmoid focal loss, same shape as ``logits`` (no reduction).
+
+    Args:
+        logits: raw logits, any shape.
+        targets: targets in ``[0, 1]`` of the same shape (one-hot rows for detection).
+        alpha: weight of the positive targets (``1 - alpha`` for negatives); ``< 0`` disables it.
+        gamma: focusing exponent (``0`` gives (alpha-weighted) binary cross-entropy).
+    """
+    targets = targets.to(logits.dtype)
+    p = torch.sigmoid(logits)
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = p * targets + (1.0 - p) * (1.0 - targets)
+    loss = ce * (1.0 - p_t) ** gamma
+    if alpha >= 0:
+        alpha_t = alpha * targets + (1.0 - alpha) * (1.0 - targets)
+        loss = alpha_t * loss
+    return loss
+
+
+def check_dense_inputs(loss: ClassificationLoss, logits: Tensor, labels: Tensor) -> None:
+    """Shape/dtype checks for one-stage losses (clear messages instead of torch's)."""
+    k = loss.num_outputs()
+    if logits.dim() != 2 or logits.shape[1] != k:
+        raise ValueError(
+            f"{type(loss).__name__}: expected logits of shape [N, {k}] for {loss.num_classes} classes, "
+            f"got {tuple(logits.shape)}"
+        )
+    if labels.shape != (logits.shape[0],):
+        raise ValueError(
+            f"{type(loss).__name__}: expected labels of shape [{logits.shape[0]}], got {tuple(labels.shape)}"
+        )
+    if labels.dtype != torch.int64:
+        raise ValueError(f"{type(loss).__name__}: expected int64 labels, got {labels.dtype}")
+
+
+def dense_targets(labels: Tensor, num_classes: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Split a one-stage label vector into ``(valid, targets)``.
+
+    ``valid`` is the boolean mask ``labels >= 0`` (ignored anchors removed); ``targets`` is the
+    ``[num_valid, C]`` one-hot matrix of the valid anchors (all-zero rows for negatives, label ``C``).
+    """
+    valid = labels >= 0
+    kept = labels[valid]
+    targets = torch.zeros(kept.shape[0], num_classes + 1, dtype=dtype, device=labels.device)
+    targets[torch.arange(kept.shape[0], device=labels.device), kept] = 1.0
+    return valid, targets[:, :num_classes]
+
+
+class SigmoidFocalLoss(ClassificationLoss):
+    """Sigmoid focal loss over ``C`` outputs for dense one-stage heads (stateless).
+
+    Args:
+        num_classes: number of foreground classes ``C``.
+        alpha: positive-target weight (``< 0`` disables the alpha weighting).
+        gamma: focusing exponent.
+        prior: initial foreground probability; the classifier bias starts at
+            ``-log((1 - prior) / prior)``.
+
+    ``forward(logits [N, C], labels [N], normalizer=None, quality=None)``; ``quality`` is accepted
+    for interface compatibility (EQFL uses it) and ignored.
+    """
+
+    kind = "one_stage"
+    has_background = False
+
+    def __init__(self, num_classes: int, alpha: float = 0.25, gamma: float = 2.0, prior: float = 0.01):
+        super().__init__(num_classes)
+        if not 0.0 < float(prior) < 1.0:
+            raise ValueError(f"prior must be in (0, 1), got {prior!r}")
+        if float(gamma) < 0:
+            raise ValueError(f"gamma must be >= 0, got {gamma!r}")
+        if float(alpha) > 1.0:
+            raise ValueError(f"alpha must be <= 1 (negative disables it), got {alpha!r}")
+        self.alpha = float(alpha)
+        self.gamma = float(gamma)
+        self.prior = float(prior)
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, alpha={self.alpha}, gamma={self.gamma}, prior={self.prior}"
+
+    def num_outputs(self) -> int:
+        return self.num_classes
+
+    def scores(self, logits: Tensor) -> Tensor:
+        return torch.sigmoid(logits)
+
+    def init_bias(self, bias: Tensor) -> None:
+        with torch.no_grad():
+            bias.fill_(prior_bias(self.prior))
+
+    def forward(
+        self,
+        logits: Tensor,
+        labels: Tensor,
+        normalizer: float | Tensor | None = None,
+        quality: Tensor | None = None,
+    ) -> Tensor:
+        check_dense_inputs(self, logits, labels)
+        valid, targets = dense_targets(labels, self.num_classes, logits.dtype)
+        if normalizer is None:
+            normalizer = ((labels >= 0) & (labels < self.num_classes)).sum()
+        if isinstance(normalizer, Tensor):
+            normalizer = normalizer.to(logits.dtype).clamp(min=1.0)
+        else:
+            normalizer = max(float(normalizer), 1.0)
+        loss = focal_loss(logits[valid], targets, self.alpha, self.gamma).sum()
+        return loss / normalizer

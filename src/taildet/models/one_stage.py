@@ -1,0 +1,687 @@
+"""One-stage detectors (torchvision RetinaNet and FCOS) with a pluggable classification loss.
+
+Builders: :func:`build_retinanet`, :func:`build_fcos`. Both return a torchvision model subclass
+(:class:`TailRetinaNet`, :class:`TailFCOS`) whose classification branch is trained by a one-stage
+loss from :mod:`taildet.losses` (``kind == "one_stage"``) and scored at test time by that loss's
+``scores``. Everything else (anchor generation, matching, box coding, box/centerness losses, NMS,
+resizing) is torchvision's own code.
+
+What the models add to torchvision
+----------------------------------
+* ``model.cls_loss`` -- the loss, a registered submodule of the model, so its buffers are in
+  ``model.state_dict()`` under ``"cls_loss.*"`` (the heads keep an unregistered reference to the
+  same object; there are no duplicate keys).
+* ``model.logit_transform`` -- an optional ``nn.Module`` (or None) applied at inference to the raw
+  logits ``[N, K]`` before ``cls_loss.scores`` (for LogN / logit adjustment). Registered, so its
+  buffers checkpoint too. It can be assigned after building.
+* Label vector passed to the loss (training): one entry per anchor, image-major, then torchvision's
+  anchor order inside an image (level, then location row-major, then anchor):
+  ``0..C-1`` = positive anchor (its matched GT class), ``C`` = negative anchor, ``-1`` = ignored
+  (RetinaNet: IoU between the background and foreground thresholds, torchvision's
+  ``Matcher.BETWEEN_THRESHOLDS``; FCOS has no ignored anchors). The loss is called once per batch
+  with ``normalizer`` = total number of positive anchors in the batch, clamped to at least 1 (a
+  tensor; no host sync). Note: torchvision's stock RetinaNet instead normalises each image by its
+  own positives and averages over images; the two agree for one image per batch.
+* ``model.last_cls_inputs`` (training) -- ``(logits [B*A, K], labels [B*A])`` as passed to the loss
+  in the last forward, logits detached. ``model.last_logits`` (inference) -- a list with one
+  ``[D_i, K]`` tensor per image: the raw logits (before ``logit_transform``) of the anchor behind
+  each returned detection, row-aligned with ``detections[i]["boxes"]``. Both are cleared at the
+  start of each forward; set ``model.record_logits = False`` to skip recording.
+* Crowd boxes (``target["iscrowd"] != 0``) are dropped before matching.
+* A loss with a true attribute ``uses_quality`` (EQFL) also gets ``quality=[B*A]``: the IoU of each
+  positive anchor's detached decoded box with its matched GT box, 0 elsewhere
+  (:func:`anchor_quality`). Other losses are called without ``quality``.
+
+Anchors (``anchor_sizes=None``): the feature strides are measured by one dummy forward of the
+backbone. RetinaNet: one map of stride ``s`` gets sizes ``(2s, 3s, 4s, 6s)`` (stride 8 -> 16-48 px,
+for the 14-40 px objects of the 96 px demo images); several maps get torchvision's rule per level,
+``4s * (1, 2^(1/3), 2^(2/3))`` (identical to torchvision's defaults for strides 8-128). FCOS: one
+point per location of size ``s`` per level (torchvision's defaults for strides 8-128).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from functools import partial
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection import _utils as det_utils
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.fcos import FCOS, FCOSClassificationHead, FCOSHead, FCOSRegressionHead
+from torchvision.models.detection.retinanet import (
+    RetinaNet,
+    RetinaNetClassificationHead,
+    RetinaNetHead,
+    RetinaNetRegressionHead,
+)
+from torchvision.ops import boxes as box_ops
+
+from taildet.errors import ConfigError
+from taildet.losses.base import ClassificationLoss
+
+__all__ = [
+    "build_retinanet",
+    "build_fcos",
+    "TailRetinaNet",
+    "TailFCOS",
+    "TailRetinaNetHead",
+    "TailRetinaNetClassificationHead",
+    "TailFCOSHead",
+    "anchor_labels",
+    "anchor_quality",
+    "feature_strides",
+    "default_anchor_sizes",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def anchor_labels(matched_idxs: Tensor, gt_labels: Tensor, num_classes: int) -> Tensor:
+    """One-stage label vector of one image from torchvision's matcher output.
+
+    ``matched_idxs[a] >= 0`` -> ``gt_labels[matched_idxs[a]]``; ``Matcher.BELOW_LOW_THRESHOLD``
+    (-1, also FCOS's "unmatched") -> ``num_classes``; ``Matcher.BETWEEN_THRESHOLDS`` (-2) -> ``-1``.
+    """
+    labels = torch.full_like(matched_idxs, num_classes)
+    pos = matched_idxs >= 0
+    labels[pos] = gt_labels[matched_idxs[pos]].to(labels.dtype)
+    labels[matched_idxs == det_utils.Matcher.BETWEEN_THRESHOLDS] = -1
+    return labels
+
+
+def _batch_labels(targets: list[dict[str, Tensor]], matched_idxs: list[Tensor], num_classes: int) -> Tensor:
+    return torch.cat([anchor_labels(m, t["labels"], num_classes) for t, m in zip(targets, matched_idxs)])
+
+
+def _set_unregistered(module: nn.Module, name: str, value: Any) -> None:
+    """Attach ``value`` to ``module`` without registering it as a submodule (no duplicate keys)."""
+    object.__setattr__(module, name, value)
+
+
+def _drop_crowd(targets: list[dict[str, Tensor]] | None) -> list[dict[str, Tensor]] | None:
+    if targets is None:
+        return None
+    out = []
+    for t in targets:
+        crowd = t.get("iscrowd")
+        if crowd is not None and crowd.numel() > 0:
+            keep = crowd == 0
+            t = dict(t)
+            for key in ("boxes", "labels", "iscrowd", "area"):
+                if key in t and t[key].shape[:1] == keep.shape:
+                    t[key] = t[key][keep]
+        out.append(t)
+    return out
+
+
+def feature_strides(backbone: nn.Module, probe_size: int = 256) -> list[int]:
+    """Strides of the backbone's output maps, measured with one dummy forward (eval mode, no grad).
+
+    The training/eval flags of every submodule are restored afterwards.
+    """
+    param = next(iter(backbone.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None else torch.float32
+    modes = {m: m.training for m in backbone.modules()}
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            out = backbone(torch.zeros(1, 3, probe_size, probe_size, device=device, dtype=dtype))
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    if isinstance(out, Tensor):
+        out = OrderedDict([("0", out)])
+    if not isinstance(out, dict) or len(out) == 0:
+        raise ConfigError(f"backbone {type(backbone).__name__} must return a Tensor or a non-empty OrderedDict")
+    return [max(1, int(round(probe_size / f.shape[-2]))) for f in out.values()]
+
+
+def default_anchor_sizes(strides: Sequence[int], detector: str) -> tuple[tuple[int, ...], ...]:
+    """Anchor sizes per level for ``detector`` in ``{"retinanet", "fcos"}`` (see module docstring)."""
+    if detector == "fcos":
+        return tuple((int(s),) for s in strides)
+    if len(strides) == 1:
+        s = int(strides[0])
+        return ((2 * s, 3 * s, 4 * s, 6 * s),)
+    return tuple((4 * s, int(4 * s * 2 ** (1.0 / 3)), int(4 * s * 2 ** (2.0 / 3))) for s in strides)
+
+
+def _anchor_generator(
+    backbone: nn.Module,
+    anchor_sizes: Sequence[Sequence[int]] | None,
+    aspect_ratios: Sequence[float] | Sequence[Sequence[float]],
+    detector: str,
+) -> AnchorGenerator:
+    strides = feature_strides(backbone)
+    levels = len(strides)
+    if anchor_sizes is None:
+        anchor_sizes = default_anchor_sizes(strides, detector)
+    anchor_sizes = tuple(tuple(int(s) for s in level) for level in anchor_sizes)
+    if len(anchor_sizes) != levels:
+        raise ConfigError(
+            f"anchor_sizes has {len(anchor_sizes)} levels but the backbone returns {levels} feature maps"
+        )
+    if len(aspect_ratios) > 0 and isinstance(aspect_ratios[0], (tuple, list)):
+        ratios = tuple(tuple(float(r) for r in level) for level in aspect_ratios)  # type: ignore[union-attr]
+        if len(ratios) != levels:
+            raise ConfigError(f"aspect_ratios has {len(ratios)} levels but the backbone returns {levels} maps")
+    else:
+        ratios = (tuple(float(r) for r in aspect_ratios),) * levels  # type: ignore[arg-type]
+    counts = {len(s) * len(r) for s, r in zip(anchor_sizes, ratios)}
+    if len(counts) != 1:
+        raise ConfigError("every level must have the same number of anchors per location (sizes x ratios)")
+    return AnchorGenerator(anchor_sizes, ratios)
+
+
+def _resolve_loss(loss: str | ClassificationLoss, num_classes: int, loss_kwargs: dict | None) -> ClassificationLoss:
+    if isinstance(loss, str):
+        from taildet.losses import build_loss
+
+        loss = build_loss(loss, num_classes, **(loss_kwargs or {}))
+    elif isinstance(loss, ClassificationLoss):
+        if loss_kwargs:
+            raise ConfigError("loss_kwargs must be empty when loss is already a loss object")
+    else:
+        raise ConfigError(f"loss must be a loss name or a ClassificationLoss, got {type(loss).__name__}")
+    if getattr(loss, "kind", None) != "one_stage":
+        raise ConfigError(
+            f"loss {type(loss).__name__} is a {getattr(loss, 'kind', '?')!r} loss; one-stage detectors need "
+            "kind 'one_stage' (labels 0..C-1 positive, C negative, -1 ignored)"
+        )
+    if loss.num_classes != int(num_classes):
+        raise ConfigError(f"loss has {loss.num_classes} classes but the detector was asked for {num_classes}")
+    return loss
+
+
+def _resolve_backbone(
+    backbone: str | nn.Module, backbone_weights: Any, norm: str, backbone_kwargs: dict | None
+) -> nn.Module:
+    if isinstance(backbone, str):
+        from taildet.models.backbones import build_backbone
+
+        return build_backbone(backbone, norm=norm, weights=backbone_weights, **(backbone_kwargs or {}))
+    if isinstance(backbone, nn.Module):
+        if backbone_weights is not None or backbone_kwargs:
+            raise ConfigError("backbone_weights/backbone_kwargs apply only when backbone is given by name")
+        if not isinstance(getattr(backbone, "out_channels", None), int):
+            raise ConfigError(f"backbone {type(backbone).__name__} needs an integer attribute out_channels")
+        return backbone
+    raise ConfigError(f"backbone must be a name or an nn.Module, got {type(backbone).__name__}")
+
+
+def _head_norm(head_norm: str | None, channels: int) -> Callable[[int], nn.Module] | None:
+    if head_norm is None or head_norm == "none":
+        return None
+    if head_norm == "gn":
+        groups = max(g for g in range(1, min(32, channels) + 1) if channels % g == 0)
+        return partial(nn.GroupNorm, groups)
+    if head_norm == "bn":
+        return nn.BatchNorm2d
+    raise ConfigError(f"head_norm must be None, 'none', 'gn' or 'bn', got {head_norm!r}")
+
+
+def _init_cls_bias(conv: nn.Conv2d, loss: ClassificationLoss, num_anchors: int) -> None:
+    """Initialise a dense classifier bias ``[A * K]`` (A blocks of K) with ``loss.init_bias``."""
+    k = loss.num_outputs()
+    per_anchor = torch.zeros(k, dtype=conv.bias.dtype, device=conv.bias.device)
+    loss.init_bias(per_anchor)
+    with torch.no_grad():
+        conv.bias.copy_(per_anchor.repeat(num_anchors))
+
+
+def _cls_loss_call(
+    owner: nn.Module,
+    loss: ClassificationLoss,
+    cls_logits: Tensor,
+    labels: Tensor,
+    quality: Tensor | None = None,
+) -> Tensor:
+    logits = cls_logits.reshape(-1, cls_logits.shape[-1])
+    num_pos = ((labels >= 0) & (labels < loss.num_classes)).sum()
+    normalizer = num_pos.clamp(min=1).to(logits.dtype)
+    if owner.record_logits:
+        owner.last_cls_inputs = (logits.detach(), labels)
+    if quality is None:
+        return loss(logits, labels, normalizer)
+    return loss(logits, labels, normalizer, quality=quality)
+
+
+def _elementwise_iou(a: Tensor, b: Tensor) -> Tensor:
+    """IoU of row ``i`` of ``a`` with row ``i`` of ``b`` (xyxy), ``[N]``."""
+    lt = torch.max(a[:, :2], b[:, :2])
+    rb = torch.min(a[:, 2:], b[:, 2:])
+    inter = (rb - lt).clamp(min=0).prod(dim=1)
+    union = box_ops.box_area(a) + box_ops.box_area(b) - inter
+    return inter / union.clamp(min=1e-6)
+
+
+def anchor_quality(
+    decode: Callable[[Tensor, Tensor], Tensor],
+    bbox_regression: Tensor,
+    anchors: list[Tensor],
+    targets: list[dict[str, Tensor]],
+    matched_idxs: list[Tensor],
+) -> Tensor:
+    """``[B*A]`` localisation quality for losses that use it (EQFL): IoU of the detached decoded box
+    of each positive anchor with its matched GT box; 0 for negative and ignored anchors."""
+    out = []
+    for reg, anc, t, m in zip(bbox_regression, anchors, targets, matched_idxs):
+        q = reg.new_zeros(m.shape[0])
+        pos = torch.where(m >= 0)[0]
+        if pos.numel() > 0:
+            boxes = decode(reg[pos].detach(), anc[pos])
+            q[pos] = _elementwise_iou(boxes, t["boxes"][m[pos]]).to(q.dtype)
+        out.append(q)
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# heads
+
+
+class TailRetinaNetClassificationHead(RetinaNetClassificationHead):
+    """torchvision's RetinaNet classification tower with a pluggable one-stage loss.
+
+    Width ``K = loss.num_outputs()`` per anchor, bias from ``loss.init_bias``. ``compute_loss``
+    builds the label vector (see the module docstring) and calls the loss once for the batch.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_anchors: int,
+        loss: ClassificationLoss,
+        norm_layer: Callable[..., nn.Module] | None = None,
+    ):
+        super().__init__(in_channels, num_anchors, loss.num_outputs(), norm_layer=norm_layer)
+        _set_unregistered(self, "cls_loss", loss)
+        _init_cls_bias(self.cls_logits, loss, num_anchors)
+        self.record_logits = True
+        self.last_cls_inputs: tuple[Tensor, Tensor] | None = None
+
+    def compute_loss(self, targets, head_outputs, matched_idxs, quality=None):  # type: ignore[override]
+        labels = _batch_labels(targets, matched_idxs, self.cls_loss.num_classes)
+        return _cls_loss_call(self, self.cls_loss, head_outputs["cls_logits"], labels, quality)
+
+
+class TailRetinaNetHead(RetinaNetHead):
+    """RetinaNet head = :class:`TailRetinaNetClassificationHead` + torchvision's regression head."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_anchors: int,
+        loss: ClassificationLoss,
+        norm_layer: Callable[..., nn.Module] | None = None,
+    ):
+        nn.Module.__init__(self)  # RetinaNetHead.__init__ would build a stock classification head
+        self.classification_head = TailRetinaNetClassificationHead(in_channels, num_anchors, loss, norm_layer)
+        self.regression_head = RetinaNetRegressionHead(in_channels, num_anchors, norm_layer=norm_layer)
+
+    def compute_loss(self, targets, head_outputs, anchors, matched_idxs):  # type: ignore[override]
+        quality = None
+        if getattr(self.classification_head.cls_loss, "uses_quality", False):
+            decode = self.regression_head.box_coder.decode_single
+            quality = anchor_quality(decode, head_outputs["bbox_regression"], anchors, targets, matched_idxs)
+        return {
+            "classification": self.classification_head.compute_loss(targets, head_outputs, matched_idxs, quality),
+            "bbox_regression": self.regression_head.compute_loss(targets, head_outputs, anchors, matched_idxs),
+        }
+
+
+class TailFCOSHead(FCOSHead):
+    """FCOS head whose classification loss is the pluggable one-stage loss.
+
+    Box (GIoU) and centerness losses are torchvision's ``FCOSHead.compute_loss``, called with a
+    one-column all-zero stand-in for the classification output and all-zero labels, so its own
+    focal term costs ``1/C`` of the real one and is discarded.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_anchors: int,
+        loss: ClassificationLoss,
+        num_convs: int = 4,
+        norm_layer: Callable[[int], nn.Module] | None = None,
+    ):
+        nn.Module.__init__(self)  # FCOSHead.__init__ hard-codes GroupNorm(32), too wide for tiny nets
+        if norm_layer is None:
+            norm_layer = _identity_norm
+        self.box_coder = det_utils.BoxLinearCoder(normalize_by_size=True)
+        self.classification_head = FCOSClassificationHead(
+            in_channels, num_anchors, loss.num_outputs(), num_convs, norm_layer=norm_layer
+        )
+        self.regression_head = FCOSRegressionHead(in_channels, num_anchors, num_convs, norm_layer=norm_layer)
+        _init_cls_bias(self.classification_head.cls_logits, loss, num_anchors)
+        _set_unregistered(self, "cls_loss", loss)
+        self.record_logits = True
+        self.last_cls_inputs: tuple[Tensor, Tensor] | None = None
+
+    def compute_loss(self, targets, head_outputs, anchors, matched_idxs):  # type: ignore[override]
+        cls_logits = head_outputs["cls_logits"]
+        labels = _batch_labels(targets, matched_idxs, self.cls_loss.num_classes)
+        quality = None
+        if getattr(self.cls_loss, "uses_quality", False):
+            bbox_regression = head_outputs["bbox_regression"]
+            quality = anchor_quality(self.box_coder.decode, bbox_regression, anchors, targets, matched_idxs)
+        loss_cls = _cls_loss_call(self, self.cls_loss, cls_logits, labels, quality)
+        stand_in = dict(head_outputs)
+        stand_in["cls_logits"] = cls_logits.new_zeros(cls_logits.shape[0], cls_logits.shape[1], 1)
+        box_targets = [{"boxes": t["boxes"], "labels": torch.zeros_like(t["labels"])} for t in targets]
+        stock = super().compute_loss(box_targets, stand_in, anchors, matched_idxs)
+        return {
+            "classification": loss_cls,
+            "bbox_regression": stock["bbox_regression"],
+            "bbox_ctrness": stock["bbox_ctrness"],
+        }
+
+
+def _identity_norm(channels: int) -> nn.Module:
+    return nn.Identity()
+
+
+# ----------------------------------------------------------------------------------------------
+# detectors
+
+
+class _TailOneStage:
+    """Shared parts of :class:`TailRetinaNet` and :class:`TailFCOS` (a mixin; no state of its own)."""
+
+    head: nn.Module
+    cls_loss: ClassificationLoss
+    logit_transform: nn.Module | None
+    last_logits: list[Tensor] | None
+    score_thresh: float
+    topk_candidates: int
+    nms_thresh: float
+    detections_per_img: int
+
+    def _setup_tail(self, loss: ClassificationLoss, logit_transform: nn.Module | None) -> None:
+        self.cls_loss = loss
+        self.logit_transform = logit_transform
+        self.last_logits = None
+
+    @property
+    def _cls_head_owner(self) -> nn.Module:
+        raise NotImplementedError
+
+    @property
+    def record_logits(self) -> bool:
+        return self._cls_head_owner.record_logits
+
+    @record_logits.setter
+    def record_logits(self, value: bool) -> None:
+        self._cls_head_owner.record_logits = bool(value)
+
+    @property
+    def last_cls_inputs(self) -> tuple[Tensor, Tensor] | None:
+        """``(logits [B*A, K] detached, labels [B*A])`` passed to the loss in the last training forward."""
+        return self._cls_head_owner.last_cls_inputs
+
+    def class_scores(self, logits: Tensor) -> Tensor:
+        """Test-time class scores ``[N, C]`` of raw logits ``[N, K]``: ``cls_loss.scores(transform(x))``."""
+        if self.logit_transform is not None:
+            logits = self.logit_transform(logits)
+        return self.cls_loss.scores(logits)
+
+    def _clear_records(self) -> None:
+        self.last_logits = None
+        self._cls_head_owner.last_cls_inputs = None
+
+    def _postprocess(self, head_outputs, anchors, image_shapes, decode, extra_score=None):
+        """torchvision's per-level top-k + batched NMS, with pluggable scores and logit tracking."""
+        class_logits = head_outputs["cls_logits"]
+        box_regression = head_outputs["bbox_regression"]
+        detections: list[dict[str, Tensor]] = []
+        kept_logits: list[Tensor] = []
+        for index in range(len(image_shapes)):
+            image_shape = image_shapes[index]
+            boxes_all, scores_all, labels_all, rows_all = [], [], [], []
+            for level, (br, lg, an) in enumerate(zip(box_regression, class_logits, anchors[index])):
+                br, lg = br[index], lg[index]
+                scores = self.class_scores(lg)
+                if extra_score is not None:
+                    scores = extra_score(scores, head_outputs, level, index)
+                num_classes = scores.shape[-1]
+                scores = scores.flatten()
+                keep_idxs = scores > self.score_thresh
+                scores = scores[keep_idxs]
+                topk_idxs = torch.where(keep_idxs)[0]
+                num_topk = det_utils._topk_min(topk_idxs, self.topk_candidates, 0)
+                scores, idxs = scores.topk(num_topk)
+                topk_idxs = topk_idxs[idxs]
+                anchor_idxs = torch.div(topk_idxs, num_classes, rounding_mode="floor")
+                boxes = decode(br[anchor_idxs], an[anchor_idxs])
+                boxes_all.append(box_ops.clip_boxes_to_image(boxes, image_shape))
+                scores_all.append(scores)
+                labels_all.append(topk_idxs % num_classes)
+                rows_all.append(lg[anchor_idxs])
+            boxes = torch.cat(boxes_all)
+            scores = torch.cat(scores_all)
+            labels = torch.cat(labels_all)
+            keep = box_ops.batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
+            detections.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
+            kept_logits.append(torch.cat(rows_all)[keep].detach())
+        if self.record_logits:
+            self.last_logits = kept_logits
+        return detections
+
+
+class TailRetinaNet(_TailOneStage, RetinaNet):
+    """torchvision ``RetinaNet`` trained and scored through a pluggable one-stage loss.
+
+    Args:
+        backbone: module with ``out_channels`` returning a Tensor or OrderedDict of maps.
+        cls_loss: a one-stage :class:`~taildet.losses.base.ClassificationLoss`; registered as
+            ``self.cls_loss``.
+        anchor_generator: torchvision ``AnchorGenerator``.
+        logit_transform: optional module applied to raw logits at inference (``self.logit_transform``).
+        head_norm_layer: norm layer factory for the head towers (None = torchvision's v1 head).
+        **kwargs: passed to ``RetinaNet`` (min_size, max_size, score_thresh, ...).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        cls_loss: ClassificationLoss,
+        *,
+        anchor_generator: AnchorGenerator,
+        logit_transform: nn.Module | None = None,
+        head_norm_layer: Callable[..., nn.Module] | None = None,
+        **kwargs: Any,
+    ):
+        head = TailRetinaNetHead(
+            backbone.out_channels, anchor_generator.num_anchors_per_location()[0], cls_loss, head_norm_layer
+        )
+        super().__init__(backbone, cls_loss.num_classes, anchor_generator=anchor_generator, head=head, **kwargs)
+        self._setup_tail(cls_loss, logit_transform)
+
+    @property
+    def _cls_head_owner(self) -> nn.Module:
+        return self.head.classification_head
+
+    def forward(self, images, targets=None):  # type: ignore[override]
+        self._clear_records()
+        return super().forward(images, targets)
+
+    def compute_loss(self, targets, head_outputs, anchors):  # type: ignore[override]
+        return super().compute_loss(_drop_crowd(targets), head_outputs, anchors)
+
+    def postprocess_detections(self, head_outputs, anchors, image_shapes):  # type: ignore[override]
+        return self._postprocess(head_outputs, anchors, image_shapes, self.box_coder.decode_single)
+
+
+class TailFCOS(_TailOneStage, FCOS):
+    """torchvision ``FCOS`` whose classification is trained and scored through a pluggable loss.
+
+    Test score: ``sqrt(cls_loss.scores(transform(cls_logits)) * sigmoid(centerness))`` as torchvision
+    (with ``cls_loss.scores`` in place of the sigmoid). Box and centerness losses are unchanged.
+    Args as :class:`TailRetinaNet` plus ``num_convs`` (tower depth); ``head_norm_layer=None`` means
+    no normalisation in the towers.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        cls_loss: ClassificationLoss,
+        *,
+        anchor_generator: AnchorGenerator,
+        logit_transform: nn.Module | None = None,
+        head_norm_layer: Callable[[int], nn.Module] | None = None,
+        num_convs: int = 4,
+        **kwargs: Any,
+    ):
+        head = TailFCOSHead(
+            backbone.out_channels,
+            anchor_generator.num_anchors_per_location()[0],
+            cls_loss,
+            num_convs=num_convs,
+            norm_layer=head_norm_layer,
+        )
+        super().__init__(backbone, cls_loss.num_classes, anchor_generator=anchor_generator, head=head, **kwargs)
+        self._setup_tail(cls_loss, logit_transform)
+
+    @property
+    def _cls_head_owner(self) -> nn.Module:
+        return self.head
+
+    def forward(self, images, targets=None):  # type: ignore[override]
+        self._clear_records()
+        return super().forward(images, targets)
+
+    def compute_loss(self, targets, head_outputs, anchors, num_anchors_per_level):  # type: ignore[override]
+        return super().compute_loss(_drop_crowd(targets), head_outputs, anchors, num_anchors_per_level)
+
+    def postprocess_detections(self, head_outputs, anchors, image_shapes):  # type: ignore[override]
+        def with_centerness(scores: Tensor, outputs: dict, level: int, index: int) -> Tensor:
+            return torch.sqrt(scores * torch.sigmoid(outputs["bbox_ctrness"][level][index]))
+
+        return self._postprocess(head_outputs, anchors, image_shapes, self.box_coder.decode, with_centerness)
+
+
+# ----------------------------------------------------------------------------------------------
+# builders
+
+
+def build_retinanet(
+    num_classes: int,
+    *,
+    backbone: str | nn.Module = "tiny",
+    backbone_weights: Any = None,
+    backbone_kwargs: dict | None = None,
+    norm: str = "bn",
+    loss: str | ClassificationLoss = "sigmoid_focal",
+    loss_kwargs: dict | None = None,
+    min_size: int = 800,
+    max_size: int = 1333,
+    image_mean: Sequence[float] | None = None,
+    image_std: Sequence[float] | None = None,
+    anchor_sizes: Sequence[Sequence[int]] | None = None,
+    aspect_ratios: Sequence[float] | Sequence[Sequence[float]] = (0.5, 1.0, 2.0),
+    head_norm: str | None = None,
+    score_thresh: float = 1e-4,
+    nms_thresh: float = 0.5,
+    detections_per_img: int = 300,
+    topk_candidates: int = 1000,
+    fg_iou_thresh: float = 0.5,
+    bg_iou_thresh: float = 0.4,
+    logit_transform: nn.Module | None = None,
+) -> TailRetinaNet:
+    """Build a :class:`TailRetinaNet` for ``num_classes`` foreground classes.
+
+    Args:
+        backbone: a name for :func:`taildet.models.backbones.build_backbone` (with ``norm``,
+            ``backbone_weights`` and ``backbone_kwargs``) or a module with ``out_channels``.
+        loss: a loss name for :func:`taildet.losses.build_loss` (with ``loss_kwargs``) or a
+            one-stage loss object.
+        min_size, max_size: torchvision's resize; ``min_size = max_size = S`` leaves ``S x S``
+            images unresized.
+        anchor_sizes: per-level sizes; None derives them from the measured feature strides.
+        aspect_ratios: one tuple for all levels, or one tuple per level.
+        head_norm: None / ``"none"`` (torchvision's v1 head), ``"gn"`` or ``"bn"`` in the towers.
+        logit_transform: optional inference-time module on raw logits.
+        Others: as torchvision's ``RetinaNet``.
+    """
+    cls_loss = _resolve_loss(loss, num_classes, loss_kwargs)
+    net = _resolve_backbone(backbone, backbone_weights, norm, backbone_kwargs)
+    generator = _anchor_generator(net, anchor_sizes, aspect_ratios, "retinanet")
+    if not 0.0 <= bg_iou_thresh <= fg_iou_thresh <= 1.0:
+        raise ConfigError(f"need 0 <= bg_iou_thresh <= fg_iou_thresh <= 1, got {bg_iou_thresh}, {fg_iou_thresh}")
+    return TailRetinaNet(
+        net,
+        cls_loss,
+        anchor_generator=generator,
+        logit_transform=logit_transform,
+        head_norm_layer=_head_norm(head_norm, net.out_channels),
+        min_size=min_size,
+        max_size=max_size,
+        image_mean=list(image_mean) if image_mean is not None else None,
+        image_std=list(image_std) if image_std is not None else None,
+        score_thresh=score_thresh,
+        nms_thresh=nms_thresh,
+        detections_per_img=detections_per_img,
+        topk_candidates=topk_candidates,
+        fg_iou_thresh=fg_iou_thresh,
+        bg_iou_thresh=bg_iou_thresh,
+    )
+
+
+def build_fcos(
+    num_classes: int,
+    *,
+    backbone: str | nn.Module = "tiny",
+    backbone_weights: Any = None,
+    backbone_kwargs: dict | None = None,
+    norm: str = "bn",
+    loss: str | ClassificationLoss = "sigmoid_focal",
+    loss_kwargs: dict | None = None,
+    min_size: int = 800,
+    max_size: int = 1333,
+    image_mean: Sequence[float] | None = None,
+    image_std: Sequence[float] | None = None,
+    anchor_sizes: Sequence[Sequence[int]] | None = None,
+    head_norm: str | None = "gn",
+    num_convs: int = 4,
+    center_sampling_radius: float = 1.5,
+    score_thresh: float = 1e-4,
+    nms_thresh: float = 0.6,
+    detections_per_img: int = 300,
+    topk_candidates: int = 1000,
+    logit_transform: nn.Module | None = None,
+) -> TailFCOS:
+    """Build a :class:`TailFCOS` for ``num_classes`` foreground classes.
+
+    Args as :func:`build_retinanet`; ``anchor_sizes`` must have one size per level (FCOS uses one
+    point per location; ``None`` = the measured strides). ``head_norm="gn"`` is torchvision's
+    GroupNorm with the group count reduced to divide narrow towers (at most 32 groups).
+    ``nms_thresh`` 0.6 as torchvision's FCOS.
+    """
+    cls_loss = _resolve_loss(loss, num_classes, loss_kwargs)
+    net = _resolve_backbone(backbone, backbone_weights, norm, backbone_kwargs)
+    generator = _anchor_generator(net, anchor_sizes, (1.0,), "fcos")
+    if generator.num_anchors_per_location()[0] != 1:
+        raise ConfigError("FCOS needs exactly one anchor size per level")
+    return TailFCOS(
+        net,
+        cls_loss,
+        anchor_generator=generator,
+        logit_transform=logit_transform,
+        head_norm_layer=_head_norm(head_norm, net.out_channels),
+        num_convs=num_convs,
+        min_size=min_size,
+        max_size=max_size,
+        image_mean=list(image_mean) if image_mean is not None else None,
+        image_std=list(image_std) if image_std is not None else None,
+        center_sampling_radius=center_sampling_radius,
+        score_thresh=score_thresh,
+        nms_thresh=nms_thresh,
+        detections_per_img=detections_per_img,
+        topk_candidates=topk_candidates,
+    )
+
