@@ -1,0 +1,617 @@
+"""Run configuration: nested dataclasses loaded from YAML, validated, with ``_base_`` inheritance.
+
+A config file has up to six sections (every key optional, defaults below)::
+
+    _base_: demo_faster_tiny_ce.yaml      # optional; path relative to this file
+    model:    {arch, num_classes, <builder kwargs: backbone, loss, min_size, ...>}
+    data:     {synthetic: {seed, scale} | train_json/val_json/image_root/val_image_root, sampler, ...}
+    train:    {iterations | epochs, lr, schedule, steps, warmup_iters, grad_clip, amp, seed, ...}
+    finetune: {freeze, reset_classifier, loss, loss_kwargs, train: {<train overrides>}, sampler}
+    eval:     {enabled, max_dets, score_thresh, iou_types, fixed, batch_size}
+    output_dir: runs/my_run
+
+A derived file is merged onto its base key by key (dicts recursively, everything else replaced),
+then validated as a whole. Every problem is a :class:`taildet.errors.ConfigError` that names the
+dotted key and the file, e.g. ``configs/x.yaml: train.lr: expected a positive number, got -1``.
+
+Command-line overrides (``apply_overrides(cfg, ["train.lr=0.01"])``) parse each value with
+``yaml.safe_load`` and go through the same validation.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import yaml
+
+from taildet.errors import ConfigError
+
+__all__ = [
+    "Config",
+    "ModelConfig",
+    "DataConfig",
+    "SyntheticConfig",
+    "TrainConfig",
+    "FinetuneConfig",
+    "EvalConfig",
+    "load_config",
+    "config_from_dict",
+    "apply_overrides",
+    "save_config",
+    "DEFAULT_FREEZE",
+]
+
+# ----------------------------------------------------------------------------- validators
+# A validator takes (value, dotted_key) and returns the normalised value or raises ConfigError.
+
+
+class _Invalid(Exception):
+    """Raised by validators; turned into a ConfigError naming key and file."""
+
+
+def _fmt(v: Any) -> str:
+    return repr(v) if isinstance(v, str) else str(v)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def v_any(v):
+    return v
+
+
+def v_bool(v):
+    if not isinstance(v, bool):
+        raise _Invalid(f"expected true or false, got {_fmt(v)}")
+    return v
+
+
+def v_str(v):
+    if not isinstance(v, str) or not v:
+        raise _Invalid(f"expected a non-empty string, got {_fmt(v)}")
+    return v
+
+
+def v_opt(inner):
+    def check(v):
+        return None if v is None else inner(v)
+
+    return check
+
+
+def v_enum(*choices):
+    def check(v):
+        if v not in choices:
+            raise _Invalid(f"expected one of {', '.join(map(str, choices))}, got {_fmt(v)}")
+        return v
+
+    return check
+
+
+def v_pos_num(v):
+    if not _is_num(v) or v <= 0:
+        raise _Invalid(f"expected a positive number, got {_fmt(v)}")
+    return float(v)
+
+
+def v_nonneg_num(v):
+    if not _is_num(v) or v < 0:
+        raise _Invalid(f"expected a non-negative number, got {_fmt(v)}")
+    return float(v)
+
+
+def v_fraction(v):
+    if not _is_num(v) or not 0 <= v <= 1:
+        raise _Invalid(f"expected a number in [0, 1], got {_fmt(v)}")
+    return float(v)
+
+
+def v_open_fraction(v):
+    if not _is_num(v) or not 0 < v <= 1:
+        raise _Invalid(f"expected a number in (0, 1], got {_fmt(v)}")
+    return float(v)
+
+
+def _int(v, minimum):
+    if isinstance(v, bool) or not isinstance(v, int):
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        else:
+            raise _Invalid(f"expected an integer >= {minimum}, got {_fmt(v)}")
+    if v < minimum:
+        raise _Invalid(f"expected an integer >= {minimum}, got {_fmt(v)}")
+    return v
+
+
+def v_pos_int(v):
+    return _int(v, 1)
+
+
+def v_nonneg_int(v):
+    return _int(v, 0)
+
+
+def v_int(v):
+    return _int(v, -(2**63))
+
+
+def v_list(inner, min_len=0):
+    def check(v):
+        if isinstance(v, tuple):
+            v = list(v)
+        if not isinstance(v, list):
+            v = [v]
+        if len(v) < min_len:
+            raise _Invalid(f"expected a list of at least {min_len} item(s), got {_fmt(v)}")
+        out = []
+        for i, item in enumerate(v):
+            try:
+                out.append(inner(item))
+            except _Invalid as e:
+                raise _Invalid(f"item {i}: {e}") from None
+        return out
+
+    return check
+
+
+def v_dict(v):
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise _Invalid(f"expected a mapping, got {_fmt(v)}")
+    return dict(v)
+
+
+def v_regex(v):
+    v = v_str(v)
+    try:
+        re.compile(v)
+    except re.error as e:
+        raise _Invalid(f"invalid regular expression {v!r}: {e}") from None
+    return v
+
+
+def v_rfs_threshold(v):
+    if v == "auto":
+        return v
+    if not _is_num(v) or not 0 < v <= 1:
+        raise _Invalid(f'expected "auto" or a number in (0, 1], got {_fmt(v)}')
+    return float(v)
+
+
+def v_steps(v):
+    v = v_list(lambda x: x)(v)
+    out = []
+    for i, s in enumerate(v):
+        if not _is_num(s) or s <= 0:
+            raise _Invalid(f"item {i}: expected a fraction in (0, 1) or an iteration >= 1, got {_fmt(s)}")
+        if isinstance(s, float) and s >= 1 and not s.is_integer():
+            raise _Invalid(f"item {i}: expected a fraction in (0, 1) or a whole iteration, got {_fmt(s)}")
+        out.append(s if s < 1 else int(s))
+    if out != sorted(out):
+        raise _Invalid(f"expected increasing values, got {_fmt(out)}")
+    return out
+
+
+def v_sizes(v):
+    return v_list(v_pos_int, min_len=1)(v)
+
+
+def v_int_or_ints(v):
+    if isinstance(v, (list, tuple)):
+        return v_list(v_pos_int, min_len=1)(v)
+    return v_pos_int(v)
+
+
+def v_path(v):
+    return v_str(v)
+
+
+def _f(default, check, help=""):
+    """A dataclass field with a validator (and a default; lists/dicts are copied)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: copy.deepcopy(d), metadata={"check": check, "help": help})
+    return field(default=default, metadata={"check": check, "help": help})
+
+
+# ----------------------------------------------------------------------------- sections
+
+#: Builder kwargs of ``taildet.models.build_model`` that the config knows and checks. Other keys
+#: under ``model:`` are passed on unchecked; ``build_model`` raises ConfigError for unknown ones.
+MODEL_KWARG_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "backbone": v_str,
+    "backbone_weights": v_opt(v_str),
+    "norm": v_opt(v_str),
+    "loss": v_str,
+    "loss_kwargs": v_dict,
+    "classifier": v_enum("linear", "cosine"),
+    "min_size": v_int_or_ints,
+    "max_size": v_pos_int,
+    "fixed_size": v_bool,
+    "score_thresh": v_fraction,
+    "nms_thresh": v_fraction,
+    "detections_per_img": v_pos_int,
+    "box_batch_size_per_image": v_pos_int,
+    "box_positive_fraction": v_open_fraction,
+    "box_detections_per_img": v_pos_int,
+    "box_score_thresh": v_fraction,
+    "box_nms_thresh": v_fraction,
+    "rpn_batch_size_per_image": v_pos_int,
+    "rpn_positive_fraction": v_open_fraction,
+    "anchor_sizes": v_any,
+    "aspect_ratios": v_any,
+    "trainable_backbone_layers": v_nonneg_int,
+    "calibrator": v_opt(v_str),
+}
+
+
+@dataclass
+class ModelConfig:
+    """``model:`` -- the detector. ``kwargs`` holds every builder keyword (flat in the YAML)."""
+
+    arch: str = _f("faster_rcnn", v_enum("faster_rcnn", "mask_rcnn", "retinanet", "fcos"))
+    num_classes: int | None = _f(None, v_opt(v_pos_int), "default: the training set's")
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class SyntheticConfig:
+    """``data.synthetic:`` -- the embedded long-tail generator (taildet.data.synthetic)."""
+
+    seed: int = _f(0, v_nonneg_int)
+    scale: float = _f(1.0, v_pos_num)
+
+
+@dataclass
+class DataConfig:
+    """``data:`` -- datasets, sampler, transforms and loader."""
+
+    synthetic: SyntheticConfig | None = None
+    root: str = _f("runs/data/synthetic", v_path, "output directory of the synthetic generator")
+    train_json: str | None = _f(None, v_opt(v_path))
+    val_json: str | None = _f(None, v_opt(v_path))
+    image_root: str | None = _f(None, v_opt(v_path))
+    val_image_root: str | None = _f(None, v_opt(v_path))
+    sampler: str = _f("random", v_enum("random", "rfs", "class_balanced"))
+    # "auto" = 100 / number of training images: LVIS's t = 0.001 on ~100k images means "classes
+    # seen in fewer than ~100 images get repeated"; on a 1k-image set t = 0.001 repeats nothing.
+    rfs_threshold: float | str = _f(0.001, v_rfs_threshold)
+    rfs_rounding: str = _f("stochastic", v_enum("stochastic", "ceil"))
+    min_sizes: list = _f([800], v_sizes)
+    max_size: int = _f(1333, v_pos_int)
+    flip_prob: float = _f(0.5, v_fraction)
+    with_masks: bool = _f(False, v_bool)
+    batch_size: int = _f(2, v_pos_int, "images per process")
+    num_workers: int = _f(2, v_nonneg_int)
+    skip_invalid: bool = _f(False, v_bool)
+
+
+@dataclass
+class TrainConfig:
+    """``train:`` -- optimisation. Exactly one of ``iterations`` / ``epochs``."""
+
+    iterations: int | None = _f(None, v_opt(v_pos_int))
+    epochs: int | None = _f(None, v_opt(v_pos_int))
+    lr: float = _f(0.02, v_pos_num)
+    momentum: float = _f(0.9, v_fraction)
+    weight_decay: float = _f(1e-4, v_nonneg_num)
+    weight_decay_norm: float | None = _f(None, v_opt(v_nonneg_num), "wd of norm/bias params (null = same)")
+    warmup_iters: int = _f(1000, v_nonneg_int)
+    warmup_factor: float = _f(0.001, v_open_fraction)
+    schedule: str = _f("step", v_enum("step", "cosine"))
+    steps: list = _f([0.667, 0.889], v_steps, "fractions of the run (<1) or iterations (>=1)")
+    gamma: float = _f(0.1, v_pos_num)
+    grad_clip: float | None = _f(None, v_opt(v_pos_num), "max gradient norm; null = off")
+    amp: bool = _f(False, v_bool, "CUDA only")
+    seed: int = _f(0, v_nonneg_int)
+    log_period: int = _f(20, v_pos_int)
+    checkpoint_period: int | None = _f(None, v_opt(v_pos_int), "iterations; null = every epoch")
+    device: str = _f("auto", v_enum("auto", "cpu", "cuda"))
+    find_unused_parameters: bool = _f(False, v_bool, "DDP only")
+
+
+#: LOCE's fine-tuning policy: freeze the backbone (incl. FPN, ``backbone.fpn``) and the shared
+#: box FCs; train the RPN, box regressor and the classifier.
+DEFAULT_FREEZE = [r"^backbone\.", r"^roi_heads\.box_head\."]
+
+
+@dataclass
+class FinetuneConfig:
+    """``finetune:`` -- decoupled stage-2 training (see taildet.engine.finetune)."""
+
+    freeze: list = _f(list(DEFAULT_FREEZE), v_list(v_regex))
+    reset_classifier: bool = _f(False, v_bool)
+    loss: str | None = _f(None, v_opt(v_str), "null = the model's loss")
+    loss_kwargs: dict | None = _f(None, v_opt(v_dict))
+    sampler: str | None = _f(None, v_opt(v_enum("random", "rfs", "class_balanced")))
+    train: dict = _f({}, v_dict, "overrides of train: keys for stage 2")
+
+
+@dataclass
+class EvalConfig:
+    """``eval:`` -- evaluation after training and for ``taildet eval``."""
+
+    enabled: bool = _f(True, v_bool)
+    max_dets: int = _f(300, v_pos_int)
+    score_thresh: float = _f(1e-4, v_fraction)
+    iou_types: list | None = _f(None, v_opt(v_list(v_enum("bbox", "segm"), min_len=1)),
+                                "null = bbox, plus segm with masks")
+    fixed: bool = _f(False, v_bool, "AP-fixed (Dave et al.)")
+    batch_size: int | None = _f(None, v_opt(v_pos_int), "null = data.batch_size")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output_dir: str = _f("runs/default", v_path)
+    #: the file it was loaded from (not serialised)
+    source: str | None = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict:
+        """A plain nested dict that :func:`config_from_dict` turns back into this config."""
+        return _to_dict(self)
+
+    def iou_types(self) -> list[str]:
+        if self.eval.iou_types:
+            return list(self.eval.iou_types)
+        return ["bbox", "segm"] if (self.data.with_masks or self.model.arch == "mask_rcnn") else ["bbox"]
+
+
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
+             "finetune": FinetuneConfig, "eval": EvalConfig}
+
+
+def _to_dict(obj) -> Any:
+    if isinstance(obj, ModelConfig):
+        d = {"arch": obj.arch, "num_classes": obj.num_classes}
+        d.update(copy.deepcopy(obj.kwargs))
+        return d
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.name != "source"}
+    return copy.deepcopy(obj)
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _err(file: str | None, key: str, msg: str) -> ConfigError:
+    where = f"{file}: " if file else ""
+    return ConfigError(f"{where}{key}: {msg}")
+
+
+def _build_section(cls, raw: Any, prefix: str, file: str | None):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise _err(file, prefix, f"expected a mapping, got {_fmt(raw)}")
+    if cls is ModelConfig:
+        return _build_model(raw, prefix, file)
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}.{key}"
+        if key not in names or key == "source":
+            known = ", ".join(n for n in names if n != "source")
+            raise _err(file, dotted, f"unknown key (known keys: {known})")
+        f = names[key]
+        if cls is DataConfig and key == "synthetic":
+            kwargs[key] = None if value is None or value is False else _build_section(
+                SyntheticConfig, {} if value is True else value, dotted, file)
+            continue
+        if cls is FinetuneConfig and key == "train":
+            kwargs[key] = _check_train_overrides(value, dotted, file)
+            continue
+        try:
+            kwargs[key] = f.metadata["check"](value)
+        except _Invalid as e:
+            raise _err(file, dotted, str(e)) from None
+    return cls(**kwargs)
+
+
+def _check_train_overrides(value, dotted, file) -> dict:
+    value = {} if value is None else value
+    if not isinstance(value, dict):
+        raise _err(file, dotted, f"expected a mapping, got {_fmt(value)}")
+    # validate each key as a train: key
+    _build_section(TrainConfig, value, dotted, file)
+    checks = {f.name: f.metadata["check"] for f in dataclasses.fields(TrainConfig)}
+    return {k: checks[k](v) for k, v in value.items()}
+
+
+def _build_model(raw: dict, prefix: str, file: str | None) -> ModelConfig:
+    out = ModelConfig()
+    for key, value in raw.items():
+        dotted = f"{prefix}.{key}"
+        if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise _err(file, dotted, "not a valid keyword name")
+        try:
+            if key == "arch":
+                out.arch = ModelConfig.__dataclass_fields__["arch"].metadata["check"](value)
+            elif key == "num_classes":
+                out.num_classes = ModelConfig.__dataclass_fields__["num_classes"].metadata["check"](value)
+            elif key == "kwargs":
+                raise _Invalid("put builder keywords directly under model:, not under model.kwargs")
+            else:
+                out.kwargs[key] = MODEL_KWARG_CHECKS.get(key, v_any)(value)
+        except _Invalid as e:
+            raise _err(file, dotted, str(e)) from None
+    return out
+
+
+def _check_whole(cfg: Config, file: str | None) -> Config:
+    t = cfg.train
+    if (t.iterations is None) == (t.epochs is None):
+        both = "both are set" if t.iterations is not None else "neither is set"
+        raise _err(file, "train.iterations", f"set exactly one of train.iterations and train.epochs ({both})")
+    d = cfg.data
+    if d.synthetic is not None and (d.train_json or d.val_json):
+        raise _err(file, "data.synthetic", "set either data.synthetic or data.train_json/val_json, not both")
+    if d.synthetic is None and not d.train_json:
+        raise _err(file, "data.train_json", "required unless data.synthetic is set")
+    mk = cfg.model.kwargs
+    if "min_size" in mk and "max_size" in mk:
+        smallest = min(mk["min_size"]) if isinstance(mk["min_size"], list) else mk["min_size"]
+        if mk["max_size"] < smallest:
+            raise _err(file, "model.max_size", f"must be >= model.min_size ({mk['min_size']}), got {mk['max_size']}")
+    if cfg.finetune.train:
+        merged = {**_to_dict(cfg.train), **cfg.finetune.train}
+        if "iterations" in cfg.finetune.train and "epochs" not in cfg.finetune.train:
+            merged["epochs"] = None
+        if "epochs" in cfg.finetune.train and "iterations" not in cfg.finetune.train:
+            merged["iterations"] = None
+        if (merged["iterations"] is None) == (merged["epochs"] is None):
+            raise _err(file, "finetune.train.iterations",
+                       "stage 2 needs exactly one of iterations and epochs")
+    return cfg
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("loss_kwargs",):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _exclusive_fix(base: dict, over: dict) -> dict:
+    """A derived file that sets train.epochs drops the base's train.iterations (and vice versa)."""
+    bt, ot = base.get("train"), over.get("train")
+    if isinstance(bt, dict) and isinstance(ot, dict):
+        bt = dict(bt)
+        if "epochs" in ot and "iterations" not in ot:
+            bt.pop("iterations", None)
+        if "iterations" in ot and "epochs" not in ot:
+            bt.pop("epochs", None)
+        base = {**base, "train": bt}
+    bd, od = base.get("data"), over.get("data")
+    if isinstance(bd, dict) and isinstance(od, dict):
+        bd = dict(bd)
+        if "train_json" in od and "synthetic" not in od:
+            bd.pop("synthetic", None)
+        if "synthetic" in od and "train_json" not in od:
+            for k in ("train_json", "val_json", "image_root", "val_image_root"):
+                bd.pop(k, None)
+        base = {**base, "data": bd}
+    return base
+
+
+def _read_yaml(path: str, chain: tuple[str, ...] = ()) -> dict:
+    path = os.path.abspath(path)
+    if path in chain:
+        raise ConfigError(f"{path}: _base_: inheritance cycle ({' -> '.join(chain + (path,))})")
+    if not os.path.isfile(path):
+        where = f"{chain[-1]}: _base_: " if chain else ""
+        raise ConfigError(f"{where}config file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            raw = yaml.safe_load(fh)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    base = raw.pop("_base_", None)
+    if base is None:
+        return raw
+    bases = base if isinstance(base, list) else [base]
+    merged: dict = {}
+    for b in bases:
+        if not isinstance(b, str):
+            raise ConfigError(f"{path}: _base_: expected a file name, got {_fmt(b)}")
+        bpath = b if os.path.isabs(b) else os.path.join(os.path.dirname(path), b)
+        merged = _merge(merged, _read_yaml(bpath, chain + (path,)))
+    return _merge(_exclusive_fix(merged, raw), raw)
+
+
+def config_from_dict(raw: dict, file: str | None = None) -> Config:
+    """Validate a nested dict (as in a YAML file, no ``_base_``) into a :class:`Config`."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file or 'config'}: expected a mapping at the top level")
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in _SECTIONS:
+            kwargs[key] = _build_section(_SECTIONS[key], value, key, file)
+        elif key == "output_dir":
+            try:
+                kwargs[key] = v_path(value)
+            except _Invalid as e:
+                raise _err(file, key, str(e)) from None
+        else:
+            known = ", ".join(list(_SECTIONS) + ["output_dir", "_base_"])
+            raise _err(file, str(key), f"unknown key (known top-level keys: {known})")
+    cfg = Config(**kwargs, source=file)
+    return _check_whole(cfg, file)
+
+
+def load_config(path: str | os.PathLike) -> Config:
+    """Load and validate a YAML config (following ``_base_``). Errors name the key and the file."""
+    path = os.fspath(path)
+    raw = _read_yaml(path)
+    return config_from_dict(raw, file=path)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if not isinstance(item, str) or "=" not in item:
+        raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.lr=0.01")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override {item!r}: bad key {key!r}")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: value is not valid YAML: {e}") from None
+    return key.split("."), value
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """A new config with ``KEY=VALUE`` overrides applied (values parsed as YAML) and validated.
+
+    Setting ``train.epochs`` clears ``train.iterations`` and vice versa; ``data.train_json``
+    clears ``data.synthetic`` and vice versa, so a single override switches the mode.
+    """
+    raw = cfg.to_dict()
+    for item in overrides or []:
+        parts, value = _parse_override(item)
+        over: dict = {}
+        node = over
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+        raw = _exclusive_fix(raw, over)
+        node = raw
+        for i, p in enumerate(parts[:-1]):
+            if node.get(p) is None:
+                node[p] = {}
+            if not isinstance(node[p], dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a section")
+            node = node[p]
+        node[parts[-1]] = value
+    src = f"{cfg.source} (with overrides)" if cfg.source else "overrides"
+    out = config_from_dict(raw, file=src)
+    out.source = cfg.source
+    return out
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write ``cfg.to_dict()`` as YAML (atomically: temp file + rename)."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
+    os.replace(tmp, path)

@@ -1,0 +1,219 @@
+"""Inference over a dataset into LVIS/COCO result dicts, and checkpoint evaluation.
+
+A result is ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}`` plus
+``"segmentation"`` (RLE with ``counts`` as str) for mask models, in the ORIGINAL category ids
+(``dataset.cat_ids[label]``) and ORIGINAL image coordinates. The model sees the image as the
+dataset's transforms made it; boxes are scaled back by ``orig_size / image size``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from taildet.engine.distributed import all_gather_object, get_rank, get_world_size, is_main_process
+
+__all__ = ["inference", "evaluate_results", "evaluate_checkpoint", "resolve_device", "list_collate"]
+
+log = logging.getLogger("taildet.engine")
+
+
+def list_collate(batch):
+    """``[(image, target), ...]`` -> ``([images], [targets])``."""
+    images, targets = zip(*batch) if batch else ((), ())
+    return list(images), list(targets)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            from taildet.errors import ConfigError
+
+            raise ConfigError("train.device: cuda requested but no CUDA device is available")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(device)
+
+
+def _encode_masks(masks: torch.Tensor) -> list[dict]:
+    import pycocotools.mask as mask_util
+
+    arr = np.asfortranarray(masks.to(torch.uint8).cpu().numpy().transpose(1, 2, 0))
+    rles = mask_util.encode(arr)
+    for r in rles:
+        if isinstance(r["counts"], bytes):
+            r["counts"] = r["counts"].decode("ascii")
+    return rles
+
+
+def _to_results(out: dict, image: torch.Tensor, target: dict, cat_ids, max_dets: int,
+                score_thresh: float) -> list[dict]:
+    scores = out["scores"].detach().float().cpu()
+    keep = torch.nonzero(scores >= score_thresh).flatten()
+    if keep.numel() > max_dets:
+        keep = keep[torch.topk(scores[keep], max_dets).indices]
+    if keep.numel() == 0:
+        return []
+    keep = keep[torch.argsort(scores[keep], descending=True, stable=True)]
+    boxes = out["boxes"].detach().float().cpu()[keep].clone()
+    labels = out["labels"].detach().cpu()[keep].tolist()
+    scores = scores[keep].tolist()
+    in_h, in_w = int(image.shape[-2]), int(image.shape[-1])
+    if "orig_size" in target:
+        oh, ow = (int(v) for v in target["orig_size"])
+    else:
+        oh, ow = in_h, in_w
+    sx, sy = ow / in_w, oh / in_h
+    boxes[:, 0::2] = (boxes[:, 0::2] * sx).clamp(0, ow)
+    boxes[:, 1::2] = (boxes[:, 1::2] * sy).clamp(0, oh)
+    boxes[:, 2:] -= boxes[:, :2]
+    image_id = int(target["image_id"])
+    rles = None
+    if out.get("masks") is not None:
+        m = out["masks"].detach()[keep.to(out["masks"].device)]
+        if m.dim() == 3:
+            m = m[:, None]
+        rles = []
+        for chunk in torch.split(m, 50):
+            chunk = chunk.float()
+            if chunk.shape[-2:] != (oh, ow):
+                chunk = F.interpolate(chunk, size=(oh, ow), mode="bilinear", align_corners=False)
+            rles.extend(_encode_masks(chunk[:, 0] >= 0.5))
+    results = []
+    for i, (box, label, score) in enumerate(zip(boxes.tolist(), labels, scores)):
+        label = int(label)
+        if not 0 <= label < len(cat_ids):
+            raise ValueError(f"model produced label {label}, outside 0..{len(cat_ids) - 1}")
+        r = {"image_id": image_id, "category_id": int(cat_ids[label]),
+             "bbox": [round(float(v), 3) for v in box], "score": float(score)}
+        if rles is not None:
+            r["segmentation"] = rles[i]
+        results.append(r)
+    return results
+
+
+@torch.no_grad()
+def inference(model: torch.nn.Module, dataset, batch_size: int = 8, device: str | torch.device = "cpu",
+              max_dets: int = 300, score_thresh: float = 1e-4, progress: bool = True,
+              num_workers: int = 0) -> list[dict]:
+    """Run ``model`` (eval mode) over ``dataset``; returns result dicts (all ranks' on rank 0).
+
+    Under DDP each rank processes images ``rank, rank + R, ...``; rank 0 returns the gathered
+    list (sorted by image id), other ranks return ``[]``. At most ``max_dets`` detections with
+    ``score >= score_thresh`` are kept per image (the LVIS top-300 cap).
+    """
+    device = torch.device(device) if not isinstance(device, torch.device) else device
+    rank, world = get_rank(), get_world_size()
+    indices = list(range(rank, len(dataset), world))
+    subset = torch.utils.data.Subset(dataset, indices)
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False,
+                                         num_workers=num_workers, collate_fn=list_collate)
+    cat_ids = list(dataset.cat_ids)
+    was_training = model.training
+    model.eval()
+    results: list[dict] = []
+    bar = None
+    if progress and is_main_process():
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(indices), desc="inference", unit="img", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    try:
+        for images, targets in loader:
+            outputs = model([im.to(device, non_blocking=True) for im in images])
+            for out, im, tgt in zip(outputs, images, targets):
+                results.extend(_to_results(out, im, tgt, cat_ids, max_dets, score_thresh))
+            if bar is not None:
+                bar.update(len(images))
+    finally:
+        if bar is not None:
+            bar.close()
+        model.train(was_training)
+    log.info("inference: %d images in %.1f s on rank %d", len(indices), time.perf_counter() - t0, rank)
+    if world > 1:
+        gathered = all_gather_object(results)
+        if not is_main_process():
+            return []
+        results = [r for part in gathered for r in part]
+    results.sort(key=lambda r: (r["image_id"], -r["score"]))
+    return results
+
+
+def evaluate_results(results: list[dict], gt_json: str, run_dir: str | None, iou_types, fixed: bool = False,
+                     ) -> dict:
+    """Evaluate with ``taildet.evaluation.evaluate_lvis`` per IoU type; saves results/metrics when
+    ``run_dir`` is given. Returns ``{iou_type: metrics}``. Call on rank 0 only."""
+    from taildet.evaluation import evaluate_lvis
+    from taildet.evaluation.results_io import save_metrics, save_results
+
+    metrics: dict[str, Any] = {}
+    if run_dir is not None:
+        save_results(results, os.path.join(run_dir, "results_bbox.json"))
+    for iou in iou_types:
+        if iou == "segm" and not any("segmentation" in r for r in results[:1]) and results:
+            log.warning("eval: segm requested but the model returns no masks; skipped")
+            continue
+        metrics[iou] = evaluate_lvis(gt_json, results, iou_type=iou, fixed=fixed)
+    if run_dir is not None:
+        save_metrics(metrics, os.path.join(run_dir, "metrics.json"))
+    return metrics
+
+
+def _apply_calibration(model: torch.nn.Module, calibration) -> torch.nn.Module:
+    if calibration is None:
+        return model
+    if callable(calibration):
+        out = calibration(model)
+        return model if out is None else out
+    try:
+        from taildet.calibration import apply_calibration
+    except ImportError as e:
+        from taildet.errors import ConfigError
+
+        raise ConfigError(f"--calibration {calibration}: taildet.calibration.apply_calibration "
+                          f"is not available ({e})") from None
+    out = apply_calibration(model, calibration)
+    return model if out is None else out
+
+
+def evaluate_checkpoint(cfg, checkpoint_path: str, calibration: Any = None, progress: bool = True,
+                        out_dir: str | None = None) -> dict:
+    """Build the model of ``cfg``, load ``checkpoint_path``, run inference on the val set, evaluate.
+
+    ``calibration``: ``None``; a callable ``model -> model | None`` (applied before inference);
+    or a statistics file passed to ``taildet.calibration.apply_calibration(model, path)``.
+    Results and metrics are written to ``out_dir`` (default: the checkpoint's directory, as
+    ``results_bbox.json`` / ``metrics.json``; with a calibration, into ``<dir>/eval_calibrated``).
+    Returns ``{iou_type: metrics}`` (on every rank).
+    """
+    from taildet.engine.checkpoint import load_checkpoint
+    from taildet.engine.distributed import broadcast_object, init_distributed
+    from taildet.engine.train import build_datasets, build_model_from_cfg
+
+    init_distributed(cfg.train.device)
+    device = resolve_device(cfg.train.device)
+    _, val_set, val_json = build_datasets(cfg, need_train=False)
+    state = load_checkpoint(checkpoint_path)
+    model = build_model_from_cfg(cfg, val_set.num_classes)
+    model.load_state_dict(state["model"])
+    model.to(device)
+    model = _apply_calibration(model, calibration)
+    results = inference(model, val_set, cfg.eval.batch_size or cfg.data.batch_size, device,
+                        max_dets=cfg.eval.max_dets, score_thresh=cfg.eval.score_thresh, progress=progress,
+                        num_workers=cfg.data.num_workers)
+    metrics = None
+    if is_main_process():
+        if out_dir is None:
+            out_dir = os.path.dirname(os.path.abspath(checkpoint_path))
+            if calibration is not None:
+                out_dir = os.path.join(out_dir, "eval_calibrated")
+        os.makedirs(out_dir, exist_ok=True)
+        metrics = evaluate_results(results, val_json, out_dir, cfg.iou_types(), fixed=cfg.eval.fixed)
+    return broadcast_object(metrics)
