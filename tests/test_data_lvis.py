@@ -507,3 +507,24 @@ def test_real_lvis_masks(tmp_path):
     sums = t["masks"].flatten(1).sum(1).float()
     # pixel counts of decoded polygons are close to the annotated polygon areas
     assert torch.allclose(sums, areas, rtol=0.15, atol=20)
+
+
+def test_lvis_v1_coco_url_resolves_split_directory(tmp_path):
+    """LVIS v1 val mixes COCO train2017 and val2017 images: image_root is the COCO directory."""
+    data = make_data()
+    for im, split in zip(data["images"], ["train2017", "val2017", "val2017"]):
+        del im["file_name"]
+        im["coco_url"] = f"http://images.cocodataset.org/{split}/{im['id']:012d}.png"
+    p = write(tmp_path, data, images=False)
+    coco = tmp_path / "coco"
+    for im, split in zip(data["images"], ["train2017", "val2017", "val2017"]):
+        (coco / split).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (im["width"], im["height"])).save(coco / split / f"{im['id']:012d}.png")
+    ds = load_lvis(p, image_root=str(coco), check_images=True)
+    split_of = {im["id"]: im["coco_url"].split("/")[-2] for im in data["images"]}
+    assert [os.path.basename(os.path.dirname(ds.image_path(i))) for i in range(3)] == [
+        split_of[i] for i in ds.image_ids]
+    # one split's directory given directly also works
+    ds2 = load_lvis(p, image_root=str(coco / "val2017"))
+    val_idx = [i for i, iid in enumerate(ds2.image_ids) if split_of[iid] == "val2017"]
+    assert val_idx and all(os.path.exists(ds2.image_path(i)) for i in val_idx)

@@ -74,10 +74,12 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from taildet.engine import evaluate_checkpoint
 
-    metrics = evaluate_checkpoint(_load_cfg(args), args.checkpoint, calibration=args.calibration)
     from taildet.evaluation import format_metrics_table
 
-    print(format_metrics_table({Path(args.checkpoint).name: metrics}))
+    metrics = evaluate_checkpoint(_load_cfg(args), args.checkpoint, calibration=args.calibration)
+    name = Path(args.checkpoint).name
+    rows = {f"{name} ({iou})": m for iou, m in metrics.items() if isinstance(m, dict)} or {name: metrics}
+    print(format_metrics_table(rows))
     return 0
 
 

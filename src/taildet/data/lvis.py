@@ -400,9 +400,15 @@ class LVISDataset(torch.utils.data.Dataset):
         """Path of the image at dataset index ``i``."""
         im = self.images[i]
         name = im.get("file_name")
-        if not name:
-            name = str(im["coco_url"]).rstrip("/").rsplit("/", 1)[-1]
-        return os.path.join(self.image_root, name)
+        if name:
+            return os.path.join(self.image_root, name)
+        # LVIS v1 has no file_name: its coco_url ends in "<split>/<file>" (train2017 or val2017 --
+        # LVIS v1 val mixes both). Prefer image_root/<split>/<file> (image_root = the COCO
+        # directory), fall back to image_root/<file> (image_root = one split's directory).
+        split, base = str(im["coco_url"]).rstrip("/").rsplit("/", 2)[-2:]
+        nested = os.path.join(self.image_root, split, base)
+        flat = os.path.join(self.image_root, base)
+        return flat if (not os.path.exists(nested) and os.path.exists(flat)) else nested
 
     def label_to_category_id(self, labels: Iterable[int] | torch.Tensor | np.ndarray) -> list[int]:
         """Map contiguous labels back to the file's category ids (for writing results)."""
@@ -548,7 +554,8 @@ def load_lvis(
         path: the annotation JSON.
         image_root: image directory; default ``<json dir>/../images`` if it exists, else the
             json's directory. Image paths are ``image_root/file_name`` (``file_name`` may hold
-            sub-directories), or ``image_root/<basename of coco_url>`` for LVIS v1.
+            sub-directories), or for LVIS v1 ``image_root/<split>/<file>`` from ``coco_url`` (falling back
+            to ``image_root/<file>`` when only that exists).
         transforms: ``callable(image, target) -> (image, target)`` applied in ``__getitem__``.
         with_masks: decode segmentations into ``target["masks"]`` (uint8 [N, H, W]).
         skip_invalid: drop (and count, and warn about) invalid annotations instead of raising.
