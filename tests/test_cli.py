@@ -68,3 +68,17 @@ def test_prior_baseline_is_deterministic(tmp_path):
 def test_unknown_recipe_is_a_clear_error():
     with pytest.raises(ConfigError, match="unknown recipe 'nope'"):
         resolve_recipe("nope")
+
+
+def test_compare_trains_recipes_in_parallel_processes(tmp_path):
+    """Two recipes in two worker processes: both rows land in summary.json and report.md."""
+    tiny = ["train.iterations=2", "train.warmup_iters=1", "data.batch_size=2", "train.device=cpu",
+            "eval.max_dets=20", "train.checkpoint_period=2"]
+    summary = run_compare(["faster_ce", "faster_ce_rfs", "prior"], tmp_path / "cmp", seed=0,
+                          progress=False, scale=0.05, extra_opts=tiny, jobs=2)
+    assert set(summary) == {"faster_ce", "faster_ce_rfs", "prior"}
+    for name in ("faster_ce", "faster_ce_rfs"):
+        assert (tmp_path / "cmp" / name / "model_final.pth").exists()
+        assert summary[name]["AP"] is not None and 0.0 <= summary[name]["AP"] <= 100.0
+    report = (tmp_path / "cmp" / "report.md").read_text()
+    assert "| faster_ce |" in report and "| faster_ce_rfs |" in report

@@ -86,14 +86,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from taildet.compare import run_demo
 
-    run_demo(args.out, seed=args.seed)
+    run_demo(args.out, seed=args.seed, jobs=args.jobs)
     return 0
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from taildet.compare import run_compare
 
-    run_compare(args.recipes, args.out, seed=args.seed)
+    run_compare(args.recipes, args.out, seed=args.seed, jobs=args.jobs)
     return 0
 
 
@@ -152,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     dm = sub.add_parser("demo", help="the main job: show the long-tail problem on the embedded dataset")
     dm.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     dm.add_argument("--seed", type=int, default=0, help="seed of data and training")
+    dm.add_argument("--jobs", type=int, default=None,
+                    help="trainings run at once, one process each (default: one per CPU core)")
     dm.set_defaults(func=_cmd_demo)
 
     c = sub.add_parser("compare", help="run several recipes on the embedded dataset, one table")
@@ -159,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recipe names or YAML paths (default: every built-in recipe)")
     c.add_argument("--out", default="runs/compare", help="run directory (default runs/compare)")
     c.add_argument("--seed", type=int, default=0, help="seed of data and training")
+    c.add_argument("--jobs", type=int, default=None,
+                   help="trainings run at once, one process each (default: one per CPU core)")
     c.set_defaults(func=_cmd_compare)
     return p
 
