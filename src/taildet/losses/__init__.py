@@ -11,7 +11,13 @@ import inspect
 from typing import Any, Callable
 
 from taildet.errors import ConfigError
+from taildet.losses.balanced import BalancedSigmoidLoss, BalancedSoftmaxLoss
 from taildet.losses.base import ClassificationLoss
+from taildet.losses.eql import EQLLoss, EQLv2Loss
+from taildet.losses.equalized_focal import EqualizedFocalLoss, EqualizedQualityFocalLoss
+from taildet.losses.equilibrium import EquilibriumLoss
+from taildet.losses.quality_focal import QualityFocalLoss
+from taildet.losses.seesaw import SeesawLoss
 from taildet.losses.sigmoid_bce import SigmoidBCELoss
 from taildet.losses.softmax_ce import SoftmaxCrossEntropyLoss
 
@@ -29,6 +35,19 @@ LOSSES: dict[str, Callable[..., ClassificationLoss]] = {
     "softmax_ce": SoftmaxCrossEntropyLoss,
     "sigmoid_bce": SigmoidBCELoss,
     "sigmoid_focal": _sigmoid_focal,
+    "balanced_softmax": BalancedSoftmaxLoss,
+    "balanced_sigmoid": BalancedSigmoidLoss,
+    "equilibrium": EquilibriumLoss,
+    "ebl": EquilibriumLoss,
+    "eql": EQLLoss,
+    "eqlv2": EQLv2Loss,
+    "seesaw": SeesawLoss,
+    "equalized_focal": EqualizedFocalLoss,
+    "efl": EqualizedFocalLoss,
+    "equalized_quality_focal": EqualizedQualityFocalLoss,
+    "eqfl": EqualizedQualityFocalLoss,
+    "quality_focal": QualityFocalLoss,
+    "qfl": QualityFocalLoss,
 }
 
 

@@ -12,6 +12,7 @@ from typing import Any, Callable
 from torch import nn
 
 from taildet.errors import ConfigError
+from taildet.models.atss import build_atss
 from taildet.models.two_stage import build_faster_rcnn, build_mask_rcnn
 
 __all__ = ["ARCHITECTURES", "build_model"]
@@ -36,6 +37,7 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "mask_rcnn": build_mask_rcnn,
     "retinanet": _retinanet,
     "fcos": _fcos,
+    "atss": build_atss,
 }
 
 _LAZY = {_retinanet, _fcos}

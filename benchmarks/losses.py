@@ -1,0 +1,253 @@
+"""Forward + backward time of the long-tail classification losses against their plain counterparts.
+
+    python benchmarks/losses.py                 # CPU, default repeats (< 1 minute)
+    python benchmarks/losses.py --device cuda   # GPU
+    python benchmarks/losses.py --sizes 1024 --repeats 10
+
+LVIS scale: ``C = 1203`` foreground classes (softmax width 1204), two batch sizes: 1,024 RoIs (2
+images x 512) and 8,192 RoIs (16 images x 512); 25 % foreground RoIs as the RoI sampler gives.
+Each entry is timed against a reference in the *same run*, interleaved (every repeat times every
+entry once, so machine noise hits all alike), and the table reports median times and the ratio.
+
+One iteration of a loss = everything the method does per iteration: the state update (EBL's
+``update``, EQLv2's accumulators, Seesaw's counts), the loss and its backward. The references
+are ``F.cross_entropy`` over ``C + 1`` logits and ``F.binary_cross_entropy_with_logits`` over
+``C`` logits with the one-hot target built in the timed region (any sigmoid loss needs it).
+
+Adding a loss: append ``Entry(name, make_fn, reference_name, goal)`` to :data:`ENTRIES`.
+``make_fn(batch)`` gets a :class:`Batch` (labels ``[N]`` in the two-stage convention, foreground
+``0..C-1`` / background ``C``, batch-unique ``gt_index``, ``num_classes``, ``device``) and returns
+``(K, step)``; the harness makes ``logits [N, K]`` (``requires_grad``) and times
+``step(logits).backward()``. A one-stage loss can derive its own labels from the batch (e.g. add
+ignored anchors) inside ``make_fn``. ``reference_name`` is a key of :data:`REFERENCES`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from taildet.losses import (
+    BalancedSigmoidLoss,
+    BalancedSoftmaxLoss,
+    EQLLoss,
+    EQLv2Loss,
+    EquilibriumLoss,
+    SeesawLoss,
+)
+
+NUM_CLASSES = 1203
+
+
+@dataclass
+class Batch:
+    num_classes: int
+    labels: Tensor  # [N] int64, 0..C-1 foreground, C background
+    gt_index: Tensor  # [N] int64, batch-unique GT id of positives, -1 for background
+    device: torch.device
+
+
+Step = Callable[[Tensor], Tensor]
+MakeFn = Callable[[Batch], "tuple[int, Step]"]
+
+
+@dataclass
+class Entry:
+    name: str
+    make: MakeFn
+    reference: str
+    goal: float | None = None  # maximum ratio to the reference; None: no goal
+
+
+def make_batch(n: int, num_classes: int, device: torch.device, fg_fraction: float = 0.25, seed: int = 0) -> Batch:
+    """RoI labels as the sampler gives them: ``fg_fraction`` positives on GTs of long-tailed classes."""
+    g = torch.Generator().manual_seed(seed)
+    num_pos = int(n * fg_fraction)
+    num_gt = max(num_pos // 8, 1)  # about 8 positive RoIs per GT
+    # long-tailed GT classes: Zipf-like class probabilities
+    p = 1.0 / torch.arange(1, num_classes + 1, dtype=torch.float64)
+    gt_cls = torch.multinomial(p / p.sum(), num_gt, replacement=True, generator=g)
+    gt = torch.full((n,), -1, dtype=torch.int64)
+    gt[:num_pos] = torch.randint(0, num_gt, (num_pos,), generator=g)
+    gt[:num_gt] = torch.arange(num_gt)
+    labels = torch.where(gt >= 0, gt_cls[gt.clamp(min=0)], torch.full_like(gt, num_classes))
+    return Batch(num_classes, labels.to(device), gt.to(device), device)
+
+
+def _long_tail_stats(num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    rank = np.arange(1, num_classes + 1, dtype=np.float64)
+    instance_counts = np.maximum(np.round(100000.0 / rank**1.2), 1.0)
+    image_frequency = np.clip(0.5 / rank, 1e-5, 0.5)
+    return instance_counts, image_frequency
+
+
+# ------------------------------------------------------------------------------------------------
+# References
+
+
+def _ref_ce(b: Batch) -> tuple[int, Step]:
+    return b.num_classes + 1, lambda z: F.cross_entropy(z, b.labels)
+
+
+def _ref_bce(b: Batch) -> tuple[int, Step]:
+    C, n = b.num_classes, b.labels.shape[0]
+
+    def step(z: Tensor) -> Tensor:
+        t = torch.zeros(n, C + 1, dtype=z.dtype, device=z.device)
+        t[torch.arange(n, device=z.device), b.labels] = 1.0
+        return F.binary_cross_entropy_with_logits(z, t[:, :C], reduction="sum") / n
+
+    return C, step
+
+
+REFERENCES: dict[str, MakeFn] = {"ce": _ref_ce, "bce": _ref_bce}
+
+
+# ------------------------------------------------------------------------------------------------
+# Losses
+
+
+def _module_step(loss: torch.nn.Module, b: Batch) -> tuple[int, Step]:
+    loss = loss.to(b.device).train()
+    return loss.num_outputs(), lambda z: loss(z, b.labels)
+
+
+def _balanced_softmax(b: Batch):
+    counts, _ = _long_tail_stats(b.num_classes)
+    return _module_step(BalancedSoftmaxLoss(b.num_classes, counts), b)
+
+
+def _balanced_sigmoid(b: Batch):
+    _, freq = _long_tail_stats(b.num_classes)
+    return _module_step(BalancedSigmoidLoss(b.num_classes, freq), b)
+
+
+def _ebl(b: Batch):
+    loss = EquilibriumLoss(b.num_classes).to(b.device).train()
+
+    def step(z: Tensor) -> Tensor:
+        loss.update(z.detach(), b.labels, b.gt_index)
+        return loss(z, b.labels)
+
+    return loss.num_outputs(), step
+
+
+def _eql(b: Batch):
+    _, freq = _long_tail_stats(b.num_classes)
+    return _module_step(EQLLoss(b.num_classes, freq), b)
+
+
+def _eqlv2(b: Batch):
+    return _module_step(EQLv2Loss(b.num_classes), b)
+
+
+def _seesaw(b: Batch):
+    return _module_step(SeesawLoss(b.num_classes), b)
+
+
+ENTRIES: list[Entry] = [
+    Entry("balanced_softmax", _balanced_softmax, "ce", 1.1),
+    Entry("equilibrium (EBL)", _ebl, "ce", 1.5),
+    Entry("seesaw", _seesaw, "ce", 2.0),
+    Entry("balanced_sigmoid", _balanced_sigmoid, "bce", None),
+    Entry("eql", _eql, "bce", None),
+    Entry("eqlv2", _eqlv2, "bce", 2.0),
+]
+
+
+# ------------------------------------------------------------------------------------------------
+# Harness
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_once(k: int, step: Step, n: int, device: torch.device, base: dict[int, Tensor]) -> float:
+    if k not in base:
+        base[k] = torch.randn(n, k, generator=torch.Generator().manual_seed(k)).to(device)
+    z = base[k].clone().requires_grad_(True)
+    _sync(device)
+    t0 = time.perf_counter()
+    step(z).backward()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def run(sizes: list[int], repeats: int, warmup: int, device: torch.device, entries: list[Entry]) -> list[dict]:
+    rows = []
+    for n in sizes:
+        batch = make_batch(n, NUM_CLASSES, device)
+        needed = sorted({e.reference for e in entries})
+        fns: dict[str, tuple[int, Step]] = {f"ref:{r}": REFERENCES[r](batch) for r in needed}
+        fns.update({e.name: e.make(batch) for e in entries})
+        base: dict[int, Tensor] = {}
+        times: dict[str, list[float]] = {k: [] for k in fns}
+        for it in range(warmup + repeats):
+            for key, (k, step) in fns.items():
+                t = _time_once(k, step, n, device, base)
+                if it >= warmup:
+                    times[key].append(t)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        for e in entries:
+            ref = med[f"ref:{e.reference}"]
+            ratio = med[e.name] / ref
+            rows.append(
+                dict(n=n, name=e.name, ms=1e3 * med[e.name], ref=e.reference, ref_ms=1e3 * ref, ratio=ratio,
+                     goal=e.goal, ok=None if e.goal is None else ratio <= e.goal)
+            )
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    head = f"{'RoIs':>6}  {'loss':<18} {'ms':>9}  {'reference':<10} {'ref ms':>9}  {'ratio':>6}  {'goal':>6}  ok"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        goal = f"<={r['goal']:.1f}" if r["goal"] is not None else "-"
+        ok = "-" if r["ok"] is None else ("yes" if r["ok"] else "NO")
+        ref = {"ce": "CE", "bce": "BCE"}.get(r["ref"], r["ref"])
+        lines.append(
+            f"{r['n']:>6}  {r['name']:<18} {r['ms']:>9.2f}  {ref:<10} {r['ref_ms']:>9.2f}  {r['ratio']:>6.2f}  {goal:>6}  {ok}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 8192], help="numbers of RoIs")
+    ap.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5 on CPU, 50 on CUDA)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed repeats first (default 1 on CPU, 10 on CUDA)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("CUDA is not available", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cuda = device.type == "cuda"
+    repeats = args.repeats if args.repeats is not None else (50 if cuda else 5)
+    warmup = args.warmup if args.warmup is not None else (10 if cuda else 1)
+    name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
+    print(f"# taildet loss benchmark: C={NUM_CLASSES} (+1 background), device {name}, torch {torch.__version__}, "
+          f"median of {repeats} (after {warmup} warm-up), forward + backward incl. state updates")
+    t0 = time.perf_counter()
+    rows = run(args.sizes, repeats, warmup, device, ENTRIES)
+    print(format_table(rows))
+    print(f"# {time.perf_counter() - t0:.1f} s")
+    return 0 if all(r["ok"] is not False for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

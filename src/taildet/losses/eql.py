@@ -1,0 +1,166 @@
+"""Equalization Loss (EQL) and Equalization Loss v2 (EQLv2), methods.md section 5.
+
+:class:`EQLLoss` (stateless)
+    ``K = C`` sigmoid outputs, no background column; targets one-hot over ``C`` (background RoIs
+    all-zero). ``w_ij = 1 - E(i) [f_j < lambda] (1 - t_ij)`` with ``E(i) = 1`` for foreground
+    RoIs and 0 for background RoIs: a foreground RoI does not push down rare classes
+    (``f_j < lambda``) other than its own. Loss ``sum_ij w_i w_ij BCE(z_ij, t_ij) / N`` (``w_i`` the
+    optional per-RoI weight, 1 by default). Scores ``sigmoid(z)``. Bias: prior 0.01 (as taildet's
+    plain sigmoid BCE).
+
+:class:`EQLv2Loss` (stateful)
+    ``K = C + 1`` sigmoid outputs, the last one an objectness column whose target is 1 on
+    background RoIs (targets: one-hot over ``C + 1``). Per class ``j < C``:
+    ``neg_w_j = sigmoid(gamma (r_j - mu))``, ``pos_w_j = 1 + alpha (1 - neg_w_j)``; the objectness
+    column has weight 1. ``w_ij = pos_w_j t_ij + neg_w_j (1 - t_ij)``, loss
+    ``sum_ij w_i w_ij BCE(z_ij, t_ij) / N``.
+
+    State (buffers ``[C + 1]``, checkpointed): ``pos_grad`` ``G+``, ``neg_grad`` ``G-`` (init 0)
+    and ``pos_neg`` ``r`` (init 100, so training starts with ``neg_w ~ 1``, ``pos_w ~ 1``).
+    **When**: in ``forward``, in training mode only, *after* the loss has been computed with the
+    current weights: ``g = |sigmoid(z) - t|`` (detached), ``G+ += sum_i g t w``, ``G- += sum_i
+    g (1 - t) w`` (``w`` the full weight, per-RoI weight included), each batch's increments summed
+    over processes when ``torch.distributed`` is initialised, then ``r = G+ / (G- + 1e-10)``.
+    The objectness entries are accumulated too (the reference keeps only ``C``) but never used.
+
+    Scores: ``sigmoid(z_j) * (1 - sigmoid(z_C))`` for ``j < C``. Bias: zeros (as the reference).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from taildet.losses.base import ClassificationLoss, prior_bias
+from taildet.losses.sigmoid_bce import one_hot_targets
+from taildet.losses.state import all_reduce_sum_, as_class_vector, cached, check_inputs
+
+__all__ = ["EQLLoss", "EQLv2Loss"]
+
+
+class EQLLoss(ClassificationLoss):
+    """Equalization Loss (sigmoid, ``K = C``).
+
+    Args:
+        num_classes: ``C``.
+        image_frequency: ``[C]`` ``f_c`` (training images containing ``c`` / training images).
+        lambda_: frequency threshold (0.0011 for LVIS v1).
+        prior: initial foreground probability for the bias.
+    """
+
+    kind = "two_stage"
+    has_background = False
+
+    def __init__(self, num_classes: int, image_frequency: Any = None, lambda_: float = 0.0011, prior: float = 0.01):
+        super().__init__(num_classes)
+        name = type(self).__name__
+        f = as_class_vector(image_frequency, self.num_classes, name, "image_frequency")
+        if bool(((f < 0) | (f > 1)).any()):
+            raise ValueError(f"{name}: image_frequency must be in [0, 1]")
+        if not 0.0 < float(prior) < 1.0:
+            raise ValueError(f"{name}: prior must be in (0, 1), got {prior!r}")
+        self.lambda_ = float(lambda_)
+        self.prior = float(prior)
+        self.register_buffer("image_frequency", f)
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, lambda_={self.lambda_}"
+
+    def num_outputs(self) -> int:
+        return self.num_classes
+
+    def scores(self, logits: Tensor) -> Tensor:
+        return torch.sigmoid(logits)
+
+    def init_bias(self, bias: Tensor) -> None:
+        with torch.no_grad():
+            bias.fill_(prior_bias(self.prior))
+
+    def forward(self, logits: Tensor, labels: Tensor, weight: Tensor | None = None) -> Tensor:
+        check_inputs(self, logits, labels, weight)
+        n = logits.shape[0]
+        if n == 0:
+            return logits.sum() * 0.0
+        t = one_hot_targets(labels, self.num_classes, logits.dtype)
+        rare = cached(self, "rare", self.image_frequency, logits.dtype, logits.device,
+                      lambda: (self.image_frequency < self.lambda_).float())  # [C]
+        fg = (labels < self.num_classes).to(logits.dtype)  # E(i)
+        w = 1.0 - fg[:, None] * rare[None, :] * (1.0 - t)
+        if weight is not None:
+            w = w * weight.to(logits.dtype)[:, None]
+        return F.binary_cross_entropy_with_logits(logits, t, weight=w, reduction="sum") / n
+
+
+class EQLv2Loss(ClassificationLoss):
+    """Equalization Loss v2 (sigmoid, ``K = C + 1`` with an objectness column last).
+
+    Args:
+        num_classes: ``C``.
+        gamma, mu: the mapping ``neg_w = sigmoid(gamma (r - mu))`` (12, 0.8).
+        alpha: ``pos_w = 1 + alpha (1 - neg_w)`` (4).
+        init_ratio: initial ``r`` (100).
+    """
+
+    kind = "two_stage"
+    has_background = True
+
+    def __init__(self, num_classes: int, gamma: float = 12.0, mu: float = 0.8, alpha: float = 4.0, init_ratio: float = 100.0):
+        super().__init__(num_classes)
+        self.gamma = float(gamma)
+        self.mu = float(mu)
+        self.alpha = float(alpha)
+        k = self.num_classes + 1
+        self.register_buffer("pos_grad", torch.zeros(k))
+        self.register_buffer("neg_grad", torch.zeros(k))
+        self.register_buffer("pos_neg", torch.full((k,), float(init_ratio)))
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, gamma={self.gamma}, mu={self.mu}, alpha={self.alpha}"
+
+    def num_outputs(self) -> int:
+        return self.num_classes + 1
+
+    def scores(self, logits: Tensor) -> Tensor:
+        p = torch.sigmoid(logits)
+        return p[:, : self.num_classes] * (1.0 - p[:, self.num_classes :])
+
+    def class_weights(self, dtype: torch.dtype = torch.float32, device: Any = None) -> tuple[Tensor, Tensor]:
+        """``(pos_w, neg_w)``, each ``[C + 1]``, from the current ratio (objectness entries 1)."""
+        r = self.pos_neg.to(device=device, dtype=dtype)
+        neg_w = torch.sigmoid(self.gamma * (r - self.mu))
+        neg_w[self.num_classes] = 1.0
+        pos_w = 1.0 + self.alpha * (1.0 - neg_w)
+        return pos_w, neg_w
+
+    def sync_state(self) -> None:
+        """No-op: each batch's increments are already summed over processes in ``forward``."""
+
+    def forward(self, logits: Tensor, labels: Tensor, weight: Tensor | None = None) -> Tensor:
+        check_inputs(self, logits, labels, weight)
+        n = logits.shape[0]
+        if n == 0:
+            return logits.sum() * 0.0
+        t = torch.zeros_like(logits).scatter_(1, labels[:, None], 1.0)
+        pos_w, neg_w = self.class_weights(logits.dtype, logits.device)
+        # w = pos_w t + neg_w (1 - t) = neg_w + (pos_w - neg_w) t
+        w = torch.addcmul(neg_w[None, :], t, (pos_w - neg_w)[None, :])
+        if weight is not None:
+            w = w * weight.to(logits.dtype)[:, None]
+        loss = F.binary_cross_entropy_with_logits(logits, t, weight=w, reduction="sum") / n
+        if self.training:
+            self._collect(logits.detach(), labels, t, w.detach())
+        return loss
+
+    @torch.no_grad()
+    def _collect(self, logits: Tensor, labels: Tensor, t: Tensor, w: Tensor) -> None:
+        gw = (torch.sigmoid(logits) - t).abs_().mul_(w)  # |dBCE/dz| * w
+        total = gw.sum(0, dtype=torch.float64)
+        pos = torch.zeros_like(total).index_add_(0, labels, gw.gather(1, labels[:, None]).squeeze(1).to(total.dtype))
+        inc = torch.stack([pos, total - pos]).to(self.pos_grad.dtype)
+        all_reduce_sum_(inc)
+        self.pos_grad += inc[0].to(self.pos_grad.device)
+        self.neg_grad += inc[1].to(self.neg_grad.device)
+        self.pos_neg.copy_(self.pos_grad / (self.neg_grad + 1e-10))

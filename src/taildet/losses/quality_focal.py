@@ -1,0 +1,102 @@
+"""Quality Focal Loss (Li et al., "Generalized Focal Loss", 2020): the baseline of EQFL.
+
+``K = C`` sigmoid outputs per anchor, no background column. With ``p = sigmoid(x)`` and a soft
+target ``q`` (the IoU of a positive anchor's detached decoded box with its GT on the entry of its
+class, 0 on every other entry and on every entry of negative anchors)::
+
+    QFL(x, q) = |q - p|^beta * BCE_with_logits(x, q)
+
+summed over non-ignored anchors and all ``C`` classes and divided by the normalizer (default: the
+number of positive anchors, averaged over DDP ranks, at least 1). Stateless; plain autograd.
+:class:`~taildet.losses.equalized_focal.EqualizedQualityFocalLoss` with every gradient ratio
+equal to 1 is exactly this loss with ``beta = gamma_b``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from taildet.losses.base import ClassificationLoss, prior_bias
+from taildet.losses.equalized_focal import default_normalizer
+from taildet.losses.focal import check_dense_inputs
+
+__all__ = ["QualityFocalLoss", "quality_focal_loss"]
+
+
+def quality_focal_loss(logits: Tensor, soft_targets: Tensor, beta: float = 2.0) -> Tensor:
+    """Element-wise QFL ``|q - p|^beta * BCE(x, q)``, same shape as ``logits`` (no reduction)."""
+    q = soft_targets.to(logits.dtype)
+    p = torch.sigmoid(logits)
+    return (p - q).abs().pow(beta) * F.binary_cross_entropy_with_logits(logits, q, reduction="none")
+
+
+class QualityFocalLoss(ClassificationLoss):
+    """Quality Focal Loss for dense one-stage heads (``uses_quality = True``).
+
+    Args:
+        num_classes: number of foreground classes ``C``.
+        beta: focusing exponent (2 in the paper).
+        prior: initial foreground probability of the classifier bias.
+
+    ``forward(logits [N, C], labels [N], normalizer=None, quality=[N])``; ``quality`` is required
+    (only the positive anchors' values are used, clamped to [0, 1]).
+    """
+
+    kind = "one_stage"
+    has_background = False
+    uses_quality = True
+
+    def __init__(self, num_classes: int, beta: float = 2.0, prior: float = 0.01):
+        super().__init__(num_classes)
+        if float(beta) < 0:
+            raise ValueError(f"beta must be >= 0, got {beta!r}")
+        if not 0.0 < float(prior) < 1.0:
+            raise ValueError(f"prior must be in (0, 1), got {prior!r}")
+        self.beta = float(beta)
+        self.prior = float(prior)
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, beta={self.beta}, prior={self.prior}"
+
+    def num_outputs(self) -> int:
+        return self.num_classes
+
+    def scores(self, logits: Tensor) -> Tensor:
+        return torch.sigmoid(logits)
+
+    def init_bias(self, bias: Tensor) -> None:
+        with torch.no_grad():
+            bias.fill_(prior_bias(self.prior))
+
+    def forward(
+        self,
+        logits: Tensor,
+        labels: Tensor,
+        normalizer: float | Tensor | None = None,
+        quality: Tensor | None = None,
+    ) -> Tensor:
+        check_dense_inputs(self, logits, labels)
+        if quality is None:
+            raise ValueError("QualityFocalLoss needs quality= (IoU of each positive anchor's decoded box with its GT)")
+        if quality.shape != labels.shape:
+            raise ValueError(
+                f"QualityFocalLoss: expected quality of shape [{labels.shape[0]}], got {tuple(quality.shape)}"
+            )
+        valid = labels >= 0
+        if not bool(valid.all()):
+            logits, labels, quality = logits[valid], labels[valid], quality[valid]
+        rows = torch.where(labels < self.num_classes)[0]
+        cols = labels[rows]
+        normalizer = default_normalizer(rows.new_tensor(rows.numel()), normalizer, torch.float32)
+        x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+        # every entry as a negative (q = 0), then the positive entries corrected: no dense targets
+        p = torch.sigmoid(x)
+        loss = (p.pow(self.beta) * -F.logsigmoid(-x)).sum()
+        if rows.numel() > 0:
+            xs = x[rows, cols]
+            q = quality[rows].detach().to(xs.dtype).clamp(0.0, 1.0)
+            loss = loss - quality_focal_loss(xs, torch.zeros_like(xs), self.beta).sum()
+            loss = loss + quality_focal_loss(xs, q, self.beta).sum()
+        return loss / normalizer

@@ -1,0 +1,190 @@
+"""Small helpers shared by the long-tail losses: DDP reductions of loss state, input checks.
+
+DDP helpers (all no-ops in one process, so the losses run unchanged without a process group):
+
+* :func:`is_distributed` -- ``torch.distributed`` is available and initialised;
+* :func:`all_reduce_sum_` -- in-place sum over processes (accumulators, counts);
+* :func:`all_gather_cat` -- concatenation over processes of tensors whose first dimension
+  differs between processes (per-iteration observations), in rank order.
+
+Every process must call a reduction at the same point of the same iteration (they are
+collectives). With the ``nccl`` backend tensors travel through the current CUDA device, with
+``gloo`` through the host; results come back on the input's device and dtype.
+
+Input checks (:func:`check_inputs`, :func:`as_class_vector`) give the clear ``ValueError`` messages
+the losses promise: they name the loss and what is wrong.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = [
+    "is_distributed",
+    "world_size",
+    "all_reduce_sum_",
+    "all_gather_cat",
+    "check_inputs",
+    "as_class_vector",
+    "cached",
+]
+
+
+def is_distributed() -> bool:
+    """True when ``torch.distributed`` is available and its default process group initialised."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    """Number of processes (1 without a process group)."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def _comm_device(t: Tensor) -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum_(tensor: Tensor) -> Tensor:
+    """Sum ``tensor`` over all processes, in place; returns it. No-op in one process."""
+    if not is_distributed() or world_size() == 1:
+        return tensor
+    dev = _comm_device(tensor)
+    if tensor.device == dev and tensor.is_contiguous():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+    buf = tensor.detach().to(dev).contiguous()
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    with torch.no_grad():
+        tensor.copy_(buf)
+    return tensor
+
+
+def all_gather_cat(tensor: Tensor) -> Tensor:
+    """Concatenate ``tensor`` ([n_r, ...], ``n_r`` may differ per process) over processes, rank order.
+
+    The trailing dimensions and the dtype must agree on every process. Returns ``tensor`` itself in
+    one process.
+    """
+    if not is_distributed() or world_size() == 1:
+        return tensor
+    ws = world_size()
+    dev = _comm_device(tensor)
+    local = tensor.detach().to(dev).contiguous()
+    n = torch.tensor([local.shape[0]], dtype=torch.int64, device=dev)
+    sizes = [torch.zeros_like(n) for _ in range(ws)]
+    dist.all_gather(sizes, n)
+    counts = [int(s.item()) for s in sizes]
+    top = max(counts)
+    if top == 0:
+        return tensor[:0]
+    if local.shape[0] < top:
+        pad = local.new_zeros((top - local.shape[0],) + tuple(local.shape[1:]))
+        local = torch.cat([local, pad])
+    parts = [torch.empty_like(local) for _ in range(ws)]
+    dist.all_gather(parts, local)
+    out = torch.cat([p[:c] for p, c in zip(parts, counts)])
+    return out.to(tensor.device)
+
+
+# --------------------------------------------------------------------------------------------
+# Input checks
+
+
+def check_inputs(
+    loss: Any,
+    logits: Tensor,
+    labels: Tensor,
+    weight: Tensor | None,
+    max_label: int | None = None,
+) -> None:
+    """Raise ``ValueError`` naming ``loss`` when the two-stage inputs are malformed.
+
+    Checks: ``logits`` is ``[N, loss.num_outputs()]``, ``labels`` is an int64 ``[N]`` vector with
+    values in ``0..max_label`` (default ``C``, the background), ``weight`` (if given) is ``[N]``,
+    and every logit is finite. Cost: one pass over the logits (a sum) and one host sync; the
+    detailed diagnosis runs only when something is wrong.
+    """
+    name = type(loss).__name__
+    k = loss.num_outputs()
+    if logits.dim() != 2 or logits.shape[1] != k:
+        raise ValueError(
+            f"{name}: expected logits of shape [N, {k}] for {loss.num_classes} classes, got {tuple(logits.shape)}"
+        )
+    n = logits.shape[0]
+    if labels.shape != (n,):
+        raise ValueError(f"{name}: expected labels of shape [{n}], got {tuple(labels.shape)}")
+    if labels.dtype != torch.int64:
+        raise ValueError(f"{name}: expected int64 labels, got {labels.dtype}")
+    if weight is not None and weight.shape != (n,):
+        raise ValueError(f"{name}: expected weight of shape [{n}], got {tuple(weight.shape)}")
+    if n == 0:
+        return
+    hi = loss.num_classes if max_label is None else int(max_label)
+    # one host sync for both checks; the logits are checked through their sum (finite iff every
+    # entry is, barring an overflow of the sum itself, which the slow path below rules out)
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    lo_hi = torch.stack(torch.aminmax(labels)).to(acc)
+    lo_v, hi_v, total = torch.cat([lo_hi, logits.detach().sum(dtype=acc).view(1)]).tolist()
+    if lo_v >= 0 and hi_v <= hi and math.isfinite(total):
+        return
+    if bool(((labels < 0) | (labels > hi)).any()):
+        lo_v, hi_v = int(labels.min()), int(labels.max())
+        raise ValueError(
+            f"{name}: labels must be in 0..{hi} (foreground 0..{loss.num_classes - 1}"
+            + (f", background {loss.num_classes}" if hi == loss.num_classes else "")
+            + f"), got values in [{lo_v}, {hi_v}]"
+        )
+    nonfinite = ~torch.isfinite(logits.detach())
+    if bool(nonfinite.any()):
+        bad = int(nonfinite.any(dim=1).sum())
+        raise ValueError(f"{name}: logits contain NaN or infinite values ({bad} of {n} rows)")
+
+
+def as_class_vector(value: Any, num_classes: int, loss_name: str, arg_name: str) -> Tensor:
+    """A list / numpy array / tensor of ``num_classes`` finite numbers as a float32 CPU tensor."""
+    if value is None:
+        raise ValueError(
+            f"{loss_name}: {arg_name} is required ({num_classes} values from the training set; "
+            "the engine fills it when the config does not give it)"
+        )
+    try:
+        if isinstance(value, Tensor):
+            arr = value.detach().cpu().to(torch.float64).numpy()
+        else:
+            arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{loss_name}: {arg_name} must be a sequence of numbers: {exc}") from None
+    if arr.shape != (num_classes,):
+        raise ValueError(f"{loss_name}: {arg_name} must have {num_classes} entries (one per class), got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        bad = np.nonzero(~np.isfinite(arr))[0].tolist()
+        raise ValueError(f"{loss_name}: {arg_name} has non-finite values for classes {_short(bad)}")
+    return torch.from_numpy(arr.astype(np.float32))
+
+
+def _short(ids: list[int], limit: int = 20) -> str:
+    text = ", ".join(str(i) for i in ids[:limit])
+    return f"[{text}{', ...' if len(ids) > limit else ''}] ({len(ids)} in all)"
+
+
+def cached(module: Any, name: str, source: Tensor, dtype: torch.dtype, device: Any, fn: Any) -> Tensor:
+    """``fn()`` (a small vector derived from the buffer ``source``), cast to ``dtype`` on ``device``,
+    memoised on ``module`` until ``source`` changes (in-place writes and ``load_state_dict`` bump its
+    version counter). Saves the handful of tiny kernels per call that recomputing it costs on GPU."""
+    device = torch.device(device) if device is not None else source.device
+    stamp = (source.data_ptr(), source._version, dtype, device)
+    store = module.__dict__.setdefault("_vector_cache", {})
+    hit = store.get(name)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    value = fn().to(device=device, dtype=dtype)
+    store[name] = (stamp, value)
+    return value
