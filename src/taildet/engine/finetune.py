@@ -148,7 +148,8 @@ def finetune(cfg, from_checkpoint: str, resume: bool = False, progress: bool = T
         val_json = val_json or built_json
     _seed_all(tcfg.seed)
     if model is None:
-        model = build_model_from_cfg(cfg, train_dataset.num_classes, loss=ft.loss, loss_kwargs=ft.loss_kwargs)
+        model = build_model_from_cfg(cfg, train_dataset.num_classes, loss=ft.loss, loss_kwargs=ft.loss_kwargs,
+                                     train_dataset=train_dataset)
     report = {"not_loaded": [], "ignored": []}
     if not (resume and last_checkpoint(run_dir) is not None):
         state = load_checkpoint(from_checkpoint)

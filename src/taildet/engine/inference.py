@@ -195,13 +195,19 @@ def evaluate_checkpoint(cfg, checkpoint_path: str, calibration: Any = None, prog
     """
     from taildet.engine.checkpoint import load_checkpoint
     from taildet.engine.distributed import broadcast_object, init_distributed
-    from taildet.engine.train import build_datasets, build_model_from_cfg
+    from taildet.engine.train import build_datasets, build_model_from_cfg, loss_needs_train_statistics
 
     init_distributed(cfg.train.device)
     device = resolve_device(cfg.train.device)
-    _, val_set, val_json = build_datasets(cfg, need_train=False)
+    # a loss built from training-set statistics needs the training annotations (not its images)
+    # a fine-tune config's checkpoints have its stage-2 loss (and classifier width)
+    ft = getattr(cfg, "finetune", None)
+    loss = getattr(ft, "loss", None)
+    loss_kwargs = getattr(ft, "loss_kwargs", None) if loss else None
+    train_set, val_set, val_json = build_datasets(cfg, need_train=loss_needs_train_statistics(cfg, loss))
     state = load_checkpoint(checkpoint_path)
-    model = build_model_from_cfg(cfg, val_set.num_classes)
+    model = build_model_from_cfg(cfg, val_set.num_classes, loss=loss, loss_kwargs=loss_kwargs,
+                                 train_dataset=train_set)
     model.load_state_dict(state["model"])
     model.to(device)
     model = _apply_calibration(model, calibration)

@@ -47,6 +47,7 @@ __all__ = [
     "build_datasets",
     "build_sampler",
     "build_model_from_cfg",
+    "loss_needs_train_statistics",
     "build_optimizer",
     "setup_logging",
 ]
@@ -139,8 +140,15 @@ def build_sampler(dataset, sampler: str, *, seed: int, rfs_threshold: float | st
     raise ConfigError(f"data.sampler: expected random, rfs or class_balanced, got {sampler!r}")
 
 
-def build_model_from_cfg(cfg, num_classes: int, *, loss: str | None = None, loss_kwargs: dict | None = None):
-    """``taildet.models.build_model(arch, num_classes, **model kwargs)`` (loss optionally replaced)."""
+def build_model_from_cfg(cfg, num_classes: int, *, loss: str | None = None, loss_kwargs: dict | None = None,
+                         train_dataset=None):
+    """``taildet.models.build_model(arch, num_classes, **model kwargs)`` (loss optionally replaced).
+
+    Losses whose constructor takes training-set statistics (``instance_counts``,
+    ``image_counts``, ``image_frequency``: Balanced Softmax/Sigmoid, EQL, ...) get them from
+    ``train_dataset`` unless the config's ``loss_kwargs`` sets them.
+    """
+    from taildet.losses import dataset_statistics_needed, fill_dataset_statistics
     from taildet.models import build_model
 
     if cfg.model.num_classes is not None and cfg.model.num_classes != num_classes:
@@ -151,7 +159,22 @@ def build_model_from_cfg(cfg, num_classes: int, *, loss: str | None = None, loss
         kwargs["loss"] = loss
     if loss_kwargs is not None:
         kwargs["loss_kwargs"] = dict(loss_kwargs)
+    loss_name = kwargs.get("loss")
+    if isinstance(loss_name, str) and dataset_statistics_needed(loss_name):
+        kwargs["loss_kwargs"] = fill_dataset_statistics(loss_name, kwargs.get("loss_kwargs"), train_dataset)
     return build_model(cfg.model.arch, num_classes=num_classes, **kwargs)
+
+
+def loss_needs_train_statistics(cfg, loss: str | None = None) -> bool:
+    """True when the configured loss takes training-set statistics (see build_model_from_cfg)."""
+    from taildet.losses import dataset_statistics_needed
+
+    name = loss or cfg.model.kwargs.get("loss")
+    if loss is None:
+        given = cfg.model.kwargs.get("loss_kwargs") or {}
+    else:
+        given = getattr(getattr(cfg, "finetune", None), "loss_kwargs", None) or {}
+    return isinstance(name, str) and any(k not in given for k in dataset_statistics_needed(name))
 
 
 _NORM_TYPES = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
@@ -544,7 +567,7 @@ def train(cfg, resume: bool = False, progress: bool = True, *, evaluate: bool | 
         val_json = val_json or built_json
     _seed_all(cfg.train.seed)  # identical model init on every rank
     if model is None:
-        model = build_model_from_cfg(cfg, train_dataset.num_classes)
+        model = build_model_from_cfg(cfg, train_dataset.num_classes, train_dataset=train_dataset)
     model.to(device)
     sampler = build_sampler(train_dataset, cfg.data.sampler, seed=cfg.train.seed,
                             rfs_threshold=cfg.data.rfs_threshold, rfs_rounding=cfg.data.rfs_rounding)

@@ -68,3 +68,34 @@ def build_loss(name: str, num_classes: int, **kwargs: Any) -> ClassificationLoss
     if inspect.isclass(factory):
         return _construct(factory, name, num_classes, kwargs)
     return factory(num_classes, **kwargs)
+
+
+#: Constructor arguments the engine fills from the training set when a config does not give them.
+DATASET_STATISTICS = ("instance_counts", "image_counts", "image_frequency")
+
+
+def dataset_statistics_needed(name: str) -> tuple[str, ...]:
+    """Which of :data:`DATASET_STATISTICS` the loss ``name``'s constructor takes."""
+    factory = LOSSES.get(name)
+    if factory is None or not inspect.isclass(factory):
+        return ()
+    params = inspect.signature(factory).parameters
+    return tuple(k for k in DATASET_STATISTICS if k in params)
+
+
+def fill_dataset_statistics(name: str, loss_kwargs: dict[str, Any] | None, dataset: Any) -> dict[str, Any]:
+    """``loss_kwargs`` with the training-set statistics the loss needs and the config left out.
+
+    ``dataset`` has ``instance_counts``, ``image_counts`` and ``image_frequency`` (a
+    :class:`taildet.data.LVISDataset`). A needed statistic with no dataset to take it from is a
+    :class:`ConfigError`.
+    """
+    out = dict(loss_kwargs or {})
+    for key in dataset_statistics_needed(name):
+        if out.get(key) is not None:
+            continue
+        if dataset is None:
+            raise ConfigError(f"loss {name!r} needs {key} of the training set: give it in loss_kwargs "
+                              f"or build the model with the training dataset")
+        out[key] = [float(v) for v in getattr(dataset, key)]
+    return out
