@@ -1,0 +1,64 @@
+"""Post-hoc calibration of classification logits: LogN (logit normalization) and logit adjustment.
+
+Typical use with a taildet detector::
+
+    from taildet.calibration import collect_logit_statistics, apply_logit_normalization
+
+    norm = collect_logit_statistics(model, train_loader)   # training-time RoI sampling, no backward
+    norm.save("logn_stats.json")                            # statistics + class names
+    apply_logit_normalization(model, norm)                  # eval scores now use LogN
+
+With your own torchvision Faster R-CNN: ``calibrate_torchvision_model(model, train_loader)``.
+
+Modules: :mod:`~taildet.calibration.logit_norm` (:class:`LogitNormalizer`, the online inverse
+variant :class:`OnlineLogNLoss`, statistics files), :mod:`~taildet.calibration.logit_adjust`
+(:class:`LogitAdjuster`), :mod:`~taildet.calibration.statistics` (the statistics pass and
+applying a transform to a model), :mod:`~taildet.calibration.plots` (the per-class statistics figure).
+"""
+
+from taildet.calibration.logit_adjust import LogitAdjuster
+from taildet.calibration.logit_norm import (
+    LogitNormalizer,
+    OnlineLogitNormalization,
+    OnlineLogNLoss,
+    batch_moments,
+    load_normalizers,
+    merge_moments,
+    online_logn_loss,
+    save_normalizers,
+)
+from taildet.calibration.statistics import (
+    apply_calibration,
+    apply_logit_normalization,
+    calibrate_torchvision_model,
+    collect_logit_statistics,
+    remove_logit_normalization,
+    training_sampling_mode,
+)
+
+
+def plot_logit_statistics(*args, **kwargs):
+    """See :func:`taildet.calibration.plots.plot_logit_statistics` (imports matplotlib on use)."""
+    from taildet.calibration.plots import plot_logit_statistics as _plot
+
+    return _plot(*args, **kwargs)
+
+
+__all__ = [
+    "LogitNormalizer",
+    "LogitAdjuster",
+    "OnlineLogitNormalization",
+    "OnlineLogNLoss",
+    "online_logn_loss",
+    "merge_moments",
+    "batch_moments",
+    "save_normalizers",
+    "load_normalizers",
+    "collect_logit_statistics",
+    "apply_logit_normalization",
+    "remove_logit_normalization",
+    "calibrate_torchvision_model",
+    "apply_calibration",
+    "training_sampling_mode",
+    "plot_logit_statistics",
+]

@@ -1,0 +1,423 @@
+"""The LogN statistics pass and applying its result to a detector.
+
+:func:`collect_logit_statistics` runs a trained detector over (a shard of) the training set in
+**training-time sampling mode**, with no backward pass and no change to the model:
+
+* ``model.train()`` so that the RPN uses its training proposal counts and the RoI heads match
+  and sample 512 RoIs per image (at most 25 % positives, GT boxes added) exactly as in training;
+  but every BatchNorm-like layer (``_NormBase``: BatchNorm, SyncBatchNorm, InstanceNorm with
+  running stats) and every Dropout layer is put back in **eval mode**, so features are computed
+  with the trained running statistics (as at test time) and the running statistics are not
+  updated. The forward also computes the training losses (the heads need them); they are
+  discarded.
+* ``torch.no_grad()``; afterwards every buffer of the model (BatchNorm statistics, state of
+  stateful losses whose ``update`` ran during the pass) is restored to its value before the pass
+  and every module's train/eval flag is restored. Parameters are never touched (no backward, no
+  optimizer).
+* The training augmentation is whatever the data loader's dataset applies; the resize/scale
+  jitter is the model's own transform in training mode.
+* The data loader yields ``(images, targets)`` as lists (taildet's ``list_collate``); targets use
+  the model's label convention (taildet: ``0..C-1``; plain torchvision: ``1..C``).
+
+Which logits are accumulated:
+
+* taildet two-stage (:class:`~taildet.models.two_stage.TailRoIHeads`):
+  ``roi_heads.last_sampled["logits"]`` -- all sampled RoIs, positives and negatives (spec
+  section 1). The normalizer has a background column iff the loss does (softmax heads); sigmoid
+  RoI heads (BCE, EQL) get ``background=False, beta="min_fg"`` (see below).
+* taildet one-stage (RetinaNet / FCOS, sigmoid focal-type losses): ``model.last_cls_inputs`` --
+  the logits of every **non-ignored** anchor (positives and negatives; RetinaNet's
+  between-threshold anchors are left out because training never sees them). The ``C`` sigmoid
+  columns are normalised with ``background=False, beta="min_fg"``: a sigmoid score is a two-way
+  softmax against an implicit background logit 0, which LogN keeps fixed, so the foreground logit
+  gets the detection formula ``(z - mu + beta) / sigma``. Plain centring (no beta) would push every
+  class's mean logit -- dominated by easy negatives -- to 0, i.e. a score of 0.5 for most anchors.
+  Note that over dense anchors the statistics are dominated by background locations, much more
+  than the 75 % negatives of two-stage sampling.
+* a plain torchvision ``FasterRCNN``/``MaskRCNN`` (:func:`calibrate_torchvision_model`): the box
+  predictor's class logits of ``RoIHeads.select_training_samples``' RoIs, background column 0.
+
+Distributed: call it on every rank with a data loader over that rank's shard (e.g. a
+``DistributedSampler``); with ``sync=True`` the ranks' exact moments are merged
+(:meth:`LogitNormalizer.sync`) so every rank returns the statistics of the whole set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections import OrderedDict
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from taildet.calibration.logit_norm import DEFAULT_STAGE, LogitNormalizer, load_normalizers
+from taildet.errors import ConfigError
+
+__all__ = [
+    "collect_logit_statistics",
+    "apply_logit_normalization",
+    "remove_logit_normalization",
+    "calibrate_torchvision_model",
+    "apply_calibration",
+    "training_sampling_mode",
+    "model_kind",
+]
+
+log = logging.getLogger(__name__)
+
+ONE_STAGE_STAGE = "head"
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+def model_kind(model: nn.Module) -> str:
+    """``"two_stage"`` (taildet R-CNN), ``"one_stage"`` (taildet RetinaNet/FCOS) or ``"torchvision"``
+    (a plain torchvision Faster/Mask R-CNN)."""
+    from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+    from torchvision.models.detection.roi_heads import RoIHeads
+
+    model = _unwrap(model)
+    rh = getattr(model, "roi_heads", None)
+    if rh is not None and hasattr(rh, "last_sampled") and hasattr(rh, "loss"):
+        return "two_stage"
+    if hasattr(model, "cls_loss") and hasattr(type(model), "last_cls_inputs"):
+        return "one_stage"
+    if isinstance(model, GeneralizedRCNN) and isinstance(rh, RoIHeads):
+        return "torchvision"
+    raise ConfigError(
+        f"{type(model).__name__} is not a taildet detector nor a torchvision Faster/Mask R-CNN; "
+        "LogN needs access to its classification logits"
+    )
+
+
+@contextlib.contextmanager
+def training_sampling_mode(model: nn.Module, keep: Iterable[Tensor] = ()) -> Iterator[nn.Module]:
+    """Context: ``model.train()`` with norm/dropout layers in eval mode, ``torch.no_grad()``; on
+    exit the train/eval flags and every buffer (except the tensors in ``keep``) are restored."""
+    keep_ids = {id(t) for t in keep}
+    modes = {m: m.training for m in model.modules()}
+    saved = [(b, b.detach().clone()) for _, b in model.named_buffers() if id(b) not in keep_ids]
+    model.train()
+    for m in model.modules():
+        if isinstance(m, (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)):
+            m.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+        with torch.no_grad():
+            for b, v in saved:
+                b.copy_(v)
+
+
+def _to_device(images: Sequence[Tensor], targets: Sequence[dict], device: torch.device):
+    images = [im.to(device, non_blocking=True) for im in images]
+    targets = [{k: (v.to(device, non_blocking=True) if isinstance(v, Tensor) else v) for k, v in t.items()}
+               for t in targets]
+    return images, targets
+
+
+def _find_class_names(data_loader: Any) -> list[str] | None:
+    obj = getattr(data_loader, "dataset", None)
+    for _ in range(8):
+        if obj is None:
+            return None
+        names = getattr(obj, "class_names", None)
+        if names is not None:
+            return [str(n) for n in names]
+        obj = getattr(obj, "dataset", None)
+    return None
+
+
+def _torchvision_sampled_logits(model: nn.Module, images: list[Tensor], targets: list[dict]) -> Tensor:
+    """Class logits of the RoIs torchvision samples for training (its own code path, step by step)."""
+    image_list, targets = model.transform(images, targets)
+    features = model.backbone(image_list.tensors)
+    if isinstance(features, Tensor):
+        features = OrderedDict([("0", features)])
+    proposals, _ = model.rpn(image_list, features, targets)
+    rh = model.roi_heads
+    proposals, _, _, _ = rh.select_training_samples(proposals, targets)
+    box_features = rh.box_head(rh.box_roi_pool(features, proposals, image_list.image_sizes))
+    class_logits, _ = rh.box_predictor(box_features)
+    return class_logits
+
+
+def _new_normalizer(model: nn.Module, kind: str, class_names: list[str] | None, **kw: Any) -> LogitNormalizer:
+    if kind == "two_stage":
+        loss = model.roi_heads.loss
+        k, c = loss.num_outputs(), loss.num_classes
+        if k == c + 1:
+            norm = LogitNormalizer(c, background=True, class_names=class_names, **kw)
+        elif k == c:
+            kw.setdefault("beta", "min_fg")
+            norm = LogitNormalizer(c, background=False, class_names=class_names, **kw)
+        else:
+            raise ConfigError(f"LogN supports heads with C or C + 1 outputs; {type(loss).__name__} has {k} for C = {c}")
+        norm.stage = DEFAULT_STAGE
+    elif kind == "one_stage":
+        loss = model.cls_loss
+        k, c = loss.num_outputs(), loss.num_classes
+        if k != c:
+            raise ConfigError(f"one-stage LogN expects C sigmoid outputs; {type(loss).__name__} has {k} for C = {c}")
+        kw.setdefault("beta", "min_fg")
+        norm = LogitNormalizer(c, background=False, class_names=class_names, **kw)
+        norm.stage = ONE_STAGE_STAGE
+    else:
+        k = model.roi_heads.box_predictor.cls_score.out_features
+        norm = LogitNormalizer(k - 1, background=True, class_names=class_names, background_index=0, **kw)
+        norm.stage = DEFAULT_STAGE
+    return norm
+
+
+def collect_logit_statistics(
+    model: nn.Module,
+    data_loader: Iterable,
+    *,
+    device: str | torch.device = "cpu",
+    normalizer: LogitNormalizer | None = None,
+    progress: bool = True,
+    max_batches: int | None = None,
+    class_names: Sequence[str] | None = None,
+    sync: bool = True,
+    **normalizer_kwargs: Any,
+) -> LogitNormalizer:
+    """Accumulate LogN statistics of ``model``'s training-time sampled logits (see module doc).
+
+    Args:
+        model: a taildet detector (two- or one-stage) or a plain torchvision Faster/Mask R-CNN
+            (optionally DDP-wrapped). It is moved to ``device``; its parameters, buffers and
+            train/eval flags are as before on return.
+        data_loader: yields ``(images, targets)`` lists -- the training set with its augmentation.
+        normalizer: accumulate into this one (e.g. to continue a pass); default a new
+            :class:`LogitNormalizer` of the right shape (``normalizer_kwargs``: ``momentum``,
+            ``mode``, ``beta``, ... for it).
+        max_batches: stop after this many batches (None = the whole loader).
+        class_names: saved with the statistics; default the dataset's ``class_names`` if any.
+        sync: merge the statistics over DDP ranks at the end (no-op in one process).
+    Returns:
+        the normalizer (on ``device``), with ``stage`` set to ``"roi_heads"`` or ``"head"``.
+    """
+    device = torch.device(device)
+    model = _unwrap(model)
+    kind = model_kind(model)
+    model.to(device)
+    if class_names is None:
+        class_names = _find_class_names(data_loader)
+    if normalizer is None:
+        normalizer = _new_normalizer(model, kind, list(class_names) if class_names is not None else None,
+                                     **normalizer_kwargs)
+    elif normalizer_kwargs:
+        raise ValueError(f"normalizer given: unexpected arguments {sorted(normalizer_kwargs)}")
+    normalizer.to(device)
+
+    total = None
+    try:
+        total = len(data_loader)  # type: ignore[arg-type]
+    except TypeError:
+        pass
+    if max_batches is not None:
+        total = max_batches if total is None else min(total, max_batches)
+    bar = None
+    rank0 = not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
+        torch.distributed.get_rank() == 0
+    )
+    if progress and rank0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc="LogN statistics", unit="batch", dynamic_ncols=True)
+
+    owner = None
+    restore: dict[str, Any] = {}
+    if kind == "two_stage":
+        owner = model.roi_heads
+        restore["record_box_features"] = owner.record_box_features
+        owner.record_box_features = False  # not needed here; saves memory
+    elif kind == "one_stage":
+        restore["record_logits"] = model.record_logits
+        model.record_logits = True
+    batches = rows = 0
+    try:
+        with training_sampling_mode(model, keep=list(normalizer.buffers())):
+            for batch in data_loader:
+                if max_batches is not None and batches >= max_batches:
+                    break
+                images, targets = batch[0], batch[1]
+                images, targets = _to_device(list(images), list(targets), device)
+                if kind == "two_stage":
+                    model(images, targets)
+                    logits = model.roi_heads.last_sampled["logits"]
+                elif kind == "one_stage":
+                    model(images, targets)
+                    logits, labels = model.last_cls_inputs
+                    logits = logits[labels >= 0]
+                else:
+                    logits = _torchvision_sampled_logits(model, images, targets)
+                normalizer.update(logits)
+                batches += 1
+                rows += logits.shape[0]
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        if kind == "two_stage":
+            owner.record_box_features = restore["record_box_features"]  # type: ignore[union-attr]
+        elif kind == "one_stage":
+            model.record_logits = restore["record_logits"]
+    if sync:
+        normalizer.sync()
+    if float(normalizer.count) == 0:
+        raise ValueError("collect_logit_statistics: the data loader gave no logits (empty loader?)")
+    log.info("LogN statistics: %d batches, %d logit rows on this rank, %d in total",
+             batches, rows, int(normalizer.count))
+    return normalizer
+
+
+# ---------------------------------------------------------------------------------------------
+# applying
+
+
+def _torchvision_predictor_hook(module: nn.Module, args: Any, output: Any) -> Any:
+    """Forward hook on a torchvision box predictor: eval-mode class logits go through LogN."""
+    if module.training:
+        return None
+    cls_logits, box = output
+    return module.logit_transform(cls_logits), box
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def remove_logit_normalization(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply_logit_normalization` (any logit transform); returns the model."""
+    model = _unwrap(model)
+    kind = model_kind(model)
+    if kind == "two_stage":
+        model.roi_heads.logit_transform = None
+    elif kind == "one_stage":
+        model.logit_transform = None
+    else:
+        pred = model.roi_heads.box_predictor
+        for key, fn in list(pred._forward_hooks.items()):
+            if fn is _torchvision_predictor_hook:
+                del pred._forward_hooks[key]
+        if "logit_transform" in pred._modules:
+            del pred._modules["logit_transform"]
+    return model
+
+
+def apply_logit_normalization(model: nn.Module, normalizer: nn.Module | None) -> nn.Module:
+    """Make ``model`` use ``normalizer`` on its class logits at inference; returns the model.
+
+    * taildet two-stage: ``model.roi_heads.logit_transform = normalizer``;
+    * taildet one-stage: ``model.logit_transform = normalizer``;
+    * plain torchvision Faster/Mask R-CNN: the normalizer becomes
+      ``model.roi_heads.box_predictor.logit_transform`` and a forward hook on the box predictor
+      transforms the class logits in eval mode, i.e. right before torchvision's
+      ``postprocess_detections`` (softmax, background column 0 dropped, NMS). Training is
+      unaffected. The existing state-dict keys are unchanged (the normalizer's are added).
+
+    The normalizer (any module with ``num_outputs``, e.g. a :class:`LogitNormalizer` or a
+    :class:`~taildet.calibration.LogitAdjuster`) is moved to the model's device and checked
+    against the model's class count and background column. ``None`` removes it.
+    """
+    model = _unwrap(model)
+    kind = model_kind(model)
+    if normalizer is None:
+        return remove_logit_normalization(model)
+    k_norm = getattr(normalizer, "num_outputs", None)
+    bg_norm = getattr(normalizer, "background_index", None)
+    if kind == "two_stage":
+        loss = model.roi_heads.loss
+        k, bg = loss.num_outputs(), (loss.num_classes if loss.num_outputs() == loss.num_classes + 1 else None)
+    elif kind == "one_stage":
+        loss = model.cls_loss
+        k, bg = loss.num_outputs(), (loss.num_classes if loss.num_outputs() == loss.num_classes + 1 else None)
+    else:
+        k, bg = model.roi_heads.box_predictor.cls_score.out_features, 0
+    if k_norm is not None and int(k_norm) != k:
+        raise ConfigError(f"the logit transform expects {k_norm} logit columns, the model's classifier has {k}")
+    if k_norm is not None and bg_norm != bg:
+        raise ConfigError(
+            f"the logit transform's background column is {bg_norm}, the model's is {bg} "
+            "(torchvision detectors: background_index=0; taildet softmax heads: last; sigmoid heads: none)"
+        )
+    normalizer.to(_model_device(model))
+    if kind == "two_stage":
+        model.roi_heads.logit_transform = normalizer
+    elif kind == "one_stage":
+        model.logit_transform = normalizer
+    else:
+        remove_logit_normalization(model)
+        pred = model.roi_heads.box_predictor
+        pred.logit_transform = normalizer
+        pred.register_forward_hook(_torchvision_predictor_hook)
+    return model
+
+
+def calibrate_torchvision_model(
+    model: nn.Module,
+    data_loader: Iterable,
+    *,
+    device: str | torch.device = "cpu",
+    class_names: Sequence[str] | None = None,
+    progress: bool = True,
+    max_batches: int | None = None,
+    save_path: str | os.PathLike | None = None,
+    **normalizer_kwargs: Any,
+) -> nn.Module:
+    """One call: LogN for your own torchvision ``FasterRCNN`` / ``MaskRCNN`` (not taildet's).
+
+    Runs the statistics pass over ``data_loader`` (``(images, targets)`` lists in torchvision's
+    convention: labels ``1..C``, 0 = background), then applies the normalizer (background column 0
+    unchanged) with :func:`apply_logit_normalization` and returns the same model, now calibrated
+    in eval mode. ``save_path``: also write the statistics file. ``normalizer_kwargs``:
+    ``momentum``, ``mode``, ``beta``, ... of :class:`LogitNormalizer`.
+    """
+    model = _unwrap(model)
+    if model_kind(model) != "torchvision":
+        raise ConfigError(
+            f"calibrate_torchvision_model is for plain torchvision R-CNNs; for {type(model).__name__} use "
+            "collect_logit_statistics + apply_logit_normalization"
+        )
+    norm = collect_logit_statistics(model, data_loader, device=device, progress=progress, max_batches=max_batches,
+                                    class_names=class_names, **normalizer_kwargs)
+    if save_path is not None:
+        norm.save(save_path, extra={"model": type(model).__name__, "background_index": 0})
+    return apply_logit_normalization(model, norm)
+
+
+def apply_calibration(model: nn.Module, path: str | os.PathLike, class_names: Sequence[str] | None = None,
+                      stage: str | None = None) -> nn.Module:
+    """Load a statistics file for ``model`` (its class count, and ``class_names`` when given, are
+    checked) and apply it. ``stage`` default: ``"roi_heads"`` for R-CNNs, ``"head"`` for one-stage
+    models, or the file's only stage."""
+    m = _unwrap(model)
+    kind = model_kind(m)
+    if kind == "two_stage":
+        c = m.roi_heads.num_classes
+    elif kind == "one_stage":
+        c = m.cls_loss.num_classes
+    else:
+        c = m.roi_heads.box_predictor.cls_score.out_features - 1
+    stages = load_normalizers(path, class_names=class_names, num_classes=c)
+    if stage is None:
+        want = ONE_STAGE_STAGE if kind == "one_stage" else DEFAULT_STAGE
+        stage = want if want in stages or len(stages) != 1 else next(iter(stages))
+    if stage not in stages:
+        from taildet.errors import DataError
+
+        raise DataError(path, f"stage {stage!r}", f"not in the file (stages: {sorted(stages)})")
+    return apply_logit_normalization(m, stages[stage])
