@@ -82,3 +82,19 @@ def test_compare_trains_recipes_in_parallel_processes(tmp_path):
         assert summary[name]["AP"] is not None and 0.0 <= summary[name]["AP"] <= 100.0
     report = (tmp_path / "cmp" / "report.md").read_text()
     assert "| faster_ce |" in report and "| faster_ce_rfs |" in report
+
+
+def test_compare_finetune_and_posthoc_rows(tmp_path):
+    """Stage 1 is trained once and reused by a fine-tune row and the LogN / LogA rows."""
+    tiny = ["train.iterations=2", "train.warmup_iters=1", "data.batch_size=2", "train.device=cpu",
+            "eval.max_dets=20", "train.checkpoint_period=2", "finetune.train.iterations=2",
+            "finetune.train.warmup_iters=1"]
+    names = ["faster_ce+bsoftmax", "faster_ce+logn", "faster_ce+loga"]
+    summary = run_compare(names, tmp_path / "cmp", progress=False, scale=0.05, extra_opts=tiny, jobs=1)
+    assert set(summary) == set(names)
+    assert (tmp_path / "cmp" / "faster_ce" / "model_final.pth").exists()
+    assert (tmp_path / "cmp" / "faster_ce+bsoftmax" / "model_final.pth").exists()
+    stats = json.loads((tmp_path / "cmp" / "faster_ce+logn" / "logit_stats.json").read_text())
+    assert stats["num_classes"] > 0
+    for name in names:
+        assert summary[name]["AP"] is not None

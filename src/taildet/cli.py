@@ -83,6 +83,24 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from taildet.engine import calibrate_checkpoint
+
+    kwargs = {}
+    if args.mode:
+        kwargs["mode"] = args.mode
+    if args.beta is not None:
+        try:
+            kwargs["beta"] = float(args.beta)
+        except ValueError:
+            kwargs["beta"] = args.beta
+    path = calibrate_checkpoint(_load_cfg(args), args.checkpoint, args.out, momentum=args.momentum,
+                                max_batches=args.max_batches, **kwargs)
+    print(f"logit statistics: {path}\nevaluate with: taildet eval {args.config} {args.checkpoint} "
+          f"--calibration {path}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from taildet.compare import run_demo
 
@@ -148,6 +166,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--output-dir", help="where results and metrics are written")
     ev.add_argument("--calibration", help="logit statistics file from `taildet calibrate` (LogN)")
     ev.set_defaults(func=_cmd_eval)
+
+    ca = sub.add_parser("calibrate", help="LogN: collect logit statistics of a trained detector "
+                                          "over its training set (no training)")
+    ca.add_argument("config", help="YAML config the checkpoint was trained with")
+    ca.add_argument("checkpoint", help="checkpoint (.pth)")
+    ca.add_argument("--out", help="statistics file (default: logit_stats.json beside the checkpoint)")
+    ca.add_argument("--momentum", type=float, default=None,
+                    help="EMA statistics with this momentum (the reference's 5e-5) instead of exact ones")
+    ca.add_argument("--mode", choices=["all", "mean_only", "std_only", "no_beta"], default=None,
+                    help="ablation of the transform (paper Tab. 2; default all)")
+    ca.add_argument("--beta", default=None,
+                    help="min_fg (default), mean_fg, bg, none, or a number (paper Tab. 4)")
+    ca.add_argument("--max-batches", type=int, default=None, help="stop after this many batches")
+    ca.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
+    ca.add_argument("--output-dir", help=argparse.SUPPRESS)
+    ca.set_defaults(func=_cmd_calibrate)
 
     dm = sub.add_parser("demo", help="the main job: show the long-tail problem on the embedded dataset")
     dm.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")

@@ -22,19 +22,81 @@ import math
 import os
 import time
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
 
-#: Recipe name -> config file (relative to the repository's ``configs/``). One plain dict.
-RECIPES: dict[str, str | None] = {
-    "prior": None,
-    "faster_ce": "demo_faster_tiny_ce.yaml",
-    "faster_ce_rfs": "demo_faster_tiny_ce_rfs.yaml",
+@dataclass(frozen=True)
+class Recipe:
+    """One row of a comparison table.
+
+    kind:
+        ``"prior"`` -- no training (:func:`prior_baseline_results`);
+        ``"train"`` -- ``taildet train config``;
+        ``"finetune"`` -- ``taildet finetune config --from <stage1 recipe's model_final.pth>``;
+        ``"posthoc"`` -- a training-free method (``posthoc``, a name in :data:`POSTHOC`) applied
+        to the ``stage1`` recipe's checkpoint and evaluated.
+    """
+
+    kind: str
+    config: str | None = None
+    stage1: str | None = None
+    posthoc: str | None = None
+    posthoc_kwargs: tuple = ()
+    about: str = ""
+
+
+#: Recipe name -> Recipe (configs relative to the repository's ``configs/``). One plain dict.
+RECIPES: dict[str, Recipe] = {
+    "prior": Recipe("prior", about="GT boxes scored with the training class prior (no training)"),
+    "faster_ce": Recipe("train", "demo_faster_tiny_ce.yaml", about="Faster R-CNN, softmax CE, random sampling"),
+    "faster_ce_rfs": Recipe("train", "demo_faster_tiny_ce_rfs.yaml", about="+ repeat factor sampling"),
+    "faster_sigmoid_rfs": Recipe("train", "demo_faster_tiny_sigmoid_rfs.yaml", about="sigmoid BCE + RFS"),
+    "faster_eql": Recipe("train", "demo_faster_tiny_eql.yaml", about="EQL, cosine classifier"),
+    "faster_eqlv2": Recipe("train", "demo_faster_tiny_eqlv2.yaml", about="EQLv2, cosine classifier"),
+    "faster_seesaw": Recipe("train", "demo_faster_tiny_seesaw.yaml", about="Seesaw, cosine classifier"),
+    "faster_ce+bsoftmax": Recipe("finetune", "demo_faster_tiny_bsoftmax_ft.yaml", "faster_ce",
+                                 about="stage 2: Balanced Softmax"),
+    "faster_ce+bsigmoid": Recipe("finetune", "demo_faster_tiny_bsigmoid_ft.yaml", "faster_ce",
+                                 about="stage 2: Balanced Sigmoid, classifier only, RFS"),
+    "faster_ce+crt": Recipe("finetune", "demo_faster_tiny_crt_ft.yaml", "faster_ce",
+                            about="stage 2: cRT (CE, class-balanced sampling, classifier only)"),
+    "faster_ce+logn": Recipe("posthoc", stage1="faster_ce", posthoc="logn", about="LogN (no training)"),
+    "faster_ce_rfs+logn": Recipe("posthoc", stage1="faster_ce_rfs", posthoc="logn", about="RFS + LogN"),
+    "faster_ce+loga": Recipe("posthoc", stage1="faster_ce", posthoc="loga", about="logit adjustment, tau 1"),
+    "faster_ce+logn_mean": Recipe("posthoc", stage1="faster_ce", posthoc="logn",
+                                  posthoc_kwargs=(("mode", "mean_only"),), about="LogN ablation: mean only"),
+    "faster_ce+logn_std": Recipe("posthoc", stage1="faster_ce", posthoc="logn",
+                                 posthoc_kwargs=(("mode", "std_only"),), about="LogN ablation: std only"),
+    "faster_ce+logn_nobeta": Recipe("posthoc", stage1="faster_ce", posthoc="logn",
+                                    posthoc_kwargs=(("mode", "no_beta"),), about="LogN ablation: no beta"),
 }
 
+def _posthoc_logn(cfg, checkpoint: str, out_dir: Path, **normalizer_kwargs) -> str:
+    """LogN: the statistics pass over the training set; returns the statistics file."""
+    from taildet.engine import calibrate_checkpoint
+
+    return calibrate_checkpoint(cfg, checkpoint, str(out_dir / "logit_stats.json"), progress=False,
+                                **normalizer_kwargs)
+
+
+def _posthoc_loga(cfg, checkpoint: str, out_dir: Path, prior_from: str = "image", tau: float = 1.0):
+    """Post-hoc logit adjustment with the training prior; returns a ``model -> model`` function."""
+    from taildet.calibration import LogitAdjuster, apply_logit_normalization
+    from taildet.engine.train import build_datasets
+
+    train_set, _, _ = build_datasets(cfg, need_train=True)
+    adjuster = LogitAdjuster.from_dataset(train_set, prior_from=prior_from, tau=tau)
+    return lambda model: apply_logit_normalization(model, adjuster)
+
+
+#: Training-free methods applied to a trained checkpoint: name -> function(cfg, checkpoint,
+#: out_dir, **kwargs) returning what ``evaluate_checkpoint(calibration=...)`` takes.
+POSTHOC: dict[str, object] = {"logn": _posthoc_logn, "loga": _posthoc_loga}
+
 #: What ``taildet demo`` runs: the two-stage CE baseline and the same with repeat factor sampling.
-DEMO_RECIPES = ("prior",)
+DEMO_RECIPES = ("prior", "faster_ce", "faster_ce_rfs")
 
 SUMMARY_KEYS = ("AP", "APr", "APc", "APf", "AP50", "AP75", "APs", "APm", "APl", "AR@300")
 
@@ -44,19 +106,23 @@ def configs_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "configs"
 
 
-def resolve_recipe(name: str) -> Path | None:
-    """Config path of a recipe name or YAML path (``None`` for the no-training ``prior``)."""
+def resolve_recipe(name: str) -> Recipe:
+    """The :class:`Recipe` of a recipe name, or a ``train`` recipe for a YAML path."""
     from taildet.errors import ConfigError
 
     if name in RECIPES:
-        rel = RECIPES[name]
-        return None if rel is None else configs_dir() / rel
+        return RECIPES[name]
     path = Path(name)
     if path.suffix in (".yaml", ".yml") and path.exists():
-        return path
+        return Recipe("train", str(path.resolve()))
     raise ConfigError(
         f"unknown recipe {name!r}: expected one of {', '.join(RECIPES)} or an existing YAML file"
     )
+
+
+def _config_path(recipe: Recipe) -> Path:
+    return configs_dir() / recipe.config if recipe.config and not Path(recipe.config).is_absolute() \
+        else Path(str(recipe.config))
 
 
 def prior_baseline_results(train_json: str | Path, val_json: str | Path, seed: int = 0,
@@ -118,21 +184,27 @@ def default_jobs() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _train_one(name: str, cfg_path: str, opts: list[str], threads: int) -> tuple[str, dict, float]:
-    """Train one recipe (runs in a worker process); returns (name, bbox metrics, seconds)."""
+def _bbox(metrics: dict) -> dict:
+    return metrics["bbox"] if isinstance(metrics.get("bbox"), dict) else metrics
+
+
+def _run_one(name: str, kind: str, cfg_path: str, opts: list[str], from_checkpoint: str | None,
+             threads: int, progress: bool = False) -> tuple[str, dict, float]:
+    """Train or fine-tune one recipe (in this process or a worker); returns (name, bbox metrics, s)."""
     import torch
 
     from taildet.config import apply_overrides, load_config
-    from taildet.engine import train
+    from taildet.engine import finetune, train
 
     if threads > 0:
         torch.set_num_threads(threads)
     t0 = time.time()
     cfg = apply_overrides(load_config(cfg_path), opts)
-    metrics = train(cfg, resume=False, progress=False)["metrics"]
-    if isinstance(metrics.get("bbox"), dict):
-        metrics = metrics["bbox"]
-    return name, metrics, time.time() - t0
+    if kind == "finetune":
+        out = finetune(cfg, from_checkpoint, resume=False, progress=progress)
+    else:
+        out = train(cfg, resume=False, progress=progress)
+    return name, _bbox(out["metrics"]), time.time() - t0
 
 
 def _last_iteration(metrics_jsonl: Path) -> int:
@@ -144,28 +216,26 @@ def _last_iteration(metrics_jsonl: Path) -> int:
         return 0
 
 
-def _train_recipes(runs: list[tuple[str, Path, list[str]]], jobs: int,
-                   progress: bool) -> dict[str, tuple[dict, float]]:
-    """Train ``runs`` ([(name, config, overrides)]) with ``jobs`` processes at once.
+def _planned_iterations(kind: str, cfg) -> int:
+    if kind == "finetune" and cfg.finetune.train.get("iterations"):
+        return int(cfg.finetune.train["iterations"])
+    return int(cfg.train.iterations or 0)
 
-    With one job the training runs in this process with its own progress bar; with several, one
-    bar follows the iterations of all of them (read from each run's ``metrics.jsonl``).
+
+def _train_recipes(runs: list[tuple], jobs: int, progress: bool) -> dict[str, tuple[dict, float]]:
+    """Run ``runs`` ([(name, kind, config, overrides, from_checkpoint)]), ``jobs`` at once.
+
+    With one job each run trains in this process with its own progress bar; with several, each
+    in a worker process and one bar follows the iterations of all (read from ``metrics.jsonl``).
     """
     out: dict[str, tuple[dict, float]] = {}
     if not runs:
         return out
     if jobs <= 1:
-        for name, cfg_path, opts in runs:
+        for name, kind, cfg_path, opts, ckpt in runs:
             print(f"\n=== recipe {name} ===")
-            from taildet.config import apply_overrides, load_config
-            from taildet.engine import train
-
-            t0 = time.time()
-            cfg = apply_overrides(load_config(cfg_path), opts)
-            metrics = train(cfg, resume=False, progress=progress)["metrics"]
-            if isinstance(metrics.get("bbox"), dict):
-                metrics = metrics["bbox"]
-            out[name] = (metrics, time.time() - t0)
+            _, metrics, seconds = _run_one(name, kind, str(cfg_path), opts, ckpt, 0, progress)
+            out[name] = (metrics, seconds)
         return out
 
     import multiprocessing as mp
@@ -177,16 +247,16 @@ def _train_recipes(runs: list[tuple[str, Path, list[str]]], jobs: int,
 
     threads = max(1, default_jobs() // jobs)
     totals, logs = {}, {}
-    for name, cfg_path, opts in runs:
+    for name, kind, cfg_path, opts, _ in runs:
         cfg = apply_overrides(load_config(cfg_path), opts)
-        totals[name] = int(cfg.train.iterations or 0)
+        totals[name] = _planned_iterations(kind, cfg)
         logs[name] = Path(cfg.output_dir) / "metrics.jsonl"
         if logs[name].exists():
             logs[name].unlink()  # a fresh run: do not read an old run's progress
     bar = tqdm(total=sum(totals.values()) or None, desc=f"training {len(runs)} recipes", unit="it",
                disable=not progress)
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-        pending = {pool.submit(_train_one, n, str(c), o, threads) for n, c, o in runs}
+        pending = {pool.submit(_run_one, n, k, str(c), o, ck, threads) for n, k, c, o, ck in runs}
         while pending:
             done, pending = wait(pending, timeout=2.0, return_when=FIRST_COMPLETED)
             for fut in done:
@@ -199,6 +269,23 @@ def _train_recipes(runs: list[tuple[str, Path, list[str]]], jobs: int,
                 bar.update(max(0, now - bar.n))
     bar.close()
     return out
+
+
+def _run_posthoc(name: str, recipe: Recipe, stage1_cfg_path: Path, opts: list[str], checkpoint: str,
+                 out_dir: Path) -> dict:
+    """Apply a training-free method (:data:`POSTHOC`) to a checkpoint and evaluate it."""
+    from taildet.config import apply_overrides, load_config
+    from taildet.engine import evaluate_checkpoint
+    from taildet.errors import ConfigError
+
+    method = POSTHOC.get(recipe.posthoc or "")
+    if method is None:
+        raise ConfigError(f"recipe {name}: unknown post-hoc method {recipe.posthoc!r} "
+                          f"(known: {', '.join(POSTHOC) or 'none'})")
+    cfg = apply_overrides(load_config(stage1_cfg_path), opts)
+    kwargs = dict(recipe.posthoc_kwargs)
+    calibration = method(cfg, checkpoint, out_dir, **kwargs)
+    return _bbox(evaluate_checkpoint(cfg, checkpoint, calibration=calibration, out_dir=str(out_dir)))
 
 
 def run_compare(recipes: Iterable[str] | None, out_dir: str | Path, seed: int = 0,
@@ -215,13 +302,14 @@ def run_compare(recipes: Iterable[str] | None, out_dir: str | Path, seed: int = 
     from taildet.data.stats import dataset_stats, format_stats, plot_long_tail
     from taildet.data.synthetic import make_dataset
     from taildet.evaluation import evaluate_lvis, format_metrics_table, save_metrics
+    from taildet.errors import ConfigError
     from taildet.evaluation.report import per_class_table, plot_per_class_ap
 
     start = time.time()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = list(recipes) if recipes else list(RECIPES)
-    paths = {n: resolve_recipe(n) for n in names}  # fail fast on a bad name
+    specs = {n: resolve_recipe(n) for n in names}  # fail fast on a bad name
 
     data_root = out.parent / "data" / f"synthetic_seed{seed}_scale{scale:g}"
     info = make_dataset(data_root, seed=seed, scale=scale, progress=progress)
@@ -235,22 +323,45 @@ def run_compare(recipes: Iterable[str] | None, out_dir: str | Path, seed: int = 
 
     common_opts = [f"data.root={data_root}", f"data.synthetic.seed={seed}",
                    f"data.synthetic.scale={scale}", f"train.seed={seed}"] + list(extra_opts or [])
-    trained = [n for n in names if paths[n] is not None]
-    jobs = max(1, min(int(jobs or default_jobs()), len(trained) or 1))
+    # stage 1 runs: every requested train recipe and every stage 1 a fine-tune or post-hoc row needs
+    stage1 = [n for n in names if specs[n].kind == "train"]
+    for n in names:
+        dep = specs[n].stage1
+        if specs[n].kind in ("finetune", "posthoc") and dep not in stage1:
+            if dep not in RECIPES or RECIPES[dep].kind != "train":
+                raise ConfigError(f"recipe {n}: stage1 {dep!r} is not a training recipe")
+            stage1.append(dep)
+            specs[dep] = RECIPES[dep]
+    stage2 = [n for n in names if specs[n].kind == "finetune"]
+    jobs = max(1, min(int(jobs or default_jobs()), max(len(stage1), len(stage2), 1)))
     print(f"\nrecipes: {', '.join(names)} ({jobs} parallel training job{'s' if jobs > 1 else ''})")
-    trained_metrics = _train_recipes([(n, paths[n], common_opts + [f"output_dir={out / n}"]) for n in trained],
-                                     jobs=jobs, progress=progress)
+
+    def run_opts(n: str) -> list[str]:
+        return common_opts + [f"output_dir={out / n}"]
+
+    done = _train_recipes([(n, "train", _config_path(specs[n]), run_opts(n), None) for n in stage1],
+                          jobs=min(jobs, max(1, len(stage1))), progress=progress)
+    final = {n: str(out / n / "model_final.pth") for n in stage1}
+    done.update(_train_recipes(
+        [(n, "finetune", _config_path(specs[n]), run_opts(n), final[specs[n].stage1]) for n in stage2],
+        jobs=min(jobs, max(1, len(stage2))), progress=progress))
+
     all_metrics: dict[str, dict] = {}
     summary: dict[str, dict] = {}
     for name in names:
-        if paths[name] is None:
-            t0 = time.time()
-            results = prior_baseline_results(train_json, val_json, seed=seed)
-            metrics = evaluate_lvis(val_json, results)
+        spec = specs[name]
+        t0 = time.time()
+        if spec.kind == "prior":
+            metrics = evaluate_lvis(val_json, prior_baseline_results(train_json, val_json, seed=seed))
             save_metrics(metrics, out / name / "metrics.json")
             seconds = time.time() - t0
+        elif spec.kind == "posthoc":
+            print(f"\n=== recipe {name} ({spec.posthoc} on {spec.stage1}) ===")
+            metrics = _run_posthoc(name, spec, _config_path(specs[spec.stage1]), run_opts(spec.stage1),
+                                   final[spec.stage1], out / name)
+            seconds = time.time() - t0
         else:
-            metrics, seconds = trained_metrics[name]
+            metrics, seconds = done[name]
         all_metrics[name] = metrics
         summary[name] = _percent(metrics)
         summary[name]["seconds"] = round(seconds, 1)

@@ -4,6 +4,7 @@
 calls; ``inference(model, dataset, ...)`` turns a model's detections into LVIS result dicts.
 """
 
+from taildet.engine.calibrate import calibrate_checkpoint
 from taildet.engine.checkpoint import last_checkpoint, load_checkpoint, save_checkpoint
 from taildet.engine.finetune import finetune
 from taildet.engine.inference import evaluate_checkpoint, inference
@@ -16,6 +17,7 @@ __all__ = [
     "run_training",
     "inference",
     "evaluate_checkpoint",
+    "calibrate_checkpoint",
     "save_checkpoint",
     "load_checkpoint",
     "last_checkpoint",

@@ -166,7 +166,7 @@ def evaluate_results(results: list[dict], gt_json: str, run_dir: str | None, iou
     return metrics
 
 
-def _apply_calibration(model: torch.nn.Module, calibration) -> torch.nn.Module:
+def _apply_calibration(model: torch.nn.Module, calibration, class_names=None) -> torch.nn.Module:
     if calibration is None:
         return model
     if callable(calibration):
@@ -179,7 +179,7 @@ def _apply_calibration(model: torch.nn.Module, calibration) -> torch.nn.Module:
 
         raise ConfigError(f"--calibration {calibration}: taildet.calibration.apply_calibration "
                           f"is not available ({e})") from None
-    out = apply_calibration(model, calibration)
+    out = apply_calibration(model, calibration, class_names=class_names)
     return model if out is None else out
 
 
@@ -195,22 +195,22 @@ def evaluate_checkpoint(cfg, checkpoint_path: str, calibration: Any = None, prog
     """
     from taildet.engine.checkpoint import load_checkpoint
     from taildet.engine.distributed import broadcast_object, init_distributed
-    from taildet.engine.train import build_datasets, build_model_from_cfg, loss_needs_train_statistics
+    from taildet.engine.train import build_datasets, loss_needs_train_statistics
 
     init_distributed(cfg.train.device)
     device = resolve_device(cfg.train.device)
     # a loss built from training-set statistics needs the training annotations (not its images)
-    # a fine-tune config's checkpoints have its stage-2 loss (and classifier width)
-    ft = getattr(cfg, "finetune", None)
-    loss = getattr(ft, "loss", None)
-    loss_kwargs = getattr(ft, "loss_kwargs", None) if loss else None
-    train_set, val_set, val_json = build_datasets(cfg, need_train=loss_needs_train_statistics(cfg, loss))
+    from taildet.engine.calibrate import build_model_for_checkpoint
+
+    # a fine-tune config's checkpoints have its stage-2 loss (and classifier width); a loss built
+    # from training-set statistics needs the training annotations (not its images)
+    ft_loss = getattr(getattr(cfg, "finetune", None), "loss", None)
+    train_set, val_set, val_json = build_datasets(cfg, need_train=loss_needs_train_statistics(cfg, ft_loss))
     state = load_checkpoint(checkpoint_path)
-    model = build_model_from_cfg(cfg, val_set.num_classes, loss=loss, loss_kwargs=loss_kwargs,
-                                 train_dataset=train_set)
+    model = build_model_for_checkpoint(cfg, val_set.num_classes, train_set)
     model.load_state_dict(state["model"])
     model.to(device)
-    model = _apply_calibration(model, calibration)
+    model = _apply_calibration(model, calibration, class_names=val_set.class_names)
     results = inference(model, val_set, cfg.eval.batch_size or cfg.data.batch_size, device,
                         max_dets=cfg.eval.max_dets, score_thresh=cfg.eval.score_thresh, progress=progress,
                         num_workers=cfg.data.num_workers)
