@@ -98,3 +98,31 @@ def test_compare_finetune_and_posthoc_rows(tmp_path):
     assert stats["num_classes"] > 0
     for name in names:
         assert summary[name]["AP"] is not None
+
+
+def test_calibrate_then_eval_with_calibration(tmp_path, capsys):
+    """The three-command LogN recipe: train, calibrate, eval --calibration."""
+    import os
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = os.path.join(repo, "configs", "demo_faster_tiny_ce.yaml")
+    opts = ["--opts", f"data.root={tmp_path / 'data'}", "data.synthetic.scale=0.05", "train.iterations=2",
+            "train.warmup_iters=1", "data.batch_size=2", "train.device=cpu", "eval.max_dets=20",
+            f"output_dir={tmp_path / 'run'}"]
+    assert main(["train", cfg, *opts]) == 0
+    ckpt = str(tmp_path / "run" / "model_final.pth")
+    stats = str(tmp_path / "stats.json")
+    assert main(["calibrate", cfg, ckpt, "--out", stats, "--max-batches", "3", *opts]) == 0
+    saved = json.loads(open(stats).read())
+    assert saved["stages"]["roi_heads"]
+    capsys.readouterr()
+    assert main(["eval", cfg, ckpt, "--calibration", stats, *opts]) == 0
+    assert "model_final.pth (bbox)" in capsys.readouterr().out
+    assert (tmp_path / "run" / "eval_calibrated" / "metrics.json").exists()
+
+
+def test_online_logn_is_a_loss_name():
+    from taildet.losses import build_loss
+
+    loss = build_loss("online_logn", 4, base="softmax_ce", momentum=0.1)
+    assert loss.num_outputs() == 5

@@ -62,6 +62,8 @@ RECIPES: dict[str, Recipe] = {
                                  about="stage 2: Balanced Sigmoid, classifier only, RFS"),
     "faster_ce+crt": Recipe("finetune", "demo_faster_tiny_crt_ft.yaml", "faster_ce",
                             about="stage 2: cRT (CE, class-balanced sampling, classifier only)"),
+    "faster_online_logn": Recipe("train", "demo_faster_tiny_online_logn.yaml",
+                                 about="LogN online inverse variant (training option)"),
     "faster_ce+logn": Recipe("posthoc", stage1="faster_ce", posthoc="logn", about="LogN (no training)"),
     "faster_ce_rfs+logn": Recipe("posthoc", stage1="faster_ce_rfs", posthoc="logn", about="RFS + LogN"),
     "faster_ce+loga": Recipe("posthoc", stage1="faster_ce", posthoc="loga", about="logit adjustment, tau 1"),

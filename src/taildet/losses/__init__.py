@@ -21,7 +21,12 @@ from taildet.losses.seesaw import SeesawLoss
 from taildet.losses.sigmoid_bce import SigmoidBCELoss
 from taildet.losses.softmax_ce import SoftmaxCrossEntropyLoss
 
-__all__ = ["LOSSES", "build_loss", "ClassificationLoss", "SoftmaxCrossEntropyLoss", "SigmoidBCELoss"]
+__all__ = [
+    "LOSSES", "build_loss", "ClassificationLoss", "DATASET_STATISTICS", "dataset_statistics_needed",
+    "fill_dataset_statistics", "SoftmaxCrossEntropyLoss", "SigmoidBCELoss", "BalancedSoftmaxLoss",
+    "BalancedSigmoidLoss", "EquilibriumLoss", "EQLLoss", "EQLv2Loss", "SeesawLoss", "EqualizedFocalLoss",
+    "EqualizedQualityFocalLoss", "QualityFocalLoss",
+]
 
 
 def _sigmoid_focal(num_classes: int, **kwargs: Any) -> ClassificationLoss:
@@ -29,6 +34,13 @@ def _sigmoid_focal(num_classes: int, **kwargs: Any) -> ClassificationLoss:
     from taildet.losses.focal import SigmoidFocalLoss
 
     return _construct(SigmoidFocalLoss, "sigmoid_focal", num_classes, kwargs)
+
+
+def _online_logn(num_classes: int, **kwargs: Any) -> ClassificationLoss:
+    """Lazy entry: LogN's online inverse variant around a base loss (taildet.calibration)."""
+    from taildet.calibration.logit_norm import online_logn_loss
+
+    return online_logn_loss(num_classes, **kwargs)
 
 
 LOSSES: dict[str, Callable[..., ClassificationLoss]] = {
@@ -48,6 +60,7 @@ LOSSES: dict[str, Callable[..., ClassificationLoss]] = {
     "eqfl": EqualizedQualityFocalLoss,
     "quality_focal": QualityFocalLoss,
     "qfl": QualityFocalLoss,
+    "online_logn": _online_logn,
 }
 
 
