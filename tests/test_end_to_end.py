@@ -47,7 +47,8 @@ def check_results(run_dir, val_json, iou_type):
     assert max(per_image.values()) <= 100
 
 
-@pytest.mark.parametrize("preset", ["demo_retinanet_tiny_focal.yaml", "demo_faster_tiny_ce.yaml"])
+@pytest.mark.parametrize("preset", ["demo_retinanet_tiny_focal.yaml", "demo_faster_tiny_ce.yaml",
+                                    "demo_atss_tiny_efl.yaml"])
 def test_train_and_eval_produce_results_and_metrics(tmp_path, preset):
     cfg, out = tiny_run(tmp_path, preset)
     metrics = out["metrics"]["bbox"]
@@ -78,3 +79,11 @@ def test_demo_shows_the_long_tail_problem(tmp_path):
     ce, rfs = summary["faster_ce"], summary["faster_ce_rfs"]
     assert ce["APf"] - ce["APr"] >= 10.0
     assert rfs["APr"] > ce["APr"]
+
+
+def test_every_architecture_is_a_valid_config_value():
+    from taildet.config import config_from_dict
+    from taildet.models.build import ARCHITECTURES
+
+    for arch in ARCHITECTURES:
+        assert config_from_dict({"model": {"arch": arch}, "train": {"iterations": 1}}).model.arch == arch

@@ -256,7 +256,7 @@ MODEL_KWARG_CHECKS: dict[str, Callable[[Any], Any]] = {
 class ModelConfig:
     """``model:`` -- the detector. ``kwargs`` holds every builder keyword (flat in the YAML)."""
 
-    arch: str = _f("faster_rcnn", v_enum("faster_rcnn", "mask_rcnn", "retinanet", "fcos"))
+    arch: str = _f("faster_rcnn", v_enum("faster_rcnn", "mask_rcnn", "retinanet", "fcos", "atss"))
     num_classes: int | None = _f(None, v_opt(v_pos_int), "default: the training set's")
     kwargs: dict = field(default_factory=dict)
 
