@@ -95,6 +95,7 @@ def test_compare_finetune_and_posthoc_rows(tmp_path):
     assert (tmp_path / "cmp" / "faster_ce" / "model_final.pth").exists()
     assert (tmp_path / "cmp" / "faster_ce+bsoftmax" / "model_final.pth").exists()
     stats = json.loads((tmp_path / "cmp" / "faster_ce+logn" / "logit_stats.json").read_text())
+    assert (tmp_path / "cmp" / "faster_ce+logn" / "logit_stats.png").stat().st_size > 1000
     assert stats["num_classes"] > 0
     for name in names:
         assert summary[name]["AP"] is not None

@@ -111,7 +111,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from taildet.compare import run_compare
 
-    run_compare(args.recipes, args.out, seed=args.seed, jobs=args.jobs)
+    run_compare(args.recipes, args.out, seed=args.seed, jobs=args.jobs, reuse=args.reuse)
     return 0
 
 
@@ -197,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0, help="seed of data and training")
     c.add_argument("--jobs", type=int, default=None,
                    help="trainings run at once, one process each (default: one per CPU core)")
+    c.add_argument("--reuse", action="store_true",
+                   help="do not retrain stage-1 recipes whose run directory already has model_final.pth")
     c.set_defaults(func=_cmd_compare)
     return p
 

@@ -85,10 +85,17 @@ RECIPES: dict[str, Recipe] = {
 
 def _posthoc_logn(cfg, checkpoint: str, out_dir: Path, **normalizer_kwargs) -> str:
     """LogN: the statistics pass over the training set; returns the statistics file."""
+    from taildet.calibration import LogitNormalizer, plot_logit_statistics
     from taildet.engine import calibrate_checkpoint
+    from taildet.engine.train import build_datasets
 
-    return calibrate_checkpoint(cfg, checkpoint, str(out_dir / "logit_stats.json"), progress=False,
+    path = calibrate_checkpoint(cfg, checkpoint, str(out_dir / "logit_stats.json"), progress=False,
                                 **normalizer_kwargs)
+    # the paper's Fig. 2: per-class logit mean and std against training instance count
+    train_set, _, _ = build_datasets(cfg, need_train=True)
+    plot_logit_statistics(LogitNormalizer.load(path), train_set.instance_counts, out_dir / "logit_stats.png",
+                          class_names=train_set.class_names)
+    return path
 
 
 def _posthoc_loga(cfg, checkpoint: str, out_dir: Path, prior_from: str = "image", tau: float = 1.0):
@@ -106,7 +113,7 @@ def _posthoc_loga(cfg, checkpoint: str, out_dir: Path, prior_from: str = "image"
 POSTHOC: dict[str, object] = {"logn": _posthoc_logn, "loga": _posthoc_loga}
 
 #: What ``taildet demo`` runs: the two-stage CE baseline and the same with repeat factor sampling.
-DEMO_RECIPES = ("prior", "faster_ce", "faster_ce_rfs")
+DEMO_RECIPES = ("prior", "faster_ce", "faster_ce_rfs", "faster_ce+logn")
 
 SUMMARY_KEYS = ("AP", "APr", "APc", "APf", "AP50", "AP75", "APs", "APm", "APl", "AR@300")
 
@@ -300,13 +307,16 @@ def _run_posthoc(name: str, recipe: Recipe, stage1_cfg_path: Path, opts: list[st
 
 def run_compare(recipes: Iterable[str] | None, out_dir: str | Path, seed: int = 0,
                 extra_opts: list[str] | None = None, progress: bool = True,
-                title: str = "taildet compare", scale: float = 1.0, jobs: int | None = None) -> dict:
+                title: str = "taildet compare", scale: float = 1.0, jobs: int | None = None,
+                reuse: bool = False) -> dict:
     """Run ``recipes`` on the embedded dataset and write ``summary.json`` + ``report.md``.
 
     ``jobs`` trainings run at once, each in its own process with ``torch`` limited to
     ``cpu_count // jobs`` threads (default: one job per core, at most one per recipe). On a
     2-core machine two single-threaded trainings finish sooner than two 2-threaded ones in a row:
     the small detector gains little from a second thread.
+    ``reuse``: a stage-1 recipe whose run directory already holds ``model_final.pth`` and
+    ``metrics.json`` is not trained again (its fine-tune and post-hoc rows use that checkpoint).
     Returns the summary ``{recipe: {metric: percent}}``.
     """
     from taildet.data.stats import dataset_stats, format_stats, plot_long_tail
@@ -349,8 +359,17 @@ def run_compare(recipes: Iterable[str] | None, out_dir: str | Path, seed: int = 
     def run_opts(n: str) -> list[str]:
         return common_opts + [f"output_dir={out / n}"]
 
-    done = _train_recipes([(n, "train", _config_path(specs[n]), run_opts(n), None) for n in stage1],
-                          jobs=min(jobs, max(1, len(stage1))), progress=progress)
+    done: dict[str, tuple[dict, float]] = {}
+    if reuse:  # stage-1 runs already finished in this directory (model_final.pth + metrics.json)
+        for n in list(stage1):
+            final_ckpt, mfile = out / n / "model_final.pth", out / n / "metrics.json"
+            if final_ckpt.exists() and mfile.exists():
+                with open(mfile) as fh:
+                    done[n] = (_bbox(json.load(fh)), 0.0)
+                print(f"recipe {n}: reusing {final_ckpt}")
+    todo = [n for n in stage1 if n not in done]
+    done.update(_train_recipes([(n, "train", _config_path(specs[n]), run_opts(n), None) for n in todo],
+                               jobs=min(jobs, max(1, len(todo))), progress=progress))
     final = {n: str(out / n / "model_final.pth") for n in stage1}
     done.update(_train_recipes(
         [(n, "finetune", _config_path(specs[n]), run_opts(n), final[specs[n].stage1]) for n in stage2],
