@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from taildet.losses.base import ClassificationLoss, prior_bias
+from taildet.losses.base import ClassificationLoss, SigmoidClassificationLoss, check_prior
 from taildet.losses.sigmoid_bce import one_hot_targets
 from taildet.losses.state import _short, as_class_vector, cached, check_inputs
 
@@ -117,7 +117,7 @@ class BalancedSoftmaxLoss(ClassificationLoss):
         return (ce * weight.to(ce.dtype)).sum() / logits.shape[0]
 
 
-class BalancedSigmoidLoss(ClassificationLoss):
+class BalancedSigmoidLoss(SigmoidClassificationLoss):
     """Balanced Sigmoid (detection form, reference code; ``exact=True``: paper eq. 48).
 
     Args:
@@ -129,7 +129,7 @@ class BalancedSigmoidLoss(ClassificationLoss):
     """
 
     kind = "two_stage"
-    has_background = False
+    repr_fields = ("exact", "prior")
 
     def __init__(self, num_classes: int, image_frequency: Any = None, exact: bool = False, prior: float = 0.001):
         super().__init__(num_classes)
@@ -143,24 +143,9 @@ class BalancedSigmoidLoss(ClassificationLoss):
             )
         if exact and self.num_classes < 2:
             raise ValueError(f"{name}: exact=True (eq. 48) needs at least 2 classes (log(C - 1))")
-        if not 0.0 < float(prior) < 1.0:
-            raise ValueError(f"{name}: prior must be in (0, 1), got {prior!r}")
+        self.prior = check_prior(prior, name)
         self.exact = bool(exact)
-        self.prior = float(prior)
         self.register_buffer("image_frequency", f)
-
-    def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, exact={self.exact}, prior={self.prior}"
-
-    def num_outputs(self) -> int:
-        return self.num_classes
-
-    def scores(self, logits: Tensor) -> Tensor:
-        return torch.sigmoid(logits)
-
-    def init_bias(self, bias: Tensor) -> None:
-        with torch.no_grad():
-            bias.fill_(prior_bias(self.prior))
 
     def shift(self, dtype: torch.dtype = torch.float32, device: Any = None) -> Tensor:
         """The ``[C]`` vector added to the logits of foreground RoIs (``-log((1-f)/f)`` [+ log(C-1)])."""

@@ -18,6 +18,9 @@ must update then, e.g. the Equilibrium Loss).
 
 ``OneStageLoss`` (dense anchors): ``forward(logits [N, C], labels [N] int64, normalizer, quality=None)``
 with ``0..C-1`` for positive anchors, ``C`` for negatives and ``-1`` for ignored anchors.
+
+:class:`SigmoidClassificationLoss` is the common base of the losses of either kind whose
+classifier has ``C`` sigmoid outputs and no background column (``K = C``).
 """
 
 from __future__ import annotations
@@ -61,3 +64,42 @@ class ClassificationLoss(nn.Module):
 def prior_bias(prior: float) -> float:
     """Bias that makes ``sigmoid(bias) == prior`` (focal-loss style initialisation)."""
     return -math.log((1.0 - prior) / prior)
+
+
+def check_prior(prior: float, owner: str = "") -> float:
+    """``float(prior)``; a ``ValueError`` (prefixed with ``owner: `` if given) unless in (0, 1)."""
+    if not 0.0 < float(prior) < 1.0:
+        prefix = f"{owner}: " if owner else ""
+        raise ValueError(f"{prefix}prior must be in (0, 1), got {prior!r}")
+    return float(prior)
+
+
+class SigmoidClassificationLoss(ClassificationLoss):
+    """Base of the losses with ``C`` independent sigmoid outputs and no background column.
+
+    ``K = C``; test-time scores are ``sigmoid(logits)``; the classifier bias starts at
+    :func:`prior_bias` of ``self.prior`` (subclasses set ``self.prior``, the initial foreground
+    probability). ``kind`` is left to the subclass. ``extra_repr`` lists ``num_classes`` and the
+    attributes named in ``repr_fields`` (empty by default: no extra repr).
+    """
+
+    has_background = False
+    prior: float
+    #: attribute names shown by :meth:`extra_repr` after ``num_classes``; empty: no extra repr.
+    repr_fields: tuple[str, ...] = ()
+
+    def num_outputs(self) -> int:
+        return self.num_classes
+
+    def scores(self, logits: Tensor) -> Tensor:
+        return torch.sigmoid(logits)
+
+    def init_bias(self, bias: Tensor) -> None:
+        with torch.no_grad():
+            bias.fill_(prior_bias(self.prior))
+
+    def extra_repr(self) -> str:
+        if not self.repr_fields:
+            return ""
+        fields = ("num_classes",) + tuple(self.repr_fields)
+        return ", ".join(f"{name}={getattr(self, name)}" for name in fields)

@@ -34,14 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from taildet.losses.base import ClassificationLoss, prior_bias
+from taildet.losses.base import ClassificationLoss, SigmoidClassificationLoss, check_prior
 from taildet.losses.sigmoid_bce import one_hot_targets
 from taildet.losses.state import all_reduce_sum_, as_class_vector, cached, check_inputs
 
 __all__ = ["EQLLoss", "EQLv2Loss"]
 
 
-class EQLLoss(ClassificationLoss):
+class EQLLoss(SigmoidClassificationLoss):
     """Equalization Loss (sigmoid, ``K = C``).
 
     Args:
@@ -52,7 +52,7 @@ class EQLLoss(ClassificationLoss):
     """
 
     kind = "two_stage"
-    has_background = False
+    repr_fields = ("lambda_",)
 
     def __init__(self, num_classes: int, image_frequency: Any = None, lambda_: float = 0.0011, prior: float = 0.01):
         super().__init__(num_classes)
@@ -60,24 +60,9 @@ class EQLLoss(ClassificationLoss):
         f = as_class_vector(image_frequency, self.num_classes, name, "image_frequency")
         if bool(((f < 0) | (f > 1)).any()):
             raise ValueError(f"{name}: image_frequency must be in [0, 1]")
-        if not 0.0 < float(prior) < 1.0:
-            raise ValueError(f"{name}: prior must be in (0, 1), got {prior!r}")
+        self.prior = check_prior(prior, name)
         self.lambda_ = float(lambda_)
-        self.prior = float(prior)
         self.register_buffer("image_frequency", f)
-
-    def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, lambda_={self.lambda_}"
-
-    def num_outputs(self) -> int:
-        return self.num_classes
-
-    def scores(self, logits: Tensor) -> Tensor:
-        return torch.sigmoid(logits)
-
-    def init_bias(self, bias: Tensor) -> None:
-        with torch.no_grad():
-            bias.fill_(prior_bias(self.prior))
 
     def forward(self, logits: Tensor, labels: Tensor, weight: Tensor | None = None) -> Tensor:
         check_inputs(self, logits, labels, weight)

@@ -79,7 +79,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from taildet.losses.base import ClassificationLoss, prior_bias
+from taildet.losses.base import SigmoidClassificationLoss, check_prior
 from taildet.losses.focal import check_dense_inputs
 
 __all__ = [
@@ -255,6 +255,24 @@ def mean_over_ranks(value: Tensor) -> Tensor:
     return value
 
 
+def sparse_positives(
+    logits: Tensor, labels: Tensor, quality: Tensor | None, num_classes: int
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor]:
+    """Drop the ignored anchors (label ``-1``) and locate the positive entries.
+
+    Returns ``(logits, labels, quality, rows, cols)`` restricted to the non-ignored anchors
+    (``quality`` stays None when None), with ``logits[rows, cols]`` the positive entries (one per
+    positive anchor, ``cols`` its label). The inputs are returned as they are when nothing is ignored.
+    """
+    valid = labels >= 0
+    if not bool(valid.all()):
+        logits, labels = logits[valid], labels[valid]
+        if quality is not None:
+            quality = quality[valid]
+    rows = torch.where(labels < num_classes)[0]
+    return logits, labels, quality, rows, labels[rows]
+
+
 def default_normalizer(num_pos: Tensor, normalizer: float | Tensor | None, dtype: torch.dtype) -> Tensor | float:
     """``normalizer`` if given, else the positive count averaged over DDP ranks; at least 1."""
     if normalizer is None:
@@ -300,7 +318,7 @@ class _EqualizedFunction(torch.autograd.Function):
 # modules
 
 
-class EqualizedFocalLoss(ClassificationLoss):
+class EqualizedFocalLoss(SigmoidClassificationLoss):
     """Equalized Focal Loss over ``C`` sigmoid outputs (dense one-stage heads), with its gradient
     statistics as buffers (see the module docstring for the equations and the update timing).
 
@@ -317,8 +335,8 @@ class EqualizedFocalLoss(ClassificationLoss):
     """
 
     kind = "one_stage"
-    has_background = False
     uses_quality = False
+    repr_fields = ("gamma_b", "scale", "alpha", "prior")
 
     def __init__(
         self, num_classes: int, gamma_b: float = 2.0, scale: float = 8.0, alpha: float = 0.25, prior: float = 0.001
@@ -330,35 +348,17 @@ class EqualizedFocalLoss(ClassificationLoss):
             raise ValueError(f"scale must be >= 0, got {scale!r}")
         if float(alpha) > 1.0:
             raise ValueError(f"alpha must be <= 1 (negative disables it), got {alpha!r}")
-        if not 0.0 < float(prior) < 1.0:
-            raise ValueError(f"prior must be in (0, 1), got {prior!r}")
+        self.prior = check_prior(prior)
         self.gamma_b = float(gamma_b)
         self.scale = float(scale)
         self.alpha = float(alpha)
-        self.prior = float(prior)
         #: when False the backward leaves the state alone (frozen ratios).
         self.update_state = True
         self.register_buffer("pos_grad", torch.zeros(self.num_classes))
         self.register_buffer("neg_grad", torch.zeros(self.num_classes))
         self.register_buffer("pos_neg_ratio", torch.ones(self.num_classes))
 
-    def extra_repr(self) -> str:
-        return (
-            f"num_classes={self.num_classes}, gamma_b={self.gamma_b}, scale={self.scale}, "
-            f"alpha={self.alpha}, prior={self.prior}"
-        )
-
     # -- interface ------------------------------------------------------------------------------
-    def num_outputs(self) -> int:
-        return self.num_classes
-
-    def scores(self, logits: Tensor) -> Tensor:
-        return torch.sigmoid(logits)
-
-    def init_bias(self, bias: Tensor) -> None:
-        with torch.no_grad():
-            bias.fill_(prior_bias(self.prior))
-
     def focusing_factors(self) -> tuple[Tensor, Tensor]:
         """Current ``(gamma_j, w_j)`` (``[C]`` each) from ``pos_neg_ratio``."""
         return focusing_factors(self.pos_neg_ratio.detach(), self.gamma_b, self.scale)
@@ -424,13 +424,7 @@ class EqualizedFocalLoss(ClassificationLoss):
     ) -> Tensor:
         check_dense_inputs(self, logits, labels)
         self._check_labels(labels)
-        valid = labels >= 0
-        if not bool(valid.all()):
-            logits, labels = logits[valid], labels[valid]
-            if quality is not None:
-                quality = quality[valid]
-        rows = torch.where(labels < self.num_classes)[0]
-        cols = labels[rows]
+        logits, labels, quality, rows, cols = sparse_positives(logits, labels, quality, self.num_classes)
         q = self._quality_of(quality, labels, rows)
         normalizer = default_normalizer(rows.new_tensor(rows.numel()), normalizer, torch.float32)
         return self._loss(logits, rows, cols, normalizer, q)
@@ -469,12 +463,10 @@ class EqualizedQualityFocalLoss(EqualizedFocalLoss):
     as :class:`EqualizedFocalLoss`; ``G+`` collects the gradient of the positive entries."""
 
     uses_quality = True
+    repr_fields = ("gamma_b", "scale", "prior")
 
     def __init__(self, num_classes: int, gamma_b: float = 2.0, scale: float = 8.0, prior: float = 0.001):
         super().__init__(num_classes, gamma_b=gamma_b, scale=scale, alpha=-1.0, prior=prior)
-
-    def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, gamma_b={self.gamma_b}, scale={self.scale}, prior={self.prior}"
 
     def _quality_of(self, quality: Tensor | None, labels: Tensor, rows: Tensor) -> Tensor:
         if quality is None:

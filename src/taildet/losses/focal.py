@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from taildet.losses.base import ClassificationLoss, prior_bias
+from taildet.losses.base import ClassificationLoss, SigmoidClassificationLoss, check_prior
 
 __all__ = ["SigmoidFocalLoss", "focal_loss", "dense_targets", "check_dense_inputs"]
 
@@ -79,7 +79,7 @@ def dense_targets(labels: Tensor, num_classes: int, dtype: torch.dtype) -> tuple
     return valid, targets[:, :num_classes]
 
 
-class SigmoidFocalLoss(ClassificationLoss):
+class SigmoidFocalLoss(SigmoidClassificationLoss):
     """Sigmoid focal loss over ``C`` outputs for dense one-stage heads (stateless).
 
     Args:
@@ -94,32 +94,17 @@ class SigmoidFocalLoss(ClassificationLoss):
     """
 
     kind = "one_stage"
-    has_background = False
+    repr_fields = ("alpha", "gamma", "prior")
 
     def __init__(self, num_classes: int, alpha: float = 0.25, gamma: float = 2.0, prior: float = 0.01):
         super().__init__(num_classes)
-        if not 0.0 < float(prior) < 1.0:
-            raise ValueError(f"prior must be in (0, 1), got {prior!r}")
+        self.prior = check_prior(prior)
         if float(gamma) < 0:
             raise ValueError(f"gamma must be >= 0, got {gamma!r}")
         if float(alpha) > 1.0:
             raise ValueError(f"alpha must be <= 1 (negative disables it), got {alpha!r}")
         self.alpha = float(alpha)
         self.gamma = float(gamma)
-        self.prior = float(prior)
-
-    def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, alpha={self.alpha}, gamma={self.gamma}, prior={self.prior}"
-
-    def num_outputs(self) -> int:
-        return self.num_classes
-
-    def scores(self, logits: Tensor) -> Tensor:
-        return torch.sigmoid(logits)
-
-    def init_bias(self, bias: Tensor) -> None:
-        with torch.no_grad():
-            bias.fill_(prior_bias(self.prior))
 
     def forward(
         self,

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from taildet.losses.base import ClassificationLoss, prior_bias
-from taildet.losses.equalized_focal import default_normalizer
+from taildet.losses.base import SigmoidClassificationLoss, check_prior
+from taildet.losses.equalized_focal import default_normalizer, sparse_positives
 from taildet.losses.focal import check_dense_inputs
 
 __all__ = ["QualityFocalLoss", "quality_focal_loss"]
@@ -32,7 +32,7 @@ def quality_focal_loss(logits: Tensor, soft_targets: Tensor, beta: float = 2.0) 
     return (p - q).abs().pow(beta) * F.binary_cross_entropy_with_logits(logits, q, reduction="none")
 
 
-class QualityFocalLoss(ClassificationLoss):
+class QualityFocalLoss(SigmoidClassificationLoss):
     """Quality Focal Loss for dense one-stage heads (``uses_quality = True``).
 
     Args:
@@ -45,30 +45,15 @@ class QualityFocalLoss(ClassificationLoss):
     """
 
     kind = "one_stage"
-    has_background = False
     uses_quality = True
+    repr_fields = ("beta", "prior")
 
     def __init__(self, num_classes: int, beta: float = 2.0, prior: float = 0.01):
         super().__init__(num_classes)
         if float(beta) < 0:
             raise ValueError(f"beta must be >= 0, got {beta!r}")
-        if not 0.0 < float(prior) < 1.0:
-            raise ValueError(f"prior must be in (0, 1), got {prior!r}")
+        self.prior = check_prior(prior)
         self.beta = float(beta)
-        self.prior = float(prior)
-
-    def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, beta={self.beta}, prior={self.prior}"
-
-    def num_outputs(self) -> int:
-        return self.num_classes
-
-    def scores(self, logits: Tensor) -> Tensor:
-        return torch.sigmoid(logits)
-
-    def init_bias(self, bias: Tensor) -> None:
-        with torch.no_grad():
-            bias.fill_(prior_bias(self.prior))
 
     def forward(
         self,
@@ -84,11 +69,7 @@ class QualityFocalLoss(ClassificationLoss):
             raise ValueError(
                 f"QualityFocalLoss: expected quality of shape [{labels.shape[0]}], got {tuple(quality.shape)}"
             )
-        valid = labels >= 0
-        if not bool(valid.all()):
-            logits, labels, quality = logits[valid], labels[valid], quality[valid]
-        rows = torch.where(labels < self.num_classes)[0]
-        cols = labels[rows]
+        logits, labels, quality, rows, cols = sparse_positives(logits, labels, quality, self.num_classes)
         normalizer = default_normalizer(rows.new_tensor(rows.numel()), normalizer, torch.float32)
         x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
         # every entry as a negative (q = 0), then the positive entries corrected: no dense targets

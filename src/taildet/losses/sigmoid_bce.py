@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from taildet.losses.base import ClassificationLoss, prior_bias
+from taildet.losses.base import SigmoidClassificationLoss, check_prior
 from taildet.losses.softmax_ce import check_logits
 
 __all__ = ["SigmoidBCELoss", "one_hot_targets"]
@@ -26,27 +26,14 @@ def one_hot_targets(labels: Tensor, num_classes: int, dtype: torch.dtype) -> Ten
     return targets[:, :num_classes]
 
 
-class SigmoidBCELoss(ClassificationLoss):
+class SigmoidBCELoss(SigmoidClassificationLoss):
     """Binary cross-entropy on ``C`` sigmoid logits (background = all-zero target)."""
 
     kind = "two_stage"
-    has_background = False
 
     def __init__(self, num_classes: int, prior: float = 0.01):
         super().__init__(num_classes)
-        if not 0.0 < float(prior) < 1.0:
-            raise ValueError(f"prior must be in (0, 1), got {prior!r}")
-        self.prior = float(prior)
-
-    def num_outputs(self) -> int:
-        return self.num_classes
-
-    def scores(self, logits: Tensor) -> Tensor:
-        return torch.sigmoid(logits)
-
-    def init_bias(self, bias: Tensor) -> None:
-        with torch.no_grad():
-            bias.fill_(prior_bias(self.prior))
+        self.prior = check_prior(prior)
 
     def forward(self, logits: Tensor, labels: Tensor, weight: Tensor | None = None) -> Tensor:
         check_logits(self, logits, labels, weight)

@@ -60,13 +60,12 @@ from taildet.errors import ConfigError
 from taildet.losses.base import ClassificationLoss
 from taildet.losses.equalized_focal import mean_over_ranks
 from taildet.models.one_stage import (
+    _attach_cls_loss,
     _drop_crowd,
     _elementwise_iou,
-    _head_norm,
-    _init_cls_bias,
+    _one_stage_detector,
     _resolve_backbone,
     _resolve_loss,
-    _set_unregistered,
     _TailOneStage,
     anchor_labels,
     feature_strides,
@@ -187,10 +186,7 @@ class TailATSSHead(nn.Module):
                 nn.init.normal_(m.weight, std=0.01)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        _init_cls_bias(self.cls_logits, loss, num_anchors)
-        _set_unregistered(self, "cls_loss", loss)
-        self.record_logits = True
-        self.last_cls_inputs: tuple[Tensor, Tensor] | None = None
+        _attach_cls_loss(self, self.cls_logits, loss, num_anchors)
         self.num_anchors_per_level: list[int] = []
 
     def forward(self, features: list[Tensor]) -> dict[str, Tensor]:
@@ -297,14 +293,6 @@ class TailATSS(_TailOneStage, RetinaNet):
         self.giou_weight = float(giou_weight)
         self._setup_tail(cls_loss, logit_transform)
 
-    @property
-    def _cls_head_owner(self) -> nn.Module:
-        return self.head
-
-    def forward(self, images, targets=None):  # type: ignore[override]
-        self._clear_records()
-        return super().forward(images, targets)
-
     def assign(self, targets: list[dict[str, Tensor]], anchors: list[Tensor]) -> list[Tensor]:
         """ATSS ``matched_idxs`` per image for the anchors of the last head forward."""
         per_level = self.head.num_anchors_per_level
@@ -385,22 +373,9 @@ def build_atss(
     strides = feature_strides(net)
     sizes = tuple(tuple(max(1, int(round(s * stride))) for s in scales) for stride in strides)
     generator = AnchorGenerator(sizes, ((1.0,),) * len(strides))
-    return TailATSS(
-        net,
-        cls_loss,
-        anchor_generator=generator,
-        logit_transform=logit_transform,
-        head_norm_layer=_head_norm(head_norm, net.out_channels),
-        num_convs=num_convs,
-        topk=topk,
-        giou_weight=giou_weight,
-        quality_branch=bool(quality_branch),
-        min_size=min_size,
-        max_size=max_size,
-        image_mean=list(image_mean) if image_mean is not None else None,
-        image_std=list(image_std) if image_std is not None else None,
-        score_thresh=score_thresh,
-        nms_thresh=nms_thresh,
-        detections_per_img=detections_per_img,
-        topk_candidates=int(pre_nms_top_n),
+    return _one_stage_detector(
+        TailATSS, net, cls_loss, generator, head_norm=head_norm, image_mean=image_mean, image_std=image_std,
+        logit_transform=logit_transform, num_convs=num_convs, topk=topk, giou_weight=giou_weight,
+        quality_branch=bool(quality_branch), min_size=min_size, max_size=max_size, score_thresh=score_thresh,
+        nms_thresh=nms_thresh, detections_per_img=detections_per_img, topk_candidates=int(pre_nms_top_n),
     )

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from functools import partial
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -234,6 +234,15 @@ def _init_cls_bias(conv: nn.Conv2d, loss: ClassificationLoss, num_anchors: int) 
         conv.bias.copy_(per_anchor.repeat(num_anchors))
 
 
+def _attach_cls_loss(head: nn.Module, cls_conv: nn.Conv2d, loss: ClassificationLoss, num_anchors: int) -> None:
+    """The loss-related setup every one-stage head shares: classifier bias from ``loss``, the loss
+    attached unregistered as ``head.cls_loss``, and the logit recording attributes."""
+    _init_cls_bias(cls_conv, loss, num_anchors)
+    _set_unregistered(head, "cls_loss", loss)
+    head.record_logits = True
+    head.last_cls_inputs = None
+
+
 def _cls_loss_call(
     owner: nn.Module,
     loss: ClassificationLoss,
@@ -299,10 +308,7 @@ class TailRetinaNetClassificationHead(RetinaNetClassificationHead):
         norm_layer: Callable[..., nn.Module] | None = None,
     ):
         super().__init__(in_channels, num_anchors, loss.num_outputs(), norm_layer=norm_layer)
-        _set_unregistered(self, "cls_loss", loss)
-        _init_cls_bias(self.cls_logits, loss, num_anchors)
-        self.record_logits = True
-        self.last_cls_inputs: tuple[Tensor, Tensor] | None = None
+        _attach_cls_loss(self, self.cls_logits, loss, num_anchors)
 
     def compute_loss(self, targets, head_outputs, matched_idxs, quality=None):  # type: ignore[override]
         labels = _batch_labels(targets, matched_idxs, self.cls_loss.num_classes)
@@ -358,10 +364,7 @@ class TailFCOSHead(FCOSHead):
             in_channels, num_anchors, loss.num_outputs(), num_convs, norm_layer=norm_layer
         )
         self.regression_head = FCOSRegressionHead(in_channels, num_anchors, num_convs, norm_layer=norm_layer)
-        _init_cls_bias(self.classification_head.cls_logits, loss, num_anchors)
-        _set_unregistered(self, "cls_loss", loss)
-        self.record_logits = True
-        self.last_cls_inputs: tuple[Tensor, Tensor] | None = None
+        _attach_cls_loss(self, self.classification_head.cls_logits, loss, num_anchors)
 
     def compute_loss(self, targets, head_outputs, anchors, matched_idxs):  # type: ignore[override]
         cls_logits = head_outputs["cls_logits"]
@@ -409,7 +412,8 @@ class _TailOneStage:
 
     @property
     def _cls_head_owner(self) -> nn.Module:
-        raise NotImplementedError
+        """The module holding ``record_logits`` / ``last_cls_inputs`` (default: ``self.head``)."""
+        return self.head
 
     @property
     def record_logits(self) -> bool:
@@ -433,6 +437,11 @@ class _TailOneStage:
     def _clear_records(self) -> None:
         self.last_logits = None
         self._cls_head_owner.last_cls_inputs = None
+
+    def forward(self, images, targets=None):
+        """The detector's own forward, after clearing the records of the previous one."""
+        self._clear_records()
+        return super().forward(images, targets)  # type: ignore[misc]
 
     def _postprocess(self, head_outputs, anchors, image_shapes, decode, extra_score=None):
         """torchvision's per-level top-k + batched NMS, with pluggable scores and logit tracking."""
@@ -506,10 +515,6 @@ class TailRetinaNet(_TailOneStage, RetinaNet):
     def _cls_head_owner(self) -> nn.Module:
         return self.head.classification_head
 
-    def forward(self, images, targets=None):  # type: ignore[override]
-        self._clear_records()
-        return super().forward(images, targets)
-
     def compute_loss(self, targets, head_outputs, anchors):  # type: ignore[override]
         return super().compute_loss(_drop_crowd(targets), head_outputs, anchors)
 
@@ -547,14 +552,6 @@ class TailFCOS(_TailOneStage, FCOS):
         super().__init__(backbone, cls_loss.num_classes, anchor_generator=anchor_generator, head=head, **kwargs)
         self._setup_tail(cls_loss, logit_transform)
 
-    @property
-    def _cls_head_owner(self) -> nn.Module:
-        return self.head
-
-    def forward(self, images, targets=None):  # type: ignore[override]
-        self._clear_records()
-        return super().forward(images, targets)
-
     def compute_loss(self, targets, head_outputs, anchors, num_anchors_per_level):  # type: ignore[override]
         return super().compute_loss(_drop_crowd(targets), head_outputs, anchors, num_anchors_per_level)
 
@@ -567,6 +564,33 @@ class TailFCOS(_TailOneStage, FCOS):
 
 # ----------------------------------------------------------------------------------------------
 # builders
+
+
+_Detector = TypeVar("_Detector", bound=nn.Module)
+
+
+def _one_stage_detector(
+    detector_cls: Callable[..., _Detector],
+    net: nn.Module,
+    cls_loss: ClassificationLoss,
+    generator: AnchorGenerator,
+    *,
+    head_norm: str | None,
+    image_mean: Sequence[float] | None,
+    image_std: Sequence[float] | None,
+    **kwargs: Any,
+) -> _Detector:
+    """``detector_cls(net, cls_loss, ...)`` as every one-stage builder makes it: the head norm layer
+    from ``head_norm``, ``image_mean``/``image_std`` as lists, ``kwargs`` passed on unchanged."""
+    return detector_cls(
+        net,
+        cls_loss,
+        anchor_generator=generator,
+        head_norm_layer=_head_norm(head_norm, net.out_channels),
+        image_mean=list(image_mean) if image_mean is not None else None,
+        image_std=list(image_std) if image_std is not None else None,
+        **kwargs,
+    )
 
 
 def build_retinanet(
@@ -613,22 +637,11 @@ def build_retinanet(
     generator = _anchor_generator(net, anchor_sizes, aspect_ratios, "retinanet")
     if not 0.0 <= bg_iou_thresh <= fg_iou_thresh <= 1.0:
         raise ConfigError(f"need 0 <= bg_iou_thresh <= fg_iou_thresh <= 1, got {bg_iou_thresh}, {fg_iou_thresh}")
-    return TailRetinaNet(
-        net,
-        cls_loss,
-        anchor_generator=generator,
-        logit_transform=logit_transform,
-        head_norm_layer=_head_norm(head_norm, net.out_channels),
-        min_size=min_size,
-        max_size=max_size,
-        image_mean=list(image_mean) if image_mean is not None else None,
-        image_std=list(image_std) if image_std is not None else None,
-        score_thresh=score_thresh,
-        nms_thresh=nms_thresh,
-        detections_per_img=detections_per_img,
-        topk_candidates=topk_candidates,
-        fg_iou_thresh=fg_iou_thresh,
-        bg_iou_thresh=bg_iou_thresh,
+    return _one_stage_detector(
+        TailRetinaNet, net, cls_loss, generator, head_norm=head_norm, image_mean=image_mean, image_std=image_std,
+        logit_transform=logit_transform, min_size=min_size, max_size=max_size, score_thresh=score_thresh,
+        nms_thresh=nms_thresh, detections_per_img=detections_per_img, topk_candidates=topk_candidates,
+        fg_iou_thresh=fg_iou_thresh, bg_iou_thresh=bg_iou_thresh,
     )
 
 
@@ -667,21 +680,10 @@ def build_fcos(
     generator = _anchor_generator(net, anchor_sizes, (1.0,), "fcos")
     if generator.num_anchors_per_location()[0] != 1:
         raise ConfigError("FCOS needs exactly one anchor size per level")
-    return TailFCOS(
-        net,
-        cls_loss,
-        anchor_generator=generator,
-        logit_transform=logit_transform,
-        head_norm_layer=_head_norm(head_norm, net.out_channels),
-        num_convs=num_convs,
-        min_size=min_size,
-        max_size=max_size,
-        image_mean=list(image_mean) if image_mean is not None else None,
-        image_std=list(image_std) if image_std is not None else None,
-        center_sampling_radius=center_sampling_radius,
-        score_thresh=score_thresh,
-        nms_thresh=nms_thresh,
-        detections_per_img=detections_per_img,
-        topk_candidates=topk_candidates,
+    return _one_stage_detector(
+        TailFCOS, net, cls_loss, generator, head_norm=head_norm, image_mean=image_mean, image_std=image_std,
+        logit_transform=logit_transform, num_convs=num_convs, min_size=min_size, max_size=max_size,
+        center_sampling_radius=center_sampling_radius, score_thresh=score_thresh, nms_thresh=nms_thresh,
+        detections_per_img=detections_per_img, topk_candidates=topk_candidates,
     )
 
