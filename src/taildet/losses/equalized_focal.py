@@ -80,7 +80,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from taildet.losses.base import SigmoidClassificationLoss, check_prior
-from taildet.losses.focal import check_dense_inputs
+from taildet.losses.focal import check_dense_inputs, default_normalizer, mean_over_ranks  # noqa: F401
 
 __all__ = [
     "EqualizedFocalLoss",
@@ -246,15 +246,6 @@ def sparse_loss_and_grad(
     return loss, grad
 
 
-def mean_over_ranks(value: Tensor) -> Tensor:
-    """``value`` averaged over DDP ranks when ``torch.distributed`` is initialised (else itself)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        value = value.detach().clone()
-        dist.all_reduce(value)
-        value = value / dist.get_world_size()
-    return value
-
-
 def sparse_positives(
     logits: Tensor, labels: Tensor, quality: Tensor | None, num_classes: int
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor]:
@@ -271,15 +262,6 @@ def sparse_positives(
             quality = quality[valid]
     rows = torch.where(labels < num_classes)[0]
     return logits, labels, quality, rows, labels[rows]
-
-
-def default_normalizer(num_pos: Tensor, normalizer: float | Tensor | None, dtype: torch.dtype) -> Tensor | float:
-    """``normalizer`` if given, else the positive count averaged over DDP ranks; at least 1."""
-    if normalizer is None:
-        return mean_over_ranks(num_pos.to(dtype)).clamp(min=1.0)
-    if isinstance(normalizer, Tensor):
-        return normalizer.detach().to(dtype).clamp(min=1.0)
-    return max(float(normalizer), 1.0)
 
 
 # ----------------------------------------------------------------------------------------------

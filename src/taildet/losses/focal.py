@@ -22,6 +22,7 @@ The numeric reference is :func:`torchvision.ops.sigmoid_focal_loss`.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -79,6 +80,25 @@ def dense_targets(labels: Tensor, num_classes: int, dtype: torch.dtype) -> tuple
     return valid, targets[:, :num_classes]
 
 
+def mean_over_ranks(value: Tensor) -> Tensor:
+    """``value`` averaged over DDP ranks when ``torch.distributed`` is initialised (else itself)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        value = value.detach().clone()
+        dist.all_reduce(value)
+        value = value / dist.get_world_size()
+    return value
+
+
+def default_normalizer(num_pos: Tensor, normalizer: float | Tensor | None, dtype: torch.dtype) -> Tensor | float:
+    """``normalizer`` if given, else the positive count averaged over DDP ranks; at least 1."""
+    if normalizer is None:
+        return mean_over_ranks(num_pos.to(dtype)).clamp(min=1.0)
+    if isinstance(normalizer, Tensor):
+        return normalizer.detach().to(dtype).clamp(min=1.0)
+    return max(float(normalizer), 1.0)
+
+
+
 class SigmoidFocalLoss(SigmoidClassificationLoss):
     """Sigmoid focal loss over ``C`` outputs for dense one-stage heads (stateless).
 
@@ -115,11 +135,7 @@ class SigmoidFocalLoss(SigmoidClassificationLoss):
     ) -> Tensor:
         check_dense_inputs(self, logits, labels)
         valid, targets = dense_targets(labels, self.num_classes, logits.dtype)
-        if normalizer is None:
-            normalizer = ((labels >= 0) & (labels < self.num_classes)).sum()
-        if isinstance(normalizer, Tensor):
-            normalizer = normalizer.to(logits.dtype).clamp(min=1.0)
-        else:
-            normalizer = max(float(normalizer), 1.0)
+        num_pos = ((labels >= 0) & (labels < self.num_classes)).sum()
+        normalizer = default_normalizer(num_pos, normalizer, logits.dtype)
         loss = focal_loss(logits[valid], targets, self.alpha, self.gamma).sum()
         return loss / normalizer

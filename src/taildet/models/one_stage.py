@@ -19,8 +19,8 @@ What the models add to torchvision
   ``0..C-1`` = positive anchor (its matched GT class), ``C`` = negative anchor, ``-1`` = ignored
   (RetinaNet: IoU between the background and foreground thresholds, torchvision's
   ``Matcher.BETWEEN_THRESHOLDS``; FCOS has no ignored anchors). The loss is called once per batch
-  with ``normalizer`` = total number of positive anchors in the batch, clamped to at least 1 (a
-  tensor; no host sync). Note: torchvision's stock RetinaNet instead normalises each image by its
+  with ``normalizer`` = total number of positive anchors in the batch, averaged over DDP ranks
+  (the same on every rank, as the EFL paper's reference does), clamped to at least 1. Note: torchvision's stock RetinaNet instead normalises each image by its
   own positives and averages over images; the two agree for one image per batch.
 * ``model.last_cls_inputs`` (training) -- ``(logits [B*A, K], labels [B*A])`` as passed to the loss
   in the last forward, logits detached. ``model.last_logits`` (inference) -- a list with one
@@ -60,6 +60,7 @@ from torchvision.ops import boxes as box_ops
 
 from taildet.errors import ConfigError
 from taildet.losses.base import ClassificationLoss
+from taildet.losses.focal import mean_over_ranks
 
 __all__ = [
     "build_retinanet",
@@ -252,7 +253,8 @@ def _cls_loss_call(
 ) -> Tensor:
     logits = cls_logits.reshape(-1, cls_logits.shape[-1])
     num_pos = ((labels >= 0) & (labels < loss.num_classes)).sum()
-    normalizer = num_pos.clamp(min=1).to(logits.dtype)
+    # number of positive anchors averaged over DDP ranks, at least 1 (the same on every rank)
+    normalizer = mean_over_ranks(num_pos.to(torch.float32)).clamp(min=1.0)
     if owner.record_logits:
         owner.last_cls_inputs = (logits.detach(), labels)
     if quality is None:
