@@ -6,7 +6,9 @@ A config file has up to six sections (every key optional, defaults below)::
     model:    {arch, num_classes, <builder kwargs: backbone, loss, min_size, ...>}
     data:     {synthetic: {seed, scale} | train_json/val_json/image_root/val_image_root, sampler, ...}
     train:    {iterations | epochs, lr, schedule, steps, warmup_iters, grad_clip, amp, seed, ...}
-    finetune: {freeze, reset_classifier, loss, loss_kwargs, train: {<train overrides>}, sampler}
+    finetune: {freeze, reset_classifier, loss, loss_kwargs, train: {<train overrides>}, sampler,
+               mfs: {enabled, capacity, classes_per_iter, samples_per_class, boxes_per_gt, jitter,
+                     dtype, device, prior, allow_stale_features, prefill_images_per_class}}
     eval:     {enabled, max_dets, score_thresh, iou_types, fixed, batch_size}
     output_dir: runs/my_run
 
@@ -39,6 +41,7 @@ __all__ = [
     "SyntheticConfig",
     "TrainConfig",
     "FinetuneConfig",
+    "MFSConfig",
     "EvalConfig",
     "load_config",
     "config_from_dict",
@@ -322,6 +325,29 @@ class TrainConfig:
 DEFAULT_FREEZE = [r"^backbone\.", r"^roi_heads\.box_head\."]
 
 
+def v_jitter(v):
+    if not _is_num(v) or not 0 < v < 0.5:
+        raise _Invalid(f"expected a number in (0, 0.5), got {_fmt(v)}")
+    return float(v)
+
+
+@dataclass
+class MFSConfig:
+    """``finetune.mfs:`` -- LOCE's memory-augmented feature sampling (taildet.sampling.memory)."""
+
+    enabled: bool = _f(False, v_bool)
+    capacity: int = _f(80, v_pos_int, "M: entries per class (LVIS, 256x7x7 fp16: ~2.4 GB at 80)")
+    classes_per_iter: int = _f(8, v_pos_int, "k: classes drawn per iteration")
+    samples_per_class: int = _f(4, v_pos_int, "m: entries drawn per drawn class")
+    boxes_per_gt: int = _f(16, v_pos_int, "jittered boxes per GT (16 = one per sign pattern)")
+    jitter: float = _f(1.0 / 6.0, v_jitter, "offset scale, fraction of the box size")
+    dtype: str = _f("float16", v_enum("float16", "bfloat16", "float32"), "memory storage")
+    device: str = _f("auto", v_enum("auto", "cpu"), "auto = the training device")
+    prior: str = _f("mean_score", v_enum("mean_score", "instance_counts"), "sampler: 1/s_c or 1/n_c")
+    allow_stale_features: bool = _f(False, v_bool, "allow trainable backbone/FPN/box FCs")
+    prefill_images_per_class: int | None = _f(None, v_opt(v_pos_int), "null = ceil(capacity / 16)")
+
+
 @dataclass
 class FinetuneConfig:
     """``finetune:`` -- decoupled stage-2 training (see taildet.engine.finetune)."""
@@ -332,6 +358,7 @@ class FinetuneConfig:
     loss_kwargs: dict | None = _f(None, v_opt(v_dict))
     sampler: str | None = _f(None, v_opt(v_enum("random", "rfs", "class_balanced")))
     train: dict = _f({}, v_dict, "overrides of train: keys for stage 2")
+    mfs: MFSConfig = field(default_factory=MFSConfig)
 
 
 @dataclass
@@ -412,6 +439,9 @@ def _build_section(cls, raw: Any, prefix: str, file: str | None):
         if cls is FinetuneConfig and key == "train":
             kwargs[key] = _check_train_overrides(value, dotted, file)
             continue
+        if cls is FinetuneConfig and key == "mfs":
+            kwargs[key] = _build_section(MFSConfig, value, dotted, file)
+            continue
         try:
             kwargs[key] = f.metadata["check"](value)
         except _Invalid as e:
@@ -464,6 +494,10 @@ def _check_whole(cfg: Config, file: str | None) -> Config:
         smallest = min(mk["min_size"]) if isinstance(mk["min_size"], list) else mk["min_size"]
         if mk["max_size"] < smallest:
             raise _err(file, "model.max_size", f"must be >= model.min_size ({mk['min_size']}), got {mk['max_size']}")
+    if cfg.finetune.mfs.enabled and cfg.model.arch not in ("faster_rcnn", "mask_rcnn"):
+        raise _err(file, "finetune.mfs.enabled",
+                   f"memory-augmented feature sampling needs a two-stage detector (faster_rcnn or "
+                   f"mask_rcnn), got model.arch {cfg.model.arch!r}")
     if cfg.finetune.train:
         merged = {**_to_dict(cfg.train), **cfg.finetune.train}
         if "iterations" in cfg.finetune.train and "epochs" not in cfg.finetune.train:

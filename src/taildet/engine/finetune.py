@@ -9,7 +9,12 @@
 3. freezes parameters whose names match one of the ``finetune.freeze`` regular expressions
    (``re.search`` on names like ``backbone.body.conv1.weight``; default: LOCE's policy, backbone +
    FPN + shared box FCs). BatchNorm layers inside frozen parts stay in eval mode;
-4. trains with ``train:`` updated by ``finetune.train`` (and ``finetune.sampler``) through the same
+4. with ``finetune.mfs.enabled``: checks that backbone, FPN and shared box FCs are frozen
+   (ConfigError otherwise, unless ``finetune.mfs.allow_stale_features``), attaches LOCE's
+   memory-augmented feature sampling as ``model.roi_heads.mfs`` and pre-fills its memory with a
+   class-balanced pass (also after a resume: the memory is not checkpointed; the loss's mean
+   score is, and the resumed run continues from the checkpointed value);
+5. trains with ``train:`` updated by ``finetune.train`` (and ``finetune.sampler``) through the same
    loop as :func:`taildet.engine.train.train`, into ``cfg.output_dir``.
 """
 
@@ -163,6 +168,8 @@ def finetune(cfg, from_checkpoint: str, resume: bool = False, progress: bool = T
     log.info("finetune: %d of %d parameters trainable (%d tensors frozen by %s)", trainable, total,
              len(frozen), ft.freeze)
     model.to(device)
+    if ft.mfs.enabled:
+        _setup_mfs(cfg, model, train_dataset, device, run_dir if resume else None, tcfg.seed, progress)
     sampler_name = ft.sampler or cfg.data.sampler
     sampler = build_sampler(train_dataset, sampler_name, seed=tcfg.seed, rfs_threshold=cfg.data.rfs_threshold,
                             rfs_rounding=cfg.data.rfs_rounding)
@@ -199,3 +206,38 @@ def _reinit_classifier(model: torch.nn.Module) -> None:
                         losses[0].init_bias(b)
                     else:
                         b.zero_()
+
+
+def _setup_mfs(cfg, model: torch.nn.Module, train_dataset, device: torch.device, resume_dir: str | None,
+               seed: int, progress: bool) -> None:
+    """Attach MFS (``cfg.finetune.mfs``) to ``model`` and pre-fill its memory.
+
+    On a resume the newest checkpoint's weights are loaded first, so the pre-fill sees the
+    fine-tuned model (``run_training`` loads the same checkpoint again, which also restores the
+    loss's mean score exactly as it was saved).
+    """
+    from taildet.engine.checkpoint import last_checkpoint, load_checkpoint
+    from taildet.engine.distributed import get_rank
+    from taildet.sampling.memory import (MemoryAugmentedSampling, attach_mfs, check_frozen_features,
+                                         prefill_memory)
+
+    mc = cfg.finetune.mfs
+    check_frozen_features(model, mc.allow_stale_features)  # before allocating the memory
+    instance_counts = None
+    if mc.prior == "instance_counts":
+        instance_counts = getattr(train_dataset, "instance_counts", None)
+        if instance_counts is None:
+            raise ConfigError("finetune.mfs.prior: 'instance_counts' needs a training set with instance_counts")
+    mfs = MemoryAugmentedSampling.from_model(
+        model, capacity=mc.capacity, classes_per_iter=mc.classes_per_iter, samples_per_class=mc.samples_per_class,
+        boxes_per_gt=mc.boxes_per_gt, jitter=mc.jitter, dtype=mc.dtype,
+        device=device if mc.device == "auto" else "cpu", prior=mc.prior, instance_counts=instance_counts,
+        seed=seed * 1000 + get_rank() + 1)
+    attach_mfs(model, mfs, allow_stale_features=mc.allow_stale_features)
+    ckpt = last_checkpoint(resume_dir) if resume_dir is not None else None
+    if ckpt is not None:
+        model.load_state_dict(load_checkpoint(ckpt)["model"])
+    log.info("finetune: %r", mfs)
+    prefill_memory(model, train_dataset, images_per_class=mc.prefill_images_per_class,
+                   batch_size=cfg.data.batch_size, device=device, seed=seed, num_workers=cfg.data.num_workers,
+                   progress=progress)

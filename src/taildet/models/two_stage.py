@@ -164,6 +164,13 @@ class TailRoIHeads(RoIHeads):
     ``logit_transform`` -- optional ``nn.Module`` mapping raw logits ``[R, K]`` to adjusted logits,
     applied at inference only, before ``loss.scores`` (LogN, logit adjustment). Default None. As a
     submodule, its parameters/buffers appear in the model's ``state_dict`` while it is set.
+
+    ``mfs`` -- optional :class:`taildet.sampling.memory.MemoryAugmentedSampling` (LOCE's MFS),
+    used in training only. When set, each training forward: enqueues the current GTs' jittered-box
+    features, samples the memory, runs the box head on the sampled RoIs and the memory samples
+    together, updates the loss state with the memory samples' logits and labels, and computes the
+    classification and box-regression losses over sampled RoIs followed by memory samples (the
+    mask head sees only the sampled RoIs). A plain attribute, never in the ``state_dict``.
     """
 
     def __init__(
@@ -213,6 +220,7 @@ class TailRoIHeads(RoIHeads):
         self.class_agnostic_box_reg = bool(class_agnostic_box_reg)
         self.record_box_features = bool(record_box_features)
         self.logit_transform: nn.Module | None = None
+        self.mfs: Any = None
         self.last_sampled: dict[str, Any] | None = None
         self.last_logits: Tensor | None = None
         self.last_logit_image_index: Tensor | None = None
@@ -290,12 +298,30 @@ class TailRoIHeads(RoIHeads):
         batch_gt_index = torch.where(fg, matched + gt_offsets[image_index], torch.full_like(matched, -1))
         reg_targets = torch.cat(regression_targets)
 
+        mfs = self.mfs
+        memory = None
+        if mfs is not None:  # LOCE's MFS: enqueue current GTs, then sample the memory
+            mfs.enqueue_targets(self, features, targets, image_shapes)
+            memory = mfs.sample(self.loss, device)
         pooled = self.forward_box_features(features, proposals, image_shapes)
-        logits, box_deltas = self.box_head_logits(pooled)
-        self.loss.update(logits.detach(), labels, batch_gt_index)
+        if memory is None:
+            logits, box_deltas = self.box_head_logits(pooled)
+            if mfs is None:
+                self.loss.update(logits.detach(), labels, batch_gt_index)
+            else:
+                mfs.update_mean_score(self.loss, logits.detach(), labels, batch_gt_index, None, None)
+            cls_logits, cls_labels, all_deltas, all_reg = logits, labels, box_deltas, reg_targets
+        else:
+            n = pooled.shape[0]
+            cls_logits, all_deltas = self.box_head_logits(torch.cat([pooled, memory.features.to(pooled.dtype)]))
+            logits = cls_logits[:n]
+            mfs.update_mean_score(self.loss, logits.detach(), labels, batch_gt_index, cls_logits[n:].detach(),
+                                  memory.labels)
+            cls_labels = torch.cat([labels, memory.labels])
+            all_reg = torch.cat([reg_targets, memory.regression_targets.to(reg_targets.dtype)])
         losses = {
-            "loss_classifier": self.loss(logits, labels),
-            "loss_box_reg": self.box_regression_loss(box_deltas, labels, reg_targets),
+            "loss_classifier": self.loss(cls_logits, cls_labels),
+            "loss_box_reg": self.box_regression_loss(all_deltas, cls_labels, all_reg),
         }
         self.last_sampled = {
             "proposals": [p.detach() for p in proposals],

@@ -1,0 +1,39 @@
+"""Feature-level sampling for long-tailed detection: LOCE's memory-augmented feature sampling.
+
+See :mod:`taildet.sampling.memory` (box generator, class memory, probabilistic sampler, the
+``MemoryAugmentedSampling`` object the RoI head calls, pre-fill and the mean-score plot).
+"""
+
+from taildet.sampling.memory import (
+    SIGN_PATTERNS,
+    ClassMemory,
+    MemoryAugmentedSampling,
+    MemoryBatch,
+    ProbabilisticSampler,
+    attach_mfs,
+    check_frozen_features,
+    jitter_boxes,
+    make_batch_entries,
+    make_memory_entries,
+    observe_mean_score,
+    plot_mean_score_vs_instances,
+    prefill_image_indices,
+    prefill_memory,
+)
+
+__all__ = [
+    "SIGN_PATTERNS",
+    "jitter_boxes",
+    "make_memory_entries",
+    "make_batch_entries",
+    "ClassMemory",
+    "ProbabilisticSampler",
+    "MemoryBatch",
+    "MemoryAugmentedSampling",
+    "check_frozen_features",
+    "attach_mfs",
+    "prefill_image_indices",
+    "prefill_memory",
+    "observe_mean_score",
+    "plot_mean_score_vs_instances",
+]
