@@ -89,11 +89,12 @@ def test_compare_finetune_and_posthoc_rows(tmp_path):
     tiny = ["train.iterations=2", "train.warmup_iters=1", "data.batch_size=2", "train.device=cpu",
             "eval.max_dets=20", "train.checkpoint_period=2", "finetune.train.iterations=2",
             "finetune.train.warmup_iters=1"]
-    names = ["faster_ce+bsoftmax", "faster_ce+logn", "faster_ce+loga"]
+    names = ["faster_ce+bsoftmax", "faster_ce+loce", "faster_ce+logn", "faster_ce+loga"]
     summary = run_compare(names, tmp_path / "cmp", progress=False, scale=0.05, extra_opts=tiny, jobs=1)
     assert set(summary) == set(names)
     assert (tmp_path / "cmp" / "faster_ce" / "model_final.pth").exists()
     assert (tmp_path / "cmp" / "faster_ce+bsoftmax" / "model_final.pth").exists()
+    assert (tmp_path / "cmp" / "mean_score_vs_instances.png").stat().st_size > 1000
     stats = json.loads((tmp_path / "cmp" / "faster_ce+logn" / "logit_stats.json").read_text())
     assert (tmp_path / "cmp" / "faster_ce+logn" / "logit_stats.png").stat().st_size > 1000
     assert stats["num_classes"] > 0

@@ -72,6 +72,14 @@ RECIPES: dict[str, Recipe] = {
     "atss_efl": Recipe("train", "demo_atss_tiny_efl.yaml", about="ATSS improved baseline, EFL, RFS"),
     "atss_qfl": Recipe("train", "demo_atss_tiny_qfl.yaml", about="ATSS improved baseline, QFL, RFS"),
     "atss_eqfl": Recipe("train", "demo_atss_tiny_eqfl.yaml", about="ATSS improved baseline, EQFL, RFS"),
+    "faster_ce+ebl": Recipe("finetune", "demo_faster_tiny_ebl_ft.yaml", "faster_ce",
+                            about="LOCE stage 2: Equilibrium Loss alone"),
+    "faster_ce+mfs": Recipe("finetune", "demo_faster_tiny_mfs_ft.yaml", "faster_ce",
+                            about="LOCE stage 2: MFS alone (with CE)"),
+    "faster_ce+loce": Recipe("finetune", "demo_faster_tiny_loce_ft.yaml", "faster_ce",
+                             about="LOCE: EBL + MFS"),
+    "faster_ce+loce_prior": Recipe("finetune", "demo_faster_tiny_loce_prior_ft.yaml", "faster_ce",
+                                   about="LOCE with the dataset prior (1/n_c) sampler"),
     "faster_ce+logn": Recipe("posthoc", stage1="faster_ce", posthoc="logn", about="LogN (no training)"),
     "faster_ce_rfs+logn": Recipe("posthoc", stage1="faster_ce_rfs", posthoc="logn", about="RFS + LogN"),
     "faster_ce+loga": Recipe("posthoc", stage1="faster_ce", posthoc="loga", about="logit adjustment, tau 1"),
@@ -305,6 +313,35 @@ def _run_posthoc(name: str, recipe: Recipe, stage1_cfg_path: Path, opts: list[st
     return _bbox(evaluate_checkpoint(cfg, checkpoint, calibration=calibration, out_dir=str(out_dir)))
 
 
+def _plot_mean_scores(out: Path, ce: str, loce: str, specs: dict, run_opts, train_json: Path) -> None:
+    """LOCE's Fig. 4: per-class mean classification score vs training instances, CE and LOCE.
+
+    LOCE's scores are its Equilibrium Loss buffer; the CE model's are observed with the same EMA
+    rule over the training set (no training).
+    """
+    import torch
+
+    from taildet.config import apply_overrides, load_config
+    from taildet.engine.calibrate import build_model_for_checkpoint
+    from taildet.engine.train import build_datasets
+    from taildet.sampling.memory import observe_mean_score, plot_mean_score_vs_instances
+
+    state = torch.load(out / loce / "model_final.pth", map_location="cpu", weights_only=False)["model"]
+    loce_score = next((v for k, v in state.items() if k.endswith("mean_score")), None)
+    if loce_score is None:
+        return
+    cfg = apply_overrides(load_config(_config_path(specs[ce])), run_opts(ce))
+    train_set, _, _ = build_datasets(cfg, need_train=True)
+    model = build_model_for_checkpoint(cfg, train_set.num_classes, train_set)
+    model.load_state_dict(torch.load(out / ce / "model_final.pth", map_location="cpu",
+                                     weights_only=False)["model"])
+    ce_score = observe_mean_score(model, train_set, progress=False)
+    png = plot_mean_score_vs_instances({ce: ce_score, loce: loce_score}, train_set.instance_counts,
+                                       out / "mean_score_vs_instances.png",
+                                       title="mean classification score (LOCE Fig. 4)")
+    print(f"mean classification score plot: {png}")
+
+
 def run_compare(recipes: Iterable[str] | None, out_dir: str | Path, seed: int = 0,
                 extra_opts: list[str] | None = None, progress: bool = True,
                 title: str = "taildet compare", scale: float = 1.0, jobs: int | None = None,
@@ -396,6 +433,9 @@ def run_compare(recipes: Iterable[str] | None, out_dir: str | Path, seed: int = 
         summary[name]["seconds"] = round(seconds, 1)
         rows = per_class_table(metrics, val_json)
         plot_per_class_ap(rows, out / f"per_class_ap_{name}.png", image_counts=counts)
+
+    if "faster_ce+loce" in names:
+        _plot_mean_scores(out, "faster_ce", "faster_ce+loce", specs, run_opts, train_json)
 
     table = format_metrics_table(all_metrics)
     print("\n" + table)
