@@ -93,3 +93,19 @@ def test_backbone_config_errors(tmp_path):
         build_backbone("tiny", norm="ln")
     with pytest.raises(ConfigError, match="gn"):
         build_backbone("resnet18", norm="gn", weights=tmp_path / "x.pth")
+
+
+def test_resnet_fpn_p3_p7_for_one_stage_detectors():
+    from taildet.models import build_model
+    from taildet.models.backbones import build_backbone
+
+    net = build_backbone("resnet18", fpn_levels="p3-p7", out_channels=64)
+    feats = net(torch.rand(1, 3, 128, 128))
+    assert [f.shape[-1] for f in feats.values()] == [16, 8, 4, 2, 1]  # strides 8..128
+    assert net.strides == [8, 16, 32, 64, 128]
+    model = build_model("retinanet", 5, backbone="resnet18", backbone_kwargs={"fpn_levels": "p3-p7"},
+                        min_size=128, max_size=128)
+    sizes = model.anchor_generator.sizes
+    assert len(sizes) == 5 and sizes[0][0] == 32  # torchvision's RetinaNet default for P3
+    with pytest.raises(ConfigError, match="fpn_levels"):
+        build_backbone("resnet18", fpn_levels="p4")

@@ -31,7 +31,7 @@ from torchvision.models import resnet as tv_resnet
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops import FeaturePyramidNetwork
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from taildet.errors import ConfigError, DataError
@@ -199,6 +199,7 @@ def build_backbone(
     trainable_layers: int = 5,
     fpn: bool | None = None,
     out_channels: int | None = None,
+    fpn_levels: str = "p2-p6",
 ) -> nn.Module:
     """Build a detection backbone (see the module docstring).
 
@@ -212,7 +213,13 @@ def build_backbone(
             over layers 1-4 plus a max-pooled level, strides 4-64).
         out_channels: FPN width (default 256 for ResNet, 32 for tiny), or the tiny network's last
             stage width without FPN. Ignored for a ResNet without FPN (its own width is used).
+        fpn_levels: ResNet FPN levels: ``"p2-p6"`` (two-stage default, as torchvision's Faster
+            R-CNN: layers 1-4 + max-pool, strides 4-64) or ``"p3-p7"`` (one-stage detectors, as
+            torchvision's RetinaNet/FCOS and the ATSS papers: layers 2-4 + P6/P7 convs on P5,
+            strides 8-128; 1/16 of the P2 anchors, which matters with 1,203 classes).
     """
+    if fpn_levels not in ("p2-p6", "p3-p7"):
+        raise ConfigError(f"fpn_levels must be 'p2-p6' or 'p3-p7', got {fpn_levels!r}")
     if name not in BACKBONES:
         raise ConfigError(f"unknown backbone {name!r}; valid names: {', '.join(BACKBONES)}")
     if not 0 <= int(trainable_layers) <= 5:
@@ -237,6 +244,18 @@ def build_backbone(
     trainable = _RESNET_STAGES[:trainable_layers] + (["bn1"] if trainable_layers == 5 else [])
     _freeze(body, trainable)
     c5 = body.inplanes  # channels of layer4's output
+    if (fpn is None or fpn) and fpn_levels == "p3-p7":
+        width = int(out_channels or 256)
+        net = BackboneWithFPN(
+            body,
+            return_layers={"layer2": "0", "layer3": "1", "layer4": "2"},
+            in_channels_list=[c5 // 4, c5 // 2, c5],
+            out_channels=width,
+            extra_blocks=LastLevelP6P7(width, width),
+        )
+        net.featmap_names = ["0", "1", "2"]
+        net.strides = [8, 16, 32, 64, 128]
+        return net
     if fpn is None or fpn:
         in_channels_list = [c5 // 8, c5 // 4, c5 // 2, c5]
         net = BackboneWithFPN(
