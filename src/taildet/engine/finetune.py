@@ -34,9 +34,12 @@ __all__ = ["finetune", "load_stage1_weights", "freeze_parameters", "CLASSIFIER_P
 
 log = logging.getLogger("taildet.engine")
 
-#: State-dict keys of the classification layer (dropped by ``reset_classifier``): torchvision's
-#: ``roi_heads.box_predictor.cls_score`` and ``head.classification_head.cls_logits``.
-CLASSIFIER_PATTERNS = [r"(^|\.)cls_score\.", r"(^|\.)cls_logits\."]
+#: State-dict keys of the box classification layer (dropped by ``reset_classifier``): the R-CNN
+#: box predictor's ``cls_score``, RetinaNet/FCOS's ``head.classification_head.cls_logits`` and
+#: ATSS's ``head.cls_logits``. Anchored: the RPN's objectness layer (``rpn.head.cls_logits``) is
+#: not a classifier and keeps its stage-1 weights.
+CLASSIFIER_PATTERNS = [r"^roi_heads\.box_predictor\.cls_score\.", r"^head\.classification_head\.cls_logits\.",
+                       r"^head\.cls_logits\."]
 
 #: A key inside a loss module (by its name), for checkpoints whose loss differs from the model's.
 _LOSS_KEY = re.compile(r"(^|\.)\w*loss\w*\.", re.IGNORECASE)
