@@ -86,3 +86,20 @@ def test_rng_state_round_trip(tmp_path):
     set_rng_state(load_checkpoint(tmp_path / "c.pth")["rng"])
     b = (random.random(), float(np.random.rand()), float(torch.rand(1)))
     assert a == b
+
+
+def test_atomic_write_text_replaces_whole_file_or_keeps_old(tmp_path):
+    from taildet.fileio import atomic_write, atomic_write_text
+
+    target = tmp_path / "sub" / "m.json"
+    atomic_write_text("first\n", target)
+    assert target.read_text() == "first\n"
+
+    def broken(fh):
+        fh.write(b"half")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        atomic_write(target, broken)
+    assert target.read_text() == "first\n"
+    assert [p.name for p in target.parent.iterdir()] == ["m.json"]  # no temporary file left

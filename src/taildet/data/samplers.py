@@ -34,6 +34,7 @@ repeated") on any dataset size; on LVIS v1 (about 100k images) it is the paper's
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -143,7 +144,7 @@ def _image_counts(arrays: list[np.ndarray], num_classes: int) -> np.ndarray:
     return np.bincount(flat, minlength=num_classes).astype(np.int64)
 
 
-class _EpochShardedSampler(Sampler[int]):
+class _EpochShardedSampler(Sampler[int], abc.ABC):
     """Shared machinery: seed/epoch state, padding and per-rank sharding of a global index list."""
 
     def __init__(self, seed: int, num_replicas: int | None, rank: int | None):
@@ -156,12 +157,13 @@ class _EpochShardedSampler(Sampler[int]):
         self.epoch = _check_int("epoch", epoch, 0)
 
     # Subclasses implement these two.
+    @abc.abstractmethod
     def _global_size(self, epoch: int) -> int:
-        raise NotImplementedError
+        """Length of the epoch's global index list, before padding."""
 
+    @abc.abstractmethod
     def global_indices(self, epoch: int | None = None) -> np.ndarray:
         """The epoch's global index list (int64, identical on every rank), before padding."""
-        raise NotImplementedError
 
     def _shard(self, indices: np.ndarray) -> np.ndarray:
         total = len(indices)

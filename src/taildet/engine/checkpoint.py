@@ -17,13 +17,13 @@ from __future__ import annotations
 import os
 import random
 import re
-import tempfile
 from typing import Any
 
 import numpy as np
 import torch
 
 from taildet.errors import TaildetError
+from taildet.fileio import atomic_write
 
 __all__ = [
     "CheckpointError",
@@ -43,36 +43,8 @@ class CheckpointError(TaildetError, OSError):
     """A checkpoint is missing, truncated or not a taildet checkpoint (names the file)."""
 
 
-def _fsync_dir(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _atomic_write(path: str, write) -> None:
-    directory = os.path.dirname(os.path.abspath(path)) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(directory)
+    atomic_write(path, write)
 
 
 def save_checkpoint(path: str | os.PathLike, **state: Any) -> str:

@@ -27,12 +27,12 @@ import json
 import math
 import numbers
 import os
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from taildet.errors import DataError
+from taildet.fileio import atomic_write_text
 
 __all__ = [
     "load_results",
@@ -166,23 +166,7 @@ def load_results(path_or_list: str | os.PathLike | list, gt: Any = None,
     return out
 
 
-def _atomic_write_text(text: str, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+_atomic_write_text = atomic_write_text  # kept for taildet.evaluation.report
 
 
 def _jsonable(x: Any) -> Any:

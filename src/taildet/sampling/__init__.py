@@ -21,19 +21,4 @@ from taildet.sampling.memory import (
     prefill_memory,
 )
 
-__all__ = [
-    "SIGN_PATTERNS",
-    "jitter_boxes",
-    "make_memory_entries",
-    "make_batch_entries",
-    "ClassMemory",
-    "ProbabilisticSampler",
-    "MemoryBatch",
-    "MemoryAugmentedSampling",
-    "check_frozen_features",
-    "attach_mfs",
-    "prefill_image_indices",
-    "prefill_memory",
-    "observe_mean_score",
-    "plot_mean_score_vs_instances",
-]
+from taildet.sampling.memory import __all__  # noqa: E402,F401  (one list, in memory.py)
