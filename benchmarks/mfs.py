@@ -17,6 +17,7 @@ import argparse
 import os
 import statistics
 import tempfile
+import sys
 import time
 
 import torch
@@ -25,28 +26,13 @@ from taildet.engine.finetune import freeze_parameters
 from taildet.models import build_faster_rcnn
 from taildet.sampling import ClassMemory, MemoryAugmentedSampling, attach_mfs, prefill_memory
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from train_step import make_inputs, sync  # noqa: E402  (same random detection inputs)
+
 LOCE_FREEZE = [r"^backbone\.", r"^roi_heads\.box_head\."]
 # the demo recipe's detector (configs/demo_faster_tiny_ce.yaml)
 DEMO = dict(box_batch_size_per_image=128, representation_size=256, rpn_pre_nms_top_n_train=600,
             rpn_post_nms_top_n_train=300, rpn_pre_nms_top_n_test=600, rpn_post_nms_top_n_test=300)
-
-
-def make_inputs(batch: int, size: int, num_classes: int, device, gen):
-    images = [torch.rand(3, size, size, generator=gen).to(device) for _ in range(batch)]
-    targets = []
-    for _ in range(batch):
-        n = 3
-        xy = torch.rand(n, 2, generator=gen) * size * 0.6
-        wh = torch.rand(n, 2, generator=gen) * size * 0.3 + size * 0.1
-        boxes = torch.cat([xy, (xy + wh).clamp(max=size - 1)], dim=1)
-        labels = torch.randint(0, num_classes, (n,), generator=gen)
-        targets.append({"boxes": boxes.to(device), "labels": labels.to(device)})
-    return images, targets
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def build(args, device, num_classes):
