@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import tempfile
 import sys
+import tempfile
 import time
 
 import torch
