@@ -38,7 +38,8 @@ from torch import Tensor
 
 from taildet.losses.base import ClassificationLoss, SigmoidClassificationLoss, check_prior
 from taildet.losses.sigmoid_bce import one_hot_targets
-from taildet.losses.state import _short, as_class_vector, cached, check_inputs
+from taildet.losses.rowwise import SoftmaxOffsetKernel, compute_dtype, rowwise_loss
+from taildet.losses.state import _short, as_class_vector, cached, check_finite_loss, check_inputs
 
 __all__ = ["BalancedSoftmaxLoss", "BalancedSigmoidLoss"]
 
@@ -105,16 +106,16 @@ class BalancedSoftmaxLoss(ClassificationLoss):
         return adj.to(dtype)
 
     def forward(self, logits: Tensor, labels: Tensor, weight: Tensor | None = None) -> Tensor:
-        check_inputs(self, logits, labels, weight, max_label=self.num_outputs() - 1)
+        check_inputs(self, logits, labels, weight, max_label=self.num_outputs() - 1, finite=False)
         if logits.shape[0] == 0:
             return logits.sum() * 0.0
-        adj = cached(self, "adj", self.instance_counts, logits.dtype, logits.device,
+        dt = compute_dtype(logits.dtype)
+        adj = cached(self, "adj", self.instance_counts, dt, logits.device,
                      lambda: self.log_adjustment(torch.float64))
-        z = logits + adj
-        if weight is None:
-            return F.cross_entropy(z, labels)
-        ce = F.cross_entropy(z, labels, reduction="none")
-        return (ce * weight.to(ce.dtype)).sum() / logits.shape[0]
+        w = None if weight is None else weight.detach().to(dt)
+        # CE(z + a, y), row-blocked with its closed-form gradient (taildet.losses.rowwise)
+        value = rowwise_loss(logits, SoftmaxOffsetKernel(labels, adj, w), logits.shape[0])
+        return check_finite_loss(self, value, logits)
 
 
 class BalancedSigmoidLoss(SigmoidClassificationLoss):

@@ -36,7 +36,8 @@ from torch import Tensor
 
 from taildet.losses.base import ClassificationLoss, SigmoidClassificationLoss, check_prior
 from taildet.losses.sigmoid_bce import one_hot_targets
-from taildet.losses.state import all_reduce_sum_, as_class_vector, cached, check_inputs
+from taildet.losses.rowwise import Scratch, compute_dtype, rowwise_loss
+from taildet.losses.state import all_reduce_sum_, as_class_vector, cached, check_finite_loss, check_inputs
 
 __all__ = ["EQLLoss", "EQLv2Loss"]
 
@@ -124,28 +125,74 @@ class EQLv2Loss(ClassificationLoss):
         """No-op: each batch's increments are already summed over processes in ``forward``."""
 
     def forward(self, logits: Tensor, labels: Tensor, weight: Tensor | None = None) -> Tensor:
-        check_inputs(self, logits, labels, weight)
+        check_inputs(self, logits, labels, weight, finite=False)
         n = logits.shape[0]
         if n == 0:
             return logits.sum() * 0.0
-        t = torch.zeros_like(logits).scatter_(1, labels[:, None], 1.0)
-        pos_w, neg_w = self.class_weights(logits.dtype, logits.device)
-        # w = pos_w t + neg_w (1 - t) = neg_w + (pos_w - neg_w) t
-        w = torch.addcmul(neg_w[None, :], t, (pos_w - neg_w)[None, :])
-        if weight is not None:
-            w = w * weight.to(logits.dtype)[:, None]
-        loss = F.binary_cross_entropy_with_logits(logits, t, weight=w, reduction="sum") / n
+        dt = compute_dtype(logits.dtype)
+        pos_w, neg_w = self.class_weights(dt, logits.device)
+        w = None if weight is None else weight.detach().to(dt)
+        kernel = _EQLv2Kernel(labels, pos_w, neg_w, w, collect=self.training)
+        loss = check_finite_loss(self, rowwise_loss(logits, kernel, n), logits)
         if self.training:
-            self._collect(logits.detach(), labels, t, w.detach())
+            self._accumulate(kernel.pos_inc, kernel.neg_inc)
         return loss
 
     @torch.no_grad()
-    def _collect(self, logits: Tensor, labels: Tensor, t: Tensor, w: Tensor) -> None:
-        gw = (torch.sigmoid(logits) - t).abs_().mul_(w)  # |dBCE/dz| * w
-        total = gw.sum(0, dtype=torch.float64)
-        pos = torch.zeros_like(total).index_add_(0, labels, gw.gather(1, labels[:, None]).squeeze(1).to(total.dtype))
-        inc = torch.stack([pos, total - pos]).to(self.pos_grad.dtype)
+    def _accumulate(self, pos: Tensor, neg: Tensor) -> None:
+        """The state update of one iteration (after its loss): ``G+ += pos``, ``G- += neg`` (this
+        batch's ``sum_i |dBCE/dz| w`` per class on target / non-target entries, summed over
+        processes), then ``r = G+ / (G- + 1e-10)``."""
+        inc = torch.stack([pos, neg]).to(self.pos_grad.dtype)
         all_reduce_sum_(inc)
         self.pos_grad += inc[0].to(self.pos_grad.device)
         self.neg_grad += inc[1].to(self.neg_grad.device)
         self.pos_neg.copy_(self.pos_grad / (self.neg_grad + 1e-10))
+
+
+class _EQLv2Kernel:
+    """Rows of EQLv2 (taildet.losses.rowwise) without a dense target matrix.
+
+    Every row has exactly one target column (its label; the objectness column for background), so
+    ``sum_j w_ij BCE(z_ij, t_ij) = sum_j neg_w_j softplus(z_ij)`` corrected on the target entry to
+    ``pos_w_y softplus(-z_iy)``; the gradient is ``neg_w_j sigmoid(z_ij)`` corrected to
+    ``pos_w_y (sigmoid(z_iy) - 1)``. With ``collect``, the forward also sums ``|gradient|`` per
+    class into ``pos_inc`` / ``neg_inc`` (float64, ``[C + 1]``) for the state update.
+    """
+
+    def __init__(self, labels: Tensor, pos_w: Tensor, neg_w: Tensor, weight: Tensor | None, collect: bool):
+        self.labels, self.pos_w, self.neg_w, self.weight = labels, pos_w, neg_w, weight
+        self.collect = collect
+        k = pos_w.shape[0]
+        self.pos_inc = torch.zeros(k, dtype=torch.float64, device=pos_w.device)
+        self.neg_inc = torch.zeros(k, dtype=torch.float64, device=pos_w.device)
+
+    def loss(self, z: Tensor, rows: slice, scratch: Scratch) -> Tensor:
+        y = self.labels[rows]
+        sp = torch._C._nn.softplus(z, 1, 20, out=scratch(z, 0))  # F.softplus into a work buffer
+        zy = z.gather(1, y[:, None]).squeeze(1)
+        spy = sp.gather(1, y[:, None]).squeeze(1)
+        pw, nw = self.pos_w[y], self.neg_w[y]
+        row = torch.mv(sp, self.neg_w) - nw * spy + pw * (spy - zy)  # softplus(-z) = softplus(z) - z
+        w = self.weight[rows] if self.weight is not None else None
+        if self.collect:
+            sig = torch.sigmoid(z, out=scratch(z, 1))
+            sy = sig.gather(1, y[:, None]).squeeze(1)
+            col = torch.mv(sig.t(), w) if w is not None else sig.sum(0)
+            target_neg = nw * sy  # what the dense sum counted on the target entries
+            target_pos = pw * (1.0 - sy)
+            if w is not None:
+                target_neg, target_pos = target_neg * w, target_pos * w
+            f64 = torch.float64
+            self.neg_inc += (col * self.neg_w).to(f64)
+            self.neg_inc.index_add_(0, y, -target_neg.to(f64))
+            self.pos_inc.index_add_(0, y, target_pos.to(f64))
+        return (row * w).sum() if w is not None else row.sum()
+
+    def grad(self, z: Tensor, rows: slice, scale: Tensor, out: Tensor, scratch: Scratch) -> None:
+        y = self.labels[rows, None]
+        torch.sigmoid(z, out=out)
+        sy = out.gather(1, y)
+        out.mul_(self.neg_w)
+        out.scatter_(1, y, self.pos_w[y] * (sy - 1.0))
+        out.mul_(scale if self.weight is None else (self.weight[rows] * scale)[:, None])

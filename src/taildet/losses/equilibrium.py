@@ -14,8 +14,9 @@ the unadjusted, detached logits:
   rows queued with :meth:`EquilibriumLoss.observe_memory`): the mean probability of that class
   over its samples.
 
-Under DDP the observations of all processes are gathered first (so every process applies the
-same update and the state stays identical). Then for every class ``c`` with ``n >= 1``
+Under DDP the per-class observation counts and sums of all processes are summed first (the same
+as gathering every observation, so every process applies the same update and the state stays
+identical). Then for every class ``c`` with ``n >= 1``
 observations ``s_c <- alpha^n s_c + (1 - alpha^n) mean(obs_c)``, and finally the background entry
 is reset to ``s_C = bg_score`` (0.01).
 
@@ -31,11 +32,11 @@ weight -- the mean over RoIs without ``weight``, else ``sum_i w_i L_i / max(#{i:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from taildet.losses.base import ClassificationLoss
-from taildet.losses.state import all_gather_cat, cached, check_inputs
+from taildet.losses.rowwise import Scratch, SoftmaxOffsetKernel, compute_dtype, log_softmax_, rowwise_loss
+from taildet.losses.state import all_reduce_sum_, cached, check_finite_loss, check_inputs
 
 __all__ = ["EquilibriumLoss"]
 
@@ -118,55 +119,54 @@ class EquilibriumLoss(ClassificationLoss):
             mem.append((extra_logits, extra_labels))
 
         dev = self.mean_score.device
-        cls_parts: list[Tensor] = []
-        val_parts: list[Tensor] = []
+        # per class: the number of observations n_c and their sum (float64, [C + 1])
+        n_obs = torch.zeros(C + 1, dtype=torch.float64, device=logits.device)
+        obs_sum = torch.zeros_like(n_obs)
 
         pos = torch.nonzero(labels < C).flatten()
         if pos.numel():
             gid = gt_index[pos]
             y = labels[pos]
-            prob = _target_prob(logits[pos], y)
-            uniq, inv = torch.unique(gid, return_inverse=True)
-            sums = prob.new_zeros(uniq.shape[0]).index_add_(0, inv, prob)
-            cnt = prob.new_zeros(uniq.shape[0]).index_add_(0, inv, torch.ones_like(prob))
-            gt_cls = torch.zeros(uniq.shape[0], dtype=torch.int64, device=y.device).scatter_(0, inv, y)
-            # one host sync for the three consistency checks
-            flags = torch.stack([(gid < 0).any(), (gt_cls[inv] != y).any(), ~torch.isfinite(prob).all()]).tolist()
-            if flags[0]:
-                raise ValueError(f"{name}.update: foreground RoIs need gt_index >= 0 (got -1 for a positive RoI)")
-            if flags[1]:
-                raise ValueError(f"{name}.update: gt_index assigns RoIs of different labels to the same GT")
-            if flags[2]:
-                raise ValueError(f"{name}.update: logits contain NaN or infinite values")
-            cls_parts.append(gt_cls)
-            val_parts.append(sums / cnt)
+            prob = _target_prob(logits, y, pos)
+            # one host sync for the id range and the finiteness check
+            lo, hi, finite = torch.stack([gid.min(), gid.max(), torch.isfinite(prob).all().long()]).tolist()
+            if lo < 0:
+                raise ValueError(f"{name}: foreground RoIs need gt_index >= 0 (got -1 for a positive RoI)")
+            if not finite:
+                raise ValueError(f"{name}: logits contain NaN or infinite values")
+            # one observation per GT instance: the mean probability of its class over its RoIs
+            cnt = torch.bincount(gid, minlength=hi + 1).to(prob.dtype)
+            sums = prob.new_zeros(hi + 1).index_add_(0, gid, prob)
+            gt_cls = torch.zeros(hi + 1, dtype=torch.int64, device=y.device).scatter_(0, gid, y)
+            if bool((gt_cls[gid] != y).any()):
+                raise ValueError(f"{name}: gt_index assigns RoIs of different labels to the same GT")
+            present = cnt > 0
+            cls = gt_cls[present]
+            n_obs.index_add_(0, cls, torch.ones_like(sums[present]))
+            obs_sum.index_add_(0, cls, sums[present] / cnt[present])
         for m_logits, m_labels in mem:
             if m_labels.numel() == 0:
                 continue
-            prob = _target_prob(m_logits.to(logits.device), m_labels.to(logits.device))
+            m_labels = m_labels.to(logits.device)
+            prob = _target_prob(m_logits.to(logits.device), m_labels)
             if not bool(torch.isfinite(prob).all()):
                 raise ValueError(f"{name}.update: memory-sample logits contain NaN or infinite values")
-            uniq, inv = torch.unique(m_labels.to(logits.device), return_inverse=True)
-            sums = prob.new_zeros(uniq.shape[0]).index_add_(0, inv, prob)
-            cnt = torch.bincount(inv, minlength=uniq.shape[0]).to(prob.dtype)
-            cls_parts.append(uniq)
-            val_parts.append(sums / cnt)
+            # one observation per class among the memory samples: its mean probability
+            cnt = torch.bincount(m_labels, minlength=C + 1).to(prob.dtype)
+            sums = prob.new_zeros(C + 1).index_add_(0, m_labels, prob)
+            seen = cnt > 0
+            n_obs += seen.to(n_obs.dtype)
+            obs_sum += torch.where(seen, sums / cnt.clamp(min=1.0), torch.zeros_like(sums))
 
-        if cls_parts:
-            obs = torch.stack([torch.cat(cls_parts).to(torch.float64), torch.cat(val_parts)], dim=1)
-        else:
-            obs = torch.zeros(0, 2, dtype=torch.float64, device=logits.device)
-        obs = all_gather_cat(obs).to(dev)
+        # DDP: summing (n_c, sum_c) over processes == gathering every process's observations
+        stats = all_reduce_sum_(torch.stack([n_obs, obs_sum])).to(dev)
+        n, total = stats[0], stats[1]
         s = self.mean_score.to(torch.float64)
-        if obs.shape[0]:
-            cls = obs[:, 0].round().long()
-            n = torch.zeros(C + 1, dtype=torch.float64, device=dev).index_add_(0, cls, torch.ones_like(obs[:, 1]))
-            total = torch.zeros(C + 1, dtype=torch.float64, device=dev).index_add_(0, cls, obs[:, 1])
-            seen = n > 0
-            a = torch.pow(torch.full_like(n, self.alpha), n)
-            s = torch.where(seen, a * s + (1.0 - a) * total / n.clamp(min=1.0), s)
+        # s <- a s + (1 - a) mean with a = alpha^n; n = 0 gives a = 1 (and mean 0 / 1): unchanged
+        keep = torch.pow(self.alpha, n)
+        s.add_((total / n.clamp(min=1.0)).sub_(s).mul_(keep.neg_().add_(1.0)))
         s[C] = self.bg_score
-        self.mean_score.copy_(s.to(self.mean_score.dtype))
+        self.mean_score.copy_(s)
 
     def _check_obs(self, logits: Tensor, labels: Tensor | None, where: str, foreground_only: bool) -> None:
         name = f"{type(self).__name__}.{where}"
@@ -179,31 +179,45 @@ class EquilibriumLoss(ClassificationLoss):
             raise ValueError(f"{name}: expected int64 labels, got {labels.dtype}")
         if labels.numel():
             hi = self.num_classes - 1 if foreground_only else self.num_classes
-            if bool(((labels < 0) | (labels > hi)).any()):
-                raise ValueError(f"{name}: labels must be in 0..{hi}, got [{int(labels.min())}, {int(labels.max())}]")
+            lo_v, hi_v = torch.aminmax(labels)
+            lo_v, hi_v = lo_v.item(), hi_v.item()
+            if lo_v < 0 or hi_v > hi:
+                raise ValueError(f"{name}: labels must be in 0..{hi}, got [{lo_v}, {hi_v}]")
 
     # -- loss --------------------------------------------------------------------------------------
 
     def forward(self, logits: Tensor, labels: Tensor, weight: Tensor | None = None) -> Tensor:
-        check_inputs(self, logits, labels, weight)
+        check_inputs(self, logits, labels, weight, finite=False)
         if logits.shape[0] == 0:
             return logits.sum() * 0.0
-        log_s = cached(self, "log_s", self.mean_score, logits.dtype, logits.device,
+        dt = compute_dtype(logits.dtype)
+        log_s = cached(self, "log_s", self.mean_score, dt, logits.device,
                        lambda: torch.log(self.mean_score.to(torch.float64).clamp(min=1e-12)))
-        z = logits + log_s
         if weight is None:
-            return F.cross_entropy(z, labels)
-        w = weight.to(logits.dtype)
-        ce = F.cross_entropy(z, labels, reduction="none")
-        return (ce * w).sum() / (w > 0).sum().clamp(min=1).to(ce.dtype)
+            w, denom = None, logits.shape[0]
+        else:
+            w = weight.detach().to(dt)
+            denom = (w > 0).sum().clamp(min=1).to(dt)
+        # CE(z + log s, y), row-blocked with its closed-form gradient (taildet.losses.rowwise)
+        value = rowwise_loss(logits, SoftmaxOffsetKernel(labels, log_s, w), denom)
+        return check_finite_loss(self, value, logits)
 
 
-def _target_prob(logits: Tensor, labels: Tensor) -> Tensor:
+def _target_prob(logits: Tensor, labels: Tensor, rows: Tensor | None = None) -> Tensor:
     """Softmax probability of ``labels`` per row (only the needed entries), returned in float64.
 
-    The log-sum-exp runs in the logits' precision (float32 for half-precision logits)."""
+    ``rows`` (optional ``[P]`` indices) selects the rows of ``logits`` first; ``labels`` then has
+    ``P`` entries. The log-softmax runs in the logits' precision (float32 for half precision), in
+    a reused work buffer (no fresh large temporary on CPU)."""
     z = logits.detach()
-    if z.dtype in (torch.float16, torch.bfloat16):
-        z = z.float()
-    lp = z.gather(1, labels[:, None]).squeeze(1) - torch.logsumexp(z, dim=1)
+    dt = compute_dtype(z.dtype)
+    n = z.shape[0] if rows is None else rows.shape[0]
+    buf = Scratch().empty((n, z.shape[1]), dt, z.device, slot=10)
+    if rows is None:
+        buf.copy_(z)
+    elif dt == z.dtype:
+        torch.index_select(z, 0, rows, out=buf)
+    else:
+        buf.copy_(z[rows])
+    lp = log_softmax_(buf).gather(1, labels[:, None]).squeeze(1)
     return torch.exp(lp.to(torch.float64))

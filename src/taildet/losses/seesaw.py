@@ -33,11 +33,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from taildet.losses.base import ClassificationLoss
-from taildet.losses.state import all_reduce_sum_, check_inputs
+from taildet.losses.rowwise import Scratch, compute_dtype, log_softmax_, rowwise_loss, softmax_
+from taildet.losses.state import all_reduce_sum_, check_finite_loss, check_inputs
 
 __all__ = ["SeesawLoss"]
 
@@ -80,22 +80,18 @@ class SeesawLoss(ClassificationLoss):
     def sync_state(self) -> None:
         """No-op: each batch's counts are already summed over processes in ``forward``."""
 
+    def log_counts(self, dtype: torch.dtype = torch.float32, device=None) -> Tensor:
+        """``log N_j`` ``[C]`` of the current cumulative counts (each clamped to >= 1)."""
+        n = self.cum_samples[: self.num_classes].to(device=device).clamp(min=1).to(torch.float64)
+        return torch.log(n).to(dtype)
+
     def log_factors(self, class_logits: Tensor, labels: Tensor) -> Tensor:
         """``log(M_ij C_ij)`` ``[P, C]`` for foreground RoIs (0 on the target column)."""
-        dtype = class_logits.dtype
-        adj = class_logits.new_zeros(class_logits.shape)
-        if self.p > 0:
-            log_n = torch.log(self.cum_samples[: self.num_classes].to(class_logits.device).clamp(min=1).to(torch.float64))
-            log_n = log_n.to(dtype)
-            adj = adj + self.p * (log_n[None, :] - log_n[labels][:, None]).clamp(max=0.0)
-        if self.q > 0:
-            log_sig = torch.log_softmax(class_logits.detach(), dim=1)
-            log_self = log_sig.gather(1, labels[:, None]).clamp(min=math.log(self.eps))
-            adj = adj + self.q * (log_sig - log_self).clamp(min=0.0)
-        return adj
+        log_n = self.log_counts(class_logits.dtype, class_logits.device) if self.p > 0 else None
+        return seesaw_log_factors(class_logits, labels, log_n, self.p, self.q, self.eps)
 
     def forward(self, logits: Tensor, labels: Tensor, weight: Tensor | None = None) -> Tensor:
-        check_inputs(self, logits, labels, weight)
+        check_inputs(self, logits, labels, weight, finite=False)
         C = self.num_classes
         n = logits.shape[0]
         if self.training:
@@ -105,18 +101,84 @@ class SeesawLoss(ClassificationLoss):
                 self.cum_samples += counts.to(self.cum_samples.device)
         if n == 0:
             return logits.sum() * 0.0
-        obj_labels = (labels == C).long()
-        obj = F.cross_entropy(logits[:, C:], obj_labels, reduction="none")
-        pos = torch.nonzero(labels < C).flatten()
-        if weight is not None:
-            w = weight.to(logits.dtype)
-            obj_sum = (obj * w).sum()
+        dt = compute_dtype(logits.dtype)
+        log_n = self.log_counts(dt, logits.device) if self.p > 0 else None
+        w = None if weight is None else weight.detach().to(dt)
+        kernel = _SeesawKernel(labels, C, log_n, self.p, self.q, self.eps, w)
+        return check_finite_loss(self, rowwise_loss(logits, kernel, n), logits)
+
+
+def seesaw_log_factors(class_logits: Tensor, labels: Tensor, log_n: Tensor | None, p: float, q: float, eps: float,
+                       out: Tensor | None = None, work: Tensor | None = None) -> Tensor:
+    """``log(M_ij C_ij)`` ``[P, C]`` for foreground RoIs with labels ``[P]``; ``log_n`` ``[C]``
+    (``None`` when ``p == 0``). Computed from the detached logits (no gradient through it).
+    ``out`` / ``work``: optional contiguous ``[P, C]`` buffers to compute in (no temporaries)."""
+    z = class_logits.detach()
+    adj = torch.empty_like(z, memory_format=torch.contiguous_format) if out is None else out
+    if q > 0:
+        # compensation: q * max(log sigma_j - log max(sigma_i, eps), 0)
+        adj.copy_(z)
+        log_softmax_(adj)
+        log_self = adj.gather(1, labels[:, None]).clamp_(min=math.log(eps))
+        adj.sub_(log_self).clamp_(min=0.0).mul_(q)
+    else:
+        adj.zero_()
+    if p > 0:
+        # mitigation: p * min(log N_j - log N_i, 0)
+        mit = torch.empty_like(adj) if work is None else work
+        torch.sub(log_n[None, :], log_n[labels][:, None], out=mit)
+        adj.add_(mit.clamp_(max=0.0), alpha=p)
+    return adj
+
+
+class _SeesawKernel:
+    """Rows of the Seesaw loss (taildet.losses.rowwise): objectness CE on every row plus the class
+    CE of ``z + log(M C)`` on foreground rows, each times the per-RoI weight."""
+
+    def __init__(self, labels: Tensor, num_classes: int, log_n: Tensor | None, p: float, q: float, eps: float,
+                 weight: Tensor | None):
+        self.labels, self.C, self.log_n = labels, num_classes, log_n
+        self.p, self.q, self.eps, self.weight = p, q, eps, weight
+
+    def _parts(self, z: Tensor, rows: slice, scratch: Scratch):
+        """Objectness targets, foreground row indices and labels, and the foreground rows' adjusted
+        class logits ``z + log(M C)`` (in a work buffer)."""
+        C = self.C
+        y = self.labels[rows]
+        obj_t = (y == C).long()[:, None]
+        pos = torch.nonzero(y < C).flatten()
+        yp = y[pos]
+        shape = (pos.shape[0], C)
+        zc = scratch.empty(shape, z.dtype, z.device, slot=1)
+        torch.index_select(z[:, :C], 0, pos, out=zc)
+        adj = seesaw_log_factors(zc, yp, self.log_n, self.p, self.q, self.eps,
+                                 out=scratch.empty(shape, z.dtype, z.device, slot=2),
+                                 work=scratch.empty(shape, z.dtype, z.device, slot=3))
+        return obj_t, pos, yp, zc.add_(adj)
+
+    def loss(self, z: Tensor, rows: slice, scratch: Scratch) -> Tensor:
+        obj_t, pos, yp, zc = self._parts(z, rows, scratch)
+        obj = -torch.log_softmax(z[:, self.C :], dim=1).gather(1, obj_t).squeeze(1)
+        cls = -log_softmax_(zc).gather(1, yp[:, None]).squeeze(1)
+        if self.weight is None:
+            return obj.sum() + cls.sum()
+        w = self.weight[rows]
+        return (obj * w).sum() + (cls * w[pos]).sum()
+
+    def grad(self, z: Tensor, rows: slice, scale: Tensor, out: Tensor, scratch: Scratch) -> None:
+        C = self.C
+        obj_t, pos, yp, zc = self._parts(z, rows, scratch)
+        g_cls = softmax_(zc)
+        g_cls.scatter_add_(1, yp[:, None], torch.full((yp.shape[0], 1), -1.0, dtype=out.dtype, device=out.device))
+        g_obj = torch.softmax(z[:, C:], dim=1)
+        g_obj.scatter_add_(1, obj_t, torch.full(obj_t.shape, -1.0, dtype=out.dtype, device=out.device))
+        if self.weight is None:
+            g_cls.mul_(scale)
+            g_obj.mul_(scale)
         else:
-            obj_sum = obj.sum()
-        if pos.numel() == 0:
-            return (obj_sum + logits[:, :C].sum() * 0.0) / n
-        zc = logits[pos, :C]
-        y = labels[pos]
-        cls = F.cross_entropy(zc + self.log_factors(zc, y), y, reduction="none")
-        cls_sum = (cls * w[pos]).sum() if weight is not None else cls.sum()
-        return (cls_sum + obj_sum) / n
+            rs = self.weight[rows] * scale
+            g_cls.mul_(rs[pos][:, None])
+            g_obj.mul_(rs[:, None])
+        out.zero_()
+        out[:, C:] = g_obj
+        out[:, :C].index_copy_(0, pos, g_cls)

@@ -31,6 +31,7 @@ __all__ = [
     "all_reduce_sum_",
     "all_gather_cat",
     "check_inputs",
+    "check_finite_loss",
     "as_class_vector",
     "cached",
 ]
@@ -104,13 +105,17 @@ def check_inputs(
     labels: Tensor,
     weight: Tensor | None,
     max_label: int | None = None,
+    finite: bool = True,
 ) -> None:
     """Raise ``ValueError`` naming ``loss`` when the two-stage inputs are malformed.
 
     Checks: ``logits`` is ``[N, loss.num_outputs()]``, ``labels`` is an int64 ``[N]`` vector with
     values in ``0..max_label`` (default ``C``, the background), ``weight`` (if given) is ``[N]``,
-    and every logit is finite. Cost: one pass over the logits (a sum) and one host sync; the
-    detailed diagnosis runs only when something is wrong.
+    and (``finite=True``) every logit is finite. Cost: a pass over the labels, with
+    ``finite=True`` one pass over the logits (a sum), and one host sync; the detailed diagnosis
+    runs only when something is wrong. Losses that compute their value anyway pass
+    ``finite=False`` and call :func:`check_finite_loss` on the result instead (no pass over the
+    logits: a NaN or infinite logit makes the loss non-finite).
     """
     name = type(loss).__name__
     k = loss.num_outputs()
@@ -128,11 +133,15 @@ def check_inputs(
     if n == 0:
         return
     hi = loss.num_classes if max_label is None else int(max_label)
-    # one host sync for both checks; the logits are checked through their sum (finite iff every
-    # entry is, barring an overflow of the sum itself, which the slow path below rules out)
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    lo_hi = torch.stack(torch.aminmax(labels)).to(acc)
-    lo_v, hi_v, total = torch.cat([lo_hi, logits.detach().sum(dtype=acc).view(1)]).tolist()
+    if finite:
+        # one host sync for both checks; the logits are checked through their sum (finite iff every
+        # entry is, barring an overflow of the sum itself, which the slow path below rules out)
+        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        lo_hi = torch.stack(torch.aminmax(labels)).to(acc)
+        lo_v, hi_v, total = torch.cat([lo_hi, logits.detach().sum(dtype=acc).view(1)]).tolist()
+    else:
+        lo_v, hi_v = torch.aminmax(labels)
+        lo_v, hi_v, total = lo_v.item(), hi_v.item(), 0.0
     if lo_v >= 0 and hi_v <= hi and math.isfinite(total):
         return
     if bool(((labels < 0) | (labels > hi)).any()):
@@ -142,10 +151,23 @@ def check_inputs(
             + (f", background {loss.num_classes}" if hi == loss.num_classes else "")
             + f"), got values in [{lo_v}, {hi_v}]"
         )
+    _raise_if_nonfinite(name, logits)
+
+
+def _raise_if_nonfinite(name: str, logits: Tensor) -> None:
     nonfinite = ~torch.isfinite(logits.detach())
     if bool(nonfinite.any()):
         bad = int(nonfinite.any(dim=1).sum())
-        raise ValueError(f"{name}: logits contain NaN or infinite values ({bad} of {n} rows)")
+        raise ValueError(f"{name}: logits contain NaN or infinite values ({bad} of {logits.shape[0]} rows)")
+
+
+def check_finite_loss(loss: Any, value: Tensor, logits: Tensor) -> Tensor:
+    """``value`` (a 0-d loss); when it is not finite, a ``ValueError`` naming ``loss`` if any logit
+    is NaN or infinite. One host sync. (A finite-logit overflow is returned as is: the trainer's
+    non-finite-loss stop reports it.)"""
+    if not math.isfinite(float(value.detach())):
+        _raise_if_nonfinite(type(loss).__name__, logits)
+    return value
 
 
 def as_class_vector(value: Any, num_classes: int, loss_name: str, arg_name: str) -> Tensor:

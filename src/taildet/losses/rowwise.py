@@ -1,0 +1,235 @@
+"""Row-chunked evaluation of a classification loss with its analytic gradient.
+
+The two-stage losses whose every row (RoI) is independent -- Balanced Softmax, the Equilibrium
+Loss, Seesaw, EQLv2 -- are written as a :class:`RowKernel`: the loss of a block of rows and its
+gradient, in closed form. :func:`rowwise_loss` runs a kernel over blocks of rows inside one
+``torch.autograd.Function``:
+
+* forward: the loss, block by block (nothing of size ``[N, K]`` is kept);
+* backward: one ``[N, K]`` gradient tensor, filled block by block (the kernel recomputes what it
+  needs from the logits, e.g. the softmax).
+
+Why: on CPU, the time of these losses at LVIS width (``K`` ~ 1,204) is dominated by allocating and
+touching ``[N, K]`` temporaries -- at 16 images x 512 RoIs one such tensor is 39 MB, above glibc's
+``mmap`` threshold, so every one costs fresh page faults. ``F.cross_entropy`` makes three of them
+(log-softmax, the one-hot gradient, the input gradient); a kernel run here makes one (the input
+gradient) and keeps its temporaries at block size, in cache. So the long-tail losses cost about
+what plain cross-entropy costs (``benchmarks/losses.py``). On GPU (allocation is free with the
+caching allocator) the whole batch is one block.
+
+Contract: the kernel's loss and gradient must agree (tests check every kernel against
+``torch.autograd`` on the plain formula). The result is differentiable once (no double backward);
+per-RoI weights and every statistic the kernel holds get no gradient.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Protocol
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+__all__ = ["RowKernel", "Scratch", "rowwise_loss", "block_rows", "softmax_", "log_softmax_", "SoftmaxOffsetKernel",
+           "BLOCK_BYTES"]
+
+#: Target size of one block of rows on CPU (bytes of ``float32`` logits): well under glibc's
+#: dynamic ``mmap`` threshold (32 MB), so block temporaries are reused from the heap.
+BLOCK_BYTES = 8 << 20
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype kernels compute in: float32 for half precision (AMP), else the logits' own."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def block_rows(logits: Tensor) -> int:
+    """Rows per block: about :data:`BLOCK_BYTES` on CPU, every row at once elsewhere."""
+    n, k = logits.shape
+    if logits.device.type != "cpu":
+        return max(n, 1)
+    return max(1, min(n, BLOCK_BYTES // (4 * max(k, 1))))
+
+
+class Scratch:
+    """Block-sized work buffers for the kernels.
+
+    On CPU the buffers persist between loss evaluations (per thread; at most :data:`BLOCK_BYTES`
+    per slot, a few slots): a fresh multi-megabyte temporary costs page faults every time, which is
+    what made these losses slow. Elsewhere (GPU: the caching allocator already reuses memory) they
+    live for one evaluation. A buffer is valid until the next call with the same slot; kernels use
+    them inside one block only.
+    """
+
+    _persistent = threading.local()
+
+    def __init__(self) -> None:
+        self._local: dict[int, Tensor] = {}
+
+    def __call__(self, like: Tensor, slot: int = 0) -> Tensor:
+        """An uninitialised buffer shaped and typed like ``like``; ``slot`` picks one of several
+        independent buffers."""
+        return self.empty(like.shape, like.dtype, like.device, slot)
+
+    def empty(self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device,
+              slot: int = 0) -> Tensor:
+        """An uninitialised contiguous buffer of ``shape`` / ``dtype`` on ``device``."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            store = getattr(self._persistent, "bufs", None)
+            if store is None:
+                store = self._persistent.bufs = {}
+        else:
+            store = self._local
+        numel = 1
+        for d in shape:
+            numel *= int(d)
+        buf = store.get(slot)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+            buf = torch.empty(max(numel, 1), dtype=dtype, device=device)
+            if device.type != "cpu" or numel * buf.element_size() <= 2 * BLOCK_BYTES:
+                store[slot] = buf
+        return buf[:numel].view(tuple(shape))
+
+
+_MINUS_ONES: dict[tuple, Tensor] = {}
+
+
+def minus_ones(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A ``[n, 1]`` view of a cached ``-1`` column (the ``- onehot`` of the softmax gradients)."""
+    key = (dtype, device)
+    col = _MINUS_ONES.get(key)
+    if col is None or col.shape[0] < n:
+        col = torch.full((max(n, 1024), 1), -1.0, dtype=dtype, device=device)
+        _MINUS_ONES[key] = col
+    return col[:n]
+
+
+def _inplace_ok(t: Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and t.dim() == 2 and t.is_contiguous()
+
+
+def softmax_(t: Tensor) -> Tensor:
+    """``t <- softmax(t, dim=1)`` in place (no temporary on CPU; tested against ``torch.softmax``)."""
+    if _inplace_ok(t):
+        return torch._softmax(t, 1, False, out=t)
+    return t.copy_(torch.softmax(t, dim=1))
+
+
+def log_softmax_(t: Tensor) -> Tensor:
+    """``t <- log_softmax(t, dim=1)`` in place (no temporary on CPU; tested)."""
+    if _inplace_ok(t):
+        return torch._log_softmax(t, 1, False, out=t)
+    return t.copy_(torch.log_softmax(t, dim=1))
+
+
+class RowKernel(Protocol):
+    """A loss that is a sum over rows, with its gradient in closed form.
+
+    ``z`` is a block ``[r, K]`` of the logits (rows ``rows`` of the batch) in the compute dtype.
+    """
+
+    def loss(self, z: Tensor, rows: slice, scratch: Scratch) -> Tensor:
+        """Summed (unreduced, weighted) loss of the block, a 0-d tensor. ``scratch`` gives work
+        buffers; ``z`` must not be modified (it may be a view of the logits)."""
+        ...
+
+    def grad(self, z: Tensor, rows: slice, scale: Tensor, out: Tensor, scratch: Scratch) -> None:
+        """Write ``scale * d(loss of the block)/dz`` into ``out`` (``[r, K]``, the compute dtype,
+        contiguous)."""
+        ...
+
+
+def _blocks(n: int, step: int):
+    if n <= step:
+        return (slice(None),)
+    return tuple(slice(start, start + step) for start in range(0, n, step))
+
+
+class _RowwiseLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: Tensor, kernel: RowKernel, denom: Tensor | float) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(logits)
+        ctx.kernel = kernel
+        ctx.denom = denom
+        dt = compute_dtype(logits.dtype)
+        ctx.blocks = _blocks(logits.shape[0], block_rows(logits))
+        scratch = Scratch()
+        total = None
+        for rows in ctx.blocks:
+            z = logits[rows] if dt == logits.dtype else logits[rows].to(dt)
+            part = kernel.loss(z, rows, scratch)
+            total = part if total is None else total + part
+        return total / denom
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+        (logits,) = ctx.saved_tensors
+        kernel: RowKernel = ctx.kernel
+        dt = compute_dtype(logits.dtype)
+        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        scale = grad_output / ctx.denom
+        if scale.dtype != dt:
+            scale = scale.to(dt)
+        scratch = Scratch()
+        for rows in ctx.blocks:
+            if dt == logits.dtype:
+                kernel.grad(logits[rows], rows, scale, grad[rows], scratch)
+            else:
+                z = logits[rows].to(dt)
+                tmp = scratch(z, slot=99)
+                kernel.grad(z, rows, scale, tmp, scratch)
+                grad[rows].copy_(tmp)
+        return grad, None, None
+
+
+def rowwise_loss(logits: Tensor, kernel: RowKernel, denom: Tensor | float) -> Tensor:
+    """``sum over rows of kernel.loss / denom``, differentiable w.r.t. ``logits`` (``[N, K]``).
+
+    ``denom`` is a number or a 0-d tensor (no gradient). Returns a 0-d tensor in the compute dtype
+    (float32 for half-precision logits).
+    """
+    if isinstance(denom, Tensor):
+        denom = denom.detach()
+    return _RowwiseLoss.apply(logits, kernel, denom)
+
+
+class SoftmaxOffsetKernel:
+    """Cross-entropy of offset logits: ``l_i = w_i * CE(z_i + a, y_i)`` with a fixed ``[K]`` offset.
+
+    The shared core of Balanced Softmax (``a = log n`` form) and the Equilibrium Loss
+    (``a = log s``). Gradient: ``w_i (softmax(z_i + a) - onehot(y_i))``.
+
+    Args:
+        labels: ``[N]`` int64 target columns (``0..K-1``).
+        offset: ``[K]`` in the compute dtype, or ``None`` for plain cross-entropy.
+        weight: ``[N]`` per-row weights in the compute dtype, or ``None``.
+    """
+
+    def __init__(self, labels: Tensor, offset: Tensor | None = None, weight: Tensor | None = None):
+        self.labels = labels
+        self.offset = offset
+        self.weight = weight
+
+    def _shifted(self, z: Tensor, out: Tensor) -> Tensor:
+        if self.offset is None:
+            return out.copy_(z)
+        return torch.add(z, self.offset, out=out)
+
+    def loss(self, z: Tensor, rows: slice, scratch: Scratch) -> Tensor:
+        y = self.labels[rows, None]
+        lp = log_softmax_(self._shifted(z, scratch(z))).gather(1, y).squeeze(1)
+        if self.weight is not None:
+            return -(lp * self.weight[rows]).sum()
+        return -lp.sum()
+
+    def grad(self, z: Tensor, rows: slice, scale: Tensor, out: Tensor, scratch: Scratch) -> None:
+        y = self.labels[rows, None]
+        softmax_(self._shifted(z, out))
+        out.scatter_add_(1, y, minus_ones(y.shape[0], out.dtype, out.device))
+        if self.weight is not None:
+            out.mul_((self.weight[rows] * scale)[:, None])
+        else:
+            out.mul_(scale)
