@@ -49,7 +49,7 @@ def step_times(args, device):
     plain, with_mfs = build(args, device, args.classes), build(args, device, args.classes)
     mfs = attach_mfs(with_mfs, MemoryAugmentedSampling.from_model(
         with_mfs, capacity=args.capacity, dtype=args.dtype, device=device if args.memory == "auto" else "cpu"))
-    batches = [make_inputs(args.batch, args.size, args.classes, device, gen) for _ in range(4)]
+    batches = [make_inputs(args.batch, args.size, args.classes, device, gen, args.gts) for _ in range(4)]
     models = {"without MFS": plain, "with MFS": with_mfs}
     opts = {k: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
             for k, m in models.items()}
@@ -122,6 +122,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=96)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--classes", type=int, default=48)
+    p.add_argument("--gts", type=int, default=3, help="GT boxes per image (LVIS v1 train averages ~12)")
     p.add_argument("--capacity", type=int, default=80)
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--memory", default="auto", choices=["auto", "cpu"], help="memory on the device or the host")
@@ -140,7 +141,7 @@ def main() -> None:
     times, mfs = step_times(args, device)
     a, b = statistics.median(times["with MFS"]), statistics.median(times["without MFS"])
     print(f"Faster R-CNN fine-tune step (EBL, backbone + box FCs frozen), backbone {args.backbone}, "
-          f"{args.size} px, batch {args.batch}, {args.classes} classes, device {device}, "
+          f"{args.size} px, batch {args.batch}, {args.gts} GTs/image, {args.classes} classes, device {device}, "
           f"{torch.get_num_threads()} threads; median of {args.iters}")
     print(f"  without MFS {b:.4f} s   with MFS {a:.4f} s   ratio {a / b:.3f}x   (goal <= 1.10x)")
     print(f"  memory after {args.warmup + args.iters} steps: {len(mfs.memory)} entries, "

@@ -44,11 +44,11 @@ def plain_torchvision_twin(model, num_classes: int, args) -> FasterRCNN:
     return tv
 
 
-def make_inputs(batch: int, size: int, num_classes: int, device, gen):
+def make_inputs(batch: int, size: int, num_classes: int, device, gen, gts_per_image: int = 3):
     images = [torch.rand(3, size, size, generator=gen).to(device) for _ in range(batch)]
     targets = []
     for _ in range(batch):
-        n = 3
+        n = gts_per_image
         xy = torch.rand(n, 2, generator=gen) * size * 0.6
         wh = torch.rand(n, 2, generator=gen) * size * 0.3 + size * 0.1
         boxes = torch.cat([xy, (xy + wh).clamp(max=size - 1)], dim=1)

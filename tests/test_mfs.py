@@ -245,6 +245,44 @@ def test_memory_samples_reach_the_losses():
     assert torch.equal(mfs.memory.count, count)
 
 
+def test_enqueue_pools_only_written_entries_and_matches_pooling_all():
+    """Class 2 has 3 GTs (48 boxes > M = 16 writes) and one GT lies outside the image (no area):
+    pooling only the written boxes leaves the same memory as pooling all and enqueueing them."""
+    model = _model(capacity=16)
+    rh, mfs = model.roi_heads, model.roi_heads.mfs
+    images, _ = _data()
+    targets = [
+        {"boxes": torch.tensor([[10.0, 12.0, 40.0, 44.0], [50.0, 20.0, 90.0, 70.0], [200.0, 200.0, 230.0, 240.0]]),
+         "labels": torch.tensor([2, 3, 1])},
+        {"boxes": torch.tensor([[5.0, 5.0, 30.0, 60.0], [40.0, 40.0, 80.0, 90.0]]), "labels": torch.tensor([2, 2])},
+    ]
+    model.eval()
+    with torch.no_grad():
+        il, _ = model.transform(images)
+        feats = model.backbone(il.tensors)
+    shapes = il.image_sizes
+    pooled_rows = []
+    forward = rh.forward_box_features
+
+    def spy(features, boxes_list, image_shapes):
+        pooled_rows.append(sum(b.shape[0] for b in boxes_list))
+        return forward(features, boxes_list, image_shapes)
+
+    rh.forward_box_features = spy
+    gen_state = mfs.generator.get_state()
+    assert mfs.enqueue_targets(rh, feats, targets, shapes) == 16 + 16  # class 2 capped at 16, class 3: 16
+    assert pooled_rows == [32]
+    # reference: the same boxes (same generator state), all pooled, through ClassMemory.enqueue
+    ref = ClassMemory(C, 16, feature_shape=mfs.memory.feature_shape, dtype=mfs.memory.dtype)
+    mfs.generator.set_state(gen_state)
+    boxes, labels, regs, valid = make_batch_entries(rh.box_coder, targets, shapes, mfs.generator)
+    ref.enqueue(forward(feats, boxes, shapes), labels, regs, valid)
+    assert torch.equal(ref.count, mfs.memory.count) and torch.equal(ref.ptr, mfs.memory.ptr)
+    for c in range(C):
+        for a, b in zip(ref.entries(c), mfs.memory.entries(c)):
+            assert torch.equal(a, b), c
+
+
 def test_mfs_with_plain_ce_keeps_an_observer_mean_score():
     model = _model(loss="softmax_ce")
     images, targets = _data()

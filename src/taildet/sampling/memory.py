@@ -566,6 +566,16 @@ class MemoryAugmentedSampling:
         plan = self.memory.plan(labels, valid)  # the one host sync, before RoIAlign is queued
         if plan is None:
             return 0
+        src = plan[0]
+        if src.numel() < labels.shape[0]:
+            # pool only the entries that will be written (boxes without area, and a class's entries
+            # beyond its M writes of this iteration, are skipped): RoIAlign is MFS's main cost
+            counts = torch.tensor([b.shape[0] for b in boxes_list])
+            per_image = torch.bincount(torch.repeat_interleave(torch.arange(len(boxes_list)), counts)[src],
+                                       minlength=len(boxes_list)).tolist()
+            src_d = src.to(regs.device)
+            boxes_list = list(torch.cat(boxes_list)[src_d].split(per_image))
+            regs = regs[src_d]
         pooled = roi_heads.forward_box_features(features, boxes_list, image_shapes).detach()
         return self.memory.write(plan, pooled, regs)
 
