@@ -186,3 +186,34 @@ def test_save_and_reload(tmp_path):
     assert again.to_dict() == cfg.to_dict()
     assert isinstance(yaml.safe_load(out.read_text()), dict)
     assert isinstance(Config().to_dict(), dict)
+
+
+class _LVISStats:
+    """Training-set statistics with LVIS v1's shape (1,203 classes, long-tailed)."""
+
+    def __init__(self, num_classes=1203, num_images=100_000):
+        self.num_classes = num_classes
+        self.image_counts = [max(1, num_images // (3 * (c + 1))) for c in range(num_classes)]
+        self.instance_counts = [3 * n for n in self.image_counts]
+        self.image_frequency = [n / num_images for n in self.image_counts]
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "lvis_*.yaml"))))
+def test_lvis_presets_build_their_detector_and_stage_2_loss(path):
+    """Every LVIS preset's model (and its stage-2 loss, if any) builds for 1,203 classes with the
+    classifier width its loss needs; the backbone is swapped for the tiny one to keep this fast."""
+    from taildet.engine.train import build_model_from_cfg
+
+    cfg = load_config(path)
+    cfg.model.kwargs.update(backbone="tiny", backbone_weights=None)
+    stats = _LVISStats()
+    stages = [(None, None)]
+    if cfg.finetune.loss is not None:
+        stages.append((cfg.finetune.loss, cfg.finetune.loss_kwargs))
+    for loss, loss_kwargs in stages:
+        model = build_model_from_cfg(cfg, 1203, loss=loss, loss_kwargs=loss_kwargs, train_dataset=stats)
+        head = getattr(model, "roi_heads", None)
+        if head is not None:
+            k = head.loss.num_outputs()
+            assert head.box_predictor.cls_score.out_features == k
+            assert k in (1203, 1204, 1205)
