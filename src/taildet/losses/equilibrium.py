@@ -140,10 +140,9 @@ class EquilibriumLoss(ClassificationLoss):
             gt_cls = torch.zeros(hi + 1, dtype=torch.int64, device=y.device).scatter_(0, gid, y)
             if bool((gt_cls[gid] != y).any()):
                 raise ValueError(f"{name}: gt_index assigns RoIs of different labels to the same GT")
-            present = cnt > 0
-            cls = gt_cls[present]
-            n_obs.index_add_(0, cls, torch.ones_like(sums[present]))
-            obs_sum.index_add_(0, cls, sums[present] / cnt[present])
+            # ids without RoIs (gaps in gt_index) add 0 observations and 0 / 1 to class 0
+            n_obs.index_add_(0, gt_cls, (cnt > 0).to(n_obs.dtype))
+            obs_sum.index_add_(0, gt_cls, sums / cnt.clamp(min=1.0))
         for m_logits, m_labels in mem:
             if m_labels.numel() == 0:
                 continue
