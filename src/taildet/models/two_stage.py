@@ -39,6 +39,7 @@ from taildet.losses import build_loss
 from taildet.losses.base import ClassificationLoss
 from taildet.models.backbones import build_backbone
 from taildet.models.classifiers import build_classifier
+from taildet.models.poolers import ParallelMultiScaleRoIAlign
 
 __all__ = [
     "TailBoxPredictor",
@@ -505,7 +506,7 @@ def _build_two_stage(
     if len(set(anchor_gen.num_anchors_per_location())) != 1:
         raise ConfigError("every feature map needs the same number of anchors (sizes x ratios) for the RPN head")
 
-    box_roi_pool = MultiScaleRoIAlign(featmap_names=list(net.featmap_names), output_size=7, sampling_ratio=2)
+    box_roi_pool = ParallelMultiScaleRoIAlign(featmap_names=list(net.featmap_names), output_size=7, sampling_ratio=2)
     box_head = TwoMLPHead(net.out_channels * 7 * 7, representation_size)
     cls_layer = build_classifier(classifier, representation_size, cls_loss.num_outputs())
     cls_loss.init_bias(cls_layer.bias)
@@ -530,7 +531,7 @@ def _build_two_stage(
         if mask_layers is None:
             mask_layers = (256, 256, 256, 256) if net.out_channels >= 256 else (64, 64)
         mask_parts = dict(
-            mask_roi_pool=MultiScaleRoIAlign(featmap_names=list(net.featmap_names), output_size=14, sampling_ratio=2),
+            mask_roi_pool=ParallelMultiScaleRoIAlign(featmap_names=list(net.featmap_names), output_size=14, sampling_ratio=2),
             mask_head=MaskRCNNHeads(net.out_channels, tuple(mask_layers), 1),
             mask_predictor=MaskRCNNPredictor(mask_layers[-1], mask_layers[-1], num_classes),  # C channels
         )
