@@ -313,10 +313,12 @@ class TailRoIHeads(RoIHeads):
                 mfs.update_mean_score(self.loss, logits.detach(), labels, batch_gt_index, None, None)
             cls_logits, cls_labels, all_deltas, all_reg = logits, labels, box_deltas, reg_targets
         else:
-            n = pooled.shape[0]
-            cls_logits, all_deltas = self.box_head_logits(torch.cat([pooled, memory.features.to(pooled.dtype)]))
-            logits = cls_logits[:n]
-            mfs.update_mean_score(self.loss, logits.detach(), labels, batch_gt_index, cls_logits[n:].detach(),
+            # the box head and predictor work row by row: the memory samples go through them in a
+            # call of their own (no copy of the sampled RoIs' features into a concatenation)
+            logits, box_deltas = self.box_head_logits(pooled)
+            mem_logits, mem_deltas = self.box_head_logits(memory.features.to(pooled.dtype))
+            cls_logits, all_deltas = torch.cat([logits, mem_logits]), torch.cat([box_deltas, mem_deltas])
+            mfs.update_mean_score(self.loss, logits.detach(), labels, batch_gt_index, mem_logits.detach(),
                                   memory.labels)
             cls_labels = torch.cat([labels, memory.labels])
             all_reg = torch.cat([reg_targets, memory.regression_targets.to(reg_targets.dtype)])
