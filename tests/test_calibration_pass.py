@@ -4,7 +4,6 @@ applying the result, statistics files, the figure, and a real 2-process gloo mer
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -265,18 +264,10 @@ def test_one_stage_retinanet_statistics():
 # -- a real 2-process merge over gloo ---------------------------------------------------------------
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank, world, port, path):
+def _rank_main(rank, world, init_method, path):
     import torch.distributed as dist
 
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     try:
         x = torch.from_numpy(np.random.default_rng(0).normal(size=(101, C + 1)) * 2 - 1).float()
         shard = x[:30] if rank == 0 else x[30:]
@@ -286,13 +277,14 @@ def _rank_main(rank, world, port, path):
         norm.sync()
         norm.sync()  # a second sync must not merge again
         torch.save({"count": norm.count, "mean": norm.mean, "m2": norm.m2}, f"{path}.{rank}")
+        dist.barrier()  # both ranks done before gloo is torn down
     finally:
         dist.destroy_process_group()
 
 
 def test_sync_two_process_gloo(tmp_path):
     path = str(tmp_path / "rank")
-    mp.start_processes(_rank_main, args=(2, _free_port(), path), nprocs=2, start_method="spawn")
+    mp.start_processes(_rank_main, args=(2, (tmp_path / "rendezvous").as_uri(), path), nprocs=2, start_method="spawn")
     x = (np.random.default_rng(0).normal(size=(101, C + 1)) * 2 - 1).astype(np.float32).astype(np.float64)
     results = [torch.load(f"{path}.{r}") for r in range(2)]
     for res in results:

@@ -4,7 +4,6 @@ DDP-wrapped linear classifier on its half of every batch, end with the same grad
 
 from __future__ import annotations
 
-import socket
 import sys
 import textwrap
 
@@ -28,9 +27,9 @@ WORKER = textwrap.dedent(
     from taildet.losses.equalized_focal import EqualizedFocalLoss, EqualizedQualityFocalLoss
 
 
-    def worker(rank, world, port, data_path, out_path):
+    def worker(rank, world, init_method, data_path, out_path):
         torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
         try:
             data = torch.load(data_path, weights_only=True)
             torch.manual_seed(0)
@@ -47,16 +46,11 @@ WORKER = textwrap.dedent(
             if rank == 0:
                 torch.save({"efl": losses[0].state_dict(), "eqfl": losses[1].state_dict(),
                             "model": model.module.state_dict()}, out_path)
+            dist.barrier()  # both ranks done before gloo is torn down
         finally:
             dist.destroy_process_group()
     """
 )
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _data() -> dict:
@@ -95,7 +89,7 @@ def test_two_process_ddp_state_equals_one_process(tmp_path, monkeypatch) -> None
     data = _data()
     data_path, out_path = tmp_path / "data.pt", tmp_path / "out.pt"
     torch.save(data, data_path)
-    mp.spawn(efl_ddp_worker.worker, args=(WORLD, _free_port(), str(data_path), str(out_path)), nprocs=WORLD, join=True)
+    mp.spawn(efl_ddp_worker.worker, args=(WORLD, (tmp_path / "rendezvous").as_uri(), str(data_path), str(out_path)), nprocs=WORLD, join=True)
     got = torch.load(out_path, weights_only=True)
     ref = _one_process(data)
     for part in ("efl", "eqfl", "model"):

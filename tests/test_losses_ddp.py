@@ -8,7 +8,6 @@ iterations, so the second iteration also checks that it used the synchronised st
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -53,9 +52,9 @@ def _state(losses) -> dict[str, torch.Tensor]:
     return out
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, world: int, init_method: str, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     try:
         assert is_distributed()
         # the helpers themselves
@@ -74,14 +73,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             eqlv2(z_eql, labels)
             seesaw(z_ss, labels)
         torch.save(_state((ebl, eqlv2, seesaw)), os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # both ranks done before gloo is torn down
     finally:
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _single_process_state() -> dict[str, torch.Tensor]:
@@ -109,7 +103,7 @@ def test_two_process_state_equals_one_process(tmp_path):
     added = [p for p in (str(here), str(here.parent)) if p not in sys.path]
     sys.path[:0] = added
     try:
-        mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+        mp.spawn(_worker, args=(2, (tmp_path / "rendezvous").as_uri(), str(tmp_path)), nprocs=2, join=True)
     finally:
         for p in added:
             sys.path.remove(p)
