@@ -283,6 +283,31 @@ def test_enqueue_pools_only_written_entries_and_matches_pooling_all():
             assert torch.equal(a, b), c
 
 
+def test_background_enqueue_during_rpn_equals_inline_enqueue():
+    """With ``overlap`` the enqueue starts in a background thread when the RPN starts; memory,
+    mean scores and losses equal the inline enqueue's."""
+    images, targets = _data()
+    results = []
+    for overlap in (True, False):
+        model = _model()
+        mfs = model.roi_heads.mfs
+        mfs.overlap = overlap
+        started = []
+        start = mfs.start_enqueue
+        mfs.start_enqueue = lambda *a, **k: (started.append(1), start(*a, **k))
+        model.train()
+        torch.manual_seed(1)
+        losses = [{k: float(v.detach()) for k, v in model(images, targets).items()} for _ in range(2)]
+        assert len(started) == (2 if overlap else 0) and mfs._pending is None
+        results.append((losses, mfs.memory.count.clone(), [mfs.memory.entries(c) for c in range(C)],
+                        model.roi_heads.loss.mean_score.clone()))
+    (l_a, n_a, e_a, s_a), (l_b, n_b, e_b, s_b) = results
+    assert l_a == l_b and torch.equal(n_a, n_b) and torch.equal(s_a, s_b)
+    for a, b in zip(e_a, e_b):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+
+
 def test_mfs_with_plain_ce_keeps_an_observer_mean_score():
     model = _model(loss="softmax_ce")
     images, targets = _data()

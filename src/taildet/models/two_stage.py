@@ -302,7 +302,7 @@ class TailRoIHeads(RoIHeads):
         mfs = self.mfs
         memory = None
         if mfs is not None:  # LOCE's MFS: enqueue current GTs, then sample the memory
-            mfs.enqueue_targets(self, features, targets, image_shapes)
+            mfs.enqueue_for_step(self, features, targets, image_shapes)
             memory = mfs.sample(self.loss, device)
         pooled = self.forward_box_features(features, proposals, image_shapes)
         if memory is None:

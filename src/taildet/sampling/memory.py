@@ -57,10 +57,12 @@ training instance counts.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -522,6 +524,15 @@ class MemoryAugmentedSampling:
         self._score_event: Any = None
         self._score_version: tuple[int, int] | None = None
         self.last_batch: MemoryBatch | None = None
+        #: CPU: start each iteration's enqueue in a background thread as soon as the RPN starts (it
+        #: needs only the backbone features and the targets), so its RoIAlign overlaps the RPN.
+        self.overlap = True
+        self._pending: tuple[Any, Future] | None = None
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_pending"] = None
+        return state
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, **kwargs: Any) -> "MemoryAugmentedSampling":
@@ -578,6 +589,29 @@ class MemoryAugmentedSampling:
             regs = regs[src_d]
         pooled = roi_heads.forward_box_features(features, boxes_list, image_shapes).detach()
         return self.memory.write(plan, pooled, regs)
+
+    def start_enqueue(self, roi_heads: Any, features: dict[str, Tensor], targets: list[dict[str, Tensor]],
+                      image_shapes: list[tuple[int, int]]) -> None:
+        """Run :meth:`enqueue_targets` in the background (see ``overlap``); the RoI head collects it
+        with :meth:`enqueue_for_step` before it samples the memory."""
+        self._wait_pending()
+        self._pending = (features, _background().submit(self.enqueue_targets, roi_heads, features, targets,
+                                                        image_shapes))
+
+    def _wait_pending(self) -> tuple[Any, int] | None:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        return pending[0], pending[1].result()
+
+    def enqueue_for_step(self, roi_heads: Any, features: dict[str, Tensor], targets: list[dict[str, Tensor]],
+                         image_shapes: list[tuple[int, int]]) -> int:
+        """Step 1 of an iteration: the enqueue started for these ``features`` (waited for), or run
+        now. Returns the number of entries written."""
+        done = self._wait_pending()
+        if done is not None and done[0] is features:
+            return done[1]
+        return self.enqueue_targets(roi_heads, features, targets, image_shapes)
 
     # -- step 2 ---------------------------------------------------------------------------------
 
@@ -686,7 +720,33 @@ def attach_mfs(model: torch.nn.Module, mfs: MemoryAugmentedSampling, *, allow_st
     """Check the feature extractor is frozen, then set ``model.roi_heads.mfs = mfs``."""
     check_frozen_features(model, allow_stale_features)
     model.roi_heads.mfs = mfs
+    rpn = getattr(model, "rpn", None)
+    if rpn is not None and getattr(rpn, "_taildet_mfs_hook", None) is None:
+        rpn._taildet_mfs_hook = rpn.register_forward_pre_hook(functools.partial(_start_enqueue_hook, model))
     return mfs
+
+
+def _start_enqueue_hook(model: torch.nn.Module, rpn: torch.nn.Module, args: tuple) -> None:
+    """RPN pre-hook: in training on CPU, start the MFS enqueue of this iteration in the background
+    (the RPN gets ``(images, features, targets)``, everything the enqueue needs)."""
+    rh = model.roi_heads
+    mfs = getattr(rh, "mfs", None)
+    if mfs is None or not mfs.overlap or not rh.training or len(args) < 3 or args[2] is None:
+        return
+    images, features, targets = args[0], args[1], args[2]
+    if not features or next(iter(features.values())).device.type != "cpu":
+        return
+    mfs.start_enqueue(rh, features, targets, images.image_sizes)
+
+
+_BACKGROUND: ThreadPoolExecutor | None = None
+
+
+def _background() -> ThreadPoolExecutor:
+    global _BACKGROUND
+    if _BACKGROUND is None:
+        _BACKGROUND = ThreadPoolExecutor(max_workers=1, thread_name_prefix="taildet-mfs")
+    return _BACKGROUND
 
 
 def prefill_image_indices(labels_per_image: Sequence[Any], num_classes: int, images_per_class: int,
