@@ -127,7 +127,7 @@ def main() -> None:
     p.add_argument("--capacity", type=int, default=80)
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--memory", default="auto", choices=["auto", "cpu"], help="memory on the device or the host")
-    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--iters", type=int, default=40)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
