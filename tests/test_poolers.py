@@ -84,3 +84,20 @@ def test_serial_path_with_one_thread():
         assert torch.equal(out, out2)
     finally:
         torch.set_num_threads(n)
+
+
+
+def test_fork_handler_forgets_the_parent_pool(two_threads):
+    """After fork the child has none of the parent's threads; the registered handler drops the
+    pool so the child's first parallel call starts a new one (forking a process that ran OpenMP
+    and calling torch there is not something to do in a test: libgomp is not fork-safe)."""
+    from taildet.models import poolers
+
+    parallel = ParallelMultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
+    feats, boxes, shapes = _inputs()
+    ref = parallel(feats, boxes, shapes)
+    parallel(feats, boxes, shapes)
+    assert poolers._POOL is not None
+    poolers._forget_pool_after_fork()
+    assert poolers._POOL is None
+    assert torch.equal(parallel(feats, boxes, shapes), ref) and poolers._POOL is not None

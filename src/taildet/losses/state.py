@@ -139,6 +139,8 @@ def check_inputs(
         acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
         lo_hi = torch.stack(torch.aminmax(labels)).to(acc)
         lo_v, hi_v, total = torch.cat([lo_hi, logits.detach().sum(dtype=acc).view(1)]).tolist()
+    elif labels.is_cuda:
+        (lo_v, hi_v), total = torch.stack(torch.aminmax(labels)).tolist(), 0.0  # one host sync
     else:
         lo_v, hi_v = torch.aminmax(labels)
         lo_v, hi_v, total = lo_v.item(), hi_v.item(), 0.0

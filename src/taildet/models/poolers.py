@@ -15,6 +15,7 @@ boxes, TorchScript/FX tracing) it is the plain module.
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -38,6 +39,16 @@ def _executor(workers: int) -> ThreadPoolExecutor:
             _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="taildet-roialign")
             _POOL_SIZE = workers
         return _POOL
+
+
+def _forget_pool_after_fork() -> None:
+    # a forked child has none of the parent's threads: start a fresh pool there if it ever pools
+    global _POOL, _POOL_SIZE, _POOL_LOCK
+    _POOL, _POOL_SIZE, _POOL_LOCK = None, 0, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
 
 
 def image_groups(counts: list[int], parts: int) -> list[slice]:

@@ -742,6 +742,15 @@ def _start_enqueue_hook(model: torch.nn.Module, rpn: torch.nn.Module, args: tupl
 _BACKGROUND: ThreadPoolExecutor | None = None
 
 
+def _forget_background_after_fork() -> None:
+    global _BACKGROUND
+    _BACKGROUND = None  # a forked child has none of the parent's threads
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_background_after_fork)
+
+
 def _background() -> ThreadPoolExecutor:
     global _BACKGROUND
     if _BACKGROUND is None:
