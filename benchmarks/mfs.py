@@ -117,13 +117,20 @@ def prefill_time(args, device):
     return out, ds.num_classes, mfs
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", default="tiny")
     p.add_argument("--size", type=int, default=96)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--classes", type=int, default=48)
-    p.add_argument("--gts", type=int, default=3, help="GT boxes per image (LVIS v1 train averages ~12)")
+    p.add_argument("--gts", type=_positive_int, default=3, help="GT boxes per image (LVIS v1 train averages ~12)")
     p.add_argument("--capacity", type=int, default=80)
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--memory", default="auto", choices=["auto", "cpu"], help="memory on the device or the host")

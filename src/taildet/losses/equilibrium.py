@@ -36,7 +36,7 @@ from torch import Tensor
 
 from taildet.losses.base import ClassificationLoss
 from taildet.losses.rowwise import Scratch, SoftmaxOffsetKernel, compute_dtype, log_softmax_, rowwise_loss
-from taildet.losses.state import all_reduce_sum_, cached, check_finite_loss, check_inputs
+from taildet.losses.state import all_reduce_sum_, cached, check_finite_loss, check_inputs, label_range
 
 __all__ = ["EquilibriumLoss"]
 
@@ -131,15 +131,15 @@ class EquilibriumLoss(ClassificationLoss):
             # one host sync for the id range and the finiteness check
             lo, hi, finite = torch.stack([gid.min(), gid.max(), torch.isfinite(prob).all().long()]).tolist()
             if lo < 0:
-                raise ValueError(f"{name}: foreground RoIs need gt_index >= 0 (got -1 for a positive RoI)")
+                raise ValueError(f"{name}.update: foreground RoIs need gt_index >= 0 (got -1 for a positive RoI)")
             if not finite:
-                raise ValueError(f"{name}: logits contain NaN or infinite values")
+                raise ValueError(f"{name}.update: logits contain NaN or infinite values")
             # one observation per GT instance: the mean probability of its class over its RoIs
             cnt = torch.bincount(gid, minlength=hi + 1).to(prob.dtype)
             sums = prob.new_zeros(hi + 1).index_add_(0, gid, prob)
             gt_cls = torch.zeros(hi + 1, dtype=torch.int64, device=y.device).scatter_(0, gid, y)
             if bool((gt_cls[gid] != y).any()):
-                raise ValueError(f"{name}: gt_index assigns RoIs of different labels to the same GT")
+                raise ValueError(f"{name}.update: gt_index assigns RoIs of different labels to the same GT")
             # ids without RoIs (gaps in gt_index) add 0 observations and 0 / 1 to class 0
             n_obs.index_add_(0, gt_cls, (cnt > 0).to(n_obs.dtype))
             obs_sum.index_add_(0, gt_cls, sums / cnt.clamp(min=1.0))
@@ -178,8 +178,7 @@ class EquilibriumLoss(ClassificationLoss):
             raise ValueError(f"{name}: expected int64 labels, got {labels.dtype}")
         if labels.numel():
             hi = self.num_classes - 1 if foreground_only else self.num_classes
-            lo_v, hi_v = torch.aminmax(labels)
-            lo_v, hi_v = lo_v.item(), hi_v.item()
+            lo_v, hi_v = label_range(labels)
             if lo_v < 0 or hi_v > hi:
                 raise ValueError(f"{name}: labels must be in 0..{hi}, got [{lo_v}, {hi_v}]")
 

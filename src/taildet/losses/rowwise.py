@@ -33,7 +33,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["RowKernel", "Scratch", "rowwise_loss", "block_rows", "softmax_", "log_softmax_", "SoftmaxOffsetKernel",
+__all__ = ["RowKernel", "Scratch", "rowwise_loss", "block_rows", "compute_dtype", "softmax_", "log_softmax_", "minus_ones",
+           "SoftmaxOffsetKernel",
            "BLOCK_BYTES"]
 
 #: Target size of one block of rows on CPU (bytes of ``float32`` logits): well under glibc's

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from taildet.losses.base import ClassificationLoss
-from taildet.losses.rowwise import Scratch, compute_dtype, log_softmax_, rowwise_loss, softmax_
+from taildet.losses.rowwise import Scratch, compute_dtype, log_softmax_, minus_ones, rowwise_loss, softmax_
 from taildet.losses.state import all_reduce_sum_, check_finite_loss, check_inputs
 
 __all__ = ["SeesawLoss"]
@@ -169,9 +169,9 @@ class _SeesawKernel:
         C = self.C
         obj_t, pos, yp, zc = self._parts(z, rows, scratch)
         g_cls = softmax_(zc)
-        g_cls.scatter_add_(1, yp[:, None], torch.full((yp.shape[0], 1), -1.0, dtype=out.dtype, device=out.device))
+        g_cls.scatter_add_(1, yp[:, None], minus_ones(yp.shape[0], out.dtype, out.device))
         g_obj = torch.softmax(z[:, C:], dim=1)
-        g_obj.scatter_add_(1, obj_t, torch.full(obj_t.shape, -1.0, dtype=out.dtype, device=out.device))
+        g_obj.scatter_add_(1, obj_t, minus_ones(obj_t.shape[0], out.dtype, out.device))
         if self.weight is None:
             g_cls.mul_(scale)
             g_obj.mul_(scale)

@@ -32,6 +32,7 @@ __all__ = [
     "all_gather_cat",
     "check_inputs",
     "check_finite_loss",
+    "label_range",
     "as_class_vector",
     "cached",
 ]
@@ -139,11 +140,8 @@ def check_inputs(
         acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
         lo_hi = torch.stack(torch.aminmax(labels)).to(acc)
         lo_v, hi_v, total = torch.cat([lo_hi, logits.detach().sum(dtype=acc).view(1)]).tolist()
-    elif labels.is_cuda:
-        (lo_v, hi_v), total = torch.stack(torch.aminmax(labels)).tolist(), 0.0  # one host sync
     else:
-        lo_v, hi_v = torch.aminmax(labels)
-        lo_v, hi_v, total = lo_v.item(), hi_v.item(), 0.0
+        (lo_v, hi_v), total = label_range(labels), 0.0
     if lo_v >= 0 and hi_v <= hi and math.isfinite(total):
         return
     if bool(((labels < 0) | (labels > hi)).any()):
@@ -154,6 +152,15 @@ def check_inputs(
             + f"), got values in [{lo_v}, {hi_v}]"
         )
     _raise_if_nonfinite(name, logits)
+
+
+def label_range(labels: Tensor) -> tuple[int, int]:
+    """``(min, max)`` of a non-empty integer tensor as Python ints (one host sync on GPU)."""
+    lo, hi = torch.aminmax(labels)
+    if labels.is_cuda:
+        lo_v, hi_v = torch.stack([lo, hi]).tolist()
+        return int(lo_v), int(hi_v)
+    return int(lo.item()), int(hi.item())
 
 
 def _raise_if_nonfinite(name: str, logits: Tensor) -> None:
