@@ -180,3 +180,24 @@ def test_non_finite_logits():
     out = loss(zb, y)
     out.backward()
     assert math.isfinite(out.item()) and zb.grad[6, col] == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", ["balanced_softmax", "equilibrium"])
+def test_target_probability_below_normal_range(name, dtype):
+    """Rows whose target probability underflows (softmax ~ 0) still get the exact loss: on CPU the
+    loss is -log of the gathered softmax, and those rows are recomputed with log_softmax."""
+    loss, ref = _losses()[name]
+    loss.eval()
+    z, y, w = _inputs(loss.num_outputs(), dtype=dtype)
+    w = w.to(dtype)
+    gap = 120.0 if dtype == torch.float32 else 800.0  # exp(-gap) is 0 or subnormal
+    z[3, :] = 0.0
+    z[3, (int(y[3]) + 1) % z.shape[1]] = gap
+    z[9, int(y[9])] = -gap
+    v, g = _value_and_grad(lambda t: loss(t, y, w), z)
+    v_ref, g_ref = _value_and_grad(lambda t: ref(loss, t, y, w), z)
+    assert math.isfinite(v.item()) and v.item() > gap / z.shape[0] * 0.5
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(v, v_ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(g, g_ref, rtol=tol, atol=tol)

@@ -252,20 +252,43 @@ class SoftmaxOffsetKernel:
         return self.loss_keep(z, rows, scratch(z))
 
     def loss_keep(self, z: Tensor, rows: slice, keep: Tensor) -> Tensor:
-        """:meth:`loss`, leaving ``log_softmax(z + a)`` of the block in ``keep``."""
-        lp = log_softmax_(self._shifted(z, keep)).gather(1, self._target(rows))
+        """:meth:`loss`, leaving in ``keep`` what :meth:`grad_from_kept` starts from.
+
+        On CPU that is the softmax ``p = softmax(z + a)``, and the loss is ``-log p_y`` from the
+        ``r`` gathered probabilities: one exponential pass over the block in forward and backward
+        together (``F.cross_entropy`` makes two). Where ``p_y`` is below the smallest normal float
+        (a target logit ~87 below its row's maximum in float32) ``log p_y`` would lose precision or
+        be ``-inf``: those rows alone are recomputed with ``log_softmax``. Elsewhere (GPU, where
+        the check would be a host sync) ``keep`` holds ``log_softmax(z + a)``.
+        """
+        y = self._target(rows)
+        if keep.device.type == "cpu":
+            p_y = softmax_(self._shifted(z, keep)).gather(1, y).squeeze(1)
+            lp = p_y.log()
+            small = p_y < torch.finfo(p_y.dtype).tiny
+            if bool(small.any()):
+                idx = small.nonzero().squeeze(1)
+                zs = z.index_select(0, idx)
+                if self.offset is not None:
+                    zs = zs + self.offset
+                lp[idx] = torch.log_softmax(zs, dim=1).gather(1, y.index_select(0, idx)).squeeze(1)
+        else:
+            lp = log_softmax_(self._shifted(z, keep)).gather(1, y).squeeze(1)
         if self.weight is not None:
-            return -(lp.squeeze(1) * self._weight(rows)).sum()
+            return -(lp * self._weight(rows)).sum()
         return -lp.sum()
 
     def grad_from_kept(self, kept: Tensor, rows: slice, scale: Tensor) -> None:
-        """:meth:`grad` in place from :meth:`loss_keep`'s buffer (softmax of the log-softmax is
-        the softmax: no pass to re-add the offset)."""
-        self._finish(softmax_(kept), rows, scale)
+        """:meth:`grad` in place from :meth:`loss_keep`'s buffer (the softmax on CPU; elsewhere
+        the log-softmax, whose softmax is the softmax: no pass to re-add the offset)."""
+        self._finish(kept if kept.device.type == "cpu" else softmax_(kept), rows, scale)
 
     def grad(self, z: Tensor, rows: slice, scale: Tensor, out: Tensor, scratch: Scratch) -> None:
         # the same op sequence as loss_keep + grad_from_kept, so every backward gives the same bits
-        softmax_(log_softmax_(self._shifted(z, out)))
+        if out.device.type == "cpu":
+            softmax_(self._shifted(z, out))
+        else:
+            softmax_(log_softmax_(self._shifted(z, out)))
         self._finish(out, rows, scale)
 
     def _finish(self, out: Tensor, rows: slice, scale: Tensor) -> None:
