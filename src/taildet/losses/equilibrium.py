@@ -21,8 +21,9 @@ observations ``s_c <- alpha^n s_c + (1 - alpha^n) mean(obs_c)``, and finally the
 is reset to ``s_C = bg_score`` (0.01).
 
 **Loss** (paper eq. 3-4): ``L_i = CE(z_i + log s, y_i)`` for every sampled RoI, background
-included, computed as a cross-entropy of shifted logits (log-softmax; no ratio that could
-underflow). ``log s`` uses ``max(s, 1e-12)``. Reduction: averaged over RoIs with positive label
+included, computed as a cross-entropy of shifted logits (no ratio ``s_j / s_y`` that could
+underflow; :class:`~taildet.losses.rowwise.SoftmaxOffsetKernel`, exact also where the target
+probability underflows). ``log s`` uses ``max(s, 1e-12)``. Reduction: averaged over RoIs with positive label
 weight -- the mean over RoIs without ``weight``, else ``sum_i w_i L_i / max(#{i: w_i > 0}, 1)``
 (mmdetection's ``avg_factor`` for RoI heads). Equal ``s`` for all classes gives plain CE.
 

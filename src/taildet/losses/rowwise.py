@@ -8,8 +8,9 @@ gradient, in closed form. :func:`rowwise_loss` runs a kernel over blocks of rows
 * forward: the loss, block by block (nothing of size ``[N, K]`` is kept);
 * backward: one ``[N, K]`` gradient tensor, filled block by block (the kernel recomputes what it
   needs from the logits, e.g. the softmax) -- or, for a kernel with ``loss_keep`` /
-  ``grad_from_kept``, the ``[N, K]`` buffer the forward left (e.g. the shifted log-softmax) turned
-  into the gradient in place (the softmax losses: one pass less, still one allocation).
+  ``grad_from_kept``, the ``[N, K]`` buffer the forward left (the softmax losses: the softmax of
+  the offset logits on CPU) turned into the gradient in place (one exponential pass in forward
+  and backward together, still one allocation).
 
 Why: on CPU, the time of these losses at LVIS width (``K`` ~ 1,204) is dominated by allocating and
 touching ``[N, K]`` temporaries -- at 16 images x 512 RoIs one such tensor is 39 MB, above glibc's
@@ -162,7 +163,7 @@ class _RowwiseLoss(torch.autograd.Function):
         dt = compute_dtype(logits.dtype)
         ctx.blocks = _blocks(logits.shape[0], block_rows(logits))
         # kernels with loss_keep leave in an [N, K] buffer what their gradient starts from (e.g.
-        # the shifted log-softmax); the backward then turns that buffer into the gradient in place
+        # the softmax of the offset logits); the backward then turns that buffer into the gradient in place
         ctx.kept = None
         if ctx.needs_input_grad[0] and dt == logits.dtype and hasattr(kernel, "loss_keep"):
             ctx.kept = torch.empty_like(logits, memory_format=torch.contiguous_format)
