@@ -183,7 +183,7 @@ def test_non_finite_logits():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("name", ["balanced_softmax", "equilibrium"])
+@pytest.mark.parametrize("name", ["balanced_softmax", "equilibrium", "seesaw"])
 def test_target_probability_below_normal_range(name, dtype):
     """Rows whose target probability underflows (softmax ~ 0) still get the exact loss: on CPU the
     loss is -log of the gathered softmax, and those rows are recomputed with log_softmax."""
@@ -192,12 +192,40 @@ def test_target_probability_below_normal_range(name, dtype):
     z, y, w = _inputs(loss.num_outputs(), dtype=dtype)
     w = w.to(dtype)
     gap = 120.0 if dtype == torch.float32 else 800.0  # exp(-gap) is 0 or subnormal
-    z[3, :] = 0.0
-    z[3, (int(y[3]) + 1) % z.shape[1]] = gap
-    z[9, int(y[9])] = -gap
+    for i in (6, 7):  # foreground rows (labels 2, 3)
+        z[i, :] = 0.0
+        z[i, (int(y[i]) + 1) % C] = gap if i == 6 else 0.0
+        z[i, int(y[i])] = 0.0 if i == 6 else -gap
     v, g = _value_and_grad(lambda t: loss(t, y, w), z)
     v_ref, g_ref = _value_and_grad(lambda t: ref(loss, t, y, w), z)
     assert math.isfinite(v.item()) and v.item() > gap / z.shape[0] * 0.5
     tol = 1e-5 if dtype == torch.float32 else 1e-12
     torch.testing.assert_close(v, v_ref, rtol=tol, atol=tol)
     torch.testing.assert_close(g, g_ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("name", sorted(_losses()))
+def test_second_backward_with_retained_graph_recomputes_same_gradient(name):
+    """The first backward turns the forward's buffer into the gradient; a second one (retain_graph)
+    recomputes it from the logits: the same bits."""
+    loss, _ = _losses()[name]
+    loss.eval()
+    z, y, w = _inputs(loss.num_outputs(), dtype=torch.float32)
+    z.requires_grad_(True)
+    out = loss(z, y, w.float())
+    (g1,) = torch.autograd.grad(out, z, retain_graph=True)
+    (g2,) = torch.autograd.grad(out, z)
+    torch.testing.assert_close(g1, g2, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", sorted(_losses()))
+@pytest.mark.parametrize("which", ["background", "foreground"])
+def test_batches_of_one_kind_of_roi(name, which):
+    loss, ref = _losses()[name]
+    loss.eval()
+    z, y, w = _inputs(loss.num_outputs())
+    y = torch.full_like(y, C) if which == "background" else y % C
+    v, g = _value_and_grad(lambda t: loss(t, y, w), z)
+    v_ref, g_ref = _value_and_grad(lambda t: ref(loss, t, y, w), z)
+    torch.testing.assert_close(v, v_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)

@@ -9,7 +9,7 @@ gradient, in closed form. :func:`rowwise_loss` runs a kernel over blocks of rows
 * backward: one ``[N, K]`` gradient tensor, filled block by block (the kernel recomputes what it
   needs from the logits, e.g. the softmax) -- or, for a kernel with ``loss_keep`` /
   ``grad_from_kept``, the ``[N, K]`` buffer the forward left (the softmax losses: the softmax of
-  the offset logits on CPU) turned into the gradient in place (one exponential pass in forward
+  the adjusted logits) turned into the gradient in place (on CPU one exponential pass in forward
   and backward together, still one allocation).
 
 Why: on CPU, the time of these losses at LVIS width (``K`` ~ 1,204) is dominated by allocating and
@@ -35,7 +35,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 __all__ = ["RowKernel", "Scratch", "rowwise_loss", "block_rows", "compute_dtype", "softmax_", "log_softmax_", "minus_ones",
-           "SoftmaxOffsetKernel",
+           "softmax_target_log_prob_", "SoftmaxOffsetKernel",
            "BLOCK_BYTES"]
 
 #: Target size of one block of rows on CPU (bytes of ``float32`` logits): well under glibc's
@@ -220,6 +220,32 @@ def rowwise_loss(logits: Tensor, kernel: RowKernel, denom: Tensor | float) -> Te
     return _RowwiseLoss.apply(logits, kernel, denom)
 
 
+def softmax_target_log_prob_(t: Tensor, target: Tensor, rows_again) -> Tensor:
+    """``t <- softmax(t, dim=1)`` in place; returns ``log softmax(t)[i, target_i]`` ``[r]``, exact.
+
+    ``t`` is a contiguous ``[r, K]`` block of (shifted) logits, ``target`` ``[r, 1]`` columns.
+    On CPU the log-probabilities are ``log`` of the ``r`` gathered probabilities: one exponential
+    pass over the block (the gradient of a cross-entropy starts from the softmax left in ``t``, so
+    forward and backward together make one such pass; ``F.cross_entropy`` makes two). Rows whose
+    target probability is below the smallest normal float (the target logit ~87 under the row's
+    maximum in float32), where that ``log`` would lose precision or be ``-inf``, are recomputed
+    with ``log_softmax`` from ``rows_again(idx)`` (the ``[m, K]`` logits of rows ``idx``).
+    Elsewhere (GPU, where that check would be a host sync) ``log_softmax`` then ``exp``.
+    """
+    if t.device.type == "cpu":
+        p_y = softmax_(t).gather(1, target).squeeze(1)
+        lp = p_y.log()
+        small = p_y < torch.finfo(p_y.dtype).tiny
+        if bool(small.any()):
+            idx = small.nonzero().squeeze(1)
+            lp[idx] = torch.log_softmax(rows_again(idx), dim=1).gather(1, target.index_select(0, idx)).squeeze(1)
+        return lp
+    ls = torch.log_softmax(t, dim=1)
+    lp = ls.gather(1, target).squeeze(1)
+    torch.exp(ls, out=t)
+    return lp
+
+
 class SoftmaxOffsetKernel:
     """Cross-entropy of offset logits: ``l_i = w_i * CE(z_i + a, y_i)`` with a fixed ``[K]`` offset.
 
@@ -253,50 +279,27 @@ class SoftmaxOffsetKernel:
         return self.loss_keep(z, rows, scratch(z))
 
     def loss_keep(self, z: Tensor, rows: slice, keep: Tensor) -> Tensor:
-        """:meth:`loss`, leaving in ``keep`` what :meth:`grad_from_kept` starts from.
+        """:meth:`loss`, leaving the softmax ``softmax(z + a)`` of the block in ``keep`` (what
+        :meth:`grad_from_kept` starts from); see :func:`softmax_target_log_prob_`."""
+        def rows_again(idx: Tensor) -> Tensor:
+            zs = z.index_select(0, idx)
+            return zs if self.offset is None else zs + self.offset
 
-        On CPU that is the softmax ``p = softmax(z + a)``, and the loss is ``-log p_y`` from the
-        ``r`` gathered probabilities: one exponential pass over the block in forward and backward
-        together (``F.cross_entropy`` makes two). Where ``p_y`` is below the smallest normal float
-        (a target logit ~87 below its row's maximum in float32) ``log p_y`` would lose precision or
-        be ``-inf``: those rows alone are recomputed with ``log_softmax``. Elsewhere (GPU, where
-        the check would be a host sync) ``keep`` holds ``log_softmax(z + a)``.
-        """
-        y = self._target(rows)
-        if keep.device.type == "cpu":
-            p_y = softmax_(self._shifted(z, keep)).gather(1, y).squeeze(1)
-            lp = p_y.log()
-            small = p_y < torch.finfo(p_y.dtype).tiny
-            if bool(small.any()):
-                idx = small.nonzero().squeeze(1)
-                zs = z.index_select(0, idx)
-                if self.offset is not None:
-                    zs = zs + self.offset
-                lp[idx] = torch.log_softmax(zs, dim=1).gather(1, y.index_select(0, idx)).squeeze(1)
-        else:
-            lp = log_softmax_(self._shifted(z, keep)).gather(1, y).squeeze(1)
+        lp = softmax_target_log_prob_(self._shifted(z, keep), self._target(rows), rows_again)
         if self.weight is not None:
             return -(lp * self._weight(rows)).sum()
         return -lp.sum()
 
     def grad_from_kept(self, kept: Tensor, rows: slice, scale: Tensor) -> None:
-        """:meth:`grad` in place from :meth:`loss_keep`'s buffer (the softmax on CPU; elsewhere
-        the log-softmax, whose softmax is the softmax: no pass to re-add the offset)."""
-        self._finish(kept if kept.device.type == "cpu" else softmax_(kept), rows, scale)
+        """:meth:`grad` in place from :meth:`loss_keep`'s buffer (the softmax)."""
+        y = self._target(rows)
+        kept.scatter_add_(1, y, minus_ones(y.shape[0], kept.dtype, kept.device))
+        if self.weight is not None:
+            kept.mul_((self._weight(rows) * scale)[:, None])
+        else:
+            kept.mul_(scale)
 
     def grad(self, z: Tensor, rows: slice, scale: Tensor, out: Tensor, scratch: Scratch) -> None:
         # the same op sequence as loss_keep + grad_from_kept, so every backward gives the same bits
-        if out.device.type == "cpu":
-            softmax_(self._shifted(z, out))
-        else:
-            softmax_(log_softmax_(self._shifted(z, out)))
-        self._finish(out, rows, scale)
-
-    def _finish(self, out: Tensor, rows: slice, scale: Tensor) -> None:
-        """``out`` (the softmax) -> ``scale * w (softmax - onehot)``, in place."""
-        y = self._target(rows)
-        out.scatter_add_(1, y, minus_ones(y.shape[0], out.dtype, out.device))
-        if self.weight is not None:
-            out.mul_((self._weight(rows) * scale)[:, None])
-        else:
-            out.mul_(scale)
+        self.loss_keep(z, rows, out)
+        self.grad_from_kept(out, rows, scale)

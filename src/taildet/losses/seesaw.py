@@ -36,7 +36,8 @@ import torch
 from torch import Tensor
 
 from taildet.losses.base import ClassificationLoss
-from taildet.losses.rowwise import Scratch, compute_dtype, log_softmax_, minus_ones, rowwise_loss, softmax_
+from taildet.losses.rowwise import (Scratch, compute_dtype, log_softmax_, minus_ones, rowwise_loss,
+                                    softmax_target_log_prob_)
 from taildet.losses.state import all_reduce_sum_, check_finite_loss, check_inputs
 
 __all__ = ["SeesawLoss"]
@@ -133,52 +134,70 @@ def seesaw_log_factors(class_logits: Tensor, labels: Tensor, log_n: Tensor | Non
 
 class _SeesawKernel:
     """Rows of the Seesaw loss (taildet.losses.rowwise): objectness CE on every row plus the class
-    CE of ``z + log(M C)`` on foreground rows, each times the per-RoI weight."""
+    CE of ``z + log(M C)`` on foreground rows, each times the per-RoI weight.
+
+    The forward leaves both softmaxes in the ``[r, C + 2]`` buffer that becomes the gradient
+    (class columns zero on background rows), so the backward is a subtraction of the one-hot
+    targets and a row scaling: two exponential passes over the foreground rows in all (the
+    compensation factor's softmax and the adjusted logits' softmax)."""
 
     def __init__(self, labels: Tensor, num_classes: int, log_n: Tensor | None, p: float, q: float, eps: float,
                  weight: Tensor | None):
         self.labels, self.C, self.log_n = labels, num_classes, log_n
         self.p, self.q, self.eps, self.weight = p, q, eps, weight
 
-    def _parts(self, z: Tensor, rows: slice, scratch: Scratch):
-        """Objectness targets, foreground row indices and labels, and the foreground rows' adjusted
-        class logits ``z + log(M C)`` (in a work buffer)."""
-        C = self.C
+    def _split(self, rows: slice):
+        """Objectness targets ``[r, 1]``, foreground row indices ``[P]`` and their labels ``[P]``."""
         y = self.labels[rows]
-        obj_t = (y == C).long()[:, None]
-        pos = torch.nonzero(y < C).flatten()
-        yp = y[pos]
-        shape = (pos.shape[0], C)
-        zc = scratch.empty(shape, z.dtype, z.device, slot=1)
-        torch.index_select(z[:, :C], 0, pos, out=zc)
-        adj = seesaw_log_factors(zc, yp, self.log_n, self.p, self.q, self.eps,
-                                 out=scratch.empty(shape, z.dtype, z.device, slot=2),
-                                 work=scratch.empty(shape, z.dtype, z.device, slot=3))
-        return obj_t, pos, yp, zc.add_(adj)
+        return (y == self.C).long()[:, None], torch.nonzero(y < self.C).flatten(), y
+
+    def _adjusted(self, z: Tensor, pos: Tensor, yp: Tensor, scratch: Scratch | None) -> Tensor:
+        """The foreground rows' adjusted class logits ``z + log(M C)`` ``[P, C]`` (in work buffers
+        when ``scratch`` is given)."""
+        shape = (pos.shape[0], self.C)
+        buf = (lambda slot: None) if scratch is None else (lambda slot: scratch.empty(shape, z.dtype, z.device, slot))
+        zc = buf(1)
+        zc = torch.index_select(z[:, : self.C], 0, pos, out=zc) if zc is not None else z[:, : self.C].index_select(0, pos)
+        adj = seesaw_log_factors(zc, yp, self.log_n, self.p, self.q, self.eps, out=buf(2), work=buf(3))
+        return zc.add_(adj)
 
     def loss(self, z: Tensor, rows: slice, scratch: Scratch) -> Tensor:
-        obj_t, pos, yp, zc = self._parts(z, rows, scratch)
-        obj = -torch.log_softmax(z[:, self.C :], dim=1).gather(1, obj_t).squeeze(1)
-        cls = -log_softmax_(zc).gather(1, yp[:, None]).squeeze(1)
+        return self.loss_keep(z, rows, scratch(z), scratch)
+
+    def loss_keep(self, z: Tensor, rows: slice, keep: Tensor, scratch: Scratch | None = None) -> Tensor:
+        """:meth:`loss`, leaving in ``keep`` ``[r, C + 2]`` the class softmax of the adjusted logits
+        (foreground rows; 0 on background rows) and the objectness softmax."""
+        C = self.C
+        scratch = Scratch() if scratch is None else scratch
+        obj_t, pos, y = self._split(rows)
+        yp = y[pos]
+        zc = self._adjusted(z, pos, yp, scratch)
+        cls = -softmax_target_log_prob_(zc, yp[:, None],
+                                        lambda idx: self._adjusted(z, pos[idx], yp[idx], None))
+        lo = torch.log_softmax(z[:, C:], dim=1)
+        obj = -lo.gather(1, obj_t).squeeze(1)
+        keep_cls = keep[:, :C]
+        if pos.shape[0] < y.shape[0]:
+            keep_cls.zero_()  # (index_fill_ of the background rows: single-threaded, ~10x slower)
+        keep_cls.index_copy_(0, pos, zc)
+        torch.exp(lo, out=keep[:, C:])
         if self.weight is None:
             return obj.sum() + cls.sum()
         w = self.weight[rows]
         return (obj * w).sum() + (cls * w[pos]).sum()
 
-    def grad(self, z: Tensor, rows: slice, scale: Tensor, out: Tensor, scratch: Scratch) -> None:
+    def grad_from_kept(self, kept: Tensor, rows: slice, scale: Tensor) -> None:
+        """:meth:`grad` in place from :meth:`loss_keep`'s buffer: ``scale * w (softmax - onehot)``."""
         C = self.C
-        obj_t, pos, yp, zc = self._parts(z, rows, scratch)
-        g_cls = softmax_(zc)
-        g_cls.scatter_add_(1, yp[:, None], minus_ones(yp.shape[0], out.dtype, out.device))
-        g_obj = torch.softmax(z[:, C:], dim=1)
-        g_obj.scatter_add_(1, obj_t, minus_ones(obj_t.shape[0], out.dtype, out.device))
+        obj_t, pos, y = self._split(rows)
+        kept.index_put_((pos, y[pos]), minus_ones(pos.shape[0], kept.dtype, kept.device).squeeze(1), accumulate=True)
+        kept[:, C:].scatter_add_(1, obj_t, minus_ones(obj_t.shape[0], kept.dtype, kept.device))
         if self.weight is None:
-            g_cls.mul_(scale)
-            g_obj.mul_(scale)
+            kept.mul_(scale)
         else:
-            rs = self.weight[rows] * scale
-            g_cls.mul_(rs[pos][:, None])
-            g_obj.mul_(rs[:, None])
-        out.zero_()
-        out[:, C:] = g_obj
-        out[:, :C].index_copy_(0, pos, g_cls)
+            kept.mul_((self.weight[rows] * scale)[:, None])
+
+    def grad(self, z: Tensor, rows: slice, scale: Tensor, out: Tensor, scratch: Scratch) -> None:
+        # the same op sequence as loss_keep + grad_from_kept, so every backward gives the same bits
+        self.loss_keep(z, rows, out, scratch)
+        self.grad_from_kept(out, rows, scale)
