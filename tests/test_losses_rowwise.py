@@ -1,4 +1,4 @@
-"""The row-blocked evaluation behind Balanced Softmax, EBL, Seesaw and EQLv2 (taildet.losses.rowwise).
+"""The row-blocked evaluation behind Balanced Softmax / Sigmoid, EBL, Seesaw, EQL and EQLv2 (taildet.losses.rowwise).
 
 Each loss's value and gradient equal plain-autograd formulas written with torch's own ops, with one
 block and with many blocks (the CPU path for large batches); half-precision logits; work buffers
@@ -13,12 +13,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from taildet.losses import BalancedSoftmaxLoss, EQLv2Loss, EquilibriumLoss, SeesawLoss
+from taildet.losses import BalancedSigmoidLoss, BalancedSoftmaxLoss, EQLLoss, EQLv2Loss, EquilibriumLoss, SeesawLoss
 from taildet.losses import rowwise
 
 C = 7
 N = 23
 COUNTS = [500.0, 90.0, 40.0, 12.0, 5.0, 2.0, 1.0]
+FREQ = [0.4, 0.2, 0.05, 0.009, 0.3, 0.001, 0.0005]  # EQL with lambda 0.01: classes 3, 5, 6 rare
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -72,6 +73,23 @@ def _ref_eqlv2(loss, z, y, w):
     return F.binary_cross_entropy_with_logits(z, t, weight=wm, reduction="sum") / z.shape[0]
 
 
+def _ref_balanced_sigmoid(loss, z, y, w):
+    fg = (y < loss.num_classes).to(z.dtype)[:, None]
+    x = z + fg * loss.shift(z.dtype)
+    t = F.one_hot(y, loss.num_classes + 1)[:, : loss.num_classes].to(z.dtype)
+    bce = F.binary_cross_entropy_with_logits(x, t, reduction="none").sum(1)
+    return (bce if w is None else bce * w).sum() / z.shape[0]
+
+
+def _ref_eql(loss, z, y, w):
+    t = F.one_hot(y, loss.num_classes + 1)[:, : loss.num_classes].to(z.dtype)
+    fg = (y < loss.num_classes).to(z.dtype)[:, None]
+    rare = (loss.image_frequency < loss.lambda_).to(z.dtype)
+    wm = 1.0 - fg * rare * (1.0 - t)
+    bce = (F.binary_cross_entropy_with_logits(z, t, reduction="none") * wm).sum(1)
+    return (bce if w is None else bce * w).sum() / z.shape[0]
+
+
 def _losses():
     ebl = EquilibriumLoss(C)
     ebl.mean_score.copy_(torch.tensor([0.6, 0.3, 0.05, 0.2, 1e-4, 0.9, 0.02, 0.01]))
@@ -84,6 +102,8 @@ def _losses():
         "equilibrium": (ebl, _ref_ebl),
         "seesaw": (seesaw, _ref_seesaw),
         "eqlv2": (eqlv2, _ref_eqlv2),
+        "balanced_sigmoid": (BalancedSigmoidLoss(C, FREQ), _ref_balanced_sigmoid),
+        "eql": (EQLLoss(C, FREQ, lambda_=0.01), _ref_eql),
     }
 
 

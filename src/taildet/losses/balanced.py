@@ -33,12 +33,10 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from taildet.losses.base import ClassificationLoss, SigmoidClassificationLoss, check_prior
-from taildet.losses.sigmoid_bce import one_hot_targets
-from taildet.losses.rowwise import SoftmaxOffsetKernel, compute_dtype, rowwise_loss
+from taildet.losses.rowwise import SigmoidBCEKernel, SoftmaxOffsetKernel, compute_dtype, rowwise_loss
 from taildet.losses.state import _short, as_class_vector, cached, check_finite_loss, check_inputs
 
 __all__ = ["BalancedSoftmaxLoss", "BalancedSigmoidLoss"]
@@ -157,16 +155,14 @@ class BalancedSigmoidLoss(SigmoidClassificationLoss):
         return s.to(dtype)
 
     def forward(self, logits: Tensor, labels: Tensor, weight: Tensor | None = None) -> Tensor:
-        check_inputs(self, logits, labels, weight)
+        check_inputs(self, logits, labels, weight, finite=False)
         n = logits.shape[0]
         if n == 0:
             return logits.sum() * 0.0
-        fg = (labels < self.num_classes).to(logits.dtype)[:, None]
-        shift = cached(self, "shift", self.image_frequency, logits.dtype, logits.device,
+        dt = compute_dtype(logits.dtype)
+        shift = cached(self, "shift", self.image_frequency, dt, logits.device,
                        lambda: self.shift(torch.float64))
-        z = torch.addcmul(logits, fg, shift[None, :])
-        targets = one_hot_targets(labels, self.num_classes, logits.dtype)
-        bce = F.binary_cross_entropy_with_logits(z, targets, reduction="none")
-        if weight is not None:
-            bce = bce * weight.to(bce.dtype)[:, None]
-        return bce.sum() / n
+        w = None if weight is None else weight.detach().to(dt)
+        # BCE(z + fg shift, onehot) summed / N, row-blocked without a dense target (taildet.losses.rowwise)
+        kernel = SigmoidBCEKernel(labels, self.num_classes, shift=shift, weight=w)
+        return check_finite_loss(self, rowwise_loss(logits, kernel, n), logits)

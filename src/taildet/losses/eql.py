@@ -31,12 +31,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from taildet.losses.base import ClassificationLoss, SigmoidClassificationLoss, check_prior
-from taildet.losses.sigmoid_bce import one_hot_targets
-from taildet.losses.rowwise import Scratch, compute_dtype, rowwise_loss
+from taildet.losses.rowwise import Scratch, SigmoidBCEKernel, compute_dtype, rowwise_loss
 from taildet.losses.state import all_reduce_sum_, as_class_vector, cached, check_finite_loss, check_inputs
 
 __all__ = ["EQLLoss", "EQLv2Loss"]
@@ -66,18 +64,17 @@ class EQLLoss(SigmoidClassificationLoss):
         self.register_buffer("image_frequency", f)
 
     def forward(self, logits: Tensor, labels: Tensor, weight: Tensor | None = None) -> Tensor:
-        check_inputs(self, logits, labels, weight)
+        check_inputs(self, logits, labels, weight, finite=False)
         n = logits.shape[0]
         if n == 0:
             return logits.sum() * 0.0
-        t = one_hot_targets(labels, self.num_classes, logits.dtype)
-        rare = cached(self, "rare", self.image_frequency, logits.dtype, logits.device,
-                      lambda: (self.image_frequency < self.lambda_).float())  # [C]
-        fg = (labels < self.num_classes).to(logits.dtype)  # E(i)
-        w = 1.0 - fg[:, None] * rare[None, :] * (1.0 - t)
-        if weight is not None:
-            w = w * weight.to(logits.dtype)[:, None]
-        return F.binary_cross_entropy_with_logits(logits, t, weight=w, reduction="sum") / n
+        dt = compute_dtype(logits.dtype)
+        rare = cached(self, "rare", self.image_frequency, dt, logits.device,
+                      lambda: (self.image_frequency < self.lambda_).to(torch.float64))  # [C]: T_lambda(f_j)
+        w = None if weight is None else weight.detach().to(dt)
+        # sum_ij w_i w_ij BCE(z_ij, t_ij) / N, row-blocked without a dense target (taildet.losses.rowwise)
+        kernel = SigmoidBCEKernel(labels, self.num_classes, suppress=rare, weight=w)
+        return check_finite_loss(self, rowwise_loss(logits, kernel, n), logits)
 
 
 class EQLv2Loss(ClassificationLoss):

@@ -1,7 +1,7 @@
 """Row-chunked evaluation of a classification loss with its analytic gradient.
 
-The two-stage losses whose every row (RoI) is independent -- Balanced Softmax, the Equilibrium
-Loss, Seesaw, EQLv2 -- are written as a :class:`RowKernel`: the loss of a block of rows and its
+The two-stage losses whose every row (RoI) is independent -- Balanced Softmax and Sigmoid, the
+Equilibrium Loss, Seesaw, EQL, EQLv2 -- are written as a :class:`RowKernel`: the loss of a block of rows and its
 gradient, in closed form. :func:`rowwise_loss` runs a kernel over blocks of rows inside one
 ``torch.autograd.Function``:
 
@@ -35,7 +35,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 __all__ = ["RowKernel", "Scratch", "rowwise_loss", "block_rows", "compute_dtype", "softmax_", "log_softmax_", "minus_ones",
-           "softmax_target_log_prob_", "SoftmaxOffsetKernel",
+           "softmax_target_log_prob_", "SoftmaxOffsetKernel", "SigmoidBCEKernel",
            "BLOCK_BYTES"]
 
 #: Target size of one block of rows on CPU (bytes of ``float32`` logits): well under glibc's
@@ -303,3 +303,78 @@ class SoftmaxOffsetKernel:
         # the same op sequence as loss_keep + grad_from_kept, so every backward gives the same bits
         self.loss_keep(z, rows, out)
         self.grad_from_kept(out, rows, scale)
+
+
+class SigmoidBCEKernel:
+    """Binary cross-entropy on ``C`` sigmoid logits with one-hot targets, without a dense target.
+
+    Labels ``0..C-1`` are foreground (target column ``y_i``); ``C`` is background (no target: an
+    all-zero row). With ``fg_i = [y_i < C]``::
+
+        x_ij = z_ij + fg_i shift_j                        (Balanced Sigmoid; shift None: x = z)
+        l_i  = w_i sum_j v_ij BCE(x_ij, t_ij),  v_ij = 1 - fg_i s_j (1 - t_ij)   (EQL; s None: 1)
+
+    Since ``BCE(x, t) = softplus(x) - t x``, a row is ``sum_j softplus(x_ij) - fg_i (sum_j s_j
+    softplus(x_ij)) + fg_i (s_y softplus(x_iy) - x_iy)``: two column sums of one softplus pass.
+    Gradient: ``w_i (v_ij sigmoid(x_ij) - t_ij)`` (``v_iy = 1``).
+
+    Args:
+        labels: ``[N]`` int64, ``0..C``.
+        num_classes: ``C`` (= the number of logit columns).
+        shift: ``[C]`` added to the foreground rows' logits, or ``None``.
+        suppress: ``[C]`` ``s_j`` in ``[0, 1]`` (EQL: 1 for rare classes), or ``None``.
+        weight: ``[N]`` per-row weights, or ``None``. Vectors in the compute dtype.
+    """
+
+    def __init__(self, labels: Tensor, num_classes: int, shift: Tensor | None = None,
+                 suppress: Tensor | None = None, weight: Tensor | None = None):
+        self.labels, self.C, self.shift, self.suppress, self.weight = labels, num_classes, shift, suppress, weight
+        if suppress is not None:
+            # [C, 2]: (1, s_j) -- both column sums of the softplus block in one matrix product
+            self._sums = torch.stack([torch.ones_like(suppress), suppress], dim=1)
+            self._keep = 1.0 - suppress
+
+    def _split(self, rows: slice):
+        """Foreground mask ``[r]``, foreground row indices ``[P]`` and their labels ``[P]``."""
+        y = self.labels[rows]
+        fg = y < self.C
+        pos = torch.nonzero(fg).flatten()
+        return fg, pos, y[pos]
+
+    def _x(self, z: Tensor, fg: Tensor, out: Tensor) -> Tensor:
+        if self.shift is None:
+            return z
+        return torch.addcmul(z, fg.to(z.dtype)[:, None], self.shift[None, :], out=out)
+
+    def loss(self, z: Tensor, rows: slice, scratch: Scratch) -> Tensor:
+        fg, pos, yp = self._split(rows)
+        x = self._x(z, fg, scratch(z, 0))
+        sp = torch._C._nn.softplus(x, 1, 20, out=scratch(z, 1))  # F.softplus into a work buffer
+        if self.suppress is None:
+            row = sp.sum(1)
+        else:
+            sums = sp @ self._sums
+            row = sums[:, 0].clone()
+            row.index_add_(0, pos, sums[:, 1].index_select(0, pos), alpha=-1.0)
+        if pos.numel():
+            corr = -x[pos, yp]
+            if self.suppress is not None:
+                corr = corr + self.suppress[yp] * sp[pos, yp]
+            row.index_add_(0, pos, corr)
+        if self.weight is not None:
+            return (row * self.weight[rows]).sum()
+        return row.sum()
+
+    def grad(self, z: Tensor, rows: slice, scale: Tensor, out: Tensor, scratch: Scratch) -> None:
+        fg, pos, yp = self._split(rows)
+        torch.sigmoid(self._x(z, fg, out), out=out)
+        if pos.numel():
+            if self.suppress is None:
+                out.index_put_((pos, yp), minus_ones(pos.shape[0], out.dtype, out.device).squeeze(1), accumulate=True)
+            else:
+                s_y = out[pos, yp]
+                fg_rows = torch.index_select(out, 0, pos, out=scratch.empty((pos.shape[0], self.C), out.dtype,
+                                                                             out.device, slot=2))
+                out.index_copy_(0, pos, fg_rows.mul_(self._keep))
+                out.index_put_((pos, yp), s_y - 1.0)
+        out.mul_(scale if self.weight is None else (self.weight[rows] * scale)[:, None])
