@@ -249,3 +249,18 @@ def test_batches_of_one_kind_of_roi(name, which):
     v_ref, g_ref = _value_and_grad(lambda t: ref(loss, t, y, w), z)
     torch.testing.assert_close(v, v_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["balanced_softmax", "equilibrium", "seesaw"])
+def test_device_path_without_host_checks(name, monkeypatch):
+    """The path taken on GPU (log_softmax, then exp into the kept buffer; no underflow check) gives
+    the same loss and gradient, underflowing rows included."""
+    loss, ref = _losses()[name]
+    loss.eval()
+    z, y, w = _inputs(loss.num_outputs())
+    z[7, int(y[7])] = -800.0
+    monkeypatch.setattr(rowwise, "_host_checks_free", lambda t: False)
+    v, g = _value_and_grad(lambda t: loss(t, y, w), z)
+    v_ref, g_ref = _value_and_grad(lambda t: ref(loss, t, y, w), z)
+    torch.testing.assert_close(v, v_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)

@@ -220,6 +220,11 @@ def rowwise_loss(logits: Tensor, kernel: RowKernel, denom: Tensor | float) -> Te
     return _RowwiseLoss.apply(logits, kernel, denom)
 
 
+def _host_checks_free(t: Tensor) -> bool:
+    """Whether reading a value of ``t`` on the host costs nothing (CPU: no device sync)."""
+    return t.device.type == "cpu"
+
+
 def softmax_target_log_prob_(t: Tensor, target: Tensor, rows_again) -> Tensor:
     """``t <- softmax(t, dim=1)`` in place; returns ``log softmax(t)[i, target_i]`` ``[r]``, exact.
 
@@ -232,7 +237,7 @@ def softmax_target_log_prob_(t: Tensor, target: Tensor, rows_again) -> Tensor:
     with ``log_softmax`` from ``rows_again(idx)`` (the ``[m, K]`` logits of rows ``idx``).
     Elsewhere (GPU, where that check would be a host sync) ``log_softmax`` then ``exp``.
     """
-    if t.device.type == "cpu":
+    if _host_checks_free(t):
         p_y = softmax_(t).gather(1, target).squeeze(1)
         lp = p_y.log()
         small = p_y < torch.finfo(p_y.dtype).tiny
