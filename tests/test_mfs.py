@@ -186,9 +186,23 @@ def test_empty_queues_are_skipped():
 def test_prefill_image_pick_is_class_balanced():
     labels = [[0], [0, 1], [0], [0], [0], [0], [0], [2]]
     idx = prefill_image_indices(labels, 4, images_per_class=2, seed=0)
-    assert len(idx) == len(set(idx))
-    assert 1 in idx and 7 in idx                                     # the only images of classes 1, 2
-    assert sum(1 for i in idx if 0 in labels[i]) >= 2
+    assert idx.count(1) == 2 and idx.count(7) == 2   # the only images of classes 1, 2: repeated to 2
+    class0 = [i for i in idx if i not in (1, 7)]
+    assert len(class0) == len(set(class0)) and len(class0) <= 2  # class 0: 2 picks (image 1 may be one)
+    assert prefill_image_indices(labels, 4, images_per_class=2, seed=0) == idx  # seeded
+
+
+def test_prefill_pick_per_process_distinct_while_enough_images():
+    """Every process gets k images of every class (the memory is per process), distinct across
+    processes while the class has enough images; a class with fewer repeats its images."""
+    labels = [[0] for _ in range(10)] + [[1], [1], [1]]
+    picks = [prefill_image_indices(labels, 2, images_per_class=3, seed=5, rank=r) for r in range(3)]
+    class0 = [[i for i in p if i < 10] for p in picks]
+    assert [len(c) for c in class0] == [3, 3, 3]
+    assert len(set(class0[0]) | set(class0[1]) | set(class0[2])) == 9   # 9 distinct of 10
+    for p in picks:  # class 1 has 3 images: each process gets 3 picks of them
+        assert sum(1 for i in p if i >= 10) == 3
+    assert prefill_image_indices([[0], [1]], 2, images_per_class=5) == [0] * 5 + [1] * 5
 
 
 # ----------------------------------------------------------------------------- inside the RoI head

@@ -46,8 +46,9 @@ them -- backbone, FPN and the shared box FCs (``roi_heads.box_head``) -- are fro
 explicitly allowed).
 
 Before fine-tuning (and after a resume, since the memory is not checkpointed), :func:`prefill_memory`
-runs a class-balanced pass (``M / 16 = 5`` images per class) through the training forward without
-gradients: it fills the memory and updates the mean score.
+runs a class-balanced pass (``M / 16 = 5`` images per class, per process; a class with fewer
+images repeats them) through the training forward without gradients: it fills the memory and
+updates the mean score.
 
 Analysis (the paper's Fig. 4): :func:`observe_mean_score` runs the EBL update rule as a pure observer
 over the training set for any softmax two-stage model (e.g. the CE stage 1), and
@@ -758,30 +759,46 @@ def _background() -> ThreadPoolExecutor:
     return _BACKGROUND
 
 
-def prefill_image_indices(labels_per_image: Sequence[Any], num_classes: int, images_per_class: int,
-                          seed: int = 0) -> list[int]:
-    """Class-balanced image pick: for every class, ``images_per_class`` distinct images containing
-    it (all of them when fewer), seeded; duplicates across classes are kept once, in class order."""
+def _class_members(labels_per_image: Sequence[Any], num_classes: int) -> list[list[int]]:
+    """For every class, the indices of the images containing it (ascending)."""
     from taildet.data.samplers import labels_to_arrays
 
     arrays, _ = labels_to_arrays(labels_per_image, num_classes)
     members: list[list[int]] = [[] for _ in range(num_classes)]
     for i, a in enumerate(arrays):
-        for c in a.tolist():
+        for c in set(a.tolist()):
             members[c].append(i)
+    return members
+
+
+def prefill_image_indices(labels_per_image: Sequence[Any], num_classes: int, images_per_class: int,
+                          seed: int = 0, rank: int = 0) -> list[int]:
+    """Class-balanced image pick of one process: ``images_per_class`` (``k``) images per class.
+
+    For every class, a seeded permutation of the images containing it (the same on every process);
+    process ``rank`` takes positions ``rank * k .. rank * k + k - 1`` of it, cyclically. So every
+    process gets ``k`` images of every class, distinct across processes while the class has enough
+    images (the memory is per process, as the reference's distributed balanced sampler), and a
+    class with fewer than ``k`` images repeats them (as the reference tops up): each repeat is a
+    forward with fresh jittered boxes. An image picked for several classes runs once per the
+    largest number of times any one class picked it, in first-pick order.
+    """
+    return _pick(_class_members(labels_per_image, num_classes), images_per_class, seed, rank)
+
+
+def _pick(members: list[list[int]], images_per_class: int, seed: int, rank: int) -> list[int]:
+    """:func:`prefill_image_indices` from the per-class image lists."""
+    k = int(images_per_class)
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 16]))
-    out, seen = [], set()
-    for c in range(num_classes):
-        imgs = members[c]
+    times: dict[int, int] = {}
+    for imgs in members:
         if not imgs:
             continue
-        pick = rng.choice(len(imgs), size=min(int(images_per_class), len(imgs)), replace=False)
-        for p in sorted(pick.tolist()):
-            i = imgs[p]
-            if i not in seen:
-                seen.add(i)
-                out.append(i)
-    return out
+        perm = rng.permutation(len(imgs))
+        picks = [imgs[perm[(int(rank) * k + j) % len(imgs)]] for j in range(k)]
+        for i in dict.fromkeys(picks):
+            times[i] = max(times.get(i, 0), picks.count(i))
+    return [i for i, t in times.items() for _ in range(t)]
 
 
 class _TrainForwardNoGrad:
@@ -827,9 +844,10 @@ def prefill_memory(model: torch.nn.Module, dataset, *, images_per_class: int | N
     (:func:`prefill_image_indices`) go through the training forward without gradients (every
     BatchNorm in eval mode): each batch enqueues its GTs' jittered-box features, samples the
     memory and updates the mean score, as a training iteration does; the losses are discarded and
-    no parameter changes. The global RNG state is left as it was. Under DDP the image list is
-    sharded over processes (padded to equal length, so every process runs the same number of
-    forwards); each process fills its own memory. Returns ``{"images", "entries", "seconds"}``.
+    no parameter changes. The global RNG state is left as it was. Under DDP every process fills
+    its own memory with its own ``images_per_class`` images per class (distinct across processes
+    where the class has enough), lists padded to equal length so every process runs the same
+    number of forwards. Returns ``{"images", "entries", "seconds"}``.
     """
     import time
 
@@ -841,12 +859,14 @@ def prefill_memory(model: torch.nn.Module, dataset, *, images_per_class: int | N
     if images_per_class is None:
         images_per_class = max(1, math.ceil(mfs.capacity / 16))
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    indices = prefill_image_indices(dataset.labels_per_image, mfs.num_classes, images_per_class, seed)
     world, rank = get_world_size(), get_rank()
-    if world > 1:
-        per = math.ceil(len(indices) / world)
-        padded = (indices * (per * world // max(len(indices), 1) + 1))[: per * world]
-        indices = padded[rank::world]
+    members = _class_members(dataset.labels_per_image, mfs.num_classes)
+    indices = _pick(members, images_per_class, seed, rank)
+    if world > 1 and indices:
+        # every process runs as many forwards as the longest list (the mean-score update is a
+        # collective): the shorter ones repeat their own images
+        longest = max(len(_pick(members, images_per_class, seed, r)) for r in range(world))
+        indices = (indices * math.ceil(longest / len(indices)))[:longest]
     t0 = time.perf_counter()
     before = len(mfs.memory)
     bar = None
