@@ -20,6 +20,7 @@ from taildet.losses.equalized_focal import (
     equalized_focal_loss_terms,
     equalized_quality_focal_loss_grad,
     equalized_quality_focal_loss_terms,
+    set_grad_scale,
 )
 from taildet.losses.focal import SigmoidFocalLoss
 from taildet.losses.quality_focal import QualityFocalLoss, quality_focal_loss
@@ -375,6 +376,25 @@ def test_nonfinite_upstream_gradient_leaves_state_unchanged() -> None:
     (loss(x, labels) * float("inf")).backward()
     torch.testing.assert_close(loss.pos_grad, torch.tensor(STATE[0]))
     torch.testing.assert_close(loss.neg_grad, torch.tensor(STATE[1]))
+
+
+def test_grad_scaler_scale_is_divided_out() -> None:
+    """Under GradScaler the backward sees S x the true gradient; with ``grad_scale = S`` (what the
+    trainer sets through set_grad_scale) the state is what an unscaled run accumulates, for scales
+    that change between iterations."""
+    ref, scaled = EqualizedFocalLoss(C).double(), EqualizedFocalLoss(C).double()
+    model = torch.nn.ModuleDict({"head": torch.nn.ModuleDict({"cls_loss": scaled})})
+    gen = torch.Generator().manual_seed(3)
+    for s in (65536.0, 1.0, 2.0**20):
+        logits = torch.randn(30, C, generator=gen, dtype=torch.float64) * 2
+        labels = torch.randint(0, C + 1, (30,), generator=gen)
+        ref(logits.clone().requires_grad_(True), labels).backward()
+        assert set_grad_scale(model, s) == 1 and scaled.grad_scale == s
+        x = logits.clone().requires_grad_(True)
+        (scaled(x, labels) * s).backward()
+        for name in ("pos_grad", "neg_grad", "pos_neg_ratio"):
+            torch.testing.assert_close(getattr(scaled, name), getattr(ref, name), rtol=1e-12, atol=1e-15)
+    assert not torch.allclose(ref.pos_neg_ratio, torch.ones(C, dtype=torch.float64))
 
 
 def test_frozen_state() -> None:

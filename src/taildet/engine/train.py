@@ -39,6 +39,7 @@ from taildet.engine.distributed import (all_gather_object, barrier, broadcast_ob
 from taildet.engine.inference import evaluate_results, inference, list_collate, resolve_device
 from taildet.engine.schedule import build_scheduler
 from taildet.errors import ConfigError, TaildetError
+from taildet.losses.equalized_focal import set_grad_scale
 
 __all__ = [
     "TrainingDivergedError",
@@ -456,6 +457,8 @@ def run_training(
                         + f"). Last good checkpoint, left intact: {last_good}. Try a lower train.lr, "
                         "a longer train.warmup_iters or train.grad_clip.", iteration + 1, terms, last_good)
                 optimizer.zero_grad(set_to_none=True)
+                if use_amp:  # losses with gradient statistics accumulate the true (unscaled) gradient
+                    set_grad_scale(ddp_model, scaler.get_scale())
                 scaler.scale(total).backward()
                 if tcfg.grad_clip is not None:
                     scaler.unscale_(optimizer)

@@ -54,12 +54,13 @@ Details:
   w.r.t. the rank's logits, and the state equals that of one process seeing all ranks' anchors
   when the normalizer is the rank-averaged positive count (the default). Every rank must run the
   backward of this loss (it always does under DDP).
-* GradScaler: ``g`` includes the scale ``S`` (it is the true chain-rule gradient of the scaled
-  total). Within one iteration G+ and G- are scaled alike, so the ratio of that iteration's
-  contribution is scale-invariant; across iterations, iterations run with a larger ``S`` weigh
-  more in the cumulative sums (``S`` changes by factors of 2, rarely). A contribution that is not
-  finite (after the DDP reduction, so every rank agrees) is dropped, so an overflowing iteration
-  that GradScaler skips cannot poison the state.
+* GradScaler: the incoming gradient of a scaled backward is ``S`` times the true one. The
+  accumulated ``g`` is divided by ``loss.grad_scale`` (1 by default), which the trainer sets to
+  the scaler's current scale before every AMP backward (:func:`set_grad_scale`; a custom loop
+  with GradScaler must do the same), so ``G+`` / ``G-`` hold the true gradients whatever ``S``
+  (without it, iterations run with a larger ``S`` would weigh more in the cumulative sums). A
+  contribution that is not finite (after the DDP reduction, so every rank agrees) is dropped, so
+  an overflowing iteration that GradScaler skips cannot poison the state.
 * Set ``loss.update_state = False`` to freeze the state (e.g. a fine-tune with fixed ratios).
 
 Also usable outside detection (any ``[N, C]`` multi-label logits with a ``{0, 1}`` target
@@ -91,6 +92,7 @@ __all__ = [
     "equalized_quality_focal_loss_grad",
     "focusing_factors",
     "mean_over_ranks",
+    "set_grad_scale",
 ]
 
 _EPS = 1e-10
@@ -336,6 +338,9 @@ class EqualizedFocalLoss(SigmoidClassificationLoss):
         self.alpha = float(alpha)
         #: when False the backward leaves the state alone (frozen ratios).
         self.update_state = True
+        #: the factor by which the incoming gradient exceeds the true one (AMP GradScaler's scale;
+        #: set by :func:`set_grad_scale`): the accumulated gradients are divided by it.
+        self.grad_scale = 1.0
         self.register_buffer("pos_grad", torch.zeros(self.num_classes))
         self.register_buffer("neg_grad", torch.zeros(self.num_classes))
         self.register_buffer("pos_neg_ratio", torch.ones(self.num_classes))
@@ -356,6 +361,8 @@ class EqualizedFocalLoss(SigmoidClassificationLoss):
             return
         rows, cols = targets
         g = grad.detach().abs().to(self.pos_grad.dtype)  # a new tensor: safe to edit in place
+        if float(self.grad_scale) != 1.0:
+            g /= float(self.grad_scale)  # the true gradient under GradScaler
         pos = torch.zeros_like(self.pos_grad).index_add_(0, cols, g[rows, cols])
         g[rows, cols] = 0
         delta = torch.stack([pos, g.sum(0)])
@@ -460,3 +467,15 @@ class EqualizedQualityFocalLoss(EqualizedFocalLoss):
                 f"{type(self).__name__}: expected quality of shape [{labels.shape[0]}], got {tuple(quality.shape)}"
             )
         return quality[rows].detach().clamp(0.0, 1.0)
+
+
+def set_grad_scale(model: torch.nn.Module, scale: float) -> int:
+    """Tell every loss in ``model`` that keeps gradient statistics (EFL, EQFL) the current AMP
+    GradScaler scale, before ``scaler.scale(loss).backward()``; returns how many were told."""
+    n = 0
+    for module in model.modules():
+        if isinstance(module, EqualizedFocalLoss):
+            module.grad_scale = float(scale)
+            n += 1
+    return n
+
