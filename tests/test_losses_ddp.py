@@ -72,6 +72,12 @@ def _worker(rank: int, world: int, init_method: str, out_dir: str) -> None:
             ebl.update(z_ebl, labels, gt, extra_logits=mem_z, extra_labels=mem_y)
             eqlv2(z_eql, labels)
             seesaw(z_ss, labels)
+        # a last iteration in which rank 1 has no RoIs at all: it still takes part in every collective
+        z_ebl, z_eql, z_ss, labels, gt, _, _ = _batch(0, ITERS)
+        keep = slice(None) if rank == 0 else slice(0, 0)
+        ebl.update(z_ebl[keep], labels[keep], gt[keep])
+        eqlv2(z_eql[keep], labels[keep])
+        seesaw(z_ss[keep], labels[keep])
         torch.save(_state((ebl, eqlv2, seesaw)), os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()  # both ranks done before gloo is torn down
     finally:
@@ -94,6 +100,10 @@ def _single_process_state() -> dict[str, torch.Tensor]:
         ebl.update(z_ebl, labels, gt, extra_logits=mem_z, extra_labels=mem_y)
         eqlv2(z_eql, labels)
         seesaw(z_ss, labels)
+    z_ebl, z_eql, z_ss, labels, gt, _, _ = _batch(0, ITERS)  # rank 0's last batch (rank 1: empty)
+    ebl.update(z_ebl, labels, gt)
+    eqlv2(z_eql, labels)
+    seesaw(z_ss, labels)
     return _state((ebl, eqlv2, seesaw))
 
 
@@ -111,7 +121,7 @@ def test_two_process_state_equals_one_process(tmp_path):
     assert expected["EquilibriumLoss.mean_score"][:C].ne(0.01).any()  # something happened
     assert int(expected["SeesawLoss.cum_samples"].sum()) == sum(
         _batch(r, it)[3].numel() for r in range(2) for it in range(ITERS)
-    )
+    ) + _batch(0, ITERS)[3].numel()
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         assert set(got) == set(expected)

@@ -264,3 +264,32 @@ def test_device_path_without_host_checks(name, monkeypatch):
     v_ref, g_ref = _value_and_grad(lambda t: ref(loss, t, y, w), z)
     torch.testing.assert_close(v, v_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_eqlv2_negative_gradient_sum_without_cancellation():
+    """G- is summed over the non-target entries only: confident positives (sigmoid ~ 1 on the
+    target) must not cancel a small negative sum in float32."""
+    loss = EQLv2Loss(C).train()
+    n = 4096
+    y = torch.arange(n) % 2  # classes 0 and 1 only
+    z = torch.full((n, C + 1), -14.0)  # negatives: sigmoid ~ 8e-7
+    z[torch.arange(n), y] = 6.0  # confident positives: sigmoid ~ 0.9975
+    loss(z.clone().requires_grad_(True), y)
+    z64 = z.double()
+    t = F.one_hot(y, C + 1).double()
+    neg_w = EQLv2Loss(C).class_weights(torch.float64)[1]  # the weights of this loss: ratio 100
+    expected = (torch.sigmoid(z64) * (1 - t)).sum(0) * neg_w
+    torch.testing.assert_close(loss.neg_grad.double(), expected, rtol=1e-4, atol=0)
+
+
+def test_cached_vectors_follow_hyper_parameter_changes():
+    z, y, _ = _inputs(C, dtype=torch.float64)
+    bs = BalancedSigmoidLoss(C, FREQ)
+    before = bs(z, y)
+    bs.exact = True
+    torch.testing.assert_close(bs(z, y), BalancedSigmoidLoss(C, FREQ, exact=True)(z, y))
+    assert not torch.allclose(before, bs(z, y))
+    eql = EQLLoss(C, FREQ, lambda_=0.01)
+    eql(z, y)
+    eql.lambda_ = 0.1
+    torch.testing.assert_close(eql(z, y), EQLLoss(C, FREQ, lambda_=0.1)(z, y))

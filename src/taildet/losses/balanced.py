@@ -160,7 +160,7 @@ class BalancedSigmoidLoss(SigmoidClassificationLoss):
         if n == 0:
             return logits.sum() * 0.0
         dt = compute_dtype(logits.dtype)
-        shift = cached(self, "shift", self.image_frequency, dt, logits.device,
+        shift = cached(self, f"shift@{self.exact}", self.image_frequency, dt, logits.device,
                        lambda: self.shift(torch.float64))
         w = None if weight is None else weight.detach().to(dt)
         # BCE(z + fg shift, onehot) summed / N, row-blocked without a dense target (taildet.losses.rowwise)

@@ -69,7 +69,7 @@ class EQLLoss(SigmoidClassificationLoss):
         if n == 0:
             return logits.sum() * 0.0
         dt = compute_dtype(logits.dtype)
-        rare = cached(self, "rare", self.image_frequency, dt, logits.device,
+        rare = cached(self, f"rare@{self.lambda_}", self.image_frequency, dt, logits.device,
                       lambda: (self.image_frequency < self.lambda_).to(torch.float64))  # [C]: T_lambda(f_j)
         w = None if weight is None else weight.detach().to(dt)
         # sum_ij w_i w_ij BCE(z_ij, t_ij) / N, row-blocked without a dense target (taildet.losses.rowwise)
@@ -125,6 +125,9 @@ class EQLv2Loss(ClassificationLoss):
         check_inputs(self, logits, labels, weight, finite=False)
         n = logits.shape[0]
         if n == 0:
+            if self.training:  # the increments are all-reduced: every process takes part
+                zero = torch.zeros(self.num_outputs(), dtype=torch.float64, device=logits.device)
+                self._accumulate(zero, zero)
             return logits.sum() * 0.0
         dt = compute_dtype(logits.dtype)
         pos_w, neg_w = self.class_weights(dt, logits.device)
@@ -175,14 +178,15 @@ class _EQLv2Kernel:
         if self.collect:
             sig = torch.sigmoid(z, out=scratch(z, 1))
             sy = sig.gather(1, y[:, None]).squeeze(1)
+            # the target entries out of the column sums (not subtracted afterwards: confident
+            # positives would cancel most of a small G- in float32)
+            sig.scatter_(1, y[:, None], 0.0)
             col = torch.mv(sig.t(), w) if w is not None else sig.sum(0)
-            target_neg = nw * sy  # what the dense sum counted on the target entries
             target_pos = pw * (1.0 - sy)
             if w is not None:
-                target_neg, target_pos = target_neg * w, target_pos * w
+                target_pos = target_pos * w
             f64 = torch.float64
             self.neg_inc += (col * self.neg_w).to(f64)
-            self.neg_inc.index_add_(0, y, -target_neg.to(f64))
             self.pos_inc.index_add_(0, y, target_pos.to(f64))
         return (row * w).sum() if w is not None else row.sum()
 

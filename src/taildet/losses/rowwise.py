@@ -156,7 +156,7 @@ def _blocks(n: int, step: int):
 
 class _RowwiseLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: Tensor, kernel: RowKernel, denom: Tensor | float) -> Tensor:  # type: ignore[override]
+    def forward(ctx, logits: Tensor, kernel: RowKernel, denom: Tensor | float, grad_wanted: bool) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(logits)
         ctx.kernel = kernel
         ctx.denom = denom
@@ -165,7 +165,7 @@ class _RowwiseLoss(torch.autograd.Function):
         # kernels with loss_keep leave in an [N, K] buffer what their gradient starts from (e.g.
         # the softmax of the offset logits); the backward then turns that buffer into the gradient in place
         ctx.kept = None
-        if ctx.needs_input_grad[0] and dt == logits.dtype and hasattr(kernel, "loss_keep"):
+        if grad_wanted and ctx.needs_input_grad[0] and dt == logits.dtype and hasattr(kernel, "loss_keep"):
             ctx.kept = torch.empty_like(logits, memory_format=torch.contiguous_format)
         scratch = Scratch()
         total = None
@@ -195,7 +195,7 @@ class _RowwiseLoss(torch.autograd.Function):
             single = len(ctx.blocks) == 1
             for rows in ctx.blocks:
                 kernel.grad_from_kept(grad if single else grad[rows], rows, scale)
-            return grad, None, None
+            return grad, None, None, None
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
         scratch = Scratch()
         for rows in ctx.blocks:
@@ -206,7 +206,7 @@ class _RowwiseLoss(torch.autograd.Function):
                 tmp = scratch(z, slot=99)
                 kernel.grad(z, rows, scale, tmp, scratch)
                 grad[rows].copy_(tmp)
-        return grad, None, None
+        return grad, None, None, None
 
 
 def rowwise_loss(logits: Tensor, kernel: RowKernel, denom: Tensor | float) -> Tensor:
@@ -217,7 +217,8 @@ def rowwise_loss(logits: Tensor, kernel: RowKernel, denom: Tensor | float) -> Te
     """
     if isinstance(denom, Tensor):
         denom = denom.detach()
-    return _RowwiseLoss.apply(logits, kernel, denom)
+    # under no_grad (evaluation of a model whose logits require grad) no buffer is kept for a backward
+    return _RowwiseLoss.apply(logits, kernel, denom, torch.is_grad_enabled())
 
 
 def _host_checks_free(t: Tensor) -> bool:
