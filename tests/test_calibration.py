@@ -226,6 +226,26 @@ def test_cache_follows_updates_and_state_dict_loads():
     torch.testing.assert_close(other(x), y1)
 
 
+def test_eps_change_and_half_precision_near_constant_column():
+    logits = _logits(k=C + 1)
+    logits[:, 1] = 0.25  # a constant column: variance 0, 1 / sqrt(eps) ~ 3e5 > float16's max
+    norm = LogitNormalizer(C)
+    norm.update(logits)
+    x = _logits(n=5, seed=3)
+    first = norm(x)
+    norm.eps = 1.0  # picked up although the statistics did not change
+    again = norm(x)
+    ref = LogitNormalizer(C, eps=1.0)
+    ref.update(logits)
+    torch.testing.assert_close(again, ref(x))
+    assert not torch.allclose(first, again)
+    norm.eps = 1e-11
+    for dtype in (torch.float16, torch.bfloat16):
+        y = norm(x.to(dtype))
+        assert y.dtype == torch.float32 and torch.isfinite(y).all()
+        torch.testing.assert_close(y, norm(x.to(dtype).float()))
+
+
 # -- files -----------------------------------------------------------------------------------------
 
 
@@ -330,6 +350,22 @@ def test_online_logn_loss_wraps_base_loss():
     b = torch.zeros(C)
     sig.init_bias(b)
     assert torch.allclose(b, torch.full((C,), math.log(0.01 / 0.99)))
+
+
+def test_online_logn_one_stage_statistics_skip_ignored_anchors():
+    """One-stage heads mark ignored anchors -1: they are not in the loss, nor in the statistics."""
+    from taildet.losses.focal import SigmoidFocalLoss
+
+    loss = OnlineLogNLoss(SigmoidFocalLoss(C), momentum=1.0)
+    x = _logits(n=40, seed=4)[:, :C]
+    labels = torch.arange(40) % (C + 1)
+    labels[::3] = -1
+    shifted = x.clone()
+    shifted[labels < 0] += 100.0  # ignored anchors' logits must not matter
+    loss(shifted.requires_grad_(True), labels)
+    kept = x[labels >= 0].double()
+    torch.testing.assert_close(loss.online.running_mean.double(), kept.mean(0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(loss.online.running_var.double(), kept.var(0, unbiased=False), rtol=1e-5, atol=1e-6)
 
 
 # -- logit adjustment --------------------------------------------------------------------------------

@@ -375,7 +375,7 @@ class LogitNormalizer(nn.Module):
     def _shift_scale(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
         var_buf = self.m2 if self.momentum is None else self.running_var
         key = (
-            dtype, device, self.mode, self.beta,
+            dtype, device, self.mode, self.beta, self.eps,
             self.count.data_ptr(), self.count._version,
             self.mean.data_ptr(), self.mean._version,
             var_buf.data_ptr(), var_buf._version,
@@ -411,8 +411,12 @@ class LogitNormalizer(nn.Module):
         Computed as one fused ``z * (1 / sigma) + (beta - mu) / sigma`` with the per-column factors
         cast to the logits' dtype (equal to the formula up to float rounding, and about 40x
         cheaper on CPU than a subtraction plus a division). Background column unchanged bit for bit.
+        Half-precision logits (AMP) are transformed in float32 and returned in float32: ``1 / sigma``
+        of a near-constant column exceeds the float16 range.
         """
         self._check_logits(logits, "forward")
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
         inv, offset = self._shift_scale(logits.dtype, logits.device)
         return torch.addcmul(offset, logits, inv)
 
@@ -798,8 +802,12 @@ class OnlineLogNLoss(ClassificationLoss):
             logits = self.online.denormalize(logits.detach())
         self.base.update(logits, labels, gt_index)
 
-    def forward(self, logits: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        return self.base(self.online(logits), *args, **kwargs)
+    def forward(self, logits: Tensor, labels: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if self.training and not self.online._stepped:
+            # the statistics of the rows the loss uses: one-stage heads mark ignored anchors -1
+            ignored = labels < 0
+            self.online.step(logits[~ignored] if bool(ignored.any()) else logits)
+        return self.base(self.online(logits), labels, *args, **kwargs)
 
 
 def online_logn_loss(num_classes: int, base: str = "softmax_ce", momentum: float = 0.01,
