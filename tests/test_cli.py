@@ -128,3 +128,26 @@ def test_online_logn_is_a_loss_name():
 
     loss = build_loss("online_logn", 4, base="softmax_ce", momentum=0.1)
     assert loss.num_outputs() == 5
+
+
+def test_posthoc_logit_adjustment_fits_softmax_and_sigmoid_heads(tmp_path):
+    """The compare table's LogA row keeps a softmax head's background column and adjusts every
+    column of a sigmoid head (no background)."""
+    import os
+
+    from taildet.compare import _posthoc_loga
+    from taildet.config import apply_overrides, load_config
+    from taildet.models import build_model
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = apply_overrides(load_config(os.path.join(repo, "configs", "demo_faster_tiny_ce.yaml")),
+                          [f"data.root={tmp_path / 'data'}", "data.synthetic.scale=0.05"])
+    from taildet.engine.train import build_datasets
+
+    num_classes = len(build_datasets(cfg, need_train=True)[0].class_names)
+    adjust = _posthoc_loga(cfg, "unused.pth", tmp_path)
+    for loss, background in (("softmax_ce", True), ("sigmoid_bce", False)):
+        mc = apply_overrides(cfg, [f"model.loss={loss}"]).model
+        model = build_model(mc.arch, num_classes, **mc.kwargs)
+        adjust(model)
+        assert model.roi_heads.logit_transform.background is background

@@ -111,9 +111,19 @@ def _posthoc_loga(cfg, checkpoint: str, out_dir: Path, prior_from: str = "image"
     from taildet.calibration import LogitAdjuster, apply_logit_normalization
     from taildet.engine.train import build_datasets
 
+    from taildet.calibration.statistics import _unwrap, model_kind
+
     train_set, _, _ = build_datasets(cfg, need_train=True)
-    adjuster = LogitAdjuster.from_dataset(train_set, prior_from=prior_from, tau=tau)
-    return lambda model: apply_logit_normalization(model, adjuster)
+
+    def adjust(model):
+        # softmax heads (C + 1 outputs): the background column stays; sigmoid heads: every column
+        m = _unwrap(model)
+        loss = m.roi_heads.loss if model_kind(m) == "two_stage" else m.cls_loss
+        background = loss.num_outputs() == loss.num_classes + 1
+        adjuster = LogitAdjuster.from_dataset(train_set, prior_from=prior_from, tau=tau, background=background)
+        return apply_logit_normalization(model, adjuster)
+
+    return adjust
 
 
 #: Training-free methods applied to a trained checkpoint: name -> function(cfg, checkpoint,
