@@ -9,7 +9,7 @@ A config file has up to six sections (every key optional, defaults below)::
     finetune: {freeze, reset_classifier, loss, loss_kwargs, train: {<train overrides>}, sampler,
                mfs: {enabled, capacity, classes_per_iter, samples_per_class, boxes_per_gt, jitter,
                      dtype, device, prior, allow_stale_features, prefill_images_per_class}}
-    eval:     {enabled, max_dets, score_thresh, iou_types, fixed, batch_size}
+    eval:     {enabled, max_dets, score_thresh, iou_types, fixed, fixed_dets_per_img, batch_size}
     output_dir: runs/my_run
 
 A derived file is merged onto its base key by key (dicts recursively, everything else replaced),
@@ -370,7 +370,8 @@ class EvalConfig:
     score_thresh: float = _f(1e-4, v_fraction)
     iou_types: list | None = _f(None, v_opt(v_list(v_enum("bbox", "segm"), min_len=1)),
                                 "null = bbox, plus segm with masks")
-    fixed: bool = _f(False, v_bool, "AP-fixed (Dave et al.)")
+    fixed: bool = _f(False, v_bool, "AP-fixed (Dave et al.): no per-image cap, each class's 10,000 best")
+    fixed_dets_per_img: int = _f(10000, v_pos_int, "with fixed: the detector's own per-image cap during inference")
     batch_size: int | None = _f(None, v_opt(v_pos_int), "null = data.batch_size")
 
 

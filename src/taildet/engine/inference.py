@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from taildet.engine.distributed import all_gather_object, get_rank, get_world_size, is_main_process
 
-__all__ = ["inference", "evaluate_results", "evaluate_checkpoint", "resolve_device", "list_collate"]
+__all__ = ["inference", "eval_caps", "evaluate_results", "evaluate_checkpoint", "resolve_device", "list_collate"]
 
 log = logging.getLogger("taildet.engine")
 
@@ -53,11 +53,11 @@ def _encode_masks(masks: torch.Tensor) -> list[dict]:
     return rles
 
 
-def _to_results(out: dict, image: torch.Tensor, target: dict, cat_ids, max_dets: int,
+def _to_results(out: dict, image: torch.Tensor, target: dict, cat_ids, max_dets: int | None,
                 score_thresh: float) -> list[dict]:
     scores = out["scores"].detach().float().cpu()
     keep = torch.nonzero(scores >= score_thresh).flatten()
-    if keep.numel() > max_dets:
+    if max_dets is not None and keep.numel() > max_dets:
         keep = keep[torch.topk(scores[keep], max_dets).indices]
     if keep.numel() == 0:
         return []
@@ -99,15 +99,56 @@ def _to_results(out: dict, image: torch.Tensor, target: dict, cat_ids, max_dets:
     return results
 
 
+class _PerClassTopK:
+    """Each category's ``k`` highest-scoring results seen so far (AP-fixed inference keeps memory
+    bounded: a category's list is cut back to ``k`` whenever it reaches ``2k``)."""
+
+    def __init__(self, k: int):
+        self.k = int(k)
+        self.by_cat: dict[int, list[dict]] = {}
+
+    def extend(self, results: list[dict]) -> None:
+        for r in results:
+            lst = self.by_cat.setdefault(r["category_id"], [])
+            lst.append(r)
+            if len(lst) >= 2 * self.k:
+                lst.sort(key=lambda d: d["score"], reverse=True)
+                del lst[self.k:]
+
+    def results(self) -> list[dict]:
+        out = []
+        for lst in self.by_cat.values():
+            lst.sort(key=lambda d: d["score"], reverse=True)
+            out.extend(lst[: self.k])
+        return out
+
+
+def _detector_cap_owner(model: torch.nn.Module):
+    """The module holding the detector's per-image detection cap (``detections_per_img``)."""
+    while isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+        model = model.module
+    rh = getattr(model, "roi_heads", None)
+    if rh is not None and hasattr(rh, "detections_per_img"):
+        return rh
+    return model if hasattr(model, "detections_per_img") else None
+
+
 @torch.no_grad()
 def inference(model: torch.nn.Module, dataset, batch_size: int = 8, device: str | torch.device = "cpu",
-              max_dets: int = 300, score_thresh: float = 1e-4, progress: bool = True,
-              num_workers: int = 0) -> list[dict]:
+              max_dets: int | None = 300, score_thresh: float = 1e-4, progress: bool = True,
+              num_workers: int = 0, per_class_top_k: int | None = None,
+              detector_dets_per_img: int | None = None) -> list[dict]:
     """Run ``model`` (eval mode) over ``dataset``; returns result dicts (all ranks' on rank 0).
 
     Under DDP each rank processes images ``rank, rank + R, ...``; rank 0 returns the gathered
     list (sorted by image id), other ranks return ``[]``. At most ``max_dets`` detections with
-    ``score >= score_thresh`` are kept per image (the LVIS top-300 cap).
+    ``score >= score_thresh`` are kept per image (the LVIS top-300 cap; ``None``: no cap).
+
+    AP-fixed (Dave et al.): ``max_dets=None, per_class_top_k=10000`` keeps each category's
+    10,000 best results over the dataset and none else (pruned as inference goes, so memory stays
+    bounded), and ``detector_dets_per_img`` raises the detector's own per-image cap
+    (``detections_per_img``) for the run, so that a class's low-scoring detections are not cut
+    by the 300 best of other classes.
     """
     device = torch.device(device) if not isinstance(device, torch.device) else device
     rank, world = get_rank(), get_world_size()
@@ -118,6 +159,11 @@ def inference(model: torch.nn.Module, dataset, batch_size: int = 8, device: str 
     cat_ids = list(dataset.cat_ids)
     was_training = model.training
     model.eval()
+    cap_owner = _detector_cap_owner(model) if detector_dets_per_img is not None else None
+    old_cap = cap_owner.detections_per_img if cap_owner is not None else None
+    if cap_owner is not None:
+        cap_owner.detections_per_img = int(detector_dets_per_img)
+    top_k = _PerClassTopK(per_class_top_k) if per_class_top_k is not None else None
     results: list[dict] = []
     bar = None
     if progress and is_main_process():
@@ -129,21 +175,45 @@ def inference(model: torch.nn.Module, dataset, batch_size: int = 8, device: str 
         for images, targets in loader:
             outputs = model([im.to(device, non_blocking=True) for im in images])
             for out, im, tgt in zip(outputs, images, targets):
-                results.extend(_to_results(out, im, tgt, cat_ids, max_dets, score_thresh))
+                dets = _to_results(out, im, tgt, cat_ids, max_dets, score_thresh)
+                if top_k is not None:
+                    top_k.extend(dets)
+                else:
+                    results.extend(dets)
             if bar is not None:
                 bar.update(len(images))
     finally:
         if bar is not None:
             bar.close()
         model.train(was_training)
+        if cap_owner is not None:
+            cap_owner.detections_per_img = old_cap
+    if top_k is not None:
+        results = top_k.results()
     log.info("inference: %d images in %.1f s on rank %d", len(indices), time.perf_counter() - t0, rank)
     if world > 1:
         gathered = all_gather_object(results)
         if not is_main_process():
             return []
         results = [r for part in gathered for r in part]
+        if top_k is not None:
+            merged = _PerClassTopK(per_class_top_k)
+            merged.extend(results)
+            results = merged.results()
     results.sort(key=lambda r: (r["image_id"], -r["score"]))
     return results
+
+
+def eval_caps(cfg) -> dict:
+    """:func:`inference`'s caps for ``cfg.eval``: the per-image cap (``max_dets``), or for AP-fixed
+    none, each class's 10,000 best over the dataset and the detector's cap raised to
+    ``eval.fixed_dets_per_img``."""
+    if not cfg.eval.fixed:
+        return {"max_dets": cfg.eval.max_dets}
+    from taildet.evaluation.lvis_eval import AP_FIXED_DETS_PER_CLASS
+
+    return {"max_dets": None, "per_class_top_k": AP_FIXED_DETS_PER_CLASS,
+            "detector_dets_per_img": cfg.eval.fixed_dets_per_img}
 
 
 def evaluate_results(results: list[dict], gt_json: str, run_dir: str | None, iou_types, fixed: bool = False,
@@ -212,8 +282,8 @@ def evaluate_checkpoint(cfg, checkpoint_path: str, calibration: Any = None, prog
     model.to(device)
     model = _apply_calibration(model, calibration, class_names=val_set.class_names)
     results = inference(model, val_set, cfg.eval.batch_size or cfg.data.batch_size, device,
-                        max_dets=cfg.eval.max_dets, score_thresh=cfg.eval.score_thresh, progress=progress,
-                        num_workers=cfg.data.num_workers)
+                        score_thresh=cfg.eval.score_thresh, progress=progress,
+                        num_workers=cfg.data.num_workers, **eval_caps(cfg))
     metrics = None
     if is_main_process():
         if out_dir is None:

@@ -36,7 +36,7 @@ from taildet.engine.checkpoint import (LAST_CHECKPOINT_FILE, get_rng_state, last
 from taildet.engine.distributed import (all_gather_object, barrier, broadcast_object, get_local_rank, get_rank,
                                         get_world_size, init_distributed, is_main_process, reduce_loss_dict,
                                         sync_loss_state, unwrap_model)
-from taildet.engine.inference import evaluate_results, inference, list_collate, resolve_device
+from taildet.engine.inference import eval_caps, evaluate_results, inference, list_collate, resolve_device
 from taildet.engine.schedule import build_scheduler
 from taildet.errors import ConfigError, TaildetError
 from taildet.losses.equalized_focal import set_grad_scale
@@ -539,8 +539,8 @@ def prepare_run_dir(cfg, resume: bool) -> str:
 def _post_eval(cfg, model, val_set, val_json, run_dir, device, progress) -> dict:
     core = unwrap_model(model)
     results = inference(core, val_set, cfg.eval.batch_size or cfg.data.batch_size, device,
-                        max_dets=cfg.eval.max_dets, score_thresh=cfg.eval.score_thresh, progress=progress,
-                        num_workers=min(cfg.data.num_workers, 2))
+                        score_thresh=cfg.eval.score_thresh, progress=progress,
+                        num_workers=min(cfg.data.num_workers, 2), **eval_caps(cfg))
     metrics = None
     if is_main_process():
         metrics = evaluate_results(results, val_json, run_dir, cfg.iou_types(), fixed=cfg.eval.fixed)
