@@ -1,5 +1,5 @@
 """Evaluation: LVIS federated AP (APr/APc/APf, AP-fixed, bbox and segm), COCO AP, results
-files, per-class tables and plots.
+files, per-class tables and plots; long-tail classification accuracy (many / medium / few).
 
 Entry points::
 
@@ -11,6 +11,7 @@ Numbers equal the official lvis-api's (see :mod:`taildet.evaluation.lvis_eval`).
 numbers are NaN, written as ``null`` by :func:`save_metrics`.
 """
 
+from taildet.evaluation.classification import long_tail_accuracy, shot_split
 from taildet.evaluation.lvis_eval import evaluate_coco, evaluate_lvis
 from taildet.evaluation.report import (
     eval_results_main,
@@ -35,9 +36,11 @@ __all__ = [
     "format_metrics_table",
     "format_per_class_table",
     "load_results",
+    "long_tail_accuracy",
     "per_class_table",
     "plot_per_class_ap",
     "save_metrics",
     "save_results",
+    "shot_split",
     "top_k_per_class",
 ]
