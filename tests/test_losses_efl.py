@@ -368,6 +368,14 @@ def test_half_logits_accumulate_in_float32() -> None:
     torch.testing.assert_close(loss.pos_neg_ratio, ref.pos_neg_ratio, rtol=0.05, atol=1e-3)
 
 
+def test_state_stays_float32_under_half() -> None:
+    loss = EqualizedFocalLoss(C)
+    model = torch.nn.Sequential(torch.nn.Linear(4, C), loss).half()
+    assert model[0].weight.dtype == torch.float16
+    assert {b.dtype for b in loss.buffers()} == {torch.float32}
+    assert EqualizedFocalLoss(C).double().pos_grad.dtype == torch.float64
+
+
 def test_nonfinite_upstream_gradient_leaves_state_unchanged() -> None:
     logits, labels, _ = _inputs(dtype=torch.float32)
     loss = EqualizedFocalLoss(C)
@@ -441,12 +449,33 @@ def test_multilabel_use() -> None:
         loss.forward_multilabel(logits, targets * 0.5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_focal_baseline_computes_half_logits_in_float32(dtype) -> None:
+    """As EFL / QFL: half-precision logits (AMP) are computed in float32 (value and gradient)."""
+    g = torch.Generator().manual_seed(5)
+    logits = (torch.randn(200, C, generator=g) - 6.0).to(dtype)  # easy negatives near the prior
+    labels = torch.randint(-1, C + 1, (200,), generator=g)
+    loss = SigmoidFocalLoss(C)
+    xh = logits.clone().requires_grad_(True)
+    out = loss(xh, labels)
+    out.backward()
+    x32 = logits.float().requires_grad_(True)
+    ref = loss(x32, labels)
+    ref.backward()
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    torch.testing.assert_close(xh.grad, x32.grad.to(dtype), rtol=0, atol=0)
+
+
 def test_input_errors() -> None:
     loss = EqualizedFocalLoss(C)
     with pytest.raises(ValueError, match="shape"):
         loss(torch.zeros(3, C + 1), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="labels must be in"):
         loss(torch.zeros(3, C), torch.tensor([0, C + 1, 0]))
+    for other in (SigmoidFocalLoss(C), QualityFocalLoss(C), EqualizedQualityFocalLoss(C)):
+        with pytest.raises(ValueError, match=rf"{type(other).__name__}: labels must be in -1..{C} .*got values in -2..1"):
+            other(torch.zeros(3, C), torch.tensor([0, -2, 1]), quality=torch.ones(3))
     with pytest.raises(ValueError, match="gamma_b"):
         EqualizedFocalLoss(C, gamma_b=0.0)
     with pytest.raises(ValueError, match="quality"):

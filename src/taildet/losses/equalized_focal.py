@@ -345,6 +345,16 @@ class EqualizedFocalLoss(SigmoidClassificationLoss):
         self.register_buffer("neg_grad", torch.zeros(self.num_classes))
         self.register_buffer("pos_neg_ratio", torch.ones(self.num_classes))
 
+    def _apply(self, fn, *args, **kwargs):
+        """``.to()`` / ``.half()`` / ``.cuda()``: the gradient statistics stay at least float32
+        (a float16 cumulative sum stalls: 2048 + 0.5 == 2048)."""
+        super()._apply(fn, *args, **kwargs)
+        for name in ("pos_grad", "neg_grad", "pos_neg_ratio"):
+            buf = self._buffers[name]
+            if buf is not None and buf.dtype in (torch.float16, torch.bfloat16):
+                self._buffers[name] = buf.float()
+        return self
+
     # -- interface ------------------------------------------------------------------------------
     def focusing_factors(self) -> tuple[Tensor, Tensor]:
         """Current ``(gamma_j, w_j)`` (``[C]`` each) from ``pos_neg_ratio``."""
@@ -394,13 +404,6 @@ class EqualizedFocalLoss(SigmoidClassificationLoss):
             x, rows, cols, gamma, weight, normalizer, alpha=alpha, quality=quality, need_grad=False
         )[0]
 
-    def _check_labels(self, labels: Tensor) -> None:
-        if labels.numel() and (int(labels.min()) < -1 or int(labels.max()) > self.num_classes):
-            raise ValueError(
-                f"{type(self).__name__}: labels must be in -1..{self.num_classes} (-1 ignored, "
-                f"{self.num_classes} negative), got values in {int(labels.min())}..{int(labels.max())}"
-            )
-
     def _quality_of(self, quality: Tensor | None, labels: Tensor, rows: Tensor) -> Tensor | None:
         return None
 
@@ -412,7 +415,6 @@ class EqualizedFocalLoss(SigmoidClassificationLoss):
         quality: Tensor | None = None,
     ) -> Tensor:
         check_dense_inputs(self, logits, labels)
-        self._check_labels(labels)
         logits, labels, quality, rows, cols = sparse_positives(logits, labels, quality, self.num_classes)
         q = self._quality_of(quality, labels, rows)
         normalizer = default_normalizer(rows.new_tensor(rows.numel()), normalizer, torch.float32)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from taildet.losses.base import ClassificationLoss, SigmoidClassificationLoss, check_prior
+from taildet.losses.state import label_range
 
 __all__ = ["SigmoidFocalLoss", "focal_loss", "dense_targets", "check_dense_inputs"]
 
@@ -52,7 +53,8 @@ def focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: floa
 
 
 def check_dense_inputs(loss: ClassificationLoss, logits: Tensor, labels: Tensor) -> None:
-    """Shape/dtype checks for one-stage losses (clear messages instead of torch's)."""
+    """Shape, dtype and label-range checks for one-stage losses (clear messages instead of torch's;
+    one host sync for the label range)."""
     k = loss.num_outputs()
     if logits.dim() != 2 or logits.shape[1] != k:
         raise ValueError(
@@ -65,6 +67,13 @@ def check_dense_inputs(loss: ClassificationLoss, logits: Tensor, labels: Tensor)
         )
     if labels.dtype != torch.int64:
         raise ValueError(f"{type(loss).__name__}: expected int64 labels, got {labels.dtype}")
+    if labels.numel():
+        lo, hi = label_range(labels)
+        if lo < -1 or hi > loss.num_classes:
+            raise ValueError(
+                f"{type(loss).__name__}: labels must be in -1..{loss.num_classes} (-1 ignored, "
+                f"{loss.num_classes} negative), got values in {lo}..{hi}"
+            )
 
 
 def dense_targets(labels: Tensor, num_classes: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -134,8 +143,11 @@ class SigmoidFocalLoss(SigmoidClassificationLoss):
         quality: Tensor | None = None,
     ) -> Tensor:
         check_dense_inputs(self, logits, labels)
-        valid, targets = dense_targets(labels, self.num_classes, logits.dtype)
+        # float32 for half-precision logits (AMP), as EFL / QFL: 1 - p_t in float16 quantises the
+        # focal factor of easy negatives (prior ~0.01) and zeroes it below p ~ 2.4e-4
+        x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+        valid, targets = dense_targets(labels, self.num_classes, x.dtype)
         num_pos = ((labels >= 0) & (labels < self.num_classes)).sum()
-        normalizer = default_normalizer(num_pos, normalizer, logits.dtype)
-        loss = focal_loss(logits[valid], targets, self.alpha, self.gamma).sum()
+        normalizer = default_normalizer(num_pos, normalizer, x.dtype)
+        loss = focal_loss(x[valid], targets, self.alpha, self.gamma).sum()
         return loss / normalizer
