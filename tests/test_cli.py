@@ -117,6 +117,12 @@ def test_calibrate_then_eval_with_calibration(tmp_path, capsys):
     assert main(["calibrate", cfg, ckpt, "--out", stats, "--max-batches", "3", *opts]) == 0
     saved = json.loads(open(stats).read())
     assert saved["stages"]["roi_heads"]
+    ema = str(tmp_path / "ema.json")
+    assert main(["calibrate", cfg, ckpt, "--out", ema, "--max-batches", "2", "--momentum", "5e-5",
+                 "--ema-init", "first", *opts]) == 0
+    stage = json.loads(open(ema).read())["stages"]["roi_heads"]
+    assert stage["momentum"] == 5e-5 and stage["ema_init"] == "first"
+    assert main(["calibrate", cfg, ckpt, "--out", ema, "--ema-init", "first", *opts]) == 2  # needs --momentum
     capsys.readouterr()
     assert main(["eval", cfg, ckpt, "--calibration", stats, *opts]) == 0
     assert "model_final.pth (bbox)" in capsys.readouterr().out

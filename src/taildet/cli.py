@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from taildet.errors import TaildetError
+from taildet.errors import ConfigError, TaildetError
 
 
 def _cmd_data_synth(args: argparse.Namespace) -> int:
@@ -89,6 +89,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     kwargs = {}
     if args.mode:
         kwargs["mode"] = args.mode
+    if args.ema_init is not None:
+        if args.momentum is None:
+            raise ConfigError("calibrate: --ema-init applies to EMA statistics: give --momentum too")
+        kwargs["ema_init"] = args.ema_init
     if args.beta is not None:
         try:
             kwargs["beta"] = float(args.beta)
@@ -173,7 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("checkpoint", help="checkpoint (.pth)")
     ca.add_argument("--out", help="statistics file (default: logit_stats.json beside the checkpoint)")
     ca.add_argument("--momentum", type=float, default=None,
-                    help="EMA statistics with this momentum (the reference's 5e-5) instead of exact ones")
+                    help="EMA statistics with this momentum instead of exact ones (the reference uses 5e-5, "
+                         "continuing BatchNorm-style running stats from its base checkpoint; from a cold "
+                         "start such a small momentum barely moves in one pass: use --ema-init first or a "
+                         "larger momentum)")
+    ca.add_argument("--ema-init", choices=["batchnorm", "first"], default=None,
+                    help="EMA start: batchnorm (mean 0, var 1; default) or first (the first batch's statistics)")
     ca.add_argument("--mode", choices=["all", "mean_only", "std_only", "no_beta"], default=None,
                     help="ablation of the transform (paper Tab. 2; default all)")
     ca.add_argument("--beta", default=None,
