@@ -217,3 +217,19 @@ def test_lvis_presets_build_their_detector_and_stage_2_loss(path):
             k = head.loss.num_outputs()
             assert head.box_predictor.cls_score.out_features == k
             assert k in (1203, 1204, 1205)
+
+
+def test_every_checked_model_key_is_a_builder_option():
+    """A key the config validates under ``model:`` must be accepted by at least one builder (no dead
+    keys that pass validation and then fail in build_model)."""
+    import inspect
+
+    from taildet.config import MODEL_KWARG_CHECKS
+    from taildet.models.atss import build_atss
+    from taildet.models.one_stage import build_fcos, build_retinanet
+    from taildet.models.two_stage import build_faster_rcnn, build_mask_rcnn
+
+    accepted = set()
+    for builder in (build_faster_rcnn, build_mask_rcnn, build_retinanet, build_fcos, build_atss):
+        accepted |= set(inspect.signature(builder).parameters)
+    assert set(MODEL_KWARG_CHECKS) - accepted == set()

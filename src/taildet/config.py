@@ -251,7 +251,6 @@ MODEL_KWARG_CHECKS: dict[str, Callable[[Any], Any]] = {
     "anchor_sizes": v_any,
     "aspect_ratios": v_any,
     "trainable_backbone_layers": v_nonneg_int,
-    "calibrator": v_opt(v_str),
 }
 
 

@@ -468,6 +468,7 @@ def _build_two_stage(
     rpn_pre_nms_top_n_test: int,
     rpn_post_nms_top_n_test: int,
     rpn_batch_size_per_image: int,
+    rpn_positive_fraction: float,
     box_batch_size_per_image: int,
     box_positive_fraction: float,
     box_score_thresh: float,
@@ -524,6 +525,7 @@ def _build_two_stage(
         rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
         rpn_post_nms_top_n_test=rpn_post_nms_top_n_test,
         rpn_batch_size_per_image=rpn_batch_size_per_image,
+        rpn_positive_fraction=rpn_positive_fraction,
         box_roi_pool=box_roi_pool,
         box_head=box_head,
         box_predictor=box_predictor,
@@ -579,6 +581,7 @@ def build_faster_rcnn(
     rpn_pre_nms_top_n_test: int = 1000,
     rpn_post_nms_top_n_test: int = 1000,
     rpn_batch_size_per_image: int = 256,
+    rpn_positive_fraction: float = 0.5,
     box_batch_size_per_image: int = 512,
     box_positive_fraction: float = 0.25,
     box_score_thresh: float = 1e-4,
@@ -601,6 +604,7 @@ def build_faster_rcnn(
             images untouched. ``fixed_size=True`` never resizes (the data pipeline sets the size).
         anchor_sizes: per feature map; None = :func:`default_anchor_sizes`. ``aspect_ratios``: one
             tuple for every map (or one tuple per map).
+        rpn_batch_size_per_image, rpn_positive_fraction: RPN anchor sampling (torchvision's).
         box_*: RoI sampling (per image, GT boxes added) and inference post-processing.
         class_agnostic_box_reg: one box regressor for all classes instead of one per class.
     """
@@ -626,6 +630,7 @@ def build_mask_rcnn(
     rpn_pre_nms_top_n_test: int = 1000,
     rpn_post_nms_top_n_test: int = 1000,
     rpn_batch_size_per_image: int = 256,
+    rpn_positive_fraction: float = 0.5,
     box_batch_size_per_image: int = 512,
     box_positive_fraction: float = 0.25,
     box_score_thresh: float = 1e-4,
