@@ -323,13 +323,29 @@ def test_background_enqueue_during_rpn_equals_inline_enqueue():
 
 
 def test_mfs_with_plain_ce_keeps_an_observer_mean_score():
+    """The observer's mean score is checkpointed with the model (a resume continues from it); the
+    memory is not; a model built without MFS (evaluation) loads such a checkpoint."""
+    from taildet.engine.checkpoint import load_model_weights
+
     model = _model(loss="softmax_ce")
     images, targets = _data()
     model.train()
     model(images, targets)
     obs = model.roi_heads.mfs.observer
-    assert obs is not None and float(obs.mean_score[0]) != pytest.approx(0.01)
-    assert "mfs" not in "".join(model.state_dict())                  # never checkpointed
+    assert obs is model.roi_heads.mfs_observer
+    assert float(obs.mean_score[0]) != pytest.approx(0.01)
+    state = model.state_dict()
+    assert [k for k in state if "mfs" in k] == ["roi_heads.mfs_observer.mean_score"]  # no memory
+    resumed = _model(loss="softmax_ce")
+    resumed.load_state_dict(state)
+    assert torch.equal(resumed.roi_heads.mfs.observer.mean_score, obs.mean_score)
+    plain = build_faster_rcnn(C, loss="softmax_ce", **SMALL)
+    load_model_weights(plain, state)
+    assert torch.equal(plain.roi_heads.box_predictor.cls_score.weight,
+                       model.roi_heads.box_predictor.cls_score.weight)
+    with pytest.raises(RuntimeError, match="Unexpected key"):  # other unexpected keys still fail
+        load_model_weights(plain, {**state, "roi_heads.other.x": torch.zeros(1)})
+    assert "mfs_observer" not in "".join(_model().state_dict())  # EBL keeps its own mean score
 
 
 def test_mfs_refuses_a_trainable_backbone():
@@ -459,3 +475,10 @@ def test_other_loce_recipes_fine_tune(stage1, name):
     assert (seen["mfs"] is None) == (name == "demo_faster_tiny_ebl_ft.yaml")
     if name == "demo_faster_tiny_loce_prior_ft.yaml":
         assert seen["mfs"].sampler.prior == "instance_counts"
+    if name == "demo_faster_tiny_mfs_ft.yaml":  # CE + MFS: the observer's mean score is checkpointed
+        from taildet.engine import evaluate_checkpoint
+
+        saved = load_checkpoint(out["checkpoint"])["model"]
+        assert torch.equal(saved["roi_heads.mfs_observer.mean_score"], seen["mfs"].observer.mean_score)
+        metrics = evaluate_checkpoint(cfg, out["checkpoint"])  # a model without MFS loads it
+        assert 0.0 <= metrics["bbox"]["AP"] <= 1.0

@@ -42,7 +42,7 @@ def calibrate_checkpoint(cfg, checkpoint_path: str, out: str | None = None, *, m
     """
     from taildet.calibration import collect_logit_statistics
     from taildet.data.samplers import TrainingSampler
-    from taildet.engine.checkpoint import load_checkpoint
+    from taildet.engine.checkpoint import load_checkpoint, load_model_weights
     from taildet.engine.distributed import barrier, get_rank, get_world_size, init_distributed, is_main_process
     from taildet.engine.inference import list_collate, resolve_device
     from taildet.engine.train import _seed_all, build_datasets, setup_logging
@@ -53,7 +53,7 @@ def calibrate_checkpoint(cfg, checkpoint_path: str, out: str | None = None, *, m
     train_set, _, _ = build_datasets(cfg, need_train=True)
     state = load_checkpoint(checkpoint_path)
     model = build_model_for_checkpoint(cfg, train_set.num_classes, train_set)
-    model.load_state_dict(state["model"])
+    load_model_weights(model, state["model"])
     model.to(device)
     _seed_all(cfg.train.seed)
     sampler = TrainingSampler(len(train_set), shuffle=True, seed=cfg.train.seed,

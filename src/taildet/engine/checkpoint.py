@@ -82,6 +82,20 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     return state
 
 
+#: State-dict prefixes that only a training set-up has (MFS's mean-score observer): dropped by
+#: :func:`load_model_weights` when the model being loaded has no such module.
+TRAINING_ONLY_PREFIXES = ("roi_heads.mfs_observer.",)
+
+
+def load_model_weights(model: torch.nn.Module, state_dict: dict) -> None:
+    """``model.load_state_dict(state_dict)`` (strict) for inference-time models: entries under
+    :data:`TRAINING_ONLY_PREFIXES` that ``model`` lacks (it was built without MFS) are dropped."""
+    own = model.state_dict()
+    kept = {k: v for k, v in state_dict.items()
+            if k in own or not any(k.startswith(p) for p in TRAINING_ONLY_PREFIXES)}
+    model.load_state_dict(kept)
+
+
 def _iteration_of(name: str) -> int:
     m = _CKPT_RE.match(name)
     return int(m.group(1)) if m else -1

@@ -263,7 +263,7 @@ def evaluate_checkpoint(cfg, checkpoint_path: str, calibration: Any = None, prog
     ``results_bbox.json`` / ``metrics.json``; with a calibration, into ``<dir>/eval_calibrated``).
     Returns ``{iou_type: metrics}`` (on every rank).
     """
-    from taildet.engine.checkpoint import load_checkpoint
+    from taildet.engine.checkpoint import load_checkpoint, load_model_weights
     from taildet.engine.distributed import broadcast_object, init_distributed
     from taildet.engine.train import build_datasets, loss_needs_train_statistics
 
@@ -278,7 +278,7 @@ def evaluate_checkpoint(cfg, checkpoint_path: str, calibration: Any = None, prog
     train_set, val_set, val_json = build_datasets(cfg, need_train=loss_needs_train_statistics(cfg, ft_loss))
     state = load_checkpoint(checkpoint_path)
     model = build_model_for_checkpoint(cfg, val_set.num_classes, train_set)
-    model.load_state_dict(state["model"])
+    load_model_weights(model, state["model"])
     model.to(device)
     model = _apply_calibration(model, calibration, class_names=val_set.class_names)
     results = inference(model, val_set, cfg.eval.batch_size or cfg.data.batch_size, device,

@@ -718,8 +718,25 @@ def check_frozen_features(model: torch.nn.Module, allow_stale_features: bool = F
 
 def attach_mfs(model: torch.nn.Module, mfs: MemoryAugmentedSampling, *, allow_stale_features: bool = False
                ) -> MemoryAugmentedSampling:
-    """Check the feature extractor is frozen, then set ``model.roi_heads.mfs = mfs``."""
+    """Check the feature extractor is frozen, then set ``model.roi_heads.mfs = mfs``.
+
+    When the sampler reads mean scores and the loss keeps none (MFS with plain CE), the mean-score
+    observer (an :class:`~taildet.losses.equilibrium.EquilibriumLoss` used only for its update) is
+    created here and registered as ``model.roi_heads.mfs_observer``, so its ``mean_score`` is in
+    the ``state_dict`` and checkpoints and a resume continues from it. Inference-time loaders drop
+    that key for models without MFS (:func:`taildet.engine.checkpoint.load_model_weights`).
+    """
     check_frozen_features(model, allow_stale_features)
+    rh = model.roi_heads
+    if mfs.sampler.prior == "mean_score" and not _has_mean_score(rh.loss) and mfs.observer is None:
+        from taildet.losses.equilibrium import EquilibriumLoss
+
+        if rh.loss.num_outputs() != mfs.num_classes + 1:
+            raise ConfigError(
+                f"finetune.mfs.prior: 'mean_score' needs a softmax head with a background column "
+                f"({mfs.num_classes + 1} outputs), got {rh.loss.num_outputs()}; use prior: instance_counts")
+        mfs.observer = EquilibriumLoss(mfs.num_classes, alpha=mfs.alpha, bg_score=mfs.bg_score)
+        rh.mfs_observer = mfs.observer  # a submodule: checkpointed with the model
     model.roi_heads.mfs = mfs
     rpn = getattr(model, "rpn", None)
     if rpn is not None and getattr(rpn, "_taildet_mfs_hook", None) is None:
