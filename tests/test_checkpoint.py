@@ -103,3 +103,41 @@ def test_atomic_write_text_replaces_whole_file_or_keeps_old(tmp_path):
         atomic_write(target, broken)
     assert target.read_text() == "first\n"
     assert [p.name for p in target.parent.iterdir()] == ["m.json"]  # no temporary file left
+
+
+def test_atomic_write_errors_name_the_file_and_files_are_readable(tmp_path):
+    from taildet.errors import OutputError
+    from taildet.fileio import atomic_write_text
+
+    target = tmp_path / "a.txt"
+    atomic_write_text("x", target)
+    assert (target.stat().st_mode & 0o777) == (0o666 & ~_umask())  # not mkstemp's 0600
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(OutputError, match=r"cannot write .*file/sub/b\.txt"):
+        atomic_write_text("x", blocker / "sub" / "b.txt")  # a file where a directory should be
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):  # running as root: permissions are not enforced
+            pytest.skip("directory permissions not enforced for this user")
+        with pytest.raises(OutputError, match=r"cannot write .*ro/c\.txt: Permission denied"):
+            atomic_write_text("x", ro / "c.txt")
+    finally:
+        ro.chmod(0o700)
+    # an error of the caller's own write function is not an output error
+    from taildet.fileio import atomic_write
+
+    def boom(fh):
+        raise RuntimeError("not a disk problem")
+
+    with pytest.raises(RuntimeError, match="not a disk problem"):
+        atomic_write(tmp_path / "d.bin", boom)
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

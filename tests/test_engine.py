@@ -322,3 +322,46 @@ def test_end_to_end_tiny_faster_rcnn(tmp_path):
     # resume from the final checkpoint: nothing left to train, evaluation only
     out2 = train(cfg, resume=True, progress=False, evaluate=False)
     assert out2["checkpoint"] == out["checkpoint"]
+
+
+# ----------------------------------------------------------------------------- run directory hygiene
+
+
+def test_resume_refuses_a_changed_config_and_accepts_logging_changes(tmp_path):
+    from taildet.errors import ConfigError
+
+    def kill(it, state):
+        if it == 3:
+            raise Killed()
+
+    with pytest.raises(Killed):
+        run(make_cfg(tmp_path, "r", iterations=6), hooks=[kill])
+    with pytest.raises(ConfigError, match=r"different config \(train\.lr: 0\.01 -> 0\.2\)"):
+        train(make_cfg(tmp_path, "r", iterations=6, lr=0.2), resume=True, progress=False,
+              model=TinyFasterRCNN(), train_dataset=TinyDetSet())
+    with pytest.raises(ConfigError, match=r"train\.iterations: 6 -> 9"):
+        train(make_cfg(tmp_path, "r", iterations=9), resume=True, progress=False,
+              model=TinyFasterRCNN(), train_dataset=TinyDetSet())
+    cfg = make_cfg(tmp_path, "r", iterations=6, log_period=2, checkpoint_period=2)  # may change
+    out = train(cfg, resume=True, progress=False, model=TinyFasterRCNN(), train_dataset=TinyDetSet())
+    assert load_checkpoint(out["checkpoint"])["iteration"] == 6
+
+
+def test_new_run_sets_an_old_runs_checkpoints_aside_and_temp_files_go(tmp_path):
+    out, _ = run(make_cfg(tmp_path, "d", iterations=3))
+    rd = out["run_dir"]
+    (tmp_path / "d" / ".checkpoint_0000009.pth.abc123.tmp").write_bytes(b"partial")
+    # a new run in the same directory, killed before its first checkpoint ...
+    def kill(it, state):
+        if it == 1:
+            raise Killed()
+
+    with pytest.raises(Killed):
+        run(make_cfg(tmp_path, "d", iterations=6, lr=0.02), hooks=[kill])
+    names = os.listdir(rd)
+    assert not any(n.endswith(".tmp") for n in names)
+    assert not any(n.startswith("checkpoint_") or n == "model_final.pth" for n in names)
+    aside = [n for n in names if n.startswith("superseded-")]
+    assert len(aside) == 1 and "model_final.pth" in os.listdir(os.path.join(rd, aside[0]))
+    # ... so its --resume starts from scratch instead of continuing the old run's weights
+    assert last_checkpoint(rd) is None

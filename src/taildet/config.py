@@ -643,9 +643,6 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Conf
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write ``cfg.to_dict()`` as YAML (atomically: temp file + rename)."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
-    os.replace(tmp, path)
+    from taildet.fileio import atomic_write_text
+
+    atomic_write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), path)

@@ -30,5 +30,10 @@ class DataError(TaildetError, ValueError):
         super().__init__(where + problem)
 
 
+class OutputError(TaildetError):
+    """A file taildet must write could not be written (disk full, read-only, not a directory):
+    names the file and the reason."""
+
+
 class ConfigError(TaildetError, ValueError):
     """Invalid configuration: names the key and what is wrong."""

@@ -8,9 +8,12 @@ and a killed writer leaves the previous file intact.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
+
+from taildet.errors import OutputError
 
 
 def _fsync_dir(directory: str) -> None:
@@ -27,26 +30,95 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+#: Permission bits of written files: what ``open()`` would give (``mkstemp`` makes them 0600).
+_FILE_MODE = 0o666 & ~_umask()
+
+#: How the temporary files of :func:`atomic_write` are named: ``.<name>.<random>.tmp``.
+TEMP_PATTERN = ".*.tmp"
+
+
+def _output_error(path: Path, err: BaseException) -> OutputError:
+    reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+    try:
+        free = shutil.disk_usage(path.parent if path.parent.exists() else ".").free
+        reason += f" ({free / 2**20:.0f} MiB free on that filesystem)"
+    except OSError:
+        pass
+    return OutputError(f"cannot write {path}: {reason}")
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
-    """Write ``path`` atomically with ``write(binary_file)``; returns the path."""
+    """Write ``path`` atomically with ``write(binary_file)``; returns the path.
+
+    A failure to write (disk full, read-only filesystem, a file where a directory should be) is
+    an :class:`~taildet.errors.OutputError` naming the file, and leaves no temporary file.
+    """
     path = Path(path)
-    directory = str(path.parent.resolve())
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        directory = str(path.parent.resolve())
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    except OSError as err:
+        raise _output_error(path, err) from None
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         try:
             os.unlink(tmp)
         except OSError:
             pass  # the temporary file is already gone; re-raise the original error below
+        # torch.save reports a full disk as a RuntimeError from its zip writer
+        if isinstance(err, OSError) or (isinstance(err, RuntimeError) and _disk_problem(directory)):
+            raise _output_error(path, err) from None
         raise
     _fsync_dir(directory)
     return path
+
+
+def _disk_problem(directory: str) -> bool:
+    """Whether writing to ``directory`` fails now (full or read-only): tells a failed write from
+    an error of the caller's ``write`` function."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".probe.", suffix=".tmp", dir=directory)
+    except OSError:
+        return True
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(b"\0" * 65536)
+            fh.flush()
+            os.fsync(fh.fileno())
+        return False
+    except OSError:
+        return True
+    finally:
+        try:
+            os.unlink(probe)
+        except OSError:
+            pass
+
+
+def remove_stale_temp_files(directory: str | os.PathLike) -> list[str]:
+    """Delete the temporary files interrupted :func:`atomic_write` calls left in ``directory``
+    (``.<name>.<random>.tmp``; a killed writer cannot remove its own). Returns their names."""
+    removed = []
+    for p in Path(directory).glob(TEMP_PATTERN):
+        try:
+            p.unlink()
+            removed.append(p.name)
+        except OSError:
+            pass
+    return removed
 
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> Path:

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import random
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from taildet.fileio import atomic_write_text
 from taildet.engine.checkpoint import (LAST_CHECKPOINT_FILE, get_rng_state, last_checkpoint, load_checkpoint,
                                        save_checkpoint, set_rng_state)
 from taildet.engine.distributed import (all_gather_object, barrier, broadcast_object, get_local_rank, get_rank,
@@ -38,7 +40,7 @@ from taildet.engine.distributed import (all_gather_object, barrier, broadcast_ob
                                         sync_loss_state, unwrap_model)
 from taildet.engine.inference import eval_caps, evaluate_results, inference, list_collate, resolve_device
 from taildet.engine.schedule import build_scheduler
-from taildet.errors import ConfigError, TaildetError
+from taildet.errors import ConfigError, OutputError, TaildetError
 from taildet.losses.equalized_focal import set_grad_scale
 
 __all__ = [
@@ -311,10 +313,7 @@ def _truncate_metrics(path: str, iteration: int) -> None:
                     keep.append(line if line.endswith("\n") else line + "\n")
             except json.JSONDecodeError:
                 continue
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.writelines(keep)
-    os.replace(tmp, path)
+    atomic_write_text("".join(keep), path)
 
 
 def run_training(
@@ -521,17 +520,88 @@ def run_training(
 # ----------------------------------------------------------------------------- entry point
 
 
+#: Config keys that may differ between a run and its resume (where output goes, logging, data
+#: loading, paths, evaluation); any other difference makes ``--resume`` an error.
+RESUME_MAY_CHANGE = re.compile(
+    r"^(output_dir|eval\..*|(finetune\.)?train\.(log_period|checkpoint_period|device)|data\.num_workers"
+    r"|.*(root|_json|_weights))$")
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def check_resume_config(saved: dict, cfg, run_dir: str) -> None:
+    """ConfigError when ``cfg`` differs from the config ``run_dir`` was started with (its
+    ``config.yaml``) in a key outside :data:`RESUME_MAY_CHANGE`: a resume continues the optimizer,
+    schedule, sampler and RNG of the saved run, so e.g. a new lr would be silently ignored and a
+    new schedule length would change the run mid-way."""
+    import yaml
+
+    old = _flatten(saved)
+    new = _flatten(yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False)))  # as config.yaml has it
+    changed = sorted(k for k in set(old) | set(new)
+                     if old.get(k) != new.get(k) and not RESUME_MAY_CHANGE.match(k))
+    if changed:
+        shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:8])
+        more = f"; ... ({len(changed)} in all)" if len(changed) > 8 else ""
+        raise ConfigError(
+            f"resume: {run_dir} was started with a different config ({shown}{more}). Resume with the "
+            f"run's own config ({os.path.join(run_dir, 'config.yaml')}), or start a new run without "
+            "--resume / in another output_dir")
+
+
+def _set_aside_old_run(run_dir: str) -> str | None:
+    """Move a previous run's checkpoints out of the way of a new run in the same directory, so
+    that a later ``--resume`` of the new run can never pick them up. Returns the folder used."""
+    old = [n for n in os.listdir(run_dir)
+           if n == "model_final.pth" or n == LAST_CHECKPOINT_FILE or re.match(r"checkpoint_\d+\.pth$", n)]
+    if not old:
+        return None
+    aside = os.path.join(run_dir, "superseded-" + time.strftime("%Y%m%d-%H%M%S"))
+    os.makedirs(aside, exist_ok=True)
+    for n in old:
+        os.replace(os.path.join(run_dir, n), os.path.join(aside, n))
+    return aside
+
+
 def prepare_run_dir(cfg, resume: bool) -> str:
-    """Create ``cfg.output_dir`` and write ``config.yaml`` (rank 0)."""
+    """Create ``cfg.output_dir`` and write ``config.yaml`` (rank 0).
+
+    Removes temporary files of interrupted writes. With ``resume``, the config must match the one
+    the run was started with (:func:`check_resume_config`); without it, checkpoints of an earlier
+    run in the directory are moved to ``superseded-<time>/`` (a later ``--resume`` of this run
+    must not continue the old one).
+    """
+    import yaml
+
     from taildet.config import save_config
+    from taildet.fileio import remove_stale_temp_files
 
     run_dir = os.path.abspath(cfg.output_dir)
+    saved_cfg = os.path.join(run_dir, "config.yaml")
+    if resume and os.path.isfile(saved_cfg) and last_checkpoint(run_dir) is not None:
+        with open(saved_cfg, encoding="utf-8") as fh:  # every rank: all raise alike
+            check_resume_config(yaml.safe_load(fh) or {}, cfg, run_dir)
     if is_main_process():
-        os.makedirs(run_dir, exist_ok=True)
-        if not resume and last_checkpoint(run_dir) is not None:
-            log.warning("%s already holds checkpoints; starting a new run over them (use --resume to "
-                        "continue instead)", run_dir)
-        save_config(cfg, os.path.join(run_dir, "config.yaml"))
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+        except OSError as err:
+            raise OutputError(f"cannot create the run directory {run_dir}: {err.strerror or err}") from None
+        stale = remove_stale_temp_files(run_dir)
+        if stale:
+            log.info("removed %d temporary file(s) of interrupted writes from %s", len(stale), run_dir)
+        if not resume:
+            aside = _set_aside_old_run(run_dir)
+            if aside is not None:
+                log.warning("%s held checkpoints of an earlier run: moved to %s (use --resume to continue a "
+                            "run instead)", run_dir, aside)
+        save_config(cfg, saved_cfg)
     barrier()
     return run_dir
 
