@@ -22,12 +22,23 @@ class DataError(TaildetError, ValueError):
         problem: what is wrong, in words.
     """
 
-    def __init__(self, file: Any, item: str, problem: str):
+    def __init__(self, file: Any, item: str | None = None, problem: str | None = None):
+        if item is None and problem is None:
+            # re-created from a message alone: torch's DataLoader re-raises a worker's exception
+            # as ``type(msg)`` with the worker's traceback text; keep only the original message
+            text = str(file)
+            marker = f"{type(self).__name__}: "
+            lines = [ln for ln in text.splitlines() if ln.strip()]
+            last = next((ln for ln in reversed(lines) if marker in ln), text)
+            text = last.split(marker, 1)[1] if marker in last else last
+            self.file, self.item, self.problem = text, "", ""
+            super().__init__(text)
+            return
         self.file = str(file)
-        self.item = item
-        self.problem = problem
+        self.item = item or ""
+        self.problem = problem or ""
         where = f"{self.file}: {item}: " if item else f"{self.file}: "
-        super().__init__(where + problem)
+        super().__init__(where + self.problem)
 
 
 class OutputError(TaildetError):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import warnings
 from collections import Counter
 from typing import Any, Callable, Iterable
@@ -108,6 +109,37 @@ class _Skipper:
             self.examples.append(f"{item}: {reason}: {detail}")
 
 
+#: Characters of a compressed (COCO) RLE string: 6-bit groups stored as chr(48 + value).
+_RLE_CHARS = re.compile(r"^[0-o]*$")
+
+
+def rle_counts_problem(counts: Any, height: int, width: int) -> str | None:
+    """What is wrong with an RLE's ``counts`` for an ``height x width`` mask, or None.
+
+    A list must hold non-negative integers summing to ``height * width``; a compressed string
+    must be non-empty and use only the characters of COCO's encoding (pycocotools would read
+    other bytes as garbage counts, or loop on them).
+    """
+    if isinstance(counts, bytes):
+        try:
+            counts = counts.decode("ascii")
+        except UnicodeDecodeError:
+            return "RLE 'counts' is not an ASCII string"
+    if isinstance(counts, list):
+        if not all(_is_int(v) and v >= 0 for v in counts):
+            return "RLE 'counts' list must hold non-negative integers"
+        if sum(counts) != height * width:
+            return f"RLE 'counts' sum to {sum(counts)} pixels, the mask has {height}x{width} = {height * width}"
+        return None
+    if isinstance(counts, str):
+        if not counts:
+            return "RLE 'counts' is an empty string"
+        if not _RLE_CHARS.match(counts):
+            return "RLE 'counts' string has characters outside the compressed-RLE alphabet ('0'..'o')"
+        return None
+    return "RLE 'counts' must be a list or a string"
+
+
 def _check_segmentation(seg: Any, height: int, width: int) -> str | None:
     """Return a problem description, or None when ``seg`` is a usable polygon list or RLE."""
     if isinstance(seg, list):
@@ -120,6 +152,10 @@ def _check_segmentation(seg: Any, height: int, width: int) -> str | None:
                 return f"polygon {k} has {len(poly)} coordinates; need an even number >= 6 (3 points)"
             if not all(_is_number(v) and math.isfinite(v) for v in poly):
                 return f"polygon {k} has non-numeric or non-finite coordinates"
+            xs, ys = poly[0::2], poly[1::2]
+            if min(xs) < -1 or min(ys) < -1 or max(xs) > width + 1 or max(ys) > height + 1:
+                return (f"polygon {k} extends beyond the {width}x{height} image (x {min(xs):g}..{max(xs):g}, "
+                        f"y {min(ys):g}..{max(ys):g})")
         return None
     if isinstance(seg, dict):
         if "counts" not in seg or "size" not in seg:
@@ -127,9 +163,7 @@ def _check_segmentation(seg: Any, height: int, width: int) -> str | None:
         size = seg["size"]
         if not (isinstance(size, list) and len(size) == 2 and list(size) == [height, width]):
             return f"RLE size {size} differs from the image size [{height}, {width}]"
-        if not isinstance(seg["counts"], (list, str)):
-            return "RLE 'counts' must be a list or a string"
-        return None
+        return rle_counts_problem(seg["counts"], height, width)
     return f"segmentation must be a polygon list or an RLE dict, got {type(seg).__name__}"
 
 

@@ -53,7 +53,7 @@ def calibrate_checkpoint(cfg, checkpoint_path: str, out: str | None = None, *, m
     train_set, _, _ = build_datasets(cfg, need_train=True)
     state = load_checkpoint(checkpoint_path)
     model = build_model_for_checkpoint(cfg, train_set.num_classes, train_set)
-    load_model_weights(model, state["model"])
+    load_model_weights(model, state["model"], checkpoint_path, state.get("config"))
     model.to(device)
     _seed_all(cfg.train.seed)
     sampler = TrainingSampler(len(train_set), shuffle=True, seed=cfg.train.seed,

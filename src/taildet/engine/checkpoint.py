@@ -79,6 +79,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
                               f"{type(e).__name__}: {e}") from None
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path}: not a taildet checkpoint (no 'model' entry)")
+    if not isinstance(state["model"], dict) or not all(isinstance(v, torch.Tensor) for v in state["model"].values()):
+        raise CheckpointError(f"{path}: not a taildet checkpoint ('model' is not a state dict of tensors)")
     return state
 
 
@@ -87,12 +89,34 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
 TRAINING_ONLY_PREFIXES = ("roi_heads.mfs_observer.",)
 
 
-def load_model_weights(model: torch.nn.Module, state_dict: dict) -> None:
+def load_model_weights(model: torch.nn.Module, state_dict: dict, source: str = "checkpoint",
+                       saved_config: dict | None = None) -> None:
     """``model.load_state_dict(state_dict)`` (strict) for inference-time models: entries under
-    :data:`TRAINING_ONLY_PREFIXES` that ``model`` lacks (it was built without MFS) are dropped."""
+    :data:`TRAINING_ONLY_PREFIXES` that ``model`` lacks (it was built without MFS) are dropped.
+
+    Weights that do not fit (another architecture, class count or loss head) are a
+    :class:`CheckpointError` naming ``source``, the first differences and, when ``saved_config``
+    (the checkpoint's ``config`` entry) is given, what the checkpoint was trained as."""
     own = model.state_dict()
     kept = {k: v for k, v in state_dict.items()
             if k in own or not any(k.startswith(p) for p in TRAINING_ONLY_PREFIXES)}
+    problems = [f"shape {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} in the model for {k}"
+                for k, v in kept.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    missing = [k for k in own if k not in kept]
+    unexpected = [k for k in kept if k not in own]
+    if missing:
+        problems.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]}")
+    if problems:
+        trained = ""
+        model_cfg = (saved_config or {}).get("model") if isinstance(saved_config, dict) else None
+        if isinstance(model_cfg, dict):
+            trained = (f"; it was trained as arch {model_cfg.get('arch')!r} with loss "
+                       f"{model_cfg.get('loss')!r} and num_classes {model_cfg.get('num_classes')!r}")
+        raise CheckpointError(f"{source}: the checkpoint does not fit the model built from the config: "
+                              + "; ".join(problems[:4]) + trained
+                              + ". Use the config the checkpoint was trained with")
     model.load_state_dict(kept)
 
 

@@ -278,7 +278,7 @@ def evaluate_checkpoint(cfg, checkpoint_path: str, calibration: Any = None, prog
     train_set, val_set, val_json = build_datasets(cfg, need_train=loss_needs_train_statistics(cfg, ft_loss))
     state = load_checkpoint(checkpoint_path)
     model = build_model_for_checkpoint(cfg, val_set.num_classes, train_set)
-    load_model_weights(model, state["model"])
+    load_model_weights(model, state["model"], checkpoint_path, state.get("config"))
     model.to(device)
     model = _apply_calibration(model, calibration, class_names=val_set.class_names)
     results = inference(model, val_set, cfg.eval.batch_size or cfg.data.batch_size, device,

@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from taildet.fileio import atomic_write_text
 from taildet.engine.checkpoint import (LAST_CHECKPOINT_FILE, get_rng_state, last_checkpoint, load_checkpoint,
+                                       load_model_weights,
                                        save_checkpoint, set_rng_state)
 from taildet.engine.distributed import (all_gather_object, barrier, broadcast_object, get_local_rank, get_rank,
                                         get_world_size, init_distributed, is_main_process, reduce_loss_dict,
@@ -41,6 +41,7 @@ from taildet.engine.distributed import (all_gather_object, barrier, broadcast_ob
 from taildet.engine.inference import eval_caps, evaluate_results, inference, list_collate, resolve_device
 from taildet.engine.schedule import build_scheduler
 from taildet.errors import ConfigError, OutputError, TaildetError
+from taildet.fileio import atomic_write_text
 from taildet.losses.equalized_focal import set_grad_scale
 
 __all__ = [
@@ -118,6 +119,10 @@ def build_datasets(cfg, need_train: bool = True):
     if val_json:
         val_set = load_lvis(val_json, val_root, transforms=build_transforms(False, d.min_sizes, d.max_size, 0.0),
                             with_masks=False, skip_invalid=d.skip_invalid)
+        if train_set is not None:
+            from taildet.data.lvis import check_same_categories
+
+            check_same_categories(train_set, val_set)  # a model's label j must mean one class in both
     elif not need_train:
         raise ConfigError("data.val_json: required for evaluation")
     return train_set, val_set, val_json
@@ -370,7 +375,7 @@ def run_training(
         log.info("resume: no checkpoint in %s, starting from scratch", run_dir)
     if ckpt_path is not None:
         state = load_checkpoint(ckpt_path)
-        core.load_state_dict(state["model"])
+        load_model_weights(core, state["model"], ckpt_path, state.get("config"))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler") and use_amp:

@@ -76,8 +76,11 @@ def _check_rle(seg: Any, file: str, item: str) -> None:
     if (not isinstance(size, (list, tuple)) or len(size) != 2
             or not all(_is_int(v) and v >= 0 for v in size)):
         raise DataError(file, item, f"segmentation 'size' must be [height, width], got {size!r}")
-    if not isinstance(seg["counts"], (str, bytes, list)):
-        raise DataError(file, item, "segmentation 'counts' must be a string (compressed RLE) or a list")
+    from taildet.data.lvis import rle_counts_problem
+
+    problem = rle_counts_problem(seg["counts"], int(size[0]), int(size[1]))
+    if problem is not None:
+        raise DataError(file, item, f"segmentation: {problem}")
 
 
 def load_results(path_or_list: str | os.PathLike | list, gt: Any = None,

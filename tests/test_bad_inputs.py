@@ -1,0 +1,69 @@
+"""Bad inputs found by an audit: each is a clear error naming the file / item, not a traceback
+from deep inside torch or pycocotools, a hang or silently wrong data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from taildet.data.lvis import _check_segmentation, rle_counts_problem
+from taildet.engine.checkpoint import CheckpointError, load_model_weights
+from taildet.errors import DataError
+from taildet.evaluation.results_io import load_results
+
+
+class _BadItem(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        raise DataError("train.json", f"image id {i}", "image file missing")
+
+
+def test_data_error_in_a_loader_worker_keeps_its_one_line_message():
+    loader = torch.utils.data.DataLoader(_BadItem(), batch_size=1, num_workers=1)
+    with pytest.raises(DataError) as ei:
+        next(iter(loader))
+    assert str(ei.value) == "train.json: image id 0: image file missing"
+
+
+def test_rle_counts_are_validated():
+    assert rle_counts_problem([1, 2, 3], 2, 3) is None
+    assert "sum to 15 pixels" in rle_counts_problem([10, 5], 480, 640)
+    assert "non-negative integers" in rle_counts_problem([-5, 10], 1, 5)
+    assert "empty string" in rle_counts_problem("", 4, 4)
+    assert "alphabet" in rle_counts_problem("\x7f\x7f!!zz", 4, 4)
+    assert rle_counts_problem("PPYo1", 4, 4) is None  # valid characters (length not decodable cheaply)
+    assert "ASCII" in rle_counts_problem("é€".encode(), 4, 4)
+
+
+def test_garbage_rle_in_a_results_file_is_an_error_not_a_hang():
+    res = [{"image_id": 1, "category_id": 1, "score": 0.5,
+            "segmentation": {"size": [4, 4], "counts": "\x7f\x7f!!zz"}}]
+    with pytest.raises(DataError, match=r"results\[0\].*alphabet"):
+        load_results(res, iou_type="segm")
+
+
+def test_polygon_far_outside_the_image_is_rejected():
+    assert _check_segmentation([[1.0, 1.0, 10.0, 1.0, 10.0, 10.0]], 20, 20) is None
+    assert _check_segmentation([[-0.5, 0.0, 20.5, 0.0, 20.0, 20.0]], 20, 20) is None  # 1 px tolerance
+    assert "extends beyond the 20x20 image" in _check_segmentation([[1e300, 0, 10, 0, 10, 10]], 20, 20)
+    assert "RLE 'counts' sum" in _check_segmentation({"size": [2, 2], "counts": [1, 1]}, 2, 2)
+
+
+def test_checkpoint_that_does_not_fit_names_the_file_and_what_it_was():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4))
+    wrong = {"0.weight": torch.zeros(5, 3), "0.bias": torch.zeros(5), "1.weight": torch.zeros(1)}
+    cfg = {"model": {"arch": "retinanet", "loss": "sigmoid_focal", "num_classes": 4}}
+    with pytest.raises(CheckpointError, match=r"ck\.pth: the checkpoint does not fit .*shape \(5, 3\) in the "
+                                              r"checkpoint, \(4, 3\) in the model for 0\.weight.*1 unexpected key"
+                                              r".*trained as arch 'retinanet'"):
+        load_model_weights(model, wrong, "ck.pth", cfg)
+
+
+def test_checkpoint_whose_model_entry_is_not_a_state_dict(tmp_path):
+    from taildet.engine.checkpoint import load_checkpoint
+
+    torch.save({"model": 5}, tmp_path / "odd.pth")
+    with pytest.raises(CheckpointError, match=r"odd\.pth: not a taildet checkpoint \('model' is not a state dict"):
+        load_checkpoint(tmp_path / "odd.pth")
