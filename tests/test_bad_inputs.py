@@ -67,3 +67,24 @@ def test_checkpoint_whose_model_entry_is_not_a_state_dict(tmp_path):
     torch.save({"model": 5}, tmp_path / "odd.pth")
     with pytest.raises(CheckpointError, match=r"odd\.pth: not a taildet checkpoint \('model' is not a state dict"):
         load_checkpoint(tmp_path / "odd.pth")
+
+
+def test_bad_loss_kwargs_values_name_the_config_keys():
+    from taildet.errors import ConfigError
+    from taildet.losses import build_loss
+
+    with pytest.raises(ConfigError, match=r"model\.loss_kwargs of loss 'seesaw' \(\{'p': 'abc'\}\)"):
+        build_loss("seesaw", 5, p="abc")
+    with pytest.raises(ConfigError, match=r"p and q must be >= 0"):
+        build_loss("seesaw", 5, p=-1)
+
+
+def test_eval_results_inputs_that_are_not_json_text(tmp_path):
+    from taildet.evaluation.lvis_eval import load_gt
+
+    (tmp_path / "bin.json").write_bytes(b"\xff\xfe\x00binary")
+    for bad in (tmp_path, tmp_path / "bin.json"):
+        with pytest.raises(DataError, match="not a JSON text file"):
+            load_results(bad)
+        with pytest.raises(DataError, match="not a JSON text file"):
+            load_gt(bad)

@@ -80,8 +80,10 @@ def load_gt(gt: str | os.PathLike | Mapping) -> tuple[dict, str]:
     else:
         file = str(gt)
         try:
-            with open(file) as f:
+            with open(file, encoding="utf-8") as f:
                 data = json.load(f)
+        except (IsADirectoryError, UnicodeDecodeError) as e:
+            raise DataError(file, "", f"not a JSON text file ({type(e).__name__})") from None
         except FileNotFoundError:
             raise DataError(file, "", "GT file not found") from None
         except json.JSONDecodeError as e:

@@ -18,6 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from taildet.errors import DataError
 from taildet.evaluation.lvis_eval import (
     _frequencies,
     evaluate_coco,
@@ -196,7 +197,9 @@ def eval_results_main(gt: str | os.PathLike, results: str | os.PathLike | list,
         name = f"{iou_type} AP-fixed" if fixed else iou_type
     else:
         if fixed:
-            raise ValueError("fixed=True (AP-fixed) needs an LVIS-format GT")
+            raise DataError(gt if not isinstance(gt, Mapping) else "<GT dict>", "",
+                            "AP-fixed (--fixed) needs an LVIS-format GT (categories with 'frequency', "
+                            "images with 'neg_category_ids'); this is COCO format")
         metrics = evaluate_coco(gt_data, results, iou_type=iou_type)
         keys = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR@100")
         name = f"{iou_type} (COCO)"

@@ -107,8 +107,10 @@ def load_results(path_or_list: str | os.PathLike | list, gt: Any = None,
     if isinstance(path_or_list, (str, os.PathLike)):
         file = str(path_or_list)
         try:
-            with open(file) as f:
+            with open(file, encoding="utf-8") as f:
                 data = json.load(f)
+        except (IsADirectoryError, UnicodeDecodeError) as e:
+            raise DataError(file, "", f"not a JSON text file ({type(e).__name__})") from None
         except FileNotFoundError:
             raise DataError(file, "", "results file not found") from None
         except json.JSONDecodeError as e:

@@ -70,7 +70,12 @@ def _construct(cls: Callable[..., Any], name: str, num_classes: int, kwargs: dic
         inspect.signature(cls).bind(num_classes, **kwargs)
     except TypeError as exc:
         raise ConfigError(f"loss {name!r}: invalid arguments {sorted(kwargs)}: {exc}") from None
-    return cls(num_classes, **kwargs)
+    try:
+        return cls(num_classes, **kwargs)
+    except (ValueError, TypeError) as exc:  # a bad value (e.g. p: abc, p: -1): name the config keys
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"model.loss_kwargs of loss {name!r} ({kwargs}): {exc}") from None
 
 
 def build_loss(name: str, num_classes: int, **kwargs: Any) -> ClassificationLoss:
