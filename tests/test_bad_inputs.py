@@ -88,3 +88,33 @@ def test_eval_results_inputs_that_are_not_json_text(tmp_path):
             load_results(bad)
         with pytest.raises(DataError, match="not a JSON text file"):
             load_gt(bad)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda g: g["annotations"][0].update(image_id=123456789), r"annotations\[0\] \(id 1\): unknown image_id 123456789"),
+    (lambda g: g["annotations"][0].update(category_id=99), r"unknown category_id 99"),
+    (lambda g: g["annotations"][0].update(bbox=[1, 2, 3]), r"bbox must be \[x, y, w, h\]"),
+    (lambda g: g["annotations"][0].update(bbox=[1, 2, float("nan"), 3]), r"bbox must be"),
+    (lambda g: g["annotations"][0].update(area="big"), r"area must be a finite number"),
+    (lambda g: g["annotations"].append(dict(g["annotations"][0])), r"duplicate annotation id 1"),
+    (lambda g: g["images"].append(dict(g["images"][0])), r"duplicate image id 1"),
+    (lambda g: g["categories"].append(dict(g["categories"][0])), r"duplicate category id 1"),
+    (lambda g: g["images"][0].update(id="abc"), r"image id must be an integer"),
+    (lambda g: g["images"][0].update(neg_category_ids=5), r"neg_category_ids must be a list of category ids"),
+    (lambda g: g["images"][0].update(neg_category_ids="1,2"), r"neg_category_ids must be a list"),
+    (lambda g: g["images"][0].update(not_exhaustive_category_ids=[77]), r"unknown category ids \[77\]"),
+])
+def test_evaluation_gt_is_validated(tmp_path, edit, message):
+    import json
+
+    from taildet.evaluation.lvis_eval import load_gt
+
+    gt = {"images": [{"id": 1, "height": 10, "width": 10, "neg_category_ids": [], "not_exhaustive_category_ids": []}],
+          "categories": [{"id": 1, "name": "a", "frequency": "r"}, {"id": 2, "name": "b", "frequency": "f"}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4], "area": 16}]}
+    load_gt(gt)  # valid as is
+    edit(gt)
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps(gt))
+    with pytest.raises(DataError, match=message):
+        load_gt(path)

@@ -38,7 +38,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from taildet.errors import DataError
-from taildet.evaluation.results_io import cap_per_image, load_results, top_k_per_class
+from taildet.evaluation.results_io import _is_int, _is_real, cap_per_image, load_results, top_k_per_class
 
 __all__ = [
     "AP_FIXED_DETS_PER_CLASS",
@@ -93,21 +93,61 @@ def load_gt(gt: str | os.PathLike | Mapping) -> tuple[dict, str]:
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
             raise DataError(file, "", f"missing or non-list top-level key '{key}'")
+    image_ids: set = set()
     for i, im in enumerate(data["images"]):
         if not isinstance(im, Mapping) or "id" not in im:
             raise DataError(file, f"images[{i}]", "an image needs an 'id'")
+        if not _is_int(im["id"]):
+            raise DataError(file, f"images[{i}]", f"image id must be an integer, got {im['id']!r}")
+        if im["id"] in image_ids:
+            raise DataError(file, f"images[{i}]", f"duplicate image id {im['id']}")
+        image_ids.add(im["id"])
+    cat_ids: set = set()
     for i, c in enumerate(data["categories"]):
         if not isinstance(c, Mapping) or "id" not in c:
             raise DataError(file, f"categories[{i}]", "a category needs an 'id'")
+        if not _is_int(c["id"]):
+            raise DataError(file, f"categories[{i}]", f"category id must be an integer, got {c['id']!r}")
+        if c["id"] in cat_ids:
+            raise DataError(file, f"categories[{i}]", f"duplicate category id {c['id']}")
+        cat_ids.add(c["id"])
         if "frequency" in c and c["frequency"] not in _FREQS:
             raise DataError(file, f"categories[{i}] (id {c['id']})",
                             f"frequency must be 'r', 'c' or 'f', got {c['frequency']!r}")
+        if c.get("frequency") not in _FREQS and c.get("image_count") is not None and not _is_int(c["image_count"]):
+            raise DataError(file, f"categories[{i}] (id {c['id']})",
+                            f"image_count must be an integer, got {c['image_count']!r}")
+    for i, im in enumerate(data["images"]):
+        for key in ("neg_category_ids", "not_exhaustive_category_ids"):
+            if key not in im:
+                continue
+            ids = im[key]
+            if not isinstance(ids, list) or not all(_is_int(v) for v in ids):
+                raise DataError(file, f"images[{i}] (id {im['id']})", f"{key} must be a list of category ids")
+            unknown = [v for v in ids if v not in cat_ids]
+            if unknown:
+                raise DataError(file, f"images[{i}] (id {im['id']})", f"{key} has unknown category ids {unknown[:5]}")
+    ann_ids: set = set()
     for i, a in enumerate(data["annotations"]):
         if not isinstance(a, Mapping):
             raise DataError(file, f"annotations[{i}]", "an annotation must be a dict")
         for key in ("id", "image_id", "category_id", "bbox"):
             if key not in a:
                 raise DataError(file, f"annotations[{i}]", f"missing key '{key}'")
+        where = f"annotations[{i}] (id {a['id']})"
+        if a["id"] in ann_ids:
+            raise DataError(file, where, f"duplicate annotation id {a['id']}")
+        ann_ids.add(a["id"])
+        if a["image_id"] not in image_ids:
+            raise DataError(file, where, f"unknown image_id {a['image_id']!r}")
+        if a["category_id"] not in cat_ids:
+            raise DataError(file, where, f"unknown category_id {a['category_id']!r}")
+        box = a["bbox"]
+        if (not isinstance(box, list) or len(box) != 4 or not all(_is_real(v) and math.isfinite(v) for v in box)
+                or box[2] < 0 or box[3] < 0):
+            raise DataError(file, where, f"bbox must be [x, y, w, h] of finite numbers with w, h >= 0, got {box!r}")
+        if "area" in a and not (_is_real(a["area"]) and math.isfinite(a["area"]) and a["area"] >= 0):
+            raise DataError(file, where, f"area must be a finite number >= 0, got {a['area']!r}")
     return data, file  # type: ignore[return-value]
 
 
