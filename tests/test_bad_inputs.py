@@ -118,3 +118,22 @@ def test_evaluation_gt_is_validated(tmp_path, edit, message):
     path.write_text(json.dumps(gt))
     with pytest.raises(DataError, match=message):
         load_gt(path)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("neg_category_ids", [9], r"image id 1: neg_category_ids has unknown category ids \[9\]"),
+    ("not_exhaustive_category_ids", "abc", r"not_exhaustive_category_ids must be a list of category ids"),
+    ("file_name", 5, r"image id 1: file_name must be a string"),
+])
+def test_lvis_image_fields_are_validated(tmp_path, field, value, message):
+    import json
+
+    from taildet.data import load_lvis
+
+    gt = {"images": [{"id": 1, "height": 10, "width": 10, "file_name": "a.jpg", field: value}],
+          "categories": [{"id": 1, "name": "a", "frequency": "r"}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4], "area": 16}]}
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps(gt))
+    with pytest.raises(DataError, match=message):
+        load_lvis(path, tmp_path)

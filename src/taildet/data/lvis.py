@@ -304,6 +304,18 @@ class LVISDataset(torch.utils.data.Dataset):
                 raise DataError(
                     path, f"image id {im['id']}", "has neither 'file_name' nor 'coco_url'"
                 )
+            for key in ("file_name", "coco_url"):
+                if key in im and not isinstance(im[key], str):
+                    raise DataError(path, f"image id {im['id']}", f"{key} must be a string, got {im[key]!r}")
+            for key in ("neg_category_ids", "not_exhaustive_category_ids"):
+                if key not in im:
+                    continue
+                ids = im[key]
+                if not isinstance(ids, list) or not all(_is_int(v) for v in ids):
+                    raise DataError(path, f"image id {im['id']}", f"{key} must be a list of category ids, got {ids!r}")
+                unknown = [v for v in ids if v not in seen_cat]
+                if unknown:
+                    raise DataError(path, f"image id {im['id']}", f"{key} has unknown category ids {unknown[:5]}")
         self.images: list[dict] = sorted(imgs_raw, key=lambda im: im["id"])
         self.image_ids: list[int] = [im["id"] for im in self.images]
         self.num_images: int = len(self.images)
