@@ -233,3 +233,17 @@ def test_every_checked_model_key_is_a_builder_option():
     for builder in (build_faster_rcnn, build_mask_rcnn, build_retinanet, build_fcos, build_atss):
         accepted |= set(inspect.signature(builder).parameters)
     assert set(MODEL_KWARG_CHECKS) - accepted == set()
+
+
+def test_duplicate_yaml_keys_and_binary_files_are_errors(tmp_path):
+    from taildet.config import load_config
+    from taildet.errors import ConfigError
+
+    p = tmp_path / "dup.yaml"
+    p.write_text("train:\n  lr: 0.5\n  lr: 0.01\n")
+    with pytest.raises(ConfigError, match=r"(?s)dup\.yaml: not valid YAML: .*duplicate key 'lr' \(first at line 2\)"):
+        load_config(p)
+    b = tmp_path / "bin.yaml"
+    b.write_bytes(b"\xff\xfe\x00\x01")
+    with pytest.raises(ConfigError, match=r"bin\.yaml: not a UTF-8 text file"):
+        load_config(b)
