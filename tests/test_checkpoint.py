@@ -107,7 +107,7 @@ def test_atomic_write_text_replaces_whole_file_or_keeps_old(tmp_path):
 
 def test_atomic_write_errors_name_the_file_and_files_are_readable(tmp_path):
     from taildet.errors import OutputError
-    from taildet.fileio import atomic_write_text
+    from taildet.fileio import atomic_write, atomic_write_text
 
     target = tmp_path / "a.txt"
     atomic_write_text("x", target)
@@ -116,18 +116,28 @@ def test_atomic_write_errors_name_the_file_and_files_are_readable(tmp_path):
     blocker.write_text("")
     with pytest.raises(OutputError, match=r"cannot write .*file/sub/b\.txt"):
         atomic_write_text("x", blocker / "sub" / "b.txt")  # a file where a directory should be
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o500)
+    # a directory the user may not write to (simulated: CI runs as root, which ignores modes)
+    import tempfile
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(tempfile, "mkstemp", denied)
     try:
-        if os.access(ro, os.W_OK):  # running as root: permissions are not enforced
-            pytest.skip("directory permissions not enforced for this user")
         with pytest.raises(OutputError, match=r"cannot write .*ro/c\.txt: Permission denied"):
-            atomic_write_text("x", ro / "c.txt")
+            atomic_write_text("x", tmp_path / "ro" / "c.txt")
     finally:
-        ro.chmod(0o700)
+        mp.undo()
+    # a full disk while writing: named, no temporary file left
+    import errno
+
+    def full(fh):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OutputError, match=r"cannot write .*e\.bin: No space left on device \(\d+ MiB free"):
+        atomic_write(tmp_path / "e.bin", full)
     # an error of the caller's own write function is not an output error
-    from taildet.fileio import atomic_write
 
     def boom(fh):
         raise RuntimeError("not a disk problem")

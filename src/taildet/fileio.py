@@ -7,6 +7,7 @@ and a killed writer leaves the previous file intact.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -45,11 +46,9 @@ TEMP_PATTERN = ".*.tmp"
 
 def _output_error(path: Path, err: BaseException) -> OutputError:
     reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-    try:
+    with contextlib.suppress(OSError):  # the free space is extra detail; the reason stands without it
         free = shutil.disk_usage(path.parent if path.parent.exists() else ".").free
         reason += f" ({free / 2**20:.0f} MiB free on that filesystem)"
-    except OSError:
-        pass
     return OutputError(f"cannot write {path}: {reason}")
 
 
@@ -102,10 +101,8 @@ def _disk_problem(directory: str) -> bool:
     except OSError:
         return True
     finally:
-        try:
+        with contextlib.suppress(OSError):  # a probe that cannot be removed is what a failing disk does
             os.unlink(probe)
-        except OSError:
-            pass
 
 
 def remove_stale_temp_files(directory: str | os.PathLike) -> list[str]:
@@ -113,11 +110,11 @@ def remove_stale_temp_files(directory: str | os.PathLike) -> list[str]:
     (``.<name>.<random>.tmp``; a killed writer cannot remove its own). Returns their names."""
     removed = []
     for p in Path(directory).glob(TEMP_PATTERN):
-        try:
+        # one that cannot be removed (another user's, read-only) stays: no reader ever picks a
+        # temporary file up (last_checkpoint matches final names only)
+        with contextlib.suppress(OSError):
             p.unlink()
             removed.append(p.name)
-        except OSError:
-            pass
     return removed
 
 

@@ -109,6 +109,21 @@ class _Skipper:
             self.examples.append(f"{item}: {reason}: {detail}")
 
 
+def federated_ids_problem(image: dict, category_ids: Any) -> str | None:
+    """What is wrong with an LVIS image's ``neg_category_ids`` / ``not_exhaustive_category_ids``
+    (each must be a list of ids in ``category_ids``), or None."""
+    for key in ("neg_category_ids", "not_exhaustive_category_ids"):
+        if key not in image:
+            continue
+        ids = image[key]
+        if not isinstance(ids, list) or not all(_is_int(v) for v in ids):
+            return f"{key} must be a list of category ids, got {ids!r}"
+        unknown = [v for v in ids if v not in category_ids]
+        if unknown:
+            return f"{key} has unknown category ids {unknown[:5]}"
+    return None
+
+
 #: Characters of a compressed (COCO) RLE string: 6-bit groups stored as chr(48 + value).
 _RLE_CHARS = re.compile(r"^[0-o]*$")
 
@@ -307,15 +322,9 @@ class LVISDataset(torch.utils.data.Dataset):
             for key in ("file_name", "coco_url"):
                 if key in im and not isinstance(im[key], str):
                     raise DataError(path, f"image id {im['id']}", f"{key} must be a string, got {im[key]!r}")
-            for key in ("neg_category_ids", "not_exhaustive_category_ids"):
-                if key not in im:
-                    continue
-                ids = im[key]
-                if not isinstance(ids, list) or not all(_is_int(v) for v in ids):
-                    raise DataError(path, f"image id {im['id']}", f"{key} must be a list of category ids, got {ids!r}")
-                unknown = [v for v in ids if v not in seen_cat]
-                if unknown:
-                    raise DataError(path, f"image id {im['id']}", f"{key} has unknown category ids {unknown[:5]}")
+            problem = federated_ids_problem(im, seen_cat)
+            if problem is not None:
+                raise DataError(path, f"image id {im['id']}", problem)
         self.images: list[dict] = sorted(imgs_raw, key=lambda im: im["id"])
         self.image_ids: list[int] = [im["id"] for im in self.images]
         self.num_images: int = len(self.images)

@@ -117,16 +117,12 @@ def load_gt(gt: str | os.PathLike | Mapping) -> tuple[dict, str]:
         if c.get("frequency") not in _FREQS and c.get("image_count") is not None and not _is_int(c["image_count"]):
             raise DataError(file, f"categories[{i}] (id {c['id']})",
                             f"image_count must be an integer, got {c['image_count']!r}")
+    from taildet.data.lvis import federated_ids_problem
+
     for i, im in enumerate(data["images"]):
-        for key in ("neg_category_ids", "not_exhaustive_category_ids"):
-            if key not in im:
-                continue
-            ids = im[key]
-            if not isinstance(ids, list) or not all(_is_int(v) for v in ids):
-                raise DataError(file, f"images[{i}] (id {im['id']})", f"{key} must be a list of category ids")
-            unknown = [v for v in ids if v not in cat_ids]
-            if unknown:
-                raise DataError(file, f"images[{i}] (id {im['id']})", f"{key} has unknown category ids {unknown[:5]}")
+        problem = federated_ids_problem(im, cat_ids)
+        if problem is not None:
+            raise DataError(file, f"images[{i}] (id {im['id']})", problem)
     ann_ids: set = set()
     for i, a in enumerate(data["annotations"]):
         if not isinstance(a, Mapping):
