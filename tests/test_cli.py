@@ -47,15 +47,38 @@ def test_eval_results_cli_perfect_and_bad_input(tmp_path, capsys):
 
 
 def test_prior_baseline_shows_long_tail(tmp_path):
-    summary = run_compare(["prior"], tmp_path / "cmp", seed=0, progress=False, scale=0.5)
-    row = summary["prior"]
+    summary = run_compare(["prior"], tmp_path / "cmp", progress=False, scale=0.5)
+    row = summary["recipes"]["prior"]["runs"]["seed0"]
     # knowing only the label distribution ranks head classes first: APf far above APr
     assert row["APf"] > row["APr"] + 5
     assert 0 < row["AP"] < 100
     saved = json.loads((tmp_path / "cmp" / "summary.json").read_text())
-    assert saved["prior"]["AP"] == row["AP"]
+    assert saved["recipes"]["prior"]["runs"]["seed0"]["AP"] == row["AP"]
+    assert saved["recipes"]["prior"]["stats"]["AP"] == {"n": 1, "mean": row["AP"], "std": None, "ci95": None}
     assert (tmp_path / "cmp" / "report.md").read_text().count("| prior |") == 1
-    assert (tmp_path / "cmp" / "per_class_ap_prior.png").exists()
+    assert (tmp_path / "cmp" / "seed0" / "per_class_ap_prior.png").exists()
+    # per-class AP is kept per run; its mean over the rare classes is APr (the bootstrap's basis)
+    rare = [c for c, v in saved["classes"].items() if v["group"] == "r"]
+    per_class = [row["per_class_AP"][c] for c in rare if row["per_class_AP"].get(c) is not None]
+    assert sum(per_class) / len(per_class) == pytest.approx(row["APr"], abs=0.01)
+
+
+def test_compare_seeds_reach_the_runs_and_the_statistics(tmp_path):
+    """Each training seed is its own replicate (different draws), statistics are over them, and
+    --reuse picks finished replicates up again without rerunning them."""
+    summary = run_compare(["prior"], tmp_path / "cmp", seeds=(0, 1, 2), progress=False, scale=0.5)
+    runs = summary["recipes"]["prior"]["runs"]
+    assert list(runs) == ["seed0", "seed1", "seed2"]
+    aps = [runs[r]["AP"] for r in runs]
+    assert len(set(aps)) == 3                             # the seed reached the prior's draws
+    stats = summary["recipes"]["prior"]["stats"]["AP"]
+    assert stats["n"] == 3 and stats["mean"] == pytest.approx(sum(aps) / 3)
+    assert stats["ci95"][0] < stats["mean"] < stats["ci95"][1]
+    # a data seed is a replicate of its own, on another generated dataset
+    other = run_compare(["prior"], tmp_path / "cmp2", seeds=(0,), data_seeds=(1,), progress=False, scale=0.5)
+    assert list(other["recipes"]["prior"]["runs"]) == ["data1_seed0"]
+    assert (tmp_path / "data" / "synthetic_seed1_scale0.5").is_dir()
+    assert other["recipes"]["prior"]["runs"]["data1_seed0"]["AP"] != runs["seed0"]["AP"]
 
 
 def test_prior_baseline_is_deterministic(tmp_path):
@@ -74,14 +97,17 @@ def test_compare_trains_recipes_in_parallel_processes(tmp_path):
     """Two recipes in two worker processes: both rows land in summary.json and report.md."""
     tiny = ["train.iterations=2", "train.warmup_iters=1", "data.batch_size=2", "train.device=cpu",
             "eval.max_dets=20", "train.checkpoint_period=2"]
-    summary = run_compare(["faster_ce", "faster_ce_rfs", "prior"], tmp_path / "cmp", seed=0,
+    summary = run_compare(["faster_ce", "faster_ce_rfs", "prior"], tmp_path / "cmp",
                           progress=False, scale=0.05, extra_opts=tiny, jobs=2)
-    assert set(summary) == {"faster_ce", "faster_ce_rfs", "prior"}
+    assert set(summary["recipes"]) == {"faster_ce", "faster_ce_rfs", "prior"}
     for name in ("faster_ce", "faster_ce_rfs"):
-        assert (tmp_path / "cmp" / name / "model_final.pth").exists()
-        assert summary[name]["AP"] is not None and 0.0 <= summary[name]["AP"] <= 100.0
+        assert (tmp_path / "cmp" / "seed0" / name / "model_final.pth").exists()
+        ap = summary["recipes"][name]["runs"]["seed0"]["AP"]
+        assert ap is not None and 0.0 <= ap <= 100.0
     report = (tmp_path / "cmp" / "report.md").read_text()
     assert "| faster_ce |" in report and "| faster_ce_rfs |" in report
+    # RFS is paired with CE (its declared baseline), one row per metric
+    assert {(p["recipe"], p["baseline"]) for p in summary["paired"]} == {("faster_ce_rfs", "faster_ce")}
 
 
 def test_compare_finetune_and_posthoc_rows(tmp_path):
@@ -91,15 +117,23 @@ def test_compare_finetune_and_posthoc_rows(tmp_path):
             "finetune.train.warmup_iters=1"]
     names = ["faster_ce+bsoftmax", "faster_ce+loce", "faster_ce+logn", "faster_ce+loga"]
     summary = run_compare(names, tmp_path / "cmp", progress=False, scale=0.05, extra_opts=tiny, jobs=1)
-    assert set(summary) == set(names)
-    assert (tmp_path / "cmp" / "faster_ce" / "model_final.pth").exists()
-    assert (tmp_path / "cmp" / "faster_ce+bsoftmax" / "model_final.pth").exists()
-    assert (tmp_path / "cmp" / "mean_score_vs_instances.png").stat().st_size > 1000
-    stats = json.loads((tmp_path / "cmp" / "faster_ce+logn" / "logit_stats.json").read_text())
-    assert (tmp_path / "cmp" / "faster_ce+logn" / "logit_stats.png").stat().st_size > 1000
+    assert set(summary["recipes"]) == set(names)
+    rep = tmp_path / "cmp" / "seed0"
+    assert (rep / "faster_ce" / "model_final.pth").exists()
+    assert (rep / "faster_ce+bsoftmax" / "model_final.pth").exists()
+    assert (rep / "mean_score_vs_instances.png").stat().st_size > 1000
+    stats = json.loads((rep / "faster_ce+logn" / "logit_stats.json").read_text())
+    assert (rep / "faster_ce+logn" / "logit_stats.png").stat().st_size > 1000
     assert stats["num_classes"] > 0
     for name in names:
-        assert summary[name]["AP"] is not None
+        assert summary["recipes"][name]["runs"]["seed0"]["AP"] is not None
+    # --reuse: nothing is trained or calibrated again, the rows are read back unchanged
+    stamp = (rep / "faster_ce+bsoftmax" / "model_final.pth").stat().st_mtime_ns
+    again = run_compare(names, tmp_path / "cmp", progress=False, scale=0.05, extra_opts=tiny, jobs=1,
+                        reuse=True)
+    assert (rep / "faster_ce+bsoftmax" / "model_final.pth").stat().st_mtime_ns == stamp
+    for name in names:
+        assert again["recipes"][name]["runs"]["seed0"]["AP"] == summary["recipes"][name]["runs"]["seed0"]["AP"]
 
 
 def test_calibrate_then_eval_with_calibration(tmp_path, capsys):

@@ -115,7 +115,28 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from taildet.compare import run_compare
 
-    run_compare(args.recipes, args.out, seed=args.seed, jobs=args.jobs, reuse=args.reuse)
+    claims = True if args.claims == "" else args.claims
+    recipes = args.recipes
+    if claims and not recipes:  # every recipe a claim names, with its baselines
+        from taildet.evidence import load_claims
+
+        loaded = load_claims(None if claims is True else claims)
+        recipes = list(dict.fromkeys([n for c in loaded for n in (c.baseline, c.recipe)]))
+    run_compare(recipes, args.out, seeds=args.seeds, data_seeds=args.data_seeds, jobs=args.jobs,
+                reuse=args.reuse, with_baselines=args.with_baselines, claims=claims,
+                regime=args.regime, extra_opts=args.opts, scale=args.scale)
+    return 0
+
+
+def _cmd_docs(args: argparse.Namespace) -> int:
+    from taildet.results_docs import update_docs
+
+    stale = update_docs(args.files or None, check=args.check)
+    if args.check and stale:
+        print(f"taildet docs: generated tables differ from their summaries in: {', '.join(stale)} "
+              f"(run `taildet docs` to regenerate)", file=sys.stderr)
+        return 1
+    print(("stale: " if args.check else "rewritten: ") + (", ".join(stale) or "none"))
     return 0
 
 
@@ -194,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     dm = sub.add_parser("demo", help="the main job: show the long-tail problem on the embedded dataset")
     dm.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
-    dm.add_argument("--seed", type=int, default=0, help="seed of data and training")
+    dm.add_argument("--seed", type=int, default=0, help="training seed (the data is the seed-0 dataset)")
     dm.add_argument("--jobs", type=int, default=None,
                     help="trainings run at once, one process each (default: one per CPU core)")
     dm.set_defaults(func=_cmd_demo)
@@ -203,12 +224,31 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--recipes", nargs="*", default=None,
                    help="recipe names or YAML paths (default: every built-in recipe)")
     c.add_argument("--out", default="runs/compare", help="run directory (default runs/compare)")
-    c.add_argument("--seed", type=int, default=0, help="seed of data and training")
+    c.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="training seeds (train.seed); statistics are over seeds (default: 0)")
+    c.add_argument("--data-seeds", type=int, nargs="+", default=[0],
+                   help="seeds of the embedded dataset, crossed with --seeds (default: 0)")
+    c.add_argument("--scale", type=float, default=1.0, help="embedded dataset size multiplier (default 1)")
     c.add_argument("--jobs", type=int, default=None,
                    help="trainings run at once, one process each (default: one per CPU core)")
     c.add_argument("--reuse", action="store_true",
-                   help="do not retrain stage-1 recipes whose run directory already has model_final.pth")
+                   help="do not rerun a (replicate, recipe) whose run directory already has its results")
+    c.add_argument("--with-baselines", action="store_true",
+                   help="also run each recipe's baselines, so every row gets its paired comparison")
+    c.add_argument("--claims", nargs="?", const="", default=None, metavar="FILE",
+                   help="evaluate the claims table (configs/claims.yaml, or FILE); without --recipes, "
+                        "runs every recipe a claim names")
+    c.add_argument("--regime", default="embedded",
+                   help="name of the benchmark regime, recorded in the summary and matched by claims")
+    c.add_argument("--opts", nargs="*", default=[],
+                   help="dotted config overrides applied to every recipe (e.g. train.iterations=3000)")
     c.set_defaults(func=_cmd_compare)
+
+    dc = sub.add_parser("docs", help="regenerate the result tables of README.md / docs/RESULTS.md from "
+                                      "their committed summaries")
+    dc.add_argument("files", nargs="*", help="Markdown files (default: README.md docs/RESULTS.md)")
+    dc.add_argument("--check", action="store_true", help="write nothing; exit 1 when a table is stale")
+    dc.set_defaults(func=_cmd_docs)
     return p
 
 

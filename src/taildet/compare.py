@@ -37,6 +37,10 @@ class Recipe:
         ``"finetune"`` -- ``taildet finetune config --from <stage1 recipe's model_final.pth>``;
         ``"posthoc"`` -- a training-free method (``posthoc``, a name in :data:`POSTHOC`) applied
         to the ``stage1`` recipe's checkpoint and evaluated.
+    baselines:
+        the recipes this one is compared with in the paired table (one change at a time: the
+        same detector, classifier and schedule without the method). Fine-tune and post-hoc rows
+        are compared with their ``stage1`` unless ``baselines`` says otherwise.
     """
 
     kind: str
@@ -45,17 +49,28 @@ class Recipe:
     posthoc: str | None = None
     posthoc_kwargs: tuple = ()
     about: str = ""
+    baselines: tuple[str, ...] = ()
+
+    def compared_with(self) -> tuple[str, ...]:
+        """The baseline recipes of the paired table (``baselines``, else the stage 1)."""
+        if self.baselines:
+            return self.baselines
+        return (self.stage1,) if self.kind in ("finetune", "posthoc") and self.stage1 else ()
 
 
 #: Recipe name -> Recipe (configs relative to the repository's ``configs/``). One plain dict.
 RECIPES: dict[str, Recipe] = {
     "prior": Recipe("prior", about="GT boxes scored with the training class prior (no training)"),
     "faster_ce": Recipe("train", "demo_faster_tiny_ce.yaml", about="Faster R-CNN, softmax CE, random sampling"),
-    "faster_ce_rfs": Recipe("train", "demo_faster_tiny_ce_rfs.yaml", about="+ repeat factor sampling"),
+    "faster_ce_rfs": Recipe("train", "demo_faster_tiny_ce_rfs.yaml", about="+ repeat factor sampling",
+                            baselines=("faster_ce",)),
     "faster_sigmoid_rfs": Recipe("train", "demo_faster_tiny_sigmoid_rfs.yaml", about="sigmoid BCE + RFS"),
-    "faster_eql": Recipe("train", "demo_faster_tiny_eql.yaml", about="EQL, cosine classifier"),
-    "faster_eqlv2": Recipe("train", "demo_faster_tiny_eqlv2.yaml", about="EQLv2, cosine classifier"),
-    "faster_seesaw": Recipe("train", "demo_faster_tiny_seesaw.yaml", about="Seesaw, cosine classifier"),
+    "faster_eql": Recipe("train", "demo_faster_tiny_eql.yaml", about="EQL, cosine classifier",
+                         baselines=("faster_ce", "faster_sigmoid_rfs")),
+    "faster_eqlv2": Recipe("train", "demo_faster_tiny_eqlv2.yaml", about="EQLv2, cosine classifier",
+                           baselines=("faster_ce", "faster_sigmoid_rfs")),
+    "faster_seesaw": Recipe("train", "demo_faster_tiny_seesaw.yaml", about="Seesaw, cosine classifier",
+                            baselines=("faster_ce",)),
     "faster_ce+bsoftmax": Recipe("finetune", "demo_faster_tiny_bsoftmax_ft.yaml", "faster_ce",
                                  about="stage 2: Balanced Softmax"),
     "faster_ce+bsigmoid": Recipe("finetune", "demo_faster_tiny_bsigmoid_ft.yaml", "faster_ce",
@@ -63,25 +78,30 @@ RECIPES: dict[str, Recipe] = {
     "faster_ce+crt": Recipe("finetune", "demo_faster_tiny_crt_ft.yaml", "faster_ce",
                             about="stage 2: cRT (CE, class-balanced sampling, classifier only)"),
     "faster_online_logn": Recipe("train", "demo_faster_tiny_online_logn.yaml",
-                                 about="LogN online inverse variant (training option)"),
+                                 about="LogN online inverse variant (training option)", baselines=("faster_ce",)),
     "retinanet_focal_rfs": Recipe("train", "demo_retinanet_tiny_focal_rfs.yaml", about="RetinaNet, focal, RFS"),
-    "retinanet_efl": Recipe("train", "demo_retinanet_tiny_efl.yaml", about="RetinaNet, EFL, RFS"),
+    "retinanet_efl": Recipe("train", "demo_retinanet_tiny_efl.yaml", about="RetinaNet, EFL, RFS",
+                            baselines=("retinanet_focal_rfs",)),
     "fcos_focal": Recipe("train", "demo_fcos_tiny_focal.yaml", about="FCOS, focal, RFS"),
-    "fcos_efl": Recipe("train", "demo_fcos_tiny_efl.yaml", about="FCOS, EFL, RFS"),
+    "fcos_efl": Recipe("train", "demo_fcos_tiny_efl.yaml", about="FCOS, EFL, RFS", baselines=("fcos_focal",)),
     "atss_focal": Recipe("train", "demo_atss_tiny_focal.yaml", about="ATSS improved baseline, focal, RFS"),
-    "atss_efl": Recipe("train", "demo_atss_tiny_efl.yaml", about="ATSS improved baseline, EFL, RFS"),
+    "atss_efl": Recipe("train", "demo_atss_tiny_efl.yaml", about="ATSS improved baseline, EFL, RFS",
+                       baselines=("atss_focal",)),
     "atss_qfl": Recipe("train", "demo_atss_tiny_qfl.yaml", about="ATSS improved baseline, QFL, RFS"),
-    "atss_eqfl": Recipe("train", "demo_atss_tiny_eqfl.yaml", about="ATSS improved baseline, EQFL, RFS"),
+    "atss_eqfl": Recipe("train", "demo_atss_tiny_eqfl.yaml", about="ATSS improved baseline, EQFL, RFS",
+                        baselines=("atss_qfl",)),
     "faster_ce+ebl": Recipe("finetune", "demo_faster_tiny_ebl_ft.yaml", "faster_ce",
                             about="LOCE stage 2: Equilibrium Loss alone"),
     "faster_ce+mfs": Recipe("finetune", "demo_faster_tiny_mfs_ft.yaml", "faster_ce",
                             about="LOCE stage 2: MFS alone (with CE)"),
     "faster_ce+loce": Recipe("finetune", "demo_faster_tiny_loce_ft.yaml", "faster_ce",
-                             about="LOCE: EBL + MFS"),
+                             about="LOCE: EBL + MFS", baselines=("faster_ce", "faster_ce+ebl", "faster_ce+mfs")),
     "faster_ce+loce_prior": Recipe("finetune", "demo_faster_tiny_loce_prior_ft.yaml", "faster_ce",
-                                   about="LOCE with the dataset prior (1/n_c) sampler"),
+                                   about="LOCE with the dataset prior (1/n_c) sampler",
+                                   baselines=("faster_ce", "faster_ce+loce")),
     "faster_ce+logn": Recipe("posthoc", stage1="faster_ce", posthoc="logn", about="LogN (no training)"),
-    "faster_ce_rfs+logn": Recipe("posthoc", stage1="faster_ce_rfs", posthoc="logn", about="RFS + LogN"),
+    "faster_ce_rfs+logn": Recipe("posthoc", stage1="faster_ce_rfs", posthoc="logn", about="RFS + LogN",
+                                 baselines=("faster_ce_rfs", "faster_ce")),
     "faster_ce+loga": Recipe("posthoc", stage1="faster_ce", posthoc="loga", about="logit adjustment, tau 1"),
     "faster_ce+logn_mean": Recipe("posthoc", stage1="faster_ce", posthoc="logn",
                                   posthoc_kwargs=(("mode", "mean_only"),), about="LogN ablation: mean only"),
@@ -352,118 +372,251 @@ def _plot_mean_scores(out: Path, ce: str, loce: str, specs: dict, run_opts, trai
     print(f"mean classification score plot: {png}")
 
 
-def run_compare(recipes: Iterable[str] | None, out_dir: str | Path, seed: int = 0,
-                extra_opts: list[str] | None = None, progress: bool = True,
-                title: str = "taildet compare", scale: float = 1.0, jobs: int | None = None,
-                reuse: bool = False) -> dict:
-    """Run ``recipes`` on the embedded dataset and write ``summary.json`` + ``report.md``.
+def replicate_name(data_seed: int, seed: int) -> str:
+    """Directory name of one replicate: ``seed<s>`` on data seed 0, ``data<d>_seed<s>`` otherwise."""
+    return f"seed{seed}" if data_seed == 0 else f"data{data_seed}_seed{seed}"
+
+
+def expand_recipes(names: Iterable[str], with_baselines: bool = False) -> tuple[list[str], dict[str, Recipe]]:
+    """The recipe list to run and every recipe's spec, stage-1 dependencies included.
+
+    ``with_baselines``: add each recipe's baselines (:meth:`Recipe.compared_with`) as rows too.
+    Returns ``(rows, specs)``: ``rows`` are the table rows in order (requested first, then added
+    baselines), ``specs`` also holds stage-1 recipes that are trained but not shown.
+    """
+    from taildet.errors import ConfigError
+
+    rows = list(dict.fromkeys(names))
+    specs = {n: resolve_recipe(n) for n in rows}  # fail fast on a bad name
+    if with_baselines:
+        for n in list(rows):
+            for b in specs[n].compared_with():
+                if b not in specs:
+                    rows.append(b)
+                    specs[b] = resolve_recipe(b)
+    for n in list(specs):
+        dep = specs[n].stage1
+        if specs[n].kind in ("finetune", "posthoc"):
+            if dep not in RECIPES or RECIPES[dep].kind != "train":
+                raise ConfigError(f"recipe {n}: stage1 {dep!r} is not a training recipe")
+            specs.setdefault(dep, RECIPES[dep])
+    return rows, specs
+
+
+def _run_row(rep: str, rows: dict) -> dict:
+    """One run's summary row: metrics in percent, seconds, per-class AP (percent, ``None`` undefined)."""
+    metrics, seconds = rows[rep]
+    row = _percent(metrics)
+    row["seconds"] = round(seconds, 1)
+    row["per_class_AP"] = {str(k): (None if v is None or math.isnan(float(v)) else round(100.0 * float(v), 3))
+                           for k, v in (metrics.get("per_class_AP") or {}).items()}
+    return row
+
+
+def _reusable(run_dir: Path, kind: str) -> dict | None:
+    """The bbox metrics of a finished run in ``run_dir`` (``metrics.json``, and ``model_final.pth``
+    for trained rows), or ``None``."""
+    mfile = run_dir / "metrics.json"
+    if not mfile.exists() or (kind in ("train", "finetune") and not (run_dir / "model_final.pth").exists()):
+        return None
+    with open(mfile) as fh:
+        return _bbox(json.load(fh))
+
+
+def run_compare(recipes: Iterable[str] | None, out_dir: str | Path, seeds: Iterable[int] = (0,),
+                data_seeds: Iterable[int] = (0,), extra_opts: list[str] | None = None,
+                progress: bool = True, title: str = "taildet compare", scale: float = 1.0,
+                jobs: int | None = None, reuse: bool = False, with_baselines: bool = False,
+                claims: str | Path | bool | None = None, regime: str = "embedded",
+                bootstrap_resamples: int | None = None) -> dict:
+    """Run ``recipes`` x replicates on the embedded dataset; write ``summary.json`` + ``report.md``.
+
+    A *replicate* is one (data seed, training seed) pair: the embedded dataset generated with
+    ``data.synthetic.seed = d`` and every recipe trained with ``train.seed = s``; its runs live in
+    ``out_dir/<replicate>/<recipe>/`` (:func:`replicate_name`). Summary statistics are over the
+    replicates (:mod:`taildet.evidence`): per recipe and metric the mean, std and 95 % t
+    interval; per recipe and each of its baselines (:meth:`Recipe.compared_with`, when both ran)
+    the paired difference with its t interval and class-bootstrap interval and a verdict; and,
+    when ``claims`` is given (``True`` for the built-in ``configs/claims.yaml``, or a path), each
+    claim whose recipes ran.
 
     ``jobs`` trainings run at once, each in its own process with ``torch`` limited to
-    ``cpu_count // jobs`` threads (default: one job per core, at most one per recipe). On a
-    2-core machine two single-threaded trainings finish sooner than two 2-threaded ones in a row:
-    the small detector gains little from a second thread.
-    ``reuse``: a stage-1 recipe whose run directory already holds ``model_final.pth`` and
-    ``metrics.json`` is not trained again (its fine-tune and post-hoc rows use that checkpoint).
-    Returns the summary ``{recipe: {metric: percent}}``.
+    ``cpu_count // jobs`` threads (default: one job per core). Trainings of all replicates are
+    scheduled together. ``reuse``: a run whose directory already holds ``metrics.json`` (and
+    ``model_final.pth`` for trained rows) is not run again; fine-tune and post-hoc rows are
+    reused only when their stage 1 was. ``with_baselines`` adds every recipe's baselines.
+    Returns the summary (see ``summary.json``: ``recipes[name]["runs"][replicate]``,
+    ``recipes[name]["stats"][metric]``, ``paired``, ``claims``).
     """
     from taildet.data.stats import dataset_stats, format_stats, plot_long_tail
     from taildet.data.synthetic import make_dataset
-    from taildet.evaluation import evaluate_lvis, format_metrics_table, save_metrics
     from taildet.errors import ConfigError
+    from taildet.evaluation import evaluate_lvis, save_metrics
     from taildet.evaluation.report import per_class_table, plot_per_class_ap
+    from taildet import evidence
 
     start = time.time()
     out = Path(out_dir)
+    seeds, data_seeds = [int(s) for s in seeds], [int(d) for d in data_seeds]
+    if not seeds or not data_seeds:
+        raise ConfigError("compare: give at least one seed and one data seed")
+    if len(set(seeds)) != len(seeds) or len(set(data_seeds)) != len(data_seeds):
+        raise ConfigError("compare: a seed is given twice")
+    names, specs = expand_recipes(recipes if recipes else list(RECIPES), with_baselines)
+    claim_list = None
+    if claims:
+        claim_list = evidence.load_claims(None if claims is True else claims)
     out.mkdir(parents=True, exist_ok=True)
-    names = list(recipes) if recipes else list(RECIPES)
-    specs = {n: resolve_recipe(n) for n in names}  # fail fast on a bad name
+    reps = [(d, s, replicate_name(d, s)) for d in data_seeds for s in seeds]
 
-    data_root = out.parent / "data" / f"synthetic_seed{seed}_scale{scale:g}"
-    info = make_dataset(data_root, seed=seed, scale=scale, progress=progress)
-    train_json, val_json = Path(info["train_json"]), Path(info["val_json"])
-    stats = dataset_stats(train_json)
+    # the data of every data seed (deterministic, cached by make_dataset)
+    data: dict[int, dict] = {}
+    for d in data_seeds:
+        root = out.parent / "data" / f"synthetic_seed{d}_scale{scale:g}"
+        info = make_dataset(root, seed=d, scale=scale, progress=progress)
+        data[d] = {"root": root, "train": Path(info["train_json"]), "val": Path(info["val_json"])}
+    stats = dataset_stats(data[data_seeds[0]]["train"])
     stats_text = format_stats(stats)
     print(stats_text)
     long_tail_png = plot_long_tail(stats, out / "long_tail.png")
     print(f"long-tail histogram: {long_tail_png}")
-    counts = _train_counts(train_json)
 
-    common_opts = [f"data.root={data_root}", f"data.synthetic.seed={seed}",
-                   f"data.synthetic.scale={scale}", f"train.seed={seed}"] + list(extra_opts or [])
-    # stage 1 runs: every requested train recipe and every stage 1 a fine-tune or post-hoc row needs
-    stage1 = [n for n in names if specs[n].kind == "train"]
-    for n in names:
-        dep = specs[n].stage1
-        if specs[n].kind in ("finetune", "posthoc") and dep not in stage1:
-            if dep not in RECIPES or RECIPES[dep].kind != "train":
-                raise ConfigError(f"recipe {n}: stage1 {dep!r} is not a training recipe")
-            stage1.append(dep)
-            specs[dep] = RECIPES[dep]
-    stage2 = [n for n in names if specs[n].kind == "finetune"]
-    jobs = max(1, min(int(jobs or default_jobs()), max(len(stage1), len(stage2), 1)))
-    print(f"\nrecipes: {', '.join(names)} ({jobs} parallel training job{'s' if jobs > 1 else ''})")
+    def run_opts(d: int, s: int, n: str) -> list[str]:
+        return [f"data.root={data[d]['root']}", f"data.synthetic.seed={d}", f"data.synthetic.scale={scale}",
+                f"train.seed={s}"] + list(extra_opts or []) + [f"output_dir={out / replicate_name(d, s) / n}"]
 
-    def run_opts(n: str) -> list[str]:
-        return common_opts + [f"output_dir={out / n}"]
+    stage1 = [n for n in specs if specs[n].kind == "train"]
+    stage2 = [n for n in specs if specs[n].kind == "finetune"]
+    posthoc = [n for n in names if specs[n].kind == "posthoc"]
+    jobs = max(1, int(jobs or default_jobs()))
+    print(f"\nrecipes: {', '.join(names)}; replicates: {', '.join(r for _, _, r in reps)} "
+          f"({jobs} parallel training job{'s' if jobs > 1 else ''})")
 
-    done: dict[str, tuple[dict, float]] = {}
-    if reuse:  # stage-1 runs already finished in this directory (model_final.pth + metrics.json)
-        for n in list(stage1):
-            final_ckpt, mfile = out / n / "model_final.pth", out / n / "metrics.json"
-            if final_ckpt.exists() and mfile.exists():
-                with open(mfile) as fh:
-                    done[n] = (_bbox(json.load(fh)), 0.0)
-                print(f"recipe {n}: reusing {final_ckpt}")
-    todo = [n for n in stage1 if n not in done]
-    done.update(_train_recipes([(n, "train", _config_path(specs[n]), run_opts(n), None) for n in todo],
-                               jobs=min(jobs, max(1, len(todo))), progress=progress))
-    final = {n: str(out / n / "model_final.pth") for n in stage1}
-    done.update(_train_recipes(
-        [(n, "finetune", _config_path(specs[n]), run_opts(n), final[specs[n].stage1]) for n in stage2],
-        jobs=min(jobs, max(1, len(stage2))), progress=progress))
+    done: dict[str, tuple[dict, float]] = {}   # "<replicate>/<recipe>" -> (bbox metrics, seconds)
+    reused: set[str] = set()
+    if reuse:
+        for d, s, rep in reps:
+            for n in stage1:
+                m = _reusable(out / rep / n, "train")
+                if m is not None:
+                    done[f"{rep}/{n}"] = (m, 0.0)
+                    reused.add(f"{rep}/{n}")
+            for n in stage2 + posthoc:
+                m = _reusable(out / rep / n, specs[n].kind)
+                if m is not None and f"{rep}/{specs[n].stage1}" in reused:
+                    done[f"{rep}/{n}"] = (m, 0.0)
+        if done:
+            print(f"reusing {len(done)} finished run(s): {', '.join(sorted(done))}")
 
-    all_metrics: dict[str, dict] = {}
-    summary: dict[str, dict] = {}
-    for name in names:
-        spec = specs[name]
-        t0 = time.time()
-        if spec.kind == "prior":
-            metrics = evaluate_lvis(val_json, prior_baseline_results(train_json, val_json, seed=seed))
-            save_metrics(metrics, out / name / "metrics.json")
-            seconds = time.time() - t0
-        elif spec.kind == "posthoc":
-            print(f"\n=== recipe {name} ({spec.posthoc} on {spec.stage1}) ===")
-            metrics = _run_posthoc(name, spec, _config_path(specs[spec.stage1]), run_opts(spec.stage1),
-                                   final[spec.stage1], out / name)
-            seconds = time.time() - t0
-        else:
-            metrics, seconds = done[name]
-        all_metrics[name] = metrics
-        summary[name] = _percent(metrics)
-        summary[name]["seconds"] = round(seconds, 1)
-        rows = per_class_table(metrics, val_json)
-        plot_per_class_ap(rows, out / f"per_class_ap_{name}.png", image_counts=counts)
+    def todo(kind_names: list[str], kind: str) -> list[tuple]:
+        runs = []
+        for d, s, rep in reps:
+            for n in kind_names:
+                if f"{rep}/{n}" in done:
+                    continue
+                ckpt = str(out / rep / specs[n].stage1 / "model_final.pth") if kind == "finetune" else None
+                runs.append((f"{rep}/{n}", kind, _config_path(specs[n]), run_opts(d, s, n), ckpt))
+        return runs
 
-    if "faster_ce+loce" in names:
-        _plot_mean_scores(out, "faster_ce", "faster_ce+loce", specs, run_opts, train_json)
+    for kind, kind_names in (("train", stage1), ("finetune", stage2)):
+        runs = todo(kind_names, kind)
+        done.update(_train_recipes(runs, jobs=min(jobs, max(1, len(runs))), progress=progress))
 
-    table = format_metrics_table(all_metrics)
-    print("\n" + table)
-    with open(out / "summary.json", "w") as fh:
-        json.dump(summary, fh, indent=2)
-    lines = [f"# {title}", "", f"Embedded long-tail dataset (seed {seed}): `{train_json}`", "",
+    for d, s, rep in reps:
+        for n in names:
+            key, spec, t0 = f"{rep}/{n}", specs[n], time.time()
+            if key in done:
+                continue
+            if spec.kind == "prior":
+                metrics = evaluate_lvis(data[d]["val"], prior_baseline_results(data[d]["train"], data[d]["val"],
+                                                                              seed=s))
+                save_metrics(metrics, out / rep / n / "metrics.json")
+            elif spec.kind == "posthoc":
+                print(f"\n=== {rep}: recipe {n} ({spec.posthoc} on {spec.stage1}) ===")
+                metrics = _run_posthoc(n, spec, _config_path(specs[spec.stage1]), run_opts(d, s, spec.stage1),
+                                       str(out / rep / spec.stage1 / "model_final.pth"), out / rep / n)
+            else:  # pragma: no cover - every trained row is in ``done``
+                raise AssertionError(key)
+            done[key] = (metrics, time.time() - t0)
+
+    # per-class plots and the class table (frequency groups as the evaluation uses them)
+    classes: dict[str, dict] = {}
+    for d, s, rep in reps:
+        counts = _train_counts(data[d]["train"])
+        for n in names:
+            table_rows = per_class_table(done[f"{rep}/{n}"][0], data[d]["val"])
+            plot_per_class_ap(table_rows, out / rep / f"per_class_ap_{n}.png", image_counts=counts)
+            for r in table_rows:
+                classes.setdefault(str(r["id"]), {"name": r["name"], "group": r["frequency"],
+                                                  "train_images": counts.get(r["id"])})
+        if "faster_ce+loce" in names and "faster_ce" in specs:
+            _plot_mean_scores(out / rep, "faster_ce", "faster_ce+loce", specs,
+                              lambda n, d=d, s=s: run_opts(d, s, n), data[d]["train"])
+
+    summary = summarize(
+        {n: {rep: _run_row(f"{rep}/{n}", done) for _, _, rep in reps} for n in names},
+        {n: specs[n] for n in names}, classes, claim_list, regime=regime,
+        resamples=bootstrap_resamples or evidence.BOOTSTRAP_RESAMPLES)
+    summary.update({"title": title, "regime": regime, "seeds": seeds, "data_seeds": data_seeds,
+                    "scale": scale, "extra_opts": list(extra_opts or []),
+                    "dataset": {k: stats[k] for k in ("num_images", "num_classes", "groups") if k in stats}})
+    summary = {k: summary[k] for k in ("title", "regime", "seeds", "data_seeds", "scale", "extra_opts",
+                                       "dataset", "classes", "recipes", "paired", "claims")}
+    from taildet.fileio import atomic_write_text
+    from taildet.results_docs import format_claims_table, format_paired_table, format_recipe_table
+    from taildet.results_docs import plot_claims_forest, plot_recipe_metrics
+
+    atomic_write_text(json.dumps(summary, indent=1) + "\n", out / "summary.json")
+    plot_recipe_metrics(summary, out / "metrics_by_recipe.png")
+    recipe_table = format_recipe_table(summary)
+    print("\n" + recipe_table)
+    lines = [f"# {title}", "", f"Embedded long-tail dataset (data seeds {data_seeds}, training seeds {seeds}, "
+             f"regime {regime}): `{data[data_seeds[0]]['train']}`", "",
              "```", stats_text, "```", "", "![long tail](long_tail.png)", "",
-             "## Results (LVIS federated AP, percent)", "", table, ""]
+             "## Results (LVIS federated AP, percent; mean and 95 % t interval over replicates)", "",
+             recipe_table, "", "![metrics by recipe](metrics_by_recipe.png)", ""]
+    if summary["paired"]:
+        lines += ["## Paired differences to each recipe's baseline", "", format_paired_table(summary), ""]
+    if summary["claims"]:
+        plot_claims_forest(summary, out / "claims_forest.png")
+        lines += ["## Claims", "", format_claims_table(summary), "", "![claims](claims_forest.png)", ""]
+    first = reps[0][2]
     for name in names:
-        lines += [f"### {name}", "", f"![per-class AP {name}](per_class_ap_{name}.png)", ""]
+        lines += [f"### {name}", "", f"![per-class AP {name}]({first}/per_class_ap_{name}.png)", ""]
     lines += [f"Total time: {time.time() - start:.0f} s.", ""]
-    (out / "report.md").write_text("\n".join(lines))
+    atomic_write_text("\n".join(lines), out / "report.md")
     print(f"\nreport: {out / 'report.md'}\nsummary: {out / 'summary.json'}")
     return summary
+
+
+def summarize(runs: dict[str, dict[str, dict]], specs: dict[str, Recipe], classes: dict[str, dict],
+              claims=None, regime: str | None = None, resamples: int | None = None) -> dict:
+    """Statistics over replicates of per-run summary rows (pure; ``run_compare`` writes the result).
+
+    ``runs[recipe][replicate]``: a row as :func:`_run_row` makes it. Returns ``{"classes",
+    "recipes": {name: {"about", "kind", "baselines", "runs", "stats": {metric: seed_statistics}}},
+    "paired": [...], "claims": [...]}``.
+    """
+    from taildet import evidence
+
+    resamples = resamples or evidence.BOOTSTRAP_RESAMPLES
+    groups = {c: v.get("group") for c, v in classes.items()}
+    out_recipes = {}
+    for n, reps in runs.items():
+        out_recipes[n] = {
+            "about": specs[n].about if n in specs else "", "kind": specs[n].kind if n in specs else "train",
+            "baselines": [b for b in (specs[n].compared_with() if n in specs else ()) if b in runs],
+            "runs": reps,
+            "stats": {m: evidence.seed_statistics([r.get(m) for r in reps.values()]) for m in evidence.METRICS},
+        }
+    paired = [evidence.compare_pair(runs, n, b, m, groups, resamples=resamples)
+              for n in runs for b in out_recipes[n]["baselines"] for m in evidence.METRICS]
+    claim_rows = evidence.evaluate_claims(claims, runs, groups, regime=regime, resamples=resamples) if claims else []
+    return {"classes": classes, "recipes": out_recipes, "paired": paired, "claims": claim_rows}
 
 
 def run_demo(out_dir: str | Path = "runs/demo", seed: int = 0, progress: bool = True,
              jobs: int | None = None) -> dict:
     """The main job: CE baseline vs repeat factor sampling on the embedded dataset."""
-    return run_compare(DEMO_RECIPES, out_dir, seed=seed, progress=progress, jobs=jobs,
+    return run_compare(DEMO_RECIPES, out_dir, seeds=(seed,), progress=progress, jobs=jobs,
                        title="taildet demo: the long-tail problem on the embedded dataset")

@@ -1,0 +1,274 @@
+"""Result tables and plots from ``taildet compare`` summaries, and the generated blocks of the docs.
+
+Every result number in README.md and docs/RESULTS.md comes from a committed summary file
+(``docs/results/<run>.json``, a copy of a ``taildet compare`` run's ``summary.json``) through a
+marked block::
+
+    <!-- BEGIN GENERATED recipes docs/results/evidence_embedded.json recipes=faster_ce,faster_ce_rfs -->
+    ... the table, written by ``taildet docs`` ...
+    <!-- END GENERATED -->
+
+Kinds: ``recipes`` (mean and 95 % interval per metric), ``paired`` (differences to baselines),
+``claims`` (the claims table with verdicts). Options: ``recipes=a,b`` (rows, in that order),
+``metrics=AP,APr`` (columns or rows), ``claims=id1,id2``. ``taildet docs`` rewrites the blocks;
+``taildet docs --check`` (and a test) fails when a block differs from what its summary gives.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from taildet.errors import ConfigError, DataError
+
+METRICS = ("AP", "APr", "APc", "APf", "AP50")
+VERDICT_COLOURS = {"holds": "tab:green", "contradicted": "tab:red", "inconclusive": "tab:gray",
+                   "not run": "white"}
+
+BLOCK = re.compile(
+    r"(?P<begin><!-- BEGIN GENERATED (?P<args>[^>]*?) -->\n)(?P<body>.*?)(?P<end><!-- END GENERATED -->)",
+    re.S)
+
+
+# ------------------------------------------------------------------------------------------------
+# formatting
+# ------------------------------------------------------------------------------------------------
+
+def _num(v: float | None, signed: bool = False) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:+.1f}" if signed else f"{v:.1f}"
+
+
+def _ci(ci: Sequence[float] | None, signed: bool = True) -> str:
+    return "-" if not ci else f"[{_num(ci[0], signed)}, {_num(ci[1], signed)}]"
+
+
+def format_mean(stat: Mapping) -> str:
+    """``mean ± half-width of the 95 % interval`` (the mean alone for one replicate)."""
+    if stat.get("mean") is None:
+        return "-"
+    if not stat.get("ci95"):
+        return _num(stat["mean"])
+    half = (stat["ci95"][1] - stat["ci95"][0]) / 2.0
+    return f"{_num(stat['mean'])} ± {half:.1f}"
+
+
+def _select(names: Sequence[str], wanted: Sequence[str] | None, what: str, source: str) -> list[str]:
+    if not wanted:
+        return list(names)
+    missing = [w for w in wanted if w not in names]
+    if missing:
+        raise DataError(source, what, f"not in the summary: {', '.join(missing)}")
+    return list(wanted)
+
+
+def format_recipe_table(summary: Mapping, recipes: Sequence[str] | None = None,
+                        metrics: Sequence[str] = METRICS, source: str = "summary") -> str:
+    """Markdown: one row per recipe, ``mean ± half-width`` of the 95 % t interval per metric."""
+    names = _select(list(summary["recipes"]), recipes, "recipes", source)
+    lines = ["| recipe | n | " + " | ".join(metrics) + " |",
+             "|:---|---:|" + "|".join("---:" for _ in metrics) + "|"]
+    for n in names:
+        stats = summary["recipes"][n]["stats"]
+        count = max((stats[m]["n"] for m in metrics if m in stats), default=0)
+        lines.append(f"| {n} | {count} | " + " | ".join(format_mean(stats.get(m, {})) for m in metrics) + " |")
+    return "\n".join(lines)
+
+
+def format_paired_table(summary: Mapping, recipes: Sequence[str] | None = None,
+                        metrics: Sequence[str] = METRICS, source: str = "summary") -> str:
+    """Markdown: one row per (recipe, baseline, metric): mean difference, both 95 % intervals,
+    verdict (``higher`` is the direction tested)."""
+    rows = [p for p in summary["paired"] if p["metric"] in metrics]
+    if recipes:
+        _select(sorted({p["recipe"] for p in summary["paired"]}), recipes, "recipes", source)
+        rows = [p for r in recipes for p in rows if p["recipe"] == r]
+    lines = ["| recipe | baseline | metric | n | difference | 95 % CI (seeds) | 95 % CI (classes) | verdict |",
+             "|:---|:---|:---|---:|---:|:---:|:---:|:---|"]
+    for p in rows:
+        lines.append(f"| {p['recipe']} | {p['baseline']} | {p['metric']} | {p['n']} | {_num(p['mean'], True)} | "
+                     f"{_ci(p['ci95'])} | {_ci(p['bootstrap_ci95'])} | {p['verdict']} |")
+    return "\n".join(lines)
+
+
+def format_claims_table(summary: Mapping, claims: Sequence[str] | None = None, source: str = "summary") -> str:
+    """Markdown: the claims table, one row per claim, with its numbers and verdict."""
+    rows = summary["claims"]
+    if claims:
+        _select([c["id"] for c in rows], claims, "claims", source)
+        rows = [c for i in claims for c in rows if c["id"] == i]
+    lines = ["| claim | paper | recipe vs baseline | metric | n | difference | 95 % CI (seeds) | "
+             "95 % CI (classes) | verdict |",
+             "|:---|:---|:---|:---|---:|---:|:---:|:---:|:---|"]
+    for c in rows:
+        arrow = ">" if c["direction"] == "higher" else "<"
+        lines.append(f"| {c['claim']} | {c['paper']} | {c['recipe']} {arrow} {c['baseline']} | {c['metric']} | "
+                     f"{c['n']} | {_num(c['mean'], True)} | {_ci(c['ci95'])} | {_ci(c['bootstrap_ci95'])} | "
+                     f"{c['verdict']} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# plots
+# ------------------------------------------------------------------------------------------------
+
+def _figure(width: float, height: float):
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height))
+
+
+def plot_recipe_metrics(summary: Mapping, out_png: str | Path, metrics: Sequence[str] = ("AP", "APr", "APc", "APf"),
+                        recipes: Sequence[str] | None = None) -> Path:
+    """Grouped bars: each recipe's mean per metric, error bars = the 95 % t interval."""
+    import numpy as np
+
+    names = list(recipes or summary["recipes"])
+    fig = _figure(max(6.0, 0.9 * len(names) + 2), 4.5)
+    ax = fig.subplots()
+    x = np.arange(len(names))
+    width = 0.8 / len(metrics)
+    for i, m in enumerate(metrics):
+        stats = [summary["recipes"][n]["stats"].get(m, {}) for n in names]
+        means = [s.get("mean") if s.get("mean") is not None else np.nan for s in stats]
+        err = [[(s["mean"] - s["ci95"][0]) if s.get("ci95") else 0.0 for s in stats],
+               [(s["ci95"][1] - s["mean"]) if s.get("ci95") else 0.0 for s in stats]]
+        ax.bar(x + (i - (len(metrics) - 1) / 2) * width, means, width, yerr=err, capsize=2, label=m)
+    ax.set_xticks(x)
+    ax.set_xticklabels(names, rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel("AP (%)")
+    reps = max((summary["recipes"][n]["stats"]["AP"]["n"] for n in names), default=0)
+    ax.set_title(f"{summary.get('title', '')}: mean over {reps} replicate(s), 95 % t interval", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    return out_png
+
+
+def plot_claims_forest(summary: Mapping, out_png: str | Path) -> Path:
+    """Forest plot of the claims: difference (recipe - baseline) with its seed interval (thick)
+    and class-bootstrap interval (thin), coloured by verdict; claims not run are left out."""
+    rows = [c for c in summary["claims"] if c["mean"] is not None]
+    fig = _figure(8.0, max(2.5, 0.32 * len(rows) + 1.2))
+    ax = fig.subplots()
+    for i, c in enumerate(reversed(rows)):
+        colour = VERDICT_COLOURS.get(c["verdict"], "black")
+        sign = 1.0 if c["direction"] == "higher" else -1.0   # plotted so that right = as claimed
+        if c["bootstrap_ci95"]:
+            lo, hi = sorted(sign * v for v in c["bootstrap_ci95"])
+            ax.plot([lo, hi], [i, i], color=colour, lw=1, alpha=0.6)
+        if c["ci95"]:
+            lo, hi = sorted(sign * v for v in c["ci95"])
+            ax.plot([lo, hi], [i, i], color=colour, lw=4, alpha=0.8)
+        ax.plot([sign * c["mean"]], [i], "o", color="black", ms=4)
+    ax.axvline(0.0, color="black", lw=0.8)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([f"{c['id']} ({c['metric']})" for c in reversed(rows)], fontsize=7)
+    ax.set_xlabel("difference in the claimed direction (AP points; > 0: as claimed)")
+    ax.set_title("claims: seeds 95 % CI (thick), classes 95 % CI (thin); green holds, red contradicted",
+                 fontsize=8)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    return out_png
+
+
+# ------------------------------------------------------------------------------------------------
+# generated blocks in Markdown files
+# ------------------------------------------------------------------------------------------------
+
+def _parse_args(args: str, where: str) -> tuple[str, str, dict[str, list[str]]]:
+    parts = args.split()
+    if len(parts) < 2 or parts[0] not in RENDERERS:
+        raise ConfigError(f"{where}: a generated block starts '<!-- BEGIN GENERATED KIND SUMMARY.json "
+                          f"[key=a,b ...] -->' with KIND one of {', '.join(RENDERERS)}; got {args!r}")
+    opts = {}
+    for p in parts[2:]:
+        key, sep, value = p.partition("=")
+        if not sep or key not in ("recipes", "metrics", "claims"):
+            raise ConfigError(f"{where}: unknown option {p!r} (recipes=, metrics=, claims=)")
+        opts[key] = [v for v in value.split(",") if v]
+    return parts[0], parts[1], opts
+
+
+def _render_recipes(summary, opts, source):
+    return format_recipe_table(summary, opts.get("recipes"), opts.get("metrics") or METRICS, source)
+
+
+def _render_paired(summary, opts, source):
+    return format_paired_table(summary, opts.get("recipes"), opts.get("metrics") or METRICS, source)
+
+
+def _render_claims(summary, opts, source):
+    return format_claims_table(summary, opts.get("claims"), source)
+
+
+RENDERERS = {"recipes": _render_recipes, "paired": _render_paired, "claims": _render_claims}
+
+
+def load_summary(path: str | Path) -> dict:
+    """A compare ``summary.json`` (format with ``recipes`` / ``paired`` / ``claims``)."""
+    path = Path(path)
+    try:
+        summary = json.loads(path.read_text())
+    except OSError as err:
+        raise DataError(str(path), "file", f"cannot read ({err.strerror or err})") from None
+    except ValueError as err:
+        raise DataError(str(path), "file", f"not valid JSON ({err})") from None
+    if not isinstance(summary, dict) or not {"recipes", "paired", "claims"} <= set(summary):
+        raise DataError(str(path), "file", "not a taildet compare summary (needs recipes, paired, claims)")
+    return summary
+
+
+def render_markdown(text: str, root: str | Path, where: str = "markdown") -> str:
+    """``text`` with every generated block rewritten from its summary (paths relative to ``root``)."""
+    cache: dict[str, dict] = {}
+
+    def replace(m: re.Match) -> str:
+        kind, rel, opts = _parse_args(m.group("args"), where)
+        if rel not in cache:
+            cache[rel] = load_summary(Path(root) / rel)
+        body = RENDERERS[kind](cache[rel], opts, rel)
+        return m.group("begin") + body + "\n" + m.group("end")
+
+    return BLOCK.sub(replace, text)
+
+
+#: The Markdown files whose generated blocks ``taildet docs`` maintains (relative to the repo).
+DOC_FILES = ("README.md", "docs/RESULTS.md")
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[2]
+
+
+def update_docs(files: Sequence[str | Path] | None = None, root: str | Path | None = None,
+                check: bool = False) -> list[str]:
+    """Rewrite (or, with ``check``, only compare) the generated blocks of ``files``.
+
+    Returns the files whose blocks differ from their summaries (with ``check``: nothing is
+    written; otherwise those files were rewritten).
+    """
+    from taildet.fileio import atomic_write_text
+
+    root = Path(root) if root is not None else repo_root()
+    stale = []
+    for f in files or DOC_FILES:
+        path = Path(f) if Path(f).is_absolute() else root / f
+        text = path.read_text()
+        new = render_markdown(text, root, where=str(path))
+        if new != text:
+            stale.append(str(f))
+            if not check:
+                atomic_write_text(new, path)
+    return stale
