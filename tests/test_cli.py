@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -191,3 +192,25 @@ def test_posthoc_logit_adjustment_fits_softmax_and_sigmoid_heads(tmp_path):
         model = build_model(mc.arch, num_classes, **mc.kwargs)
         adjust(model)
         assert model.roi_heads.logit_transform.background is background
+
+
+def test_recipe_opts_reach_the_posthoc_evaluation(tmp_path, monkeypatch):
+    """A row's own overrides (``Recipe.opts``) reach the config its evaluation reads, and only its."""
+    import taildet.engine as engine
+
+    seen = {}
+    real = engine.evaluate_checkpoint
+
+    def spy(cfg, checkpoint, calibration=None, out_dir=None, **kw):
+        seen[Path(out_dir).name] = (cfg.eval.score_thresh, cfg.model.kwargs["box_score_thresh"], calibration)
+        return real(cfg, checkpoint, calibration=calibration, out_dir=out_dir, **kw)
+
+    monkeypatch.setattr(engine, "evaluate_checkpoint", spy)
+    tiny = ["train.iterations=2", "train.warmup_iters=1", "data.batch_size=2", "train.device=cpu",
+            "eval.max_dets=20", "train.checkpoint_period=2"]
+    summary = run_compare(["faster_ce+thr0", "faster_ce+loga"], tmp_path / "cmp", progress=False, scale=0.05,
+                          extra_opts=tiny, jobs=1)
+    assert seen["faster_ce+thr0"] == (0.0, 0.0, None)          # no method, no threshold
+    thr, box_thr, calibration = seen["faster_ce+loga"]
+    assert thr > 0 and box_thr > 0 and callable(calibration)   # the config's thresholds
+    assert set(summary["recipes"]) == {"faster_ce+thr0", "faster_ce+loga"}

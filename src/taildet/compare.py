@@ -41,6 +41,10 @@ class Recipe:
         the recipes this one is compared with in the paired table (one change at a time: the
         same detector, classifier and schedule without the method). Fine-tune and post-hoc rows
         are compared with their ``stage1`` unless ``baselines`` says otherwise.
+    opts:
+        dotted config overrides of this row only, after the comparison's own (e.g. a longer
+        schedule, or an evaluation setting of a post-hoc row: they apply to the stage-1 config
+        the post-hoc method and the evaluation read).
     """
 
     kind: str
@@ -50,6 +54,7 @@ class Recipe:
     posthoc_kwargs: tuple = ()
     about: str = ""
     baselines: tuple[str, ...] = ()
+    opts: tuple[str, ...] = ()
 
     def compared_with(self) -> tuple[str, ...]:
         """The baseline recipes of the paired table (``baselines``, else the stage 1)."""
@@ -57,6 +62,8 @@ class Recipe:
             return self.baselines
         return (self.stage1,) if self.kind in ("finetune", "posthoc") and self.stage1 else ()
 
+
+_NO_SCORE_THRESH = ("model.box_score_thresh=0.0", "eval.score_thresh=0.0")
 
 #: Recipe name -> Recipe (configs relative to the repository's ``configs/``). One plain dict.
 RECIPES: dict[str, Recipe] = {
@@ -109,6 +116,12 @@ RECIPES: dict[str, Recipe] = {
                                  posthoc_kwargs=(("mode", "std_only"),), about="LogN ablation: std only"),
     "faster_ce+logn_nobeta": Recipe("posthoc", stage1="faster_ce", posthoc="logn",
                                     posthoc_kwargs=(("mode", "no_beta"),), about="LogN ablation: no beta"),
+    # LogN's test-time score threshold (the released configs test at score_thr 0): the CE model and
+    # its LogN row evaluated with no score threshold, so calibrated scores below 1e-4 survive
+    "faster_ce+thr0": Recipe("posthoc", stage1="faster_ce", posthoc="none", opts=_NO_SCORE_THRESH,
+                             about="CE evaluated with score threshold 0"),
+    "faster_ce+logn_thr0": Recipe("posthoc", stage1="faster_ce", posthoc="logn", opts=_NO_SCORE_THRESH,
+                                  about="LogN, score threshold 0", baselines=("faster_ce+thr0", "faster_ce+logn")),
 }
 
 def _posthoc_logn(cfg, checkpoint: str, out_dir: Path, **normalizer_kwargs) -> str:
@@ -146,9 +159,14 @@ def _posthoc_loga(cfg, checkpoint: str, out_dir: Path, prior_from: str = "image"
     return adjust
 
 
+def _posthoc_none(cfg, checkpoint: str, out_dir: Path):
+    """No method: the checkpoint evaluated as it is (under the row's ``opts``)."""
+    return None
+
+
 #: Training-free methods applied to a trained checkpoint: name -> function(cfg, checkpoint,
 #: out_dir, **kwargs) returning what ``evaluate_checkpoint(calibration=...)`` takes.
-POSTHOC: dict[str, object] = {"logn": _posthoc_logn, "loga": _posthoc_loga}
+POSTHOC: dict[str, object] = {"logn": _posthoc_logn, "loga": _posthoc_loga, "none": _posthoc_none}
 
 #: What ``taildet demo`` runs: the two-stage CE baseline and the same with repeat factor sampling.
 DEMO_RECIPES = ("prior", "faster_ce", "faster_ce_rfs", "faster_ce+logn")
@@ -483,7 +501,8 @@ def run_compare(recipes: Iterable[str] | None, out_dir: str | Path, seeds: Itera
 
     def run_opts(d: int, s: int, n: str) -> list[str]:
         return [f"data.root={data[d]['root']}", f"data.synthetic.seed={d}", f"data.synthetic.scale={scale}",
-                f"train.seed={s}"] + list(extra_opts or []) + [f"output_dir={out / replicate_name(d, s) / n}"]
+                f"train.seed={s}"] + list(extra_opts or []) + list(specs[n].opts) + \
+            [f"output_dir={out / replicate_name(d, s) / n}"]
 
     stage1 = [n for n in specs if specs[n].kind == "train"]
     stage2 = [n for n in specs if specs[n].kind == "finetune"]
@@ -533,7 +552,8 @@ def run_compare(recipes: Iterable[str] | None, out_dir: str | Path, seeds: Itera
                 save_metrics(metrics, out / rep / n / "metrics.json")
             elif spec.kind == "posthoc":
                 print(f"\n=== {rep}: recipe {n} ({spec.posthoc} on {spec.stage1}) ===")
-                metrics = _run_posthoc(n, spec, _config_path(specs[spec.stage1]), run_opts(d, s, spec.stage1),
+                metrics = _run_posthoc(n, spec, _config_path(specs[spec.stage1]),
+                                       run_opts(d, s, spec.stage1) + list(spec.opts),
                                        str(out / rep / spec.stage1 / "model_final.pth"), out / rep / n)
             else:  # pragma: no cover - every trained row is in ``done``
                 raise AssertionError(key)
