@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from taildet.cli import main
-from taildet.compare import prior_baseline_results, resolve_recipe, run_compare
+from taildet.compare import RECIPES, prior_baseline_results, resolve_recipe, run_compare
 from taildet.errors import ConfigError
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -214,3 +214,37 @@ def test_recipe_opts_reach_the_posthoc_evaluation(tmp_path, monkeypatch):
     thr, box_thr, calibration = seen["faster_ce+loga"]
     assert thr > 0 and box_thr > 0 and callable(calibration)   # the config's thresholds
     assert set(summary["recipes"]) == {"faster_ce+thr0", "faster_ce+loga"}
+
+
+def test_logn_ablation_rows_share_one_statistics_pass(tmp_path, monkeypatch):
+    """LogN rows that differ only in mode / beta make one pass; each file equals a direct
+    ``calibrate_checkpoint`` with that mode."""
+    import taildet.engine as engine
+    from taildet.config import apply_overrides, load_config
+    from taildet.compare import _config_path
+
+    calls = []
+    real = engine.calibrate_checkpoint
+
+    def counting(cfg, checkpoint, out=None, **kw):
+        calls.append(kw)
+        return real(cfg, checkpoint, out, **kw)
+
+    monkeypatch.setattr(engine, "calibrate_checkpoint", counting)
+    tiny = ["train.iterations=2", "train.warmup_iters=1", "data.batch_size=2", "train.device=cpu",
+            "eval.max_dets=20", "train.checkpoint_period=2"]
+    run_compare(["faster_ce+logn", "faster_ce+logn_mean"], tmp_path / "cmp", progress=False, scale=0.05,
+                extra_opts=tiny, jobs=1)
+    assert len(calls) == 1 and "mode" not in calls[0]
+    rep = tmp_path / "cmp" / "seed0"
+    got = json.loads((rep / "faster_ce+logn_mean" / "logit_stats.json").read_text())
+    assert got["stages"]["roi_heads"]["mode"] == "mean_only"
+    full = json.loads((rep / "faster_ce+logn" / "logit_stats.json").read_text())
+    assert full["stages"]["roi_heads"]["mode"] == "all"
+    cfg = apply_overrides(load_config(_config_path(RECIPES["faster_ce"])),
+                          [f"data.root={tmp_path / 'data' / 'synthetic_seed0_scale0.05'}", "data.synthetic.scale=0.05",
+                           "train.seed=0"] + tiny)
+    direct = real(cfg, str(rep / "faster_ce" / "model_final.pth"), str(tmp_path / "direct.json"),
+                  progress=False, mode="mean_only")
+    want = json.loads(Path(direct).read_text())
+    assert got["stages"] == want["stages"]

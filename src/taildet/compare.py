@@ -124,14 +124,35 @@ RECIPES: dict[str, Recipe] = {
                                   about="LogN, score threshold 0", baselines=("faster_ce+thr0", "faster_ce+logn")),
 }
 
+#: LogN options that change only how saved statistics are applied (not the statistics pass).
+_LOGN_TRANSFORM_ONLY = ("mode", "beta")
+
+
 def _posthoc_logn(cfg, checkpoint: str, out_dir: Path, **normalizer_kwargs) -> str:
-    """LogN: the statistics pass over the training set; returns the statistics file."""
+    """LogN: the statistics pass over the training set; returns the statistics file.
+
+    The pass is made once per checkpoint and pass setting (cached beside the checkpoint as
+    ``logit_stats_pass*.json``); rows that differ only in how the statistics are applied (the
+    ablations' ``mode``, ``beta``) reuse it and write their own ``logit_stats.json``.
+    """
+    import hashlib
+
     from taildet.calibration import LogitNormalizer, plot_logit_statistics
     from taildet.engine import calibrate_checkpoint
     from taildet.engine.train import build_datasets
+    from taildet.fileio import atomic_write_text
 
-    path = calibrate_checkpoint(cfg, checkpoint, str(out_dir / "logit_stats.json"), progress=False,
-                                **normalizer_kwargs)
+    apply_kw = {k: v for k, v in normalizer_kwargs.items() if k in _LOGN_TRANSFORM_ONLY}
+    pass_kw = {k: v for k, v in normalizer_kwargs.items() if k not in _LOGN_TRANSFORM_ONLY}
+    tag = hashlib.sha1(json.dumps(pass_kw, sort_keys=True, default=str).encode()).hexdigest()[:8] if pass_kw else ""
+    cached = Path(checkpoint).parent / f"logit_stats_pass{'-' + tag if tag else ''}.json"
+    if not cached.exists():
+        calibrate_checkpoint(cfg, checkpoint, str(cached), progress=False, **pass_kw)
+    doc = json.loads(cached.read_text())
+    for entry in doc["stages"].values():
+        entry.update(apply_kw)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = str(atomic_write_text(json.dumps(doc, indent=1) + "\n", out_dir / "logit_stats.json"))
     # the paper's Fig. 2: per-class logit mean and std against training instance count
     train_set, _, _ = build_datasets(cfg, need_train=True)
     plot_logit_statistics(LogitNormalizer.load(path), train_set.instance_counts, out_dir / "logit_stats.png",

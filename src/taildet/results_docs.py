@@ -165,7 +165,7 @@ def plot_claims_forest(summary: Mapping, out_png: str | Path) -> Path:
         sign = 1.0 if c["direction"] == "higher" else -1.0   # plotted so that right = as claimed
         if c["bootstrap_ci95"]:
             lo, hi = sorted(sign * v for v in c["bootstrap_ci95"])
-            ax.plot([lo, hi], [i, i], color=colour, lw=1, alpha=0.6)
+            ax.plot([lo, hi], [i - 0.22, i - 0.22], color=colour, lw=1.5, alpha=0.9)
         if c["ci95"]:
             lo, hi = sorted(sign * v for v in c["ci95"])
             ax.plot([lo, hi], [i, i], color=colour, lw=4, alpha=0.8)
@@ -174,7 +174,8 @@ def plot_claims_forest(summary: Mapping, out_png: str | Path) -> Path:
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels([f"{c['id']} ({c['metric']})" for c in reversed(rows)], fontsize=7)
     ax.set_xlabel("difference in the claimed direction (AP points; > 0: as claimed)")
-    ax.set_title("claims: seeds 95 % CI (thick), classes 95 % CI (thin); green holds, red contradicted",
+    ax.set_title("claims: seeds 95 % CI (thick), classes 95 % CI (thin, below); green holds, "
+                 "red contradicted, grey inconclusive",
                  fontsize=8)
     fig.tight_layout()
     out_png = Path(out_png)
