@@ -419,11 +419,20 @@ def test_presets():
     assert {k: v for k, v in cos.model.kwargs.items() if k != "classifier"} == \
            {k: v for k, v in ce.model.kwargs.items() if k != "classifier"}
     assert cos.train == ce.train and cos.data == ce.data
+    sig = load_config(os.path.join(REPO, "configs", "demo_faster_tiny_cos_sigmoid.yaml"))
+    assert sig.model.kwargs == {**cos.model.kwargs, "loss": "sigmoid_bce"} and sig.data == ce.data
+    eql = load_config(os.path.join(REPO, "configs", "demo_faster_tiny_eql.yaml"))
+    assert eql.model.kwargs["classifier"] == "cosine" and eql.train == cos.train and eql.data == cos.data
     normed = load_config(os.path.join(REPO, "configs", "demo_faster_tiny_logn_normed.yaml"))
     mk = normed.model.kwargs
     assert mk["classifier"] == "cosine" and mk["logit_bn"] is True and mk["loss"] == "softmax_ce"
     assert mk["box_score_thresh"] == 0.0 and normed.eval.score_thresh == 0.0
     assert normed.train == ce.train
+    lvis_cos = load_config(os.path.join(REPO, "configs", "lvis_mask_r50_cos_ce_2x.yaml"))
+    lvis_ce = load_config(os.path.join(REPO, "configs", "lvis_mask_r50_ce_2x.yaml"))
+    assert lvis_cos.model.kwargs == {**lvis_ce.model.kwargs, "classifier": "cosine"}
+    lvis_sig = load_config(os.path.join(REPO, "configs", "lvis_mask_r50_cos_sigmoid_2x.yaml"))
+    assert lvis_sig.model.kwargs == {**lvis_cos.model.kwargs, "loss": "sigmoid_bce"}
     for name, sampler in [("lvis_mask_rcnn_r50_fpn_random_logn_normed_mstrain_2x.yaml", "random"),
                           ("lvis_mask_rcnn_r50_fpn_sample1e-3_logn_normed_mstrain_2x.yaml", "rfs")]:
         lv = load_config(os.path.join(REPO, "configs", name))

@@ -129,7 +129,10 @@ def calibrate_checkpoint(cfg, checkpoint_path: str, out: str | None = None, *, s
             bg = normalizer.background_index if normalizer.background else None
             report = background_argmax_report(positives, train_set.frequency_groups, normalizer, bg)
             extra["background_argmax_share"] = report
-            log.info("calibrate: %s", format_background_argmax_share(report))
+            log.debug("calibrate: %s", format_background_argmax_share(report))
+            log.info("calibrate: positive RoIs whose argmax is the background column: %s",
+                     ", ".join(f"{k} {100 * v['all']['share']:.1f} %" for k, v in report.items()
+                               if isinstance(v, dict) and v["all"]["share"] is not None))
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         normalizer.save(out, stage=stage, extra=extra)
         log.info("calibrate: statistics of %d sampled logits over %d training images -> %s",
