@@ -98,8 +98,20 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             kwargs["beta"] = float(args.beta)
         except ValueError:
             kwargs["beta"] = args.beta
-    path = calibrate_checkpoint(_load_cfg(args), args.checkpoint, args.out, momentum=args.momentum,
+    if args.stats == "running" and (args.momentum is not None or args.ema_init is not None):
+        raise ConfigError("calibrate: --momentum / --ema-init are options of --stats pass; "
+                          "--stats running continues the BatchNorm statistics with --running-momentum")
+    if args.stats == "pass" and args.running_momentum is not None:
+        raise ConfigError("calibrate: --running-momentum applies to --stats running")
+    path = calibrate_checkpoint(_load_cfg(args), args.checkpoint, args.out, stats=args.stats,
+                                running_momentum=args.running_momentum, momentum=args.momentum,
                                 max_batches=args.max_batches, **kwargs)
+    from taildet.calibration.diagnostics import format_background_argmax_share
+
+    with open(path, encoding="utf-8") as fh:
+        report = (json.load(fh).get("extra") or {}).get("background_argmax_share")
+    if report:
+        print(format_background_argmax_share(report))
     print(f"logit statistics: {path}\nevaluate with: taildet eval {args.config} {args.checkpoint} "
           f"--calibration {path}")
     return 0
@@ -193,10 +205,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=_cmd_eval)
 
     ca = sub.add_parser("calibrate", help="LogN: collect logit statistics of a trained detector "
-                                          "over its training set (no training)")
+                                          "over its training set (no training)",
+                        description="LogN statistics of a trained detector over its training set. Prints, per "
+                                    "frequency group, the share of positive RoIs whose argmax is the background "
+                                    "column (raw logits, after LogN, after LogN without beta).")
     ca.add_argument("config", help="YAML config the checkpoint was trained with")
     ca.add_argument("checkpoint", help="checkpoint (.pth)")
     ca.add_argument("--out", help="statistics file (default: logit_stats.json beside the checkpoint)")
+    ca.add_argument("--stats", choices=["pass", "running"], default="pass",
+                    help="pass (default, any detector): statistics of the sampled RoIs' raw logits over one "
+                         "pass; running (models trained with model.logit_bn, LogN's released recipe): the "
+                         "logits' BatchNorm running statistics continued over one epoch with "
+                         "--running-momentum, as the authors' 0-lr fine-tune does")
+    ca.add_argument("--running-momentum", type=float, default=None,
+                    help="with --stats running: the continuation momentum (default 5e-5, the reference's)")
     ca.add_argument("--momentum", type=float, default=None,
                     help="EMA statistics with this momentum instead of exact ones (the reference uses 5e-5, "
                          "continuing BatchNorm-style running stats from its base checkpoint; from a cold "

@@ -235,6 +235,8 @@ MODEL_KWARG_CHECKS: dict[str, Callable[[Any], Any]] = {
     "loss": v_str,
     "loss_kwargs": v_dict,
     "classifier": v_enum("linear", "cosine"),
+    "logit_bn": v_bool,
+    "logit_bn_momentum": v_open_fraction,
     "min_size": v_int_or_ints,
     "max_size": v_pos_int,
     "fixed_size": v_bool,
@@ -494,6 +496,18 @@ def _check_whole(cfg: Config, file: str | None) -> Config:
         smallest = min(mk["min_size"]) if isinstance(mk["min_size"], list) else mk["min_size"]
         if mk["max_size"] < smallest:
             raise _err(file, "model.max_size", f"must be >= model.min_size ({mk['min_size']}), got {mk['max_size']}")
+    if "logit_bn" in mk or "logit_bn_momentum" in mk:
+        key = "model.logit_bn" if "logit_bn" in mk else "model.logit_bn_momentum"
+        if cfg.model.arch not in ("faster_rcnn", "mask_rcnn"):
+            raise _err(file, key, f"the BatchNorm on the RoI classifier's logits needs a two-stage detector "
+                                  f"(faster_rcnn or mask_rcnn), got model.arch {cfg.model.arch!r}")
+        if "logit_bn_momentum" in mk and not mk.get("logit_bn"):
+            raise _err(file, "model.logit_bn_momentum", "set model.logit_bn: true too (it is the momentum of "
+                                                        "that BatchNorm's running statistics)")
+        if mk.get("logit_bn") and cfg.finetune.mfs.enabled:
+            raise _err(file, "finetune.mfs.enabled", "memory-augmented feature sampling runs the memory samples "
+                                                     "through the classifier in a call of their own, which would "
+                                                     "batch-normalise them apart: not supported with model.logit_bn")
     if cfg.finetune.mfs.enabled and cfg.model.arch not in ("faster_rcnn", "mask_rcnn"):
         raise _err(file, "finetune.mfs.enabled",
                    f"memory-augmented feature sampling needs a two-stage detector (faster_rcnn or "

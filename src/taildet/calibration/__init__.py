@@ -10,12 +10,25 @@ Typical use with a taildet detector::
 
 With your own torchvision Faster R-CNN: ``calibrate_torchvision_model(model, train_loader)``.
 
+A detector trained with BatchNorm on its logits (``model.logit_bn``, LogN's released recipe):
+``collect_running_statistics(model, train_loader)`` continues that BatchNorm's running statistics
+(momentum 5e-5, the authors' 0-lr fine-tune) instead of the exact pass.
+``background_argmax_share(logits, labels, groups, normalizer)``: per frequency group, the share of
+positive RoIs whose argmax is the background column after a transform (a diagnostic of beta).
+
 Modules: :mod:`~taildet.calibration.logit_norm` (:class:`LogitNormalizer`, the online inverse
 variant :class:`OnlineLogNLoss`, statistics files), :mod:`~taildet.calibration.logit_adjust`
 (:class:`LogitAdjuster`), :mod:`~taildet.calibration.statistics` (the statistics pass and
-applying a transform to a model), :mod:`~taildet.calibration.plots` (the per-class statistics figure).
+applying a transform to a model), :mod:`~taildet.calibration.plots` (the per-class statistics figure),
+:mod:`~taildet.calibration.diagnostics` (the background-argmax diagnostic).
 """
 
+from taildet.calibration.diagnostics import (
+    PositiveLogitSample,
+    background_argmax_report,
+    background_argmax_share,
+    format_background_argmax_share,
+)
 from taildet.calibration.logit_adjust import LogitAdjuster
 from taildet.calibration.logit_norm import (
     LogitNormalizer,
@@ -32,6 +45,8 @@ from taildet.calibration.statistics import (
     apply_logit_normalization,
     calibrate_torchvision_model,
     collect_logit_statistics,
+    collect_running_statistics,
+    find_logit_batchnorm,
     remove_logit_normalization,
     training_sampling_mode,
 )
@@ -55,6 +70,12 @@ __all__ = [
     "save_normalizers",
     "load_normalizers",
     "collect_logit_statistics",
+    "collect_running_statistics",
+    "find_logit_batchnorm",
+    "background_argmax_share",
+    "background_argmax_report",
+    "format_background_argmax_share",
+    "PositiveLogitSample",
     "apply_logit_normalization",
     "remove_logit_normalization",
     "calibrate_torchvision_model",

@@ -40,6 +40,10 @@ Which logits are accumulated:
 Distributed: call it on every rank with a data loader over that rank's shard (e.g. a
 ``DistributedSampler``); with ``sync=True`` the ranks' exact moments are merged
 (:meth:`LogitNormalizer.sync`) so every rank returns the statistics of the whole set.
+
+:func:`collect_running_statistics` is the other source of LogN statistics, for detectors trained
+with BatchNorm on their logits (``model.logit_bn``, LogN's released recipe): it continues that
+BatchNorm's running statistics, as the authors' 0-lr fine-tune does (see its docstring).
 """
 
 from __future__ import annotations
@@ -64,7 +68,13 @@ __all__ = [
     "apply_calibration",
     "training_sampling_mode",
     "model_kind",
+    "collect_running_statistics",
+    "find_logit_batchnorm",
+    "RUNNING_MOMENTUM",
 ]
+
+#: The momentum with which the authors' 0-lr fine-tune continues the logits' BatchNorm statistics.
+RUNNING_MOMENTUM = 5e-5
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +199,7 @@ def collect_logit_statistics(
     max_batches: int | None = None,
     class_names: Sequence[str] | None = None,
     sync: bool = True,
+    positives: Any = None,
     **normalizer_kwargs: Any,
 ) -> LogitNormalizer:
     """Accumulate LogN statistics of ``model``'s training-time sampled logits (see module doc).
@@ -204,6 +215,9 @@ def collect_logit_statistics(
         max_batches: stop after this many batches (None = the whole loader).
         class_names: saved with the statistics; default the dataset's ``class_names`` if any.
         sync: merge the statistics over DDP ranks at the end (no-op in one process).
+        positives: optional :class:`~taildet.calibration.diagnostics.PositiveLogitSample` that
+            receives each batch's raw logits and labels (taildet detectors only), for
+            :func:`~taildet.calibration.diagnostics.background_argmax_share`.
     Returns:
         the normalizer (on ``device``), with ``stage`` set to ``"roi_heads"`` or ``"head"``.
     """
@@ -256,10 +270,14 @@ def collect_logit_statistics(
                 if kind == "two_stage":
                     model(images, targets)
                     logits = model.roi_heads.last_sampled["logits"]
+                    if positives is not None:
+                        positives.add(logits, model.roi_heads.last_sampled["labels"])
                 elif kind == "one_stage":
                     model(images, targets)
                     logits, labels = model.last_cls_inputs
                     logits = logits[labels >= 0]
+                    if positives is not None:
+                        positives.add(logits, labels[labels >= 0])
                 else:
                     logits = _torchvision_sampled_logits(model, images, targets)
                 normalizer.update(logits)
@@ -280,6 +298,137 @@ def collect_logit_statistics(
         raise ValueError("collect_logit_statistics: the data loader gave no logits (empty loader?)")
     log.info("LogN statistics: %d batches, %d logit rows on this rank, %d in total",
              batches, rows, int(normalizer.count))
+    return normalizer
+
+
+def find_logit_batchnorm(model: nn.Module) -> nn.Module | None:
+    """The BatchNorm on a taildet R-CNN's class logits (``model.logit_bn``), or None."""
+    model = _unwrap(model)
+    pred = getattr(getattr(model, "roi_heads", None), "box_predictor", None)
+    bn = getattr(pred, "logit_bn", None)
+    return bn if isinstance(bn, nn.modules.batchnorm._BatchNorm) else None
+
+
+def collect_running_statistics(
+    model: nn.Module,
+    data_loader: Iterable,
+    *,
+    momentum: float = RUNNING_MOMENTUM,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    max_batches: int | None = None,
+    class_names: Sequence[str] | None = None,
+    sync: bool = True,
+    positives: Any = None,
+    **normalizer_kwargs: Any,
+) -> LogitNormalizer:
+    """LogN statistics from the running statistics of the BatchNorm on the logits, continued.
+
+    For a taildet R-CNN trained with ``model.logit_bn`` (LogN's released recipe). The authors'
+    "post-hoc" step is a one-epoch fine-tune at learning rate 0 whose only effect is to continue
+    that BatchNorm's running statistics with momentum 5e-5 over the training data; their eval
+    forward then applies LogN with those statistics (background column unchanged). This does the
+    same without an optimizer: the pass of :func:`collect_logit_statistics` (training-time RoI
+    sampling, other norm layers and dropout in eval mode, no gradient), except that the logits'
+    BatchNorm is in **training mode with momentum** ``momentum``, so each batch (all sampled RoIs
+    of the loader's batch) updates, starting from the checkpoint's values::
+
+        running_mean <- (1 - m) running_mean + m mean_batch(z)
+        running_var  <- (1 - m) running_var  + m var_batch(z)     (unbiased, divide by n - 1)
+
+    where ``z`` are the raw logits of the sampled RoIs. The result becomes a
+    :class:`LogitNormalizer` in EMA mode (``momentum`` recorded; ``mean`` = running mean,
+    ``var`` = running variance, ``count`` = rows seen) with ``normalizer_kwargs`` (``mode``,
+    ``beta``). The model is left as it was (its running statistics included). With
+    ``max_batches=0`` the checkpoint's running statistics are used as they are.
+
+    Distributed: each rank continues the statistics over its shard from the same start; with
+    ``sync=True`` the ranks' means and variances are averaged (the reference keeps rank 0's).
+    """
+    device = torch.device(device)
+    model = _unwrap(model)
+    kind = model_kind(model)
+    bn = find_logit_batchnorm(model)
+    if kind != "two_stage" or bn is None:
+        raise ConfigError("LogN statistics from running statistics need a two-stage detector trained with "
+                          "model.logit_bn: true (BatchNorm on the class logits); use the statistics pass otherwise")
+    for key in ("momentum", "ema_init"):
+        if key in normalizer_kwargs:
+            raise ConfigError(f"running statistics: {key!r} does not apply (the continuation momentum is "
+                              "the 'momentum' argument of collect_running_statistics)")
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 < float(momentum) <= 1.0:
+        raise ConfigError(f"running statistics: momentum must be in (0, 1], got {momentum!r}")
+    momentum = float(momentum)
+    model.to(device)
+    if class_names is None:
+        class_names = _find_class_names(data_loader)
+    normalizer = _new_normalizer(model, kind, list(class_names) if class_names is not None else None,
+                                 momentum=momentum, **normalizer_kwargs)
+    if normalizer.num_outputs != bn.num_features:
+        raise ConfigError(f"the logits' BatchNorm has {bn.num_features} columns, the classifier {normalizer.num_outputs}")
+    normalizer.to(device)
+
+    total = None
+    try:
+        total = len(data_loader)  # type: ignore[arg-type]
+    except TypeError:
+        pass
+    if max_batches is not None:
+        total = max_batches if total is None else min(total, max_batches)
+    bar = None
+    rank0 = not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
+        torch.distributed.get_rank() == 0
+    )
+    if progress and rank0 and total != 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc="LogN running statistics", unit="batch", dynamic_ncols=True)
+
+    rh = model.roi_heads
+    raw: list[Tensor] = []
+
+    def grab(module: nn.Module, args: Any, output: Tensor) -> None:
+        raw.append(output.detach())
+
+    hook = rh.box_predictor.cls_score.register_forward_hook(grab)
+    saved_momentum, saved_record = bn.momentum, rh.record_box_features
+    rh.record_box_features = False
+    batches = rows = 0
+    try:
+        with training_sampling_mode(model, keep=list(normalizer.buffers())):
+            bn.train()  # the one norm layer that updates (its buffers are restored on exit)
+            bn.momentum = momentum
+            for batch in data_loader:
+                if max_batches is not None and batches >= max_batches:
+                    break
+                images, targets = _to_device(list(batch[0]), list(batch[1]), device)
+                raw.clear()
+                model(images, targets)
+                z = raw[-1]
+                if positives is not None:
+                    positives.add(z, rh.last_sampled["labels"])
+                if z.shape[0] > 1:  # a 1-row call is not batch-normalised (see TailBoxPredictor)
+                    rows += z.shape[0]
+                batches += 1
+                if bar is not None:
+                    bar.update(1)
+            running_mean = bn.running_mean.detach().to(torch.float64).clone()
+            running_var = bn.running_var.detach().to(torch.float64).clone()
+    finally:
+        hook.remove()
+        bn.momentum = saved_momentum
+        rh.record_box_features = saved_record
+        if bar is not None:
+            bar.close()
+    with torch.no_grad():
+        normalizer.mean.copy_(running_mean.to(normalizer.mean.device))
+        normalizer.running_var.copy_(running_var.to(normalizer.mean.device))
+        normalizer.count.fill_(float(max(rows, 1)))  # >= 1: the checkpoint's statistics count as data
+    normalizer._cache = None
+    if sync:
+        normalizer._synced = False
+        normalizer.sync()
+    log.info("LogN running statistics: %d batches, %d logit rows on this rank (momentum %g)", batches, rows, momentum)
     return normalizer
 
 

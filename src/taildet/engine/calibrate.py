@@ -1,11 +1,25 @@
-"""The LogN statistics pass over a training set (``taildet calibrate``).
+"""LogN statistics of a trained detector over its training set (``taildet calibrate``).
 
-One pass of the trained detector over the training data in *training-time sampling mode*
-(two-stage: RPN proposals + GT boxes, the RoI sampler's ``box_batch_size_per_image`` per image with
-its positive fraction, the training augmentation; one-stage: every non-ignored anchor), with no
-backward and no parameter or BatchNorm-statistics change (see
-:func:`taildet.calibration.collect_logit_statistics`). Under torchrun every rank sees its shard and
-the statistics are merged exactly across ranks; rank 0 writes the file.
+Two sources, selected by ``stats``:
+
+* ``"pass"`` (default; any detector): one pass of the trained detector over the training data in
+  *training-time sampling mode* (two-stage: RPN proposals + GT boxes, the RoI sampler's
+  ``box_batch_size_per_image`` per image with its positive fraction, the training augmentation;
+  one-stage: every non-ignored anchor), with no backward and no parameter or
+  BatchNorm-statistics change (see :func:`taildet.calibration.collect_logit_statistics`); the
+  images come in uniform random order. Exact statistics, or an EMA with ``momentum``.
+* ``"running"`` (a two-stage detector trained with ``model.logit_bn``, LogN's released recipe):
+  the running statistics of the BatchNorm on the logits, continued over one epoch of the
+  training data with ``running_momentum`` (the reference's 0-lr fine-tune, momentum 5e-5), with
+  the training sampler of ``data.sampler`` (RFS models use RFS, as the reference's fine-tune
+  does); see :func:`taildet.calibration.collect_running_statistics`. ``max_batches=0`` takes the
+  checkpoint's running statistics as they are.
+
+Both also keep the raw logits of up to ``diagnostic_rows`` positive RoIs and save, in the file's
+``extra["background_argmax_share"]``, the share of them whose argmax is the background column per
+frequency group (raw, after LogN, after LogN without beta; see
+:mod:`taildet.calibration.diagnostics`); ``taildet calibrate`` prints it. Under torchrun every
+rank sees its shard and the statistics are merged across ranks; rank 0 writes the file.
 """
 
 from __future__ import annotations
@@ -18,7 +32,10 @@ import torch
 
 log = logging.getLogger("taildet")
 
-__all__ = ["calibrate_checkpoint", "build_model_for_checkpoint"]
+__all__ = ["calibrate_checkpoint", "build_model_for_checkpoint", "STATS_SOURCES"]
+
+#: ``stats`` values of :func:`calibrate_checkpoint` (``taildet calibrate --stats``).
+STATS_SOURCES = ("pass", "running")
 
 
 def build_model_for_checkpoint(cfg, num_classes: int, train_set=None):
@@ -31,22 +48,39 @@ def build_model_for_checkpoint(cfg, num_classes: int, train_set=None):
     return build_model_from_cfg(cfg, num_classes, loss=loss, loss_kwargs=loss_kwargs, train_dataset=train_set)
 
 
-def calibrate_checkpoint(cfg, checkpoint_path: str, out: str | None = None, *, momentum: float | None = None,
-                         max_batches: int | None = None, progress: bool = True, **normalizer_kwargs: Any) -> str:
+def calibrate_checkpoint(cfg, checkpoint_path: str, out: str | None = None, *, stats: str = "pass",
+                         running_momentum: float | None = None, momentum: float | None = None,
+                         max_batches: int | None = None, progress: bool = True, diagnostic_rows: int = 20000,
+                         **normalizer_kwargs: Any) -> str:
     """Collect LogN statistics of ``checkpoint_path`` over ``cfg``'s training set; returns the file.
 
-    ``out`` defaults to ``logit_stats.json`` beside the checkpoint. ``momentum`` switches from exact
-    streaming statistics to the reference's EMA. Other keyword arguments go to
-    :class:`taildet.calibration.LogitNormalizer` (e.g. ``mode``, ``beta``; they are saved with the
-    statistics and used when the file is applied).
+    ``out`` defaults to ``logit_stats.json`` beside the checkpoint. ``stats``: ``"pass"`` (the
+    statistics pass; ``momentum`` switches it from exact streaming statistics to an EMA) or
+    ``"running"`` (the logits' BatchNorm running statistics of a ``model.logit_bn`` checkpoint,
+    continued with ``running_momentum``, default 5e-5 as the reference; see the module doc).
+    Other keyword arguments go to :class:`taildet.calibration.LogitNormalizer` (e.g. ``mode``,
+    ``beta``; they are saved with the statistics and used when the file is applied).
+    ``diagnostic_rows``: positive RoIs kept for the background-argmax diagnostic (0 = none).
     """
-    from taildet.calibration import collect_logit_statistics
+    from taildet.calibration import collect_logit_statistics, collect_running_statistics
+    from taildet.calibration.diagnostics import PositiveLogitSample, background_argmax_report
+    from taildet.calibration.statistics import RUNNING_MOMENTUM, find_logit_batchnorm
     from taildet.data.samplers import TrainingSampler
+    from taildet.errors import ConfigError
     from taildet.engine.checkpoint import load_checkpoint, load_model_weights
     from taildet.engine.distributed import barrier, get_rank, get_world_size, init_distributed, is_main_process
     from taildet.engine.inference import list_collate, resolve_device
     from taildet.engine.train import _seed_all, build_datasets, setup_logging
 
+    if stats not in STATS_SOURCES:
+        raise ConfigError(f"calibrate: stats must be one of {', '.join(STATS_SOURCES)}, got {stats!r}")
+    if stats == "running":
+        if momentum is not None or "ema_init" in normalizer_kwargs:
+            raise ConfigError("calibrate: --momentum / --ema-init are options of the statistics pass; with "
+                              "--stats running the continuation momentum is --running-momentum")
+        running_momentum = RUNNING_MOMENTUM if running_momentum is None else running_momentum
+    elif running_momentum is not None:
+        raise ConfigError("calibrate: --running-momentum applies to --stats running")
     init_distributed(cfg.train.device)
     setup_logging()
     device = resolve_device(cfg.train.device)
@@ -55,23 +89,52 @@ def calibrate_checkpoint(cfg, checkpoint_path: str, out: str | None = None, *, m
     model = build_model_for_checkpoint(cfg, train_set.num_classes, train_set)
     load_model_weights(model, state["model"], checkpoint_path, state.get("config"))
     model.to(device)
+    if stats == "running" and find_logit_batchnorm(model) is None:
+        raise ConfigError(f"calibrate --stats running: {checkpoint_path} has no BatchNorm on its class logits "
+                          "(train with model.logit_bn: true, LogN's released recipe), or use --stats pass")
     _seed_all(cfg.train.seed)
-    sampler = TrainingSampler(len(train_set), shuffle=True, seed=cfg.train.seed,
-                              num_replicas=get_world_size(), rank=get_rank())
+    if stats == "running":  # the reference's fine-tune samples as stage 1 did
+        from taildet.engine.train import build_sampler
+
+        sampler = build_sampler(train_set, cfg.data.sampler, seed=cfg.train.seed,
+                                rfs_threshold=cfg.data.rfs_threshold, rfs_rounding=cfg.data.rfs_rounding)
+    else:
+        sampler = TrainingSampler(len(train_set), shuffle=True, seed=cfg.train.seed,
+                                  num_replicas=get_world_size(), rank=get_rank())
     loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.data.batch_size, sampler=sampler,
                                          num_workers=cfg.data.num_workers, collate_fn=list_collate)
-    if momentum is not None:
-        normalizer_kwargs["momentum"] = momentum
-    normalizer = collect_logit_statistics(model, loader, device=device, progress=progress and is_main_process(),
-                                          max_batches=max_batches, class_names=train_set.class_names,
-                                          **normalizer_kwargs)
+    positives = PositiveLogitSample(train_set.num_classes, diagnostic_rows) if diagnostic_rows else None
+    show = progress and is_main_process()
+    if stats == "running":
+        normalizer = collect_running_statistics(model, loader, momentum=running_momentum, device=device,
+                                                progress=show, max_batches=max_batches,
+                                                class_names=train_set.class_names, positives=positives,
+                                                **normalizer_kwargs)
+    else:
+        if momentum is not None:
+            normalizer_kwargs["momentum"] = momentum
+        normalizer = collect_logit_statistics(model, loader, device=device, progress=show,
+                                              max_batches=max_batches, class_names=train_set.class_names,
+                                              positives=positives, **normalizer_kwargs)
     out = out or os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), "logit_stats.json")
     if is_main_process():
+        from taildet.calibration.diagnostics import format_background_argmax_share
         from taildet.calibration.statistics import model_kind
 
         stage = "head" if model_kind(model) == "one_stage" else "roi_heads"
+        extra: dict[str, Any] = {"checkpoint": os.path.abspath(checkpoint_path), "stats": stats}
+        if stats == "running":
+            extra["running_momentum"] = running_momentum
+        if positives is not None and positives.rows:
+            bg = normalizer.background_index if normalizer.background else None
+            report = background_argmax_report(positives, train_set.frequency_groups, normalizer, bg)
+            extra["background_argmax_share"] = report
+            log.debug("calibrate: %s", format_background_argmax_share(report))
+            log.info("calibrate: positive RoIs whose argmax is the background column: %s",
+                     ", ".join(f"{k} {100 * v['all']['share']:.1f} %" for k, v in report.items()
+                               if isinstance(v, dict) and v["all"]["share"] is not None))
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        normalizer.save(out, stage=stage, extra={"checkpoint": os.path.abspath(checkpoint_path)})
+        normalizer.save(out, stage=stage, extra=extra)
         log.info("calibrate: statistics of %d sampled logits over %d training images -> %s",
                  int(normalizer.count.max().item()) if normalizer.count.numel() else 0, len(train_set), out)
     barrier()

@@ -38,7 +38,7 @@ from taildet.errors import ConfigError, DataError
 from taildet.losses import build_loss
 from taildet.losses.base import ClassificationLoss
 from taildet.models.backbones import build_backbone
-from taildet.models.classifiers import build_classifier
+from taildet.models.classifiers import LogitBatchNorm, build_classifier
 from taildet.models.poolers import ParallelMultiScaleRoIAlign
 
 __all__ = [
@@ -134,18 +134,32 @@ class TailBoxPredictor(nn.Module):
     ``cls_score`` is any classifier from :mod:`taildet.models.classifiers` (``K`` outputs);
     ``bbox_pred`` regresses ``4 * C`` deltas (one box per foreground class, no background box) or
     ``4`` with ``class_agnostic=True``.
+
+    ``logit_bn`` (optional, a :class:`~taildet.models.classifiers.LogitBatchNorm`; LogN's released
+    recipe, ``model.logit_bn``): while that module is in training mode, the class logits are
+    returned batch-normalised over the rows of the call (every column, background included) and
+    its running statistics are updated; in eval mode (``model.eval()``, and the LogN statistics
+    pass, which puts norm layers in eval mode) the raw logits are returned. A call with fewer
+    than 2 rows is returned raw (a batch variance needs 2). When set, its buffers appear in the
+    state dict as ``roi_heads.box_predictor.logit_bn.*``; when None, the keys are unchanged.
     """
 
-    def __init__(self, in_channels: int, classifier: nn.Module, num_classes: int, class_agnostic: bool = False):
+    def __init__(self, in_channels: int, classifier: nn.Module, num_classes: int, class_agnostic: bool = False,
+                 logit_bn: nn.Module | None = None):
         super().__init__()
         self.cls_score = classifier
         self.bbox_pred = nn.Linear(in_channels, 4 * (1 if class_agnostic else num_classes))
         nn.init.normal_(self.bbox_pred.weight, std=0.001)
         nn.init.zeros_(self.bbox_pred.bias)
+        self.logit_bn = logit_bn
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x = x.flatten(1)
-        return self.cls_score(x), self.bbox_pred(x)
+        logits = self.cls_score(x)
+        bn = self.logit_bn
+        if bn is not None and bn.training and logits.shape[0] > 1:
+            logits = bn(logits)
+        return logits, self.bbox_pred(x)
 
 
 class TailRoIHeads(RoIHeads):
@@ -158,7 +172,8 @@ class TailRoIHeads(RoIHeads):
         background ``C``), ``gt_index`` [R] (assigned GT within its image, -1 for background),
         ``batch_gt_index`` [R] (the same, unique over the batch: what ``loss.update`` receives),
         ``image_index`` [R], ``regression_targets`` [R, 4], ``box_features`` [R, ch, 7, 7] (pooled,
-        before the box head; ``None`` when ``record_box_features`` is False), ``logits`` [R, K].
+        before the box head; ``None`` when ``record_box_features`` is False), ``logits`` [R, K]
+        (what the loss saw: batch-normalised when the predictor's ``logit_bn`` is in training mode).
     ``last_logits`` / ``last_logit_image_index`` (inference) -- raw logits ``[R, K]`` of every RoI
         (before ``logit_transform``) and the image each belongs to.
 
@@ -458,6 +473,8 @@ def _build_two_stage(
     loss: str,
     loss_kwargs: dict[str, Any] | None,
     classifier: str,
+    logit_bn: bool,
+    logit_bn_momentum: float | None,
     min_size: int,
     max_size: int,
     fixed_size: bool,
@@ -513,7 +530,15 @@ def _build_two_stage(
     box_head = TwoMLPHead(net.out_channels * 7 * 7, representation_size)
     cls_layer = build_classifier(classifier, representation_size, cls_loss.num_outputs())
     cls_loss.init_bias(cls_layer.bias)
-    box_predictor = TailBoxPredictor(representation_size, cls_layer, num_classes, class_agnostic_box_reg)
+    if not isinstance(logit_bn, bool):
+        raise ConfigError(f"logit_bn must be true or false, got {logit_bn!r}")
+    bn = None
+    if logit_bn:
+        bn = LogitBatchNorm(cls_loss.num_outputs(), momentum=1e-4 if logit_bn_momentum is None else logit_bn_momentum)
+    elif logit_bn_momentum is not None:
+        raise ConfigError("logit_bn_momentum is set but logit_bn is false (it is the momentum of the logits' BatchNorm)")
+    box_predictor = TailBoxPredictor(representation_size, cls_layer, num_classes, class_agnostic_box_reg,
+                                     logit_bn=bn)
 
     common: dict[str, Any] = dict(
         num_classes=None,
@@ -571,6 +596,8 @@ def build_faster_rcnn(
     loss: str = "softmax_ce",
     loss_kwargs: dict[str, Any] | None = None,
     classifier: str = "linear",
+    logit_bn: bool = False,
+    logit_bn_momentum: float | None = None,
     min_size: int = 800,
     max_size: int = 1333,
     fixed_size: bool = False,
@@ -600,6 +627,12 @@ def build_faster_rcnn(
             torchvision ResNet state dict path; nothing is downloaded).
         loss, loss_kwargs: a name in :data:`taildet.losses.LOSSES` and its keyword arguments.
         classifier: ``"linear"`` or ``"cosine"``.
+        logit_bn: LogN's released recipe (the authors' ``LogitNormHead``): an affine-free
+            BatchNorm1d (eps 1e-5) over the classifier's ``K`` logits (background included), with
+            batch statistics in training, before the loss; raw logits at eval. Its running
+            statistics (momentum ``logit_bn_momentum``, default the reference's 1e-4) are buffers
+            of the model: ``taildet calibrate --stats running`` turns them into LogN statistics.
+            See :class:`taildet.models.classifiers.LogitBatchNorm`.
         min_size, max_size: torchvision's resize rule; ``min_size = max_size = 96`` leaves 96 px
             images untouched. ``fixed_size=True`` never resizes (the data pipeline sets the size).
         anchor_sizes: per feature map; None = :func:`default_anchor_sizes`. ``aspect_ratios``: one
@@ -620,6 +653,8 @@ def build_mask_rcnn(
     loss: str = "softmax_ce",
     loss_kwargs: dict[str, Any] | None = None,
     classifier: str = "linear",
+    logit_bn: bool = False,
+    logit_bn_momentum: float | None = None,
     min_size: int = 800,
     max_size: int = 1333,
     fixed_size: bool = False,
