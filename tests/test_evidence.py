@@ -249,3 +249,25 @@ def test_docs_block_errors_name_the_problem(tmp_path):
 def test_repository_docs_match_their_committed_summaries():
     """README.md and docs/RESULTS.md: every generated table equals what its summary gives."""
     assert update_docs(root=REPO, check=True) == []
+
+
+def test_long_tail_losses_are_compared_on_their_own_classifier():
+    """EQL / EQLv2 / Seesaw use the cosine classifier: every baseline they are compared with, in
+    RECIPES and in the claims, uses the same classifier (one change at a time)."""
+    from taildet.compare import _config_path
+    from taildet.config import load_config
+
+    def classifier(name):
+        spec = RECIPES[name]
+        while spec.kind == "posthoc":
+            spec = RECIPES[spec.stage1]
+        return load_config(_config_path(spec)).model.kwargs.get("classifier", "linear")
+
+    for name in ("faster_eql", "faster_eqlv2", "faster_seesaw"):
+        assert classifier(name) == "cosine"
+        assert RECIPES[name].compared_with()
+        for b in RECIPES[name].compared_with():
+            assert classifier(b) == "cosine", (name, b)
+    for c in evidence.load_claims():
+        if c.recipe in ("faster_eql", "faster_eqlv2", "faster_seesaw"):
+            assert classifier(c.baseline) == "cosine", c.id

@@ -72,12 +72,18 @@ RECIPES: dict[str, Recipe] = {
     "faster_ce_rfs": Recipe("train", "demo_faster_tiny_ce_rfs.yaml", about="+ repeat factor sampling",
                             baselines=("faster_ce",)),
     "faster_sigmoid_rfs": Recipe("train", "demo_faster_tiny_sigmoid_rfs.yaml", about="sigmoid BCE + RFS"),
+    # the cosine classifier (temperature 20) of EQL / EQLv2 / Seesaw, with CE and with sigmoid BCE:
+    # those losses are compared with the same classifier, one change at a time
+    "faster_cos_ce": Recipe("train", "demo_faster_tiny_cos_ce.yaml",
+                            about="Faster R-CNN, softmax CE, cosine classifier (T 20)", baselines=("faster_ce",)),
+    "faster_cos_sigmoid": Recipe("train", "demo_faster_tiny_cos_sigmoid.yaml",
+                                 about="sigmoid BCE, cosine classifier (T 20)", baselines=("faster_cos_ce",)),
     "faster_eql": Recipe("train", "demo_faster_tiny_eql.yaml", about="EQL, cosine classifier",
-                         baselines=("faster_ce", "faster_sigmoid_rfs")),
+                         baselines=("faster_cos_sigmoid", "faster_cos_ce")),
     "faster_eqlv2": Recipe("train", "demo_faster_tiny_eqlv2.yaml", about="EQLv2, cosine classifier",
-                           baselines=("faster_ce", "faster_sigmoid_rfs")),
+                           baselines=("faster_cos_ce", "faster_cos_sigmoid")),
     "faster_seesaw": Recipe("train", "demo_faster_tiny_seesaw.yaml", about="Seesaw, cosine classifier",
-                            baselines=("faster_ce",)),
+                            baselines=("faster_cos_ce",)),
     "faster_ce+bsoftmax": Recipe("finetune", "demo_faster_tiny_bsoftmax_ft.yaml", "faster_ce",
                                  about="stage 2: Balanced Softmax"),
     "faster_ce+bsigmoid": Recipe("finetune", "demo_faster_tiny_bsigmoid_ft.yaml", "faster_ce",
@@ -122,6 +128,29 @@ RECIPES: dict[str, Recipe] = {
                              about="CE evaluated with score threshold 0"),
     "faster_ce+logn_thr0": Recipe("posthoc", stage1="faster_ce", posthoc="logn", opts=_NO_SCORE_THRESH,
                                   about="LogN, score threshold 0", baselines=("faster_ce+thr0", "faster_ce+logn")),
+    # LogN post hoc on the cosine-CE detector
+    "faster_cos_ce+thr0": Recipe("posthoc", stage1="faster_cos_ce", posthoc="none", opts=_NO_SCORE_THRESH,
+                                 about="cosine CE evaluated with score threshold 0"),
+    "faster_cos_ce+logn": Recipe("posthoc", stage1="faster_cos_ce", posthoc="logn",
+                                 about="cosine CE + LogN (statistics pass)"),
+    "faster_cos_ce+logn_nobeta": Recipe("posthoc", stage1="faster_cos_ce", posthoc="logn",
+                                        posthoc_kwargs=(("mode", "no_beta"),), about="cosine CE + LogN without beta",
+                                        baselines=("faster_cos_ce", "faster_cos_ce+logn")),
+    # LogN as its authors release it: stage 1 trains a cosine classifier with BatchNorm on the
+    # logits (evaluated raw, score threshold 0); the post-hoc step continues the BN running
+    # statistics (the reference's 0-lr fine-tune; momentum scaled to the demo's length)
+    "faster_logn_normed": Recipe("train", "demo_faster_tiny_logn_normed.yaml",
+                                 about="LogN released recipe, stage 1: cosine + BN on logits, CE (raw logits, thr 0)",
+                                 baselines=("faster_cos_ce+thr0",)),
+    "faster_logn_normed+logn": Recipe("posthoc", stage1="faster_logn_normed", posthoc="logn",
+                                      posthoc_kwargs=(("stats", "running"), ("running_momentum", 0.009)),
+                                      about="LogN released recipe: BN running statistics continued (0-lr fine-tune)",
+                                      baselines=("faster_logn_normed", "faster_cos_ce+thr0")),
+    "faster_logn_normed+logn_nobeta": Recipe("posthoc", stage1="faster_logn_normed", posthoc="logn",
+                                             posthoc_kwargs=(("stats", "running"), ("running_momentum", 0.009),
+                                                             ("mode", "no_beta")),
+                                             about="LogN released recipe without beta",
+                                             baselines=("faster_logn_normed", "faster_logn_normed+logn")),
 }
 
 #: LogN options that change only how saved statistics are applied (not the statistics pass).
