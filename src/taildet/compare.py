@@ -628,9 +628,10 @@ def run_compare(recipes: Iterable[str] | None, out_dir: str | Path, seeds: Itera
         {n: specs[n] for n in names}, classes, claim_list, regime=regime,
         resamples=bootstrap_resamples or evidence.BOOTSTRAP_RESAMPLES)
     summary.update({"title": title, "regime": regime, "seeds": seeds, "data_seeds": data_seeds,
+                    "machine": machine_info(),
                     "scale": scale, "extra_opts": list(extra_opts or []),
                     "dataset": {k: stats[k] for k in ("num_images", "num_classes", "groups") if k in stats}})
-    summary = {k: summary[k] for k in ("title", "regime", "seeds", "data_seeds", "scale", "extra_opts",
+    summary = {k: summary[k] for k in ("title", "regime", "seeds", "data_seeds", "machine", "scale", "extra_opts",
                                        "dataset", "classes", "recipes", "paired", "claims")}
     from taildet.fileio import atomic_write_text
     from taildet.results_docs import format_claims_table, format_paired_table, format_recipe_table
@@ -657,6 +658,21 @@ def run_compare(recipes: Iterable[str] | None, out_dir: str | Path, seeds: Itera
     atomic_write_text("\n".join(lines), out / "report.md")
     print(f"\nreport: {out / 'report.md'}\nsummary: {out / 'summary.json'}")
     return summary
+
+
+def machine_info() -> dict:
+    """What a run's numbers depend on beyond seeds: torch, its CPU kernel level, threads.
+
+    Trainings are deterministic on one machine type, but CPU kernels of another instruction set
+    (e.g. AVX2 vs AVX512) round differently and a long training diverges from there, so single
+    runs on two machine types differ by about as much as two seeds.
+    """
+    import platform
+
+    import torch
+
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "machine": platform.machine(), "cpus": default_jobs()}
 
 
 def summarize(runs: dict[str, dict[str, dict]], specs: dict[str, Recipe], classes: dict[str, dict],
