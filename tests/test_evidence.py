@@ -271,3 +271,31 @@ def test_long_tail_losses_are_compared_on_their_own_classifier():
     for c in evidence.load_claims():
         if c.recipe in ("faster_eql", "faster_eqlv2", "faster_seesaw"):
             assert classifier(c.baseline) == "cosine", c.id
+
+
+def test_argmax_diagnostic_reaches_the_summary_and_its_table(tmp_path):
+    """The background-argmax report a LogN statistics file carries becomes the run's row entry
+    (percent) and the ``argmax`` docs table averages it over replicates."""
+    from taildet.compare import _argmax_diagnostic
+    from taildet.results_docs import format_argmax_table
+
+    f = tmp_path / "logit_stats.json"
+    f.write_text(json.dumps({"extra": {"background_argmax_share": {
+        "positives_sampled": 10,
+        "raw": {"r": {"share": 0.1, "positives": 2}, "c": {"share": None, "positives": 0},
+                "f": {"share": 0.0, "positives": 8}, "all": {"share": 0.02, "positives": 10}},
+        "logn (mode all, beta min_fg)": {"r": {"share": 1.0, "positives": 2}, "c": {"share": None, "positives": 0},
+                                         "f": {"share": 0.5, "positives": 8}, "all": {"share": 0.6, "positives": 10}},
+    }}}))
+    d = _argmax_diagnostic(f)
+    assert d == {"raw": {"r": 10.0, "c": None, "f": 0.0, "all": 2.0},
+                 "logn (mode all, beta min_fg)": {"r": 100.0, "c": None, "f": 50.0, "all": 60.0}}
+    assert _argmax_diagnostic(tmp_path / "missing.json") is None
+    d2 = {k: {g: (None if v is None else v / 2) for g, v in row.items()} for k, row in d.items()}
+    summary = {"recipes": {"faster_ce+logn": {"runs": {"seed0": {"background_argmax_share": d},
+                                                       "seed1": {"background_argmax_share": d2}}},
+                           "faster_ce": {"runs": {"seed0": {}}}}}
+    table = format_argmax_table(summary)
+    assert "| faster_ce+logn | raw | 2 | 7.5 | - | 0.0 | 1.5 |" in table
+    assert "| faster_ce+logn | logn (mode all, beta min_fg) | 2 | 75.0 | - | 37.5 | 45.0 |" in table
+    assert "| faster_ce |" not in table

@@ -481,6 +481,20 @@ def _run_row(rep: str, rows: dict) -> dict:
     return row
 
 
+def _argmax_diagnostic(stats_file: Path) -> dict | None:
+    """``{variant: {group: percent}}`` from a LogN statistics file's background-argmax report
+    (:mod:`taildet.calibration.diagnostics`), or ``None`` when the file has none."""
+    try:
+        report = json.loads(stats_file.read_text()).get("extra", {}).get("background_argmax_share")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(report, dict):
+        return None
+    return {variant: {g: (None if v.get("share") is None else round(100.0 * v["share"], 2))
+                      for g, v in groups.items()}
+            for variant, groups in report.items() if isinstance(groups, dict)}
+
+
 def _reusable(run_dir: Path, kind: str) -> dict | None:
     """The bbox metrics of a finished run in ``run_dir`` (``metrics.json``, and ``model_final.pth``
     for trained rows), or ``None``."""
@@ -623,8 +637,15 @@ def run_compare(recipes: Iterable[str] | None, out_dir: str | Path, seeds: Itera
             _plot_mean_scores(out / rep, "faster_ce", "faster_ce+loce", specs,
                               lambda n, d=d, s=s: run_opts(d, s, n), data[d]["train"])
 
+    runs = {n: {rep: _run_row(f"{rep}/{n}", done) for _, _, rep in reps} for n in names}
+    for n in names:  # LogN rows: the background-argmax diagnostic their statistics pass measured
+        if specs[n].kind == "posthoc" and specs[n].posthoc == "logn":
+            for _, _, rep in reps:
+                diag = _argmax_diagnostic(out / rep / n / "logit_stats.json")
+                if diag:
+                    runs[n][rep]["background_argmax_share"] = diag
     summary = summarize(
-        {n: {rep: _run_row(f"{rep}/{n}", done) for _, _, rep in reps} for n in names},
+        runs,
         {n: specs[n] for n in names}, classes, claim_list, regime=regime,
         resamples=bootstrap_resamples or evidence.BOOTSTRAP_RESAMPLES)
     summary.update({"title": title, "regime": regime, "seeds": seeds, "data_seeds": data_seeds,

@@ -9,7 +9,7 @@ marked block::
     <!-- END GENERATED -->
 
 Kinds: ``recipes`` (mean and 95 % interval per metric), ``paired`` (differences to baselines),
-``claims`` (the claims table with verdicts). Options: ``recipes=a,b`` (rows, in that order),
+``claims`` (the claims table with verdicts), ``argmax`` (LogN's background-argmax diagnostic). Options: ``recipes=a,b`` (rows, in that order),
 ``metrics=AP,APr`` (columns or rows), ``claims=id1,id2``. ``taildet docs`` rewrites the blocks;
 ``taildet docs --check`` (and a test) fails when a block differs from what its summary gives.
 """
@@ -109,6 +109,26 @@ def format_claims_table(summary: Mapping, claims: Sequence[str] | None = None, s
         lines.append(f"| {c['claim']} | {c['paper']} | {c['recipe']} {arrow} {c['baseline']} | {c['metric']} | "
                      f"{c['n']} | {_num(c['mean'], True)} | {_ci(c['ci95'])} | {_ci(c['bootstrap_ci95'])} | "
                      f"{c['verdict']} |")
+    return "\n".join(lines)
+
+
+def format_argmax_table(summary: Mapping, recipes: Sequence[str] | None = None, source: str = "summary") -> str:
+    """Markdown: LogN's background-argmax diagnostic -- per recipe and logit variant (raw, LogN,
+    LogN with beta none), the share of positive training RoIs whose argmax is the background
+    column, per frequency group, mean over the replicates that measured it (percent)."""
+    with_diag = [n for n, r in summary["recipes"].items()
+                 if any("background_argmax_share" in run for run in r["runs"].values())]
+    names = _select(with_diag, recipes, "recipes", source)
+    lines = ["| recipe | logits | n | r | c | f | all |", "|:---|:---|---:|---:|---:|---:|---:|"]
+    for n in names:
+        diags = [run["background_argmax_share"] for run in summary["recipes"][n]["runs"].values()
+                 if "background_argmax_share" in run]
+        for variant in diags[0]:
+            cells = []
+            for g in ("r", "c", "f", "all"):
+                vals = [d[variant][g] for d in diags if d.get(variant, {}).get(g) is not None]
+                cells.append(_num(sum(vals) / len(vals)) if vals else "-")
+            lines.append(f"| {n} | {variant} | {len(diags)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -214,7 +234,12 @@ def _render_claims(summary, opts, source):
     return format_claims_table(summary, opts.get("claims"), source)
 
 
-RENDERERS = {"recipes": _render_recipes, "paired": _render_paired, "claims": _render_claims}
+def _render_argmax(summary, opts, source):
+    return format_argmax_table(summary, opts.get("recipes"), source)
+
+
+RENDERERS = {"recipes": _render_recipes, "paired": _render_paired, "claims": _render_claims,
+             "argmax": _render_argmax}
 
 
 def load_summary(path: str | Path) -> dict:
