@@ -29,10 +29,13 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
 
 def _cmd_data_stats(args: argparse.Namespace) -> int:
     from taildet.data.stats import dataset_stats, format_stats, plot_long_tail
+    from taildet.fileio import check_not_inputs, check_output_path
 
-    stats = dataset_stats(args.ann)
-    print(format_stats(stats))
     out = Path(args.out) if args.out else Path(args.ann).with_suffix(".long_tail.png")
+    check_not_inputs({"--out plot": out}, {"annotation file": args.ann})
+    stats = dataset_stats(args.ann)  # the input first: a bad file is named before a bad --out
+    check_output_path(out, what="--out plot")
+    print(format_stats(stats))
     print(f"long-tail plot: {plot_long_tail(stats, out)}")
     return 0
 

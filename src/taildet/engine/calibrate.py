@@ -47,9 +47,17 @@ def calibrate_checkpoint(cfg, checkpoint_path: str, out: str | None = None, *, m
     from taildet.engine.inference import list_collate, resolve_device
     from taildet.engine.train import _seed_all, build_datasets, setup_logging
 
+    from taildet.engine.train import run_inputs
+    from taildet.fileio import check_not_inputs, check_output_path
+
     init_distributed(cfg.train.device)
     setup_logging()
     device = resolve_device(cfg.train.device)
+    out = out or os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), "logit_stats.json")
+    if is_main_process():  # before the pass: a bad --out is named at once, nothing is written
+        check_output_path(out, what="statistics (--out)")
+        check_not_inputs({"statistics file (--out)": out},
+                         {**run_inputs(cfg), "checkpoint": str(checkpoint_path), "config": cfg.source})
     train_set, _, _ = build_datasets(cfg, need_train=True)
     state = load_checkpoint(checkpoint_path)
     model = build_model_for_checkpoint(cfg, train_set.num_classes, train_set)
@@ -65,7 +73,6 @@ def calibrate_checkpoint(cfg, checkpoint_path: str, out: str | None = None, *, m
     normalizer = collect_logit_statistics(model, loader, device=device, progress=progress and is_main_process(),
                                           max_batches=max_batches, class_names=train_set.class_names,
                                           **normalizer_kwargs)
-    out = out or os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), "logit_stats.json")
     if is_main_process():
         from taildet.calibration.statistics import model_kind
 
