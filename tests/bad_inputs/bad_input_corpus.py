@@ -405,6 +405,15 @@ def train_area_not_a_number(root: Path) -> Case:
 
 
 @case
+def train_image_file_missing(root: Path) -> Case:
+    data = json.loads(train_json(root).read_text())
+    im = data["images"][len(data["images"]) // 2]
+    (root / "data" / "images" / im["file_name"]).unlink()
+    return Case(["train", str(write_config(root))],
+                ("train.json", "1 of 64 image files are missing", Path(im["file_name"]).name, f"image id {im['id']}"))
+
+
+@case
 def train_output_dir_is_a_file(root: Path) -> Case:
     cfg = write_config(root, edit=lambda c: c.update(output_dir=str(root / "notes.txt")))
     return Case(["train", str(cfg)], ("notes.txt", "not a directory"))

@@ -522,8 +522,14 @@ class LVISDataset(torch.utils.data.Dataset):
         cnt = Counter(self.frequency_groups)
         return {g: cnt.get(g, 0) for g in ("r", "c", "f")}
 
-    def check_images(self, max_listed: int = 5) -> None:
-        """Check that every image file exists and opens; DataError listing the first bad ones."""
+    def check_image_files(self, max_listed: int = 5) -> None:
+        """Check that every image file exists (no decoding: one ``stat`` per image, fast enough to
+        run before every training); DataError listing the first missing ones."""
+        self.check_images(max_listed, decode=False)
+
+    def check_images(self, max_listed: int = 5, decode: bool = True) -> None:
+        """Check that every image file exists and decodes (every pixel: PIL's ``verify()`` alone
+        passes a truncated JPEG); DataError listing the first bad ones."""
         bad: list[str] = []
         n_bad = 0
         for i in range(self.num_images):
@@ -531,7 +537,7 @@ class LVISDataset(torch.utils.data.Dataset):
             problem = None
             if not os.path.isfile(p):
                 problem = "missing"
-            else:
+            elif decode:
                 try:
                     with Image.open(p) as img:
                         img.verify()  # structure and checksums (PNG)

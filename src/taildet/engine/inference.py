@@ -286,7 +286,8 @@ def evaluate_checkpoint(cfg, checkpoint_path: str, calibration: Any = None, prog
     # a fine-tune config's checkpoints have its stage-2 loss (and classifier width); a loss built
     # from training-set statistics needs the training annotations (not its images)
     ft_loss = getattr(getattr(cfg, "finetune", None), "loss", None)
-    train_set, val_set, val_json = build_datasets(cfg, need_train=loss_needs_train_statistics(cfg, ft_loss))
+    train_set, val_set, val_json = build_datasets(
+        cfg, need_train="annotations" if loss_needs_train_statistics(cfg, ft_loss) else False)
     state = load_checkpoint(checkpoint_path)
     model = build_model_for_checkpoint(cfg, val_set.num_classes, train_set)
     load_model_weights(model, state["model"], checkpoint_path, state.get("config"))

@@ -90,6 +90,10 @@ def setup_logging() -> None:
 def build_datasets(cfg, need_train: bool = True):
     """``(train_set | None, val_set | None, val_json | None)`` from ``cfg.data``.
 
+    The annotation files are read and checked and every image file must exist (DataError listing
+    the missing ones). ``need_train="annotations"``: the training set's annotations only (its
+    statistics), its images are not needed.
+
     With ``data.synthetic`` the embedded dataset is generated (rank 0; others wait) or reused
     under ``data.root``. Val images are loaded without masks (inference needs none).
     """
@@ -116,9 +120,12 @@ def build_datasets(cfg, need_train: bool = True):
         train_set = load_lvis(train_json, train_root,
                               transforms=build_transforms(True, d.min_sizes, d.max_size, d.flip_prob),
                               with_masks=d.with_masks, skip_invalid=d.skip_invalid)
+        if need_train != "annotations":
+            train_set.check_image_files()  # at start-up, not as a DataError mid-run
     if val_json:
         val_set = load_lvis(val_json, val_root, transforms=build_transforms(False, d.min_sizes, d.max_size, 0.0),
                             with_masks=False, skip_invalid=d.skip_invalid)
+        val_set.check_image_files()
         if train_set is not None:
             from taildet.data.lvis import check_same_categories
 
