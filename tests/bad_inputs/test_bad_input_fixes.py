@@ -180,3 +180,19 @@ def test_the_real_command_line_prints_one_line(tmp_path):
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith("taildet train: error: ") and "train_area.json" in lines[0]
+
+
+def test_inference_with_no_proposal_at_all_returns_no_detection():
+    """A badly trained (finite) model whose RPN keeps no proposal in a batch made inference fail
+    with a reshape error inside torch (seen at the largest allowed lr); it detects nothing."""
+    import torch
+
+    from taildet.models import build_model
+
+    kwargs = {k: v for k, v in corpus.MODEL.items() if k != "arch"}
+    model = build_model("faster_rcnn", 5, **kwargs).eval()
+    rh = model.roi_heads
+    cls, reg = rh.box_predictor(torch.zeros(0, kwargs["representation_size"]))
+    boxes, scores, labels = rh.postprocess_detections(cls, reg, [torch.zeros(0, 4), torch.zeros(0, 4)],
+                                                      [(96, 96), (96, 96)])
+    assert [b.shape for b in boxes] == [(0, 4), (0, 4)] and [s.numel() for s in scores] == [0, 0]
