@@ -196,3 +196,15 @@ def test_inference_with_no_proposal_at_all_returns_no_detection():
     boxes, scores, labels = rh.postprocess_detections(cls, reg, [torch.zeros(0, 4), torch.zeros(0, 4)],
                                                       [(96, 96), (96, 96)])
     assert [b.shape for b in boxes] == [(0, 4), (0, 4)] and [s.numel() for s in scores] == [0, 0]
+
+
+def test_eval_writes_where_output_dir_says(tmp_path):
+    """``taildet eval --output-dir D`` wrote into the checkpoint's folder and ignored D."""
+    from taildet.cli import main
+
+    root = corpus.make_base(tmp_path / "w")
+    before = sorted(p.name for p in (root / "ckpt").iterdir())
+    assert main(["eval", str(corpus.write_config(root)), str(corpus.checkpoint(root)),
+                 "--output-dir", str(root / "ev")]) == 0
+    assert (root / "ev" / "metrics.json").exists() and (root / "ev" / "results_bbox.json").exists()
+    assert sorted(p.name for p in (root / "ckpt").iterdir()) == before
