@@ -374,20 +374,10 @@ def run_compare(recipes: Iterable[str] | None, out_dir: str | Path, seed: int = 
 
     start = time.time()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     names = list(recipes) if recipes else list(RECIPES)
     specs = {n: resolve_recipe(n) for n in names}  # fail fast on a bad name
 
     data_root = out.parent / "data" / f"synthetic_seed{seed}_scale{scale:g}"
-    info = make_dataset(data_root, seed=seed, scale=scale, progress=progress)
-    train_json, val_json = Path(info["train_json"]), Path(info["val_json"])
-    stats = dataset_stats(train_json)
-    stats_text = format_stats(stats)
-    print(stats_text)
-    long_tail_png = plot_long_tail(stats, out / "long_tail.png")
-    print(f"long-tail histogram: {long_tail_png}")
-    counts = _train_counts(train_json)
-
     common_opts = [f"data.root={data_root}", f"data.synthetic.seed={seed}",
                    f"data.synthetic.scale={scale}", f"train.seed={seed}"] + list(extra_opts or [])
     # stage 1 runs: every requested train recipe and every stage 1 a fine-tune or post-hoc row needs
@@ -400,11 +390,33 @@ def run_compare(recipes: Iterable[str] | None, out_dir: str | Path, seed: int = 
             stage1.append(dep)
             specs[dep] = RECIPES[dep]
     stage2 = [n for n in names if specs[n].kind == "finetune"]
-    jobs = max(1, min(int(jobs or default_jobs()), max(len(stage1), len(stage2), 1)))
-    print(f"\nrecipes: {', '.join(names)} ({jobs} parallel training job{'s' if jobs > 1 else ''})")
 
     def run_opts(n: str) -> list[str]:
         return common_opts + [f"output_dir={out / n}"]
+
+    # Before anything is written: every recipe's config with the options it will run with, and
+    # the output folder (a bad --opts or a recipe YAML the report would overwrite fails at once).
+    from taildet.config import apply_overrides, load_config
+    from taildet.fileio import check_not_inputs, check_output_path
+
+    for n in stage1 + stage2:
+        apply_overrides(load_config(_config_path(specs[n])), run_opts(n))
+    check_output_path(out, directory=True, what="compare output")
+    check_not_inputs({f"compare output {f}": out / f for f in ("summary.json", "report.md", "long_tail.png")},
+                     {f"recipe {n}": _config_path(specs[n]) for n in stage1 + stage2})
+    out.mkdir(parents=True, exist_ok=True)
+
+    info = make_dataset(data_root, seed=seed, scale=scale, progress=progress)
+    train_json, val_json = Path(info["train_json"]), Path(info["val_json"])
+    stats = dataset_stats(train_json)
+    stats_text = format_stats(stats)
+    print(stats_text)
+    long_tail_png = plot_long_tail(stats, out / "long_tail.png")
+    print(f"long-tail histogram: {long_tail_png}")
+    counts = _train_counts(train_json)
+
+    jobs = max(1, min(int(jobs or default_jobs()), max(len(stage1), len(stage2), 1)))
+    print(f"\nrecipes: {', '.join(names)} ({jobs} parallel training job{'s' if jobs > 1 else ''})")
 
     done: dict[str, tuple[dict, float]] = {}
     if reuse:  # stage-1 runs already finished in this directory (model_final.pth + metrics.json)
@@ -449,15 +461,16 @@ def run_compare(recipes: Iterable[str] | None, out_dir: str | Path, seed: int = 
 
     table = format_metrics_table(all_metrics)
     print("\n" + table)
-    with open(out / "summary.json", "w") as fh:
-        json.dump(summary, fh, indent=2)
+    from taildet.fileio import atomic_write_text
+
+    atomic_write_text(json.dumps(summary, indent=2), out / "summary.json")
     lines = [f"# {title}", "", f"Embedded long-tail dataset (seed {seed}): `{train_json}`", "",
              "```", stats_text, "```", "", "![long tail](long_tail.png)", "",
              "## Results (LVIS federated AP, percent)", "", table, ""]
     for name in names:
         lines += [f"### {name}", "", f"![per-class AP {name}](per_class_ap_{name}.png)", ""]
     lines += [f"Total time: {time.time() - start:.0f} s.", ""]
-    (out / "report.md").write_text("\n".join(lines))
+    atomic_write_text("\n".join(lines), out / "report.md")
     print(f"\nreport: {out / 'report.md'}\nsummary: {out / 'summary.json'}")
     return summary
 

@@ -437,6 +437,17 @@ def finetune_from_a_checkpoint_with_nan_weights(root: Path) -> Case:
     return Case(["finetune", nan_case.argv[1], "--from", nan_case.argv[2]], nan_case.expect)
 
 
+# ----------------------------------------------------------------------------- taildet compare
+
+
+@case
+def compare_recipe_with_a_yaml_error(root: Path) -> Case:
+    bad = root / "recipe.yaml"
+    bad.write_text("_base_: x.yaml\nmodel:\n\tarch: faster_rcnn\n")
+    return Case(["compare", "--recipes", "prior", str(bad), "--out", str(root / "cmp")],
+                ("recipe.yaml", "tabs", "line 3"))
+
+
 def main(argv: list[str]) -> int:
     """Write the corpus under ``argv[0]`` (one folder per case) and print each command line."""
     out = Path(argv[0]) if argv else Path("bad_inputs_corpus")
