@@ -405,6 +405,22 @@ def train_area_not_a_number(root: Path) -> Case:
 
 
 @case
+def train_mask_val_gt_with_a_bad_segmentation(root: Path) -> Case:
+    """Found at start-up, not by the final evaluation after the whole training."""
+    data = json.loads(val_json(root).read_text())
+    aid = first_ann(data)["id"]
+    bad = edited_json(val_json(root), root / "val_bad_segm.json", lambda d: first_ann(d).update(segmentation="x"))
+
+    def edit(c):
+        c["model"]["arch"] = "mask_rcnn"
+        c["data"].update(with_masks=True, val_json=str(bad))
+        c["eval"]["iou_types"] = ["bbox", "segm"]
+
+    return Case(["train", str(write_config(root, edit=edit))],
+                ("val_bad_segm.json", f"annotations[0] (id {aid})", "segmentation must be a polygon list"))
+
+
+@case
 def train_image_file_missing(root: Path) -> Case:
     data = json.loads(train_json(root).read_text())
     im = data["images"][len(data["images"]) // 2]

@@ -144,7 +144,8 @@ def finetune(cfg, from_checkpoint: str, resume: bool = False, progress: bool = T
     from taildet.engine.distributed import get_world_size, init_distributed
     from taildet.engine.inference import resolve_device
     from taildet.engine.train import (_frozen_norm_modules, _post_eval, _seed_all, build_datasets,
-                                      build_model_from_cfg, build_sampler, check_run_dir, prepare_run_dir,
+                                      build_model_from_cfg, build_sampler, check_run_dir, check_val_gt,
+                                      prepare_run_dir,
                                       run_inputs, run_training, setup_logging)
 
     ft = cfg.finetune
@@ -181,6 +182,9 @@ def finetune(cfg, from_checkpoint: str, resume: bool = False, progress: bool = T
         from taildet.sampling.memory import check_frozen_features
 
         check_frozen_features(model, ft.mfs.allow_stale_features)
+    do_eval = cfg.eval.enabled if evaluate is None else evaluate
+    if do_eval and val_dataset is not None and val_json:
+        check_val_gt(cfg, val_json)
     run_dir = prepare_run_dir(cfg, resume)
     model.to(device)
     if ft.mfs.enabled:
@@ -192,7 +196,6 @@ def finetune(cfg, from_checkpoint: str, resume: bool = False, progress: bool = T
     ckpt = run_training(model, train_dataset, tcfg, run_dir, sampler=sampler, batch_size=cfg.data.batch_size,
                         num_workers=cfg.data.num_workers, device=device, resume=resume, progress=progress,
                         config_dict=cfg_dict, hooks=hooks, frozen_norms=_frozen_norm_modules(model))
-    do_eval = cfg.eval.enabled if evaluate is None else evaluate
     metrics: dict = {}
     if do_eval and val_dataset is not None and val_json:
         metrics = _post_eval(cfg, model, val_dataset, val_json, run_dir, device, progress)

@@ -288,6 +288,9 @@ def evaluate_checkpoint(cfg, checkpoint_path: str, calibration: Any = None, prog
     ft_loss = getattr(getattr(cfg, "finetune", None), "loss", None)
     train_set, val_set, val_json = build_datasets(
         cfg, need_train="annotations" if loss_needs_train_statistics(cfg, ft_loss) else False)
+    from taildet.engine.train import check_val_gt
+
+    check_val_gt(cfg, val_json)  # before the inference pass, not after it
     state = load_checkpoint(checkpoint_path)
     model = build_model_for_checkpoint(cfg, val_set.num_classes, train_set)
     load_model_weights(model, state["model"], checkpoint_path, state.get("config"))

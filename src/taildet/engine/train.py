@@ -680,6 +680,22 @@ def prepare_run_dir(cfg, resume: bool) -> str:
     return run_dir
 
 
+def check_val_gt(cfg, val_json) -> None:
+    """The final evaluation's checks of the validation GT (:func:`taildet.evaluation.lvis_eval.check_gt`),
+    at start-up (rank 0; the others wait for its verdict)."""
+    from taildet.evaluation.lvis_eval import check_gt
+
+    error = None
+    if is_main_process():
+        try:
+            check_gt(val_json, cfg.iou_types())
+        except TaildetError as e:
+            error = e
+    error = broadcast_object(error)
+    if error is not None:
+        raise error
+
+
 def _post_eval(cfg, model, val_set, val_json, run_dir, device, progress) -> dict:
     core = unwrap_model(model)
     results = inference(core, val_set, cfg.eval.batch_size or cfg.data.batch_size, device,
@@ -719,6 +735,9 @@ def train(cfg, resume: bool = False, progress: bool = True, *, evaluate: bool | 
         model = build_model_from_cfg(cfg, train_dataset.num_classes, train_dataset=train_dataset)
     sampler = build_sampler(train_dataset, cfg.data.sampler, seed=cfg.train.seed,
                             rfs_threshold=cfg.data.rfs_threshold, rfs_rounding=cfg.data.rfs_rounding)
+    do_eval = cfg.eval.enabled if evaluate is None else evaluate
+    if do_eval and val_dataset is not None and val_json:
+        check_val_gt(cfg, val_json)
     run_dir = prepare_run_dir(cfg, resume)
     model.to(device)
     log.info("training %s on %d images (%s sampler), %d process(es) x batch %d, device %s",
@@ -726,7 +745,6 @@ def train(cfg, resume: bool = False, progress: bool = True, *, evaluate: bool | 
     ckpt = run_training(model, train_dataset, cfg.train, run_dir, sampler=sampler, batch_size=cfg.data.batch_size,
                         num_workers=cfg.data.num_workers, device=device, resume=resume, progress=progress,
                         config_dict=cfg.to_dict(), hooks=hooks)
-    do_eval = cfg.eval.enabled if evaluate is None else evaluate
     metrics: dict = {}
     if do_eval and val_dataset is not None and val_json:
         metrics = _post_eval(cfg, model, val_dataset, val_json, run_dir, device, progress)

@@ -43,6 +43,7 @@ from taildet.evaluation.results_io import _is_int, _is_real, cap_per_image, load
 __all__ = [
     "AP_FIXED_DETS_PER_CLASS",
     "LVIS_MAX_DETS",
+    "check_gt",
     "evaluate_coco",
     "evaluate_lvis",
     "frequency_from_image_count",
@@ -176,6 +177,16 @@ def load_gt(gt: str | os.PathLike | Mapping, name: str | None = None) -> tuple[d
         if "area" in a and not (_is_real(a["area"]) and math.isfinite(a["area"]) and a["area"] >= 0):
             raise DataError(file, where, f"area must be a finite number >= 0, got {a['area']!r}")
     return data, file  # type: ignore[return-value]
+
+
+def check_gt(gt: str | os.PathLike | Mapping, iou_types=("bbox",), name: str | None = None) -> None:
+    """Every check the evaluation of ``gt`` with ``iou_types`` makes, without evaluating: run it
+    before training or inference, so a bad validation file fails at start-up and not after hours
+    (training may skip a bad annotation with ``data.skip_invalid``; evaluation never does)."""
+    data, file = load_gt(gt, name=name)
+    lvis = is_lvis(data)
+    for iou_type in iou_types:
+        _prepare_gt(data, lvis=lvis, iou_type=iou_type, file=file)
 
 
 def is_lvis(gt: Mapping) -> bool:
