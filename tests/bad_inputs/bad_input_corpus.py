@@ -195,6 +195,7 @@ def stats_out_is_an_existing_directory(root: Path) -> Case:
 def stats_out_in_a_read_only_directory(root: Path) -> Case:
     ro = root / "ro"
     ro.mkdir()
+    ro.chmod(0o555)  # enough for a normal user; root needs the patch
     return Case(["data", "stats", str(val_json(root)), "--out", str(ro / "plot.png")],
                 ("plot.png", "not writable", "Permission denied"), patch=_read_only(ro))
 
