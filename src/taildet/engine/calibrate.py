@@ -43,7 +43,8 @@ def calibrate_checkpoint(cfg, checkpoint_path: str, out: str | None = None, *, m
     from taildet.calibration import collect_logit_statistics
     from taildet.data.samplers import TrainingSampler
     from taildet.engine.checkpoint import load_checkpoint, load_model_weights
-    from taildet.engine.distributed import barrier, get_rank, get_world_size, init_distributed, is_main_process
+    from taildet.engine.distributed import (barrier, get_rank, get_world_size, init_distributed, is_main_process,
+                                            main_process_check)
     from taildet.engine.inference import list_collate, resolve_device
     from taildet.engine.train import _seed_all, build_datasets, setup_logging
 
@@ -54,10 +55,10 @@ def calibrate_checkpoint(cfg, checkpoint_path: str, out: str | None = None, *, m
     setup_logging()
     device = resolve_device(cfg.train.device)
     out = out or os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), "logit_stats.json")
-    if is_main_process():  # before the pass: a bad --out is named at once, nothing is written
-        check_output_path(out, what="statistics (--out)")
-        check_not_inputs({"statistics file (--out)": out},
-                         {**run_inputs(cfg), "checkpoint": str(checkpoint_path), "config": cfg.source})
+    # before the pass: a bad --out is named at once, nothing is written
+    main_process_check(check_output_path, out, what="statistics (--out)")
+    check_not_inputs({"statistics file (--out)": out},
+                     {**run_inputs(cfg), "checkpoint": str(checkpoint_path), "config": cfg.source})
     train_set, _, _ = build_datasets(cfg, need_train=True)
     state = load_checkpoint(checkpoint_path)
     model = build_model_for_checkpoint(cfg, train_set.num_classes, train_set)

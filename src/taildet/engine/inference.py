@@ -17,7 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from taildet.engine.distributed import all_gather_object, get_rank, get_world_size, is_main_process
+from taildet.engine.distributed import (all_gather_object, get_rank, get_world_size, is_main_process,
+                                        main_process_check)
 
 __all__ = ["inference", "eval_caps", "evaluate_results", "evaluate_checkpoint", "resolve_device", "list_collate"]
 
@@ -276,11 +277,11 @@ def evaluate_checkpoint(cfg, checkpoint_path: str, calibration: Any = None, prog
         out_dir = os.path.dirname(os.path.abspath(checkpoint_path))
         if calibration is not None:
             out_dir = os.path.join(out_dir, "eval_calibrated")
-    if is_main_process():  # outputs checked before the work: nothing is written when one is bad
-        check_output_path(out_dir, directory=True, what="evaluation output")
-        check_not_inputs({f"evaluation output {n}": os.path.join(out_dir, n) for n in ("results_bbox.json", "metrics.json")},
-                         {**run_inputs(cfg), "checkpoint": str(checkpoint_path), "config": cfg.source,
-                          "calibration file": calibration if isinstance(calibration, (str, os.PathLike)) else None})
+    # outputs checked before the work: nothing is written when one is bad
+    main_process_check(check_output_path, out_dir, directory=True, what="evaluation output")
+    check_not_inputs({f"evaluation output {n}": os.path.join(out_dir, n) for n in ("results_bbox.json", "metrics.json")},
+                     {**run_inputs(cfg), "checkpoint": str(checkpoint_path), "config": cfg.source,
+                      "calibration file": calibration if isinstance(calibration, (str, os.PathLike)) else None})
     from taildet.engine.calibrate import build_model_for_checkpoint
 
     # a fine-tune config's checkpoints have its stage-2 loss (and classifier width); a loss built

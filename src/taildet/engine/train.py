@@ -36,7 +36,8 @@ from taildet.engine.checkpoint import (LAST_CHECKPOINT_FILE, get_rng_state, last
                                        load_model_weights,
                                        save_checkpoint, set_rng_state)
 from taildet.engine.distributed import (all_gather_object, barrier, broadcast_object, get_local_rank, get_rank,
-                                        get_world_size, init_distributed, is_main_process, reduce_loss_dict,
+                                        get_world_size, init_distributed, is_main_process, main_process_check,
+                                        reduce_loss_dict,
                                         sync_loss_state, unwrap_model)
 from taildet.engine.inference import eval_caps, evaluate_results, inference, list_collate, resolve_device
 from taildet.engine.schedule import build_scheduler
@@ -622,8 +623,7 @@ def check_run_dir(cfg, resume: bool, inputs: dict[str, str | None] | None = None
     from taildet.fileio import check_not_inputs, check_output_path
 
     run_dir = os.path.abspath(cfg.output_dir)
-    if is_main_process():
-        check_output_path(run_dir, directory=True, what="output_dir")
+    main_process_check(check_output_path, run_dir, directory=True, what="run (output_dir)")
     saved_cfg = os.path.join(run_dir, "config.yaml")
     if resume and os.path.isfile(saved_cfg) and last_checkpoint(run_dir) is not None:
         with open(saved_cfg, encoding="utf-8") as fh:  # every rank: all raise alike
@@ -685,15 +685,7 @@ def check_val_gt(cfg, val_json) -> None:
     at start-up (rank 0; the others wait for its verdict)."""
     from taildet.evaluation.lvis_eval import check_gt
 
-    error = None
-    if is_main_process():
-        try:
-            check_gt(val_json, cfg.iou_types())
-        except TaildetError as e:
-            error = e
-    error = broadcast_object(error)
-    if error is not None:
-        raise error
+    main_process_check(check_gt, val_json, cfg.iou_types())
 
 
 def _post_eval(cfg, model, val_set, val_json, run_dir, device, progress) -> dict:
