@@ -212,6 +212,19 @@ def stats_out_is_its_own_input(root: Path) -> Case:
                 ("val.json", "would overwrite the annotation file"))
 
 
+@case
+def synth_into_a_folder_holding_another_dataset(root: Path) -> Case:
+    """``data synth`` regenerates its own files: someone else's annotations (and images named like
+    its own, 000001.png) in the same layout must not be overwritten or deleted."""
+    mine = root / "mine"
+    (mine / "annotations").mkdir(parents=True)
+    (mine / "images" / "train").mkdir(parents=True)
+    edited_json(val_json(root), mine / "annotations" / "train.json", lambda d: d.pop("info"))
+    shutil.copy(next((root / "data" / "images" / "val").iterdir()), mine / "images" / "train" / "000001.png")
+    return Case(["data", "synth", str(mine), "--scale", "0.05"],
+                ("mine/annotations/train.json", "not written by taildet data synth"))
+
+
 # ----------------------------------------------------------------------------- taildet eval-results
 
 
