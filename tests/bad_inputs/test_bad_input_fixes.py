@@ -208,3 +208,31 @@ def test_eval_writes_where_output_dir_says(tmp_path):
                  "--output-dir", str(root / "ev")]) == 0
     assert (root / "ev" / "metrics.json").exists() and (root / "ev" / "results_bbox.json").exists()
     assert sorted(p.name for p in (root / "ckpt").iterdir()) == before
+
+
+@pytest.mark.parametrize("edit", [{"weight_decay": 1e308}, {"gamma": 1e308, "steps": [1], "iterations": 3, "lr": 1.0}])
+def test_an_optimizer_step_that_overflows_is_the_divergence_stop(tmp_path, capsys, edit):
+    """A step size float32 cannot hold (weight_decay, or an lr the schedule's gamma blows up) was
+    a RuntimeError traceback from inside torch.optim; it is the divergence stop: exit status 3,
+    one line naming the cause."""
+    import logging
+
+    from taildet.cli import main
+
+    root = corpus.make_base(tmp_path / "w")
+    logger = logging.getLogger("taildet")
+    saved = list(logger.handlers)
+    for h in saved:
+        logger.removeHandler(h)
+    logger.addHandler(logging.NullHandler())  # the start-up INFO lines are not the point here
+    try:
+        capsys.readouterr()
+        rc = main(["train", str(corpus.write_config(root, edit=lambda c: c["train"].update(edit)))])
+    finally:
+        for h in list(logger.handlers):
+            logger.removeHandler(h)
+        for h in saved:
+            logger.addHandler(h)
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("taildet train: error:")]
+    assert rc == 3 and len(err) == 1
+    assert "the optimizer step overflowed" in err[0] and "Lower train.lr, train.weight_decay" in err[0]

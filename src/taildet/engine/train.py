@@ -478,10 +478,23 @@ def run_training(
                     if not use_amp and not _all_finite([norm]):
                         raise TrainingDivergedError(
                             f"training diverged at iteration {iteration + 1}: non-finite gradient norm "
-                            f"(loss terms: " + ", ".join(f"{k}={float(v):.4g}" for k, v in loss_dict.items())
+                            f"(loss terms: " + ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in loss_dict.items())
                             + f"). Last good checkpoint, left intact: {last_good}.",
-                            iteration + 1, {k: float(v) for k, v in loss_dict.items()}, last_good)
-                scaler.step(optimizer)
+                            iteration + 1, {k: float(v.detach()) for k, v in loss_dict.items()}, last_good)
+                try:
+                    scaler.step(optimizer)
+                except RuntimeError as err:
+                    if "overflow" not in str(err):
+                        raise
+                    # a step size that float32 cannot hold (lr, weight_decay or the schedule's
+                    # gamma far too large): the same stop as a non-finite loss, not a traceback
+                    group = optimizer.param_groups[0]
+                    raise TrainingDivergedError(
+                        f"training diverged at iteration {iteration + 1}: the optimizer step overflowed "
+                        f"(lr {group['lr']:g}, weight_decay {group['weight_decay']:g}: {err}). Last good "
+                        f"checkpoint, left intact: {last_good}. Lower train.lr, train.weight_decay or "
+                        "train.gamma.", iteration + 1, {k: float(v.detach()) for k, v in loss_dict.items()},
+                        last_good) from None
                 scaler.update()
                 lr = optimizer.param_groups[0]["lr"]
                 scheduler.step()
