@@ -10,11 +10,13 @@ Validation policy (every error is a :class:`taildet.errors.DataError` naming the
 the problem):
 
 * structural problems are always errors: unreadable file, invalid JSON, a missing top-level key,
-  a missing per-item key, duplicate ids, an image without a positive width/height, an empty
-  ``images`` or ``categories`` list, a category ``frequency`` that is not ``r``/``c``/``f``;
+  a missing per-item key, duplicate ids, an id that is not an integer within +-(2**53 - 1)
+  (:data:`MAX_SAFE_ID`), an image without a positive width/height, an empty ``images`` or
+  ``categories`` list, a category ``frequency`` that is not ``r``/``c``/``f``;
 * per-annotation problems (unknown image id, unknown category id, malformed / non-finite bbox,
-  non-positive box width or height, box outside the image beyond a 1 px tolerance, malformed
-  segmentation when masks are requested) raise by default; with ``skip_invalid=True`` the
+  non-positive box width or height, box outside the image beyond a 1 px tolerance, an ``area``
+  that is not a finite number >= 0, malformed segmentation when masks are requested) raise by
+  default; with ``skip_invalid=True`` the
   annotation is dropped, counted in ``ds.skipped[reason]`` and one warning summarises them.
 
 Boxes that stick out of the image by at most 1 px (rounding in real LVIS/COCO) are clipped to the
