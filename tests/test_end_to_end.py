@@ -87,5 +87,6 @@ def test_every_architecture_is_a_valid_config_value():
     from taildet.models.build import ARCHITECTURES
 
     for arch in ARCHITECTURES:
-        raw = {"model": {"arch": arch}, "train": {"iterations": 1}, "data": {"synthetic": {"seed": 0}}}
+        raw = {"model": {"arch": arch}, "train": {"iterations": 1},
+               "data": {"synthetic": {"seed": 0}, "with_masks": arch == "mask_rcnn"}}
         assert config_from_dict(raw).model.arch == arch

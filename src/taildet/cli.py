@@ -29,10 +29,13 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
 
 def _cmd_data_stats(args: argparse.Namespace) -> int:
     from taildet.data.stats import dataset_stats, format_stats, plot_long_tail
+    from taildet.fileio import check_not_inputs, check_output_path
 
-    stats = dataset_stats(args.ann)
-    print(format_stats(stats))
     out = Path(args.out) if args.out else Path(args.ann).with_suffix(".long_tail.png")
+    check_not_inputs({"--out plot": out}, {"annotation file": args.ann})
+    stats = dataset_stats(args.ann)  # the input first: a bad file is named before a bad --out
+    check_output_path(out, what="--out plot")
+    print(format_stats(stats))
     print(f"long-tail plot: {plot_long_tail(stats, out)}")
     return 0
 
@@ -76,7 +79,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from taildet.evaluation import format_metrics_table
 
-    metrics = evaluate_checkpoint(_load_cfg(args), args.checkpoint, calibration=args.calibration)
+    metrics = evaluate_checkpoint(_load_cfg(args), args.checkpoint, calibration=args.calibration,
+                                  out_dir=args.output_dir)
     name = Path(args.checkpoint).name
     rows = {f"{name} ({iou})": m for iou, m in metrics.items() if isinstance(m, dict)} or {name: metrics}
     print(format_metrics_table(rows))
@@ -200,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("config", help="YAML config the checkpoint was trained with")
     ev.add_argument("checkpoint", help="checkpoint (.pth)")
     ev.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
-    ev.add_argument("--output-dir", help="where results and metrics are written")
+    ev.add_argument("--output-dir", help="where results and metrics are written (default: the checkpoint's "
+                                         "directory; with --calibration its eval_calibrated/)")
     ev.add_argument("--calibration", help="logit statistics file from `taildet calibrate` (LogN)")
     ev.set_defaults(func=_cmd_eval)
 

@@ -548,20 +548,9 @@ def run_compare(recipes: Iterable[str] | None, out_dir: str | Path, seeds: Itera
     claim_list = None
     if claims:
         claim_list = evidence.load_claims(None if claims is True else claims)
-    out.mkdir(parents=True, exist_ok=True)
     reps = [(d, s, replicate_name(d, s)) for d in data_seeds for s in seeds]
-
-    # the data of every data seed (deterministic, cached by make_dataset)
-    data: dict[int, dict] = {}
-    for d in data_seeds:
-        root = out.parent / "data" / f"synthetic_seed{d}_scale{scale:g}"
-        info = make_dataset(root, seed=d, scale=scale, progress=progress)
-        data[d] = {"root": root, "train": Path(info["train_json"]), "val": Path(info["val_json"])}
-    stats = dataset_stats(data[data_seeds[0]]["train"])
-    stats_text = format_stats(stats)
-    print(stats_text)
-    long_tail_png = plot_long_tail(stats, out / "long_tail.png")
-    print(f"long-tail histogram: {long_tail_png}")
+    data: dict[int, dict] = {d: {"root": out.parent / "data" / f"synthetic_seed{d}_scale{scale:g}"}
+                             for d in data_seeds}
 
     def run_opts(d: int, s: int, n: str) -> list[str]:
         return [f"data.root={data[d]['root']}", f"data.synthetic.seed={d}", f"data.synthetic.scale={scale}",
@@ -571,6 +560,33 @@ def run_compare(recipes: Iterable[str] | None, out_dir: str | Path, seeds: Itera
     stage1 = [n for n in specs if specs[n].kind == "train"]
     stage2 = [n for n in specs if specs[n].kind == "finetune"]
     posthoc = [n for n in names if specs[n].kind == "posthoc"]
+
+    # Before anything is written: every recipe's config with the options it will run with, and
+    # the output folder (a bad --opts or a recipe YAML the report would overwrite fails at once).
+    from taildet.config import apply_overrides, load_config
+    from taildet.fileio import check_not_inputs, check_output_path
+
+    d0, s0 = data_seeds[0], seeds[0]
+    for n in specs:
+        if specs[n].kind in ("train", "finetune"):
+            apply_overrides(load_config(_config_path(specs[n])), run_opts(d0, s0, n))
+        elif specs[n].kind == "posthoc":
+            apply_overrides(load_config(_config_path(specs[specs[n].stage1])),
+                            run_opts(d0, s0, specs[n].stage1) + list(specs[n].opts))
+    check_output_path(out, directory=True, what="compare output")
+    check_not_inputs({f"compare output {f}": out / f for f in ("summary.json", "report.md", "long_tail.png")},
+                     {f"recipe {n}": _config_path(specs[n]) for n in stage1 + stage2})
+    out.mkdir(parents=True, exist_ok=True)
+
+    # the data of every data seed (deterministic, cached by make_dataset)
+    for d in data_seeds:
+        info = make_dataset(data[d]["root"], seed=d, scale=scale, progress=progress)
+        data[d].update(train=Path(info["train_json"]), val=Path(info["val_json"]))
+    stats = dataset_stats(data[data_seeds[0]]["train"])
+    stats_text = format_stats(stats)
+    print(stats_text)
+    long_tail_png = plot_long_tail(stats, out / "long_tail.png")
+    print(f"long-tail histogram: {long_tail_png}")
     jobs = max(1, int(jobs or default_jobs()))
     print(f"\nrecipes: {', '.join(names)}; replicates: {', '.join(r for _, _, r in reps)} "
           f"({jobs} parallel training job{'s' if jobs > 1 else ''})")

@@ -16,8 +16,10 @@ A derived file is merged onto its base key by key (dicts recursively, everything
 then validated as a whole. Every problem is a :class:`taildet.errors.ConfigError` that names the
 dotted key and the file, e.g. ``configs/x.yaml: train.lr: expected a positive number, got -1``.
 
-Command-line overrides (``apply_overrides(cfg, ["train.lr=0.01"])``) parse each value with
-``yaml.safe_load`` and go through the same validation.
+Command-line overrides (``apply_overrides(cfg, ["train.lr=0.01"])``) parse each value as YAML
+and go through the same validation. Numbers in exponent notation without a dot (``1e-3``) are
+numbers, as in YAML 1.2 (PyYAML alone would read them as strings); a key given twice in one
+section is an error; YAML syntax errors are one line naming the file, line and column.
 """
 
 from __future__ import annotations
@@ -217,6 +219,78 @@ def v_path(v):
     return v_str(v)
 
 
+def v_lr(v):
+    """A learning rate: finite, > 0 and at most :data:`MAX_LR` (a larger one overflows inside the
+    optimizer or diverges on the first step)."""
+    v = v_pos_num(v)
+    if v > MAX_LR:
+        raise _Invalid(f"expected a learning rate of at most {MAX_LR:g} (a larger one overflows or diverges "
+                       f"at once), got {_fmt(v)}")
+    return v
+
+
+#: Largest learning rate the config accepts.
+MAX_LR = 10.0
+
+
+def v_pos_num_list(v):
+    if isinstance(v, tuple):
+        v = list(v)
+    if not isinstance(v, list) or not v:
+        raise _Invalid(f"expected a non-empty list of positive numbers, got {_fmt(v)}")
+    for i, x in enumerate(v):
+        if not _is_num(x) or x <= 0:
+            raise _Invalid(f"item {i}: expected a positive number, got {_fmt(x)}")
+    return list(v)
+
+
+def v_anchor_sizes(v):
+    """``null`` or one list of positive integer sizes per feature level, e.g. ``[[32], [64]]``."""
+    if v is None:
+        return None
+    if isinstance(v, tuple):
+        v = list(v)
+    if not isinstance(v, list) or not v or not all(isinstance(level, (list, tuple)) for level in v):
+        raise _Invalid(f"expected one list of anchor sizes per feature level, e.g. [[32], [64, 128]], got {_fmt(v)}")
+    out = []
+    for i, level in enumerate(v):
+        try:
+            out.append(v_list(v_pos_int, min_len=1)(list(level)))
+        except _Invalid as e:
+            raise _Invalid(f"level {i}: {e}") from None
+    return out
+
+
+def v_aspect_ratios(v):
+    """Positive numbers, or one list of them per feature level."""
+    if isinstance(v, (list, tuple)) and v and all(isinstance(level, (list, tuple)) for level in v):
+        out = []
+        for i, level in enumerate(v):
+            try:
+                out.append(v_pos_num_list(level))
+            except _Invalid as e:
+                raise _Invalid(f"level {i}: {e}") from None
+        return out
+    return v_pos_num_list(v)
+
+
+def v_rgb(v):
+    if v is None:
+        return None
+    out = v_pos_num_list(v) if isinstance(v, (list, tuple)) else None
+    if out is None or len(out) != 3:
+        raise _Invalid(f"expected null or 3 positive numbers (R, G, B), got {_fmt(v)}")
+    return out
+
+
+def v_rgb_mean(v):
+    if v is None:
+        return None
+    if not isinstance(v, (list, tuple)) or len(v) != 3 or not all(_is_num(x) for x in v):
+        raise _Invalid(f"expected null or 3 numbers (R, G, B), got {_fmt(v)}")
+    return list(v)
+
+
 def _f(default, check, help=""):
     """A dataclass field with a validator (and a default; lists/dicts are copied)."""
     if isinstance(default, (list, dict)):
@@ -250,9 +324,31 @@ MODEL_KWARG_CHECKS: dict[str, Callable[[Any], Any]] = {
     "box_nms_thresh": v_fraction,
     "rpn_batch_size_per_image": v_pos_int,
     "rpn_positive_fraction": v_open_fraction,
-    "anchor_sizes": v_any,
-    "aspect_ratios": v_any,
+    "anchor_sizes": v_anchor_sizes,
+    "aspect_ratios": v_aspect_ratios,
+    "anchor_scales": v_pos_num_list,
     "trainable_backbone_layers": v_nonneg_int,
+    "rpn_pre_nms_top_n_train": v_pos_int,
+    "rpn_post_nms_top_n_train": v_pos_int,
+    "rpn_pre_nms_top_n_test": v_pos_int,
+    "rpn_post_nms_top_n_test": v_pos_int,
+    "representation_size": v_pos_int,
+    "class_agnostic_box_reg": v_bool,
+    "fpn": v_opt(v_bool),
+    "mask_layers": v_opt(v_list(v_pos_int, min_len=1)),
+    "backbone_kwargs": v_opt(v_dict),
+    "image_mean": v_rgb_mean,
+    "image_std": v_rgb,
+    "head_norm": v_opt(v_enum("none", "gn", "bn")),
+    "topk_candidates": v_pos_int,
+    "fg_iou_thresh": v_fraction,
+    "bg_iou_thresh": v_fraction,
+    "num_convs": v_nonneg_int,
+    "center_sampling_radius": v_nonneg_num,
+    "topk": v_pos_int,
+    "quality_branch": v_bool,
+    "pre_nms_top_n": v_pos_int,
+    "giou_weight": v_nonneg_num,
 }
 
 
@@ -303,7 +399,7 @@ class TrainConfig:
 
     iterations: int | None = _f(None, v_opt(v_pos_int))
     epochs: int | None = _f(None, v_opt(v_pos_int))
-    lr: float = _f(0.02, v_pos_num)
+    lr: float = _f(0.02, v_lr)
     momentum: float = _f(0.9, v_fraction)
     weight_decay: float = _f(1e-4, v_nonneg_num)
     weight_decay_norm: float | None = _f(None, v_opt(v_nonneg_num), "wd of norm/bias params (null = same)")
@@ -508,6 +604,9 @@ def _check_whole(cfg: Config, file: str | None) -> Config:
             raise _err(file, "finetune.mfs.enabled", "memory-augmented feature sampling runs the memory samples "
                                                      "through the classifier in a call of their own, which would "
                                                      "batch-normalise them apart: not supported with model.logit_bn")
+    if cfg.model.arch == "mask_rcnn" and not d.with_masks:
+        raise _err(file, "data.with_masks", "model.arch mask_rcnn trains on instance masks: set "
+                   "data.with_masks: true (or use arch faster_rcnn for boxes only)")
     if cfg.finetune.mfs.enabled and cfg.model.arch not in ("faster_rcnn", "mask_rcnn"):
         raise _err(file, "finetune.mfs.enabled",
                    f"memory-augmented feature sampling needs a two-stage detector (faster_rcnn or "
@@ -575,6 +674,30 @@ def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool 
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
+# YAML 1.1 (PyYAML) reads ``1e-3`` as the string "1e-3" (its floats need a dot: ``1.0e-3``);
+# YAML 1.2 and every other reader take it as a number. taildet does too: a config value written
+# ``1e-3`` is the float 0.001, in files and in ``--opts`` overrides alike.
+_FLOAT_RE = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+_UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_RE, list("-+0123456789"))
+
+
+def _yaml_error_text(e: yaml.YAMLError) -> str:
+    """One line for a PyYAML error: the problem and where it is (PyYAML's own text spans lines
+    and quotes the file)."""
+    if isinstance(e, yaml.MarkedYAMLError):
+        problem = " ".join(str(e.problem or e.context or "syntax error").split())
+        mark = e.problem_mark or e.context_mark
+        if "'\\t'" in problem or "\t" in problem:
+            problem += " (YAML indents with spaces, not tabs)"
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        return problem + where
+    return " ".join(str(e).split())
+
+
+def _yaml_load(text_or_stream):
+    """``yaml.load`` with taildet's loader: safe, duplicate keys rejected, ``1e-3`` a number."""
+    return yaml.load(text_or_stream, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
 
 def _read_yaml(path: str, chain: tuple[str, ...] = ()) -> dict:
     path = os.path.abspath(path)
@@ -585,11 +708,13 @@ def _read_yaml(path: str, chain: tuple[str, ...] = ()) -> dict:
         raise ConfigError(f"{where}config file not found: {path}")
     try:
         with open(path, encoding="utf-8") as fh:
-            raw = yaml.load(fh, Loader=_UniqueKeyLoader)  # safe: SafeLoader + duplicate-key check
+            raw = _yaml_load(fh)  # safe: SafeLoader + duplicate-key check
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a UTF-8 text file") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_error_text(e)}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config: {e.strerror or e}") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -642,9 +767,9 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     if not key or any(not p for p in key.split(".")):
         raise ConfigError(f"override {item!r}: bad key {key!r}")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = _yaml_load(text) if text.strip() else None
     except yaml.YAMLError as e:
-        raise ConfigError(f"override {item!r}: value is not valid YAML: {e}") from None
+        raise ConfigError(f"override {item!r}: value is not valid YAML: {_yaml_error_text(e)}") from None
     return key.split("."), value
 
 

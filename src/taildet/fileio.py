@@ -121,3 +121,60 @@ def remove_stale_temp_files(directory: str | os.PathLike) -> list[str]:
 def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
     """Write the UTF-8 ``text`` to ``path`` atomically; returns the path."""
     return atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
+
+
+def check_output_path(path: str | os.PathLike, *, directory: bool = False, what: str = "output") -> Path:
+    """Check, before any work is done, that ``path`` can be written: as a file (``directory=False``)
+    or as a directory to create / write into. Returns the path.
+
+    An :class:`~taildet.errors.OutputError` naming ``path`` when it is an existing directory where a
+    file is wanted (or a file where a directory is wanted), when one of its parents is a file, or
+    when the nearest existing parent cannot be written (a temporary probe file is created there and
+    removed: permission bits alone say nothing for root or a read-only filesystem).
+    """
+    p = Path(path)
+    if directory:
+        if p.exists() and not p.is_dir():
+            raise OutputError(f"cannot write the {what} directory {p}: it exists and is not a directory")
+    elif p.is_dir():
+        raise OutputError(f"cannot write the {what} file {p}: it is a directory")
+    anc = p if directory else p.parent
+    anc = Path(os.path.abspath(anc))
+    while not anc.exists() and anc != anc.parent:
+        if os.path.lexists(anc):  # a dangling link
+            raise OutputError(f"cannot write {p}: {anc} is a broken link")
+        anc = anc.parent
+    if not anc.is_dir():
+        raise OutputError(f"cannot write {p}: {anc} is a file, not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".probe.", suffix=".tmp", dir=str(anc))
+    except OSError as err:
+        raise OutputError(f"cannot write {p}: {anc} is not writable ({err.strerror or err})") from None
+    os.close(fd)
+    with contextlib.suppress(OSError):  # the probe is empty; one that cannot be removed is harmless
+        os.unlink(probe)
+    return p
+
+
+def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)  # hard links
+    except OSError:
+        return False
+
+
+def check_not_inputs(outputs: dict[str, str | os.PathLike | None],
+                     inputs: dict[str, str | os.PathLike | None]) -> None:
+    """No command writes over one of its own inputs: an :class:`~taildet.errors.OutputError`
+    naming both when an output file is an input file (same path after resolving links, or a hard
+    link of it). ``outputs`` / ``inputs`` map a description (``"--out"``, ``"data.train_json"``)
+    to a path; ``None`` entries are ignored."""
+    for out_name, out in outputs.items():
+        if out is None:
+            continue
+        for in_name, src in inputs.items():
+            if src is not None and _same_file(out, src):
+                raise OutputError(f"{out}: the {out_name} would overwrite the {in_name} it reads ({src}); "
+                                  "choose another output path")

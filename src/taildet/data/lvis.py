@@ -10,11 +10,13 @@ Validation policy (every error is a :class:`taildet.errors.DataError` naming the
 the problem):
 
 * structural problems are always errors: unreadable file, invalid JSON, a missing top-level key,
-  a missing per-item key, duplicate ids, an image without a positive width/height, an empty
-  ``images`` or ``categories`` list, a category ``frequency`` that is not ``r``/``c``/``f``;
+  a missing per-item key, duplicate ids, an id that is not an integer within +-(2**53 - 1)
+  (:data:`MAX_SAFE_ID`), an image without a positive width/height, an empty ``images`` or
+  ``categories`` list, a category ``frequency`` that is not ``r``/``c``/``f``;
 * per-annotation problems (unknown image id, unknown category id, malformed / non-finite bbox,
-  non-positive box width or height, box outside the image beyond a 1 px tolerance, malformed
-  segmentation when masks are requested) raise by default; with ``skip_invalid=True`` the
+  non-positive box width or height, box outside the image beyond a 1 px tolerance, an ``area``
+  that is not a finite number >= 0, malformed segmentation when masks are requested) raise by
+  default; with ``skip_invalid=True`` the
   annotation is dropped, counted in ``ds.skipped[reason]`` and one warning summarises them.
 
 Boxes that stick out of the image by at most 1 px (rounding in real LVIS/COCO) are clipped to the
@@ -53,6 +55,21 @@ __all__ = [
 BOX_TOLERANCE = 1.0
 
 _MAX_EXAMPLES = 5
+
+#: Largest id magnitude accepted for images, categories and annotations: evaluation (faster-coco-eval)
+#: carries ids as float64, which holds every integer only up to 2**53; larger ids of different
+#: images collide there and the evaluator fails or mixes them up.
+MAX_SAFE_ID = 2**53 - 1
+
+
+def id_problem(value: Any, what: str) -> str | None:
+    """What is wrong with ``value`` as an ``what`` id (an integer within +-MAX_SAFE_ID), or None."""
+    if not (isinstance(value, int) and not isinstance(value, bool)):
+        return f"{what} id must be an integer, got {value!r}"
+    if abs(value) > MAX_SAFE_ID:
+        return (f"{what} id {value} is outside the supported range +-{MAX_SAFE_ID} (2**53 - 1: evaluation "
+                "stores ids as 64-bit floats, which cannot tell larger ones apart); renumber the ids")
+    return None
 
 
 def frequency_group(image_count: int) -> str:
@@ -206,6 +223,24 @@ def _decode_mask(seg: Any, height: int, width: int, box_xyxy: np.ndarray) -> np.
     return mask_utils.decode(rle).astype(np.uint8)
 
 
+def _to_rgb8(img: Image.Image) -> np.ndarray:
+    """An opened image as uint8 ``[H, W, 3]``.
+
+    16-bit grey images (PNG ``I;16``; Pillow opens 16-bit colour PNGs as 8-bit RGB itself) are
+    scaled to 8 bit (``v * 255 / 65535``, rounded): ``convert("RGB")`` would clip every value
+    above 255 to white. 32-bit integer and float images have no defined range: a DataError.
+    """
+    if img.mode.startswith("I;16"):
+        v = np.asarray(img).astype(np.uint32)
+        grey = ((v * 255 + 32767) // 65535).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if img.mode in ("I", "F"):
+        kind = "32-bit integer" if img.mode == "I" else "floating-point"
+        raise DataError("image", "", f"{kind} image (mode {img.mode}) has no defined pixel range; "
+                        "save it as 8- or 16-bit")
+    return np.array(img.convert("RGB"), dtype=np.uint8)
+
+
 class LVISDataset(torch.utils.data.Dataset):
     """An LVIS/COCO instances file, checked and indexed. Build it with :func:`load_lvis`.
 
@@ -265,8 +300,9 @@ class LVISDataset(torch.utils.data.Dataset):
             for key in ("id", "name"):
                 if key not in c:
                     raise DataError(path, item, f"missing required key '{key}'")
-            if not _is_int(c["id"]):
-                raise DataError(path, item, f"category id must be an integer, got {c['id']!r}")
+            problem = id_problem(c["id"], "category")
+            if problem is not None:
+                raise DataError(path, item, problem)
             if c["id"] in seen_cat:
                 raise DataError(
                     path, f"category id {c['id']}",
@@ -301,8 +337,9 @@ class LVISDataset(torch.utils.data.Dataset):
             for key in ("id", "width", "height"):
                 if key not in im:
                     raise DataError(path, item, f"missing required key '{key}'")
-            if not _is_int(im["id"]):
-                raise DataError(path, item, f"image id must be an integer, got {im['id']!r}")
+            problem = id_problem(im["id"], "image")
+            if problem is not None:
+                raise DataError(path, item, problem)
             if im["id"] in seen_img:
                 raise DataError(
                     path, f"image id {im['id']}",
@@ -343,8 +380,9 @@ class LVISDataset(torch.utils.data.Dataset):
             if "id" not in a:
                 raise DataError(path, f"annotations[{k}]", "missing required key 'id'")
             aid = a["id"]
-            if not _is_int(aid):
-                raise DataError(path, f"annotations[{k}]", f"annotation id must be an integer, got {aid!r}")
+            problem = id_problem(aid, "annotation")
+            if problem is not None:
+                raise DataError(path, f"annotations[{k}]", problem)
             item = f"annotation id {aid}"
             for key in ("image_id", "category_id", "bbox"):
                 if key not in a:
@@ -394,6 +432,9 @@ class LVISDataset(torch.utils.data.Dataset):
                 continue
             if (cx1, cy1, cx2, cy2) != (x1, y1, x2, y2):
                 clipped += 1
+            if "area" in a and not (_is_number(a["area"]) and math.isfinite(a["area"]) and a["area"] >= 0):
+                skip(item, "bad area", f"area must be a finite number >= 0, got {a['area']!r}")
+                continue
             if "iscrowd" in a and a["iscrowd"] not in (0, 1):
                 skip(item, "bad iscrowd", f"iscrowd must be 0 or 1, got {a['iscrowd']!r}")
                 continue
@@ -483,8 +524,14 @@ class LVISDataset(torch.utils.data.Dataset):
         cnt = Counter(self.frequency_groups)
         return {g: cnt.get(g, 0) for g in ("r", "c", "f")}
 
-    def check_images(self, max_listed: int = 5) -> None:
-        """Check that every image file exists and opens; DataError listing the first bad ones."""
+    def check_image_files(self, max_listed: int = 5) -> None:
+        """Check that every image file exists (no decoding: one ``stat`` per image, fast enough to
+        run before every training); DataError listing the first missing ones."""
+        self.check_images(max_listed, decode=False)
+
+    def check_images(self, max_listed: int = 5, decode: bool = True) -> None:
+        """Check that every image file exists and decodes (every pixel: PIL's ``verify()`` alone
+        passes a truncated JPEG); DataError listing the first bad ones."""
         bad: list[str] = []
         n_bad = 0
         for i in range(self.num_images):
@@ -492,10 +539,12 @@ class LVISDataset(torch.utils.data.Dataset):
             problem = None
             if not os.path.isfile(p):
                 problem = "missing"
-            else:
+            elif decode:
                 try:
                     with Image.open(p) as img:
-                        img.verify()
+                        img.verify()  # structure and checksums (PNG)
+                    with Image.open(p) as img:  # verify() leaves the file unusable: open it again
+                        img.load()  # decode every pixel: a truncated JPEG / PNG fails only here
                 except Exception as e:  # noqa: BLE001 - any decoder failure means unreadable
                     problem = f"unreadable ({type(e).__name__}: {e})"
             if problem is not None:
@@ -522,8 +571,9 @@ class LVISDataset(torch.utils.data.Dataset):
             raise DataError(p, item, f"image file not found (image_root {self.image_root}, annotations {self.path})")
         try:
             with Image.open(p) as img:
-                img = img.convert("RGB")
-                arr = np.array(img, dtype=np.uint8)
+                arr = _to_rgb8(img)
+        except DataError as e:
+            raise DataError(p, item, e.problem) from None
         except Exception as e:  # noqa: BLE001
             raise DataError(p, item, f"cannot read image: {type(e).__name__}: {e}") from None
         h, w = arr.shape[:2]

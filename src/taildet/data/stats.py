@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from taildet.errors import DataError
+from taildet.fileio import atomic_write
 
 __all__ = ["dataset_stats", "format_stats", "plot_long_tail", "frequency_from_image_count", "GROUPS"]
 
@@ -42,6 +43,10 @@ def frequency_from_image_count(image_count: int) -> str:
     return "f"
 
 
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def _load(ann: str | os.PathLike | Mapping[str, Any]) -> tuple[str, Mapping[str, Any]]:
     if isinstance(ann, Mapping):
         return "<dict>", ann
@@ -51,6 +56,13 @@ def _load(ann: str | os.PathLike | Mapping[str, Any]) -> tuple[str, Mapping[str,
             data = json.load(fh)
     except FileNotFoundError:
         raise DataError(path, "", "file not found") from None
+    except IsADirectoryError:
+        raise DataError(path, "", "is a directory, not an annotation JSON file") from None
+    except UnicodeDecodeError as exc:
+        enc = " (it looks UTF-16 encoded: save it as UTF-8)" if exc.object[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise DataError(path, "", f"not a UTF-8 JSON text file: byte {exc.start} cannot be decoded{enc}") from None
+    except OSError as exc:
+        raise DataError(path, "", f"cannot read the file: {exc.strerror or exc}") from None
     except json.JSONDecodeError as exc:
         raise DataError(path, f"line {exc.lineno} column {exc.colno}", f"not valid JSON: {exc.msg}") from None
     if not isinstance(data, dict):
@@ -91,6 +103,8 @@ def dataset_stats(ann_path: str | os.PathLike | Mapping[str, Any]) -> dict[str, 
     for i, img in enumerate(images):
         if not isinstance(img, Mapping) or "id" not in img:
             raise DataError(path, f"images[{i}]", "image has no 'id'")
+        if not _is_int(img["id"]):
+            raise DataError(path, f"images[{i}]", f"image id must be an integer, got {img['id']!r}")
         if img["id"] in image_index:
             raise DataError(path, f"images[{i}]", f"duplicate image id {img['id']!r}")
         image_index[img["id"]] = i
@@ -100,6 +114,8 @@ def dataset_stats(ann_path: str | os.PathLike | Mapping[str, Any]) -> dict[str, 
     for i, cat in enumerate(cats):
         if not isinstance(cat, Mapping) or "id" not in cat:
             raise DataError(path, f"categories[{i}]", "category has no 'id'")
+        if not _is_int(cat["id"]):
+            raise DataError(path, f"categories[{i}]", f"category id must be an integer, got {cat['id']!r}")
         if cat["id"] in cat_index:
             raise DataError(path, f"categories[{i}]", f"duplicate category id {cat['id']!r}")
         cat_index[cat["id"]] = -1
@@ -270,6 +286,5 @@ def plot_long_tail(
     ax.set_title(title or f"Long tail of {name}: {stats['num_classes']} classes, {stats['num_images']} images")
     fig.tight_layout()
     out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png")
+    atomic_write(out, lambda fh: fig.savefig(fh, format="png"))
     return str(out)

@@ -132,6 +132,9 @@ _MIN_IMAGE_SIZE = 48
 _SPLIT_CODES = {"train": 1, "val": 2}
 _FILE_RE = re.compile(r"^\d{6,}\.png$")
 
+#: ``info.description`` of the annotation files this generator writes (first key of the file).
+_INFO_DESCRIPTION = "taildet synthetic long-tail detection dataset"
+
 
 def frequency_group(image_count: int) -> str:
     """LVIS frequency group of a class that appears in ``image_count`` training images."""
@@ -441,6 +444,23 @@ def _reusable(out: Path, record: dict[str, Any]) -> dict[str, Any] | None:
     return meta
 
 
+def _check_ours(path: Path) -> None:
+    """OutputError unless ``path`` is missing or an annotation file this generator wrote (its
+    ``info.description`` opens the file): regenerating would overwrite someone's dataset."""
+    from taildet.errors import OutputError
+
+    if not os.path.lexists(path):
+        return
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+    except OSError as e:
+        raise OutputError(f"cannot regenerate {path}: {e.strerror or e}") from None
+    if _INFO_DESCRIPTION.encode() not in head:
+        raise OutputError(f"{path}: not written by taildet data synth; it would be overwritten (and the "
+                          "images beside it deleted): choose an empty or new folder")
+
+
 def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
@@ -486,6 +506,12 @@ def make_dataset(out_dir: str | os.PathLike, seed: int = 0, scale: float = 1.0, 
     if meta is not None:
         return result(meta["num_train_images"], meta["num_val_images"], True)
 
+    # Never overwrite a dataset this generator did not write (a folder with the same layout).
+    for split in ("train", "val"):
+        _check_ours(ann_dir / f"{split}.json")
+    from taildet.fileio import check_output_path
+
+    check_output_path(out, directory=True, what="dataset")
     # Regenerate: drop the old record first, so an interrupted run is never reused, and clear
     # only files this generator writes.
     out.mkdir(parents=True, exist_ok=True)
@@ -554,7 +580,7 @@ def make_dataset(out_dir: str | os.PathLike, seed: int = 0, scale: float = 1.0, 
             "image_count": len(img_sets[d["id"]]), "instance_count": inst[d["id"]],
         })
     for split in ("train", "val"):
-        info = {"description": "taildet synthetic long-tail detection dataset", "split": split,
+        info = {"description": _INFO_DESCRIPTION, "split": split,
                 **{k: v for k, v in record.items() if k != "generator"},
                 "exhaustive": "every instance is annotated; not_exhaustive_category_ids is empty"}
         _write_json(ann_dir / f"{split}.json", {

@@ -68,7 +68,8 @@ def calibrate_checkpoint(cfg, checkpoint_path: str, out: str | None = None, *, s
     from taildet.data.samplers import TrainingSampler
     from taildet.errors import ConfigError
     from taildet.engine.checkpoint import load_checkpoint, load_model_weights
-    from taildet.engine.distributed import barrier, get_rank, get_world_size, init_distributed, is_main_process
+    from taildet.engine.distributed import (barrier, get_rank, get_world_size, init_distributed, is_main_process,
+                                            main_process_check)
     from taildet.engine.inference import list_collate, resolve_device
     from taildet.engine.train import _seed_all, build_datasets, setup_logging
 
@@ -81,9 +82,17 @@ def calibrate_checkpoint(cfg, checkpoint_path: str, out: str | None = None, *, s
         running_momentum = RUNNING_MOMENTUM if running_momentum is None else running_momentum
     elif running_momentum is not None:
         raise ConfigError("calibrate: --running-momentum applies to --stats running")
+    from taildet.engine.train import run_inputs
+    from taildet.fileio import check_not_inputs, check_output_path
+
     init_distributed(cfg.train.device)
     setup_logging()
     device = resolve_device(cfg.train.device)
+    out = out or os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), "logit_stats.json")
+    # before the pass: a bad --out is named at once, nothing is written
+    main_process_check(check_output_path, out, what="statistics (--out)")
+    check_not_inputs({"statistics file (--out)": out},
+                     {**run_inputs(cfg), "checkpoint": str(checkpoint_path), "config": cfg.source})
     train_set, _, _ = build_datasets(cfg, need_train=True)
     state = load_checkpoint(checkpoint_path)
     model = build_model_for_checkpoint(cfg, train_set.num_classes, train_set)
@@ -116,7 +125,6 @@ def calibrate_checkpoint(cfg, checkpoint_path: str, out: str | None = None, *, s
         normalizer = collect_logit_statistics(model, loader, device=device, progress=show,
                                               max_batches=max_batches, class_names=train_set.class_names,
                                               positives=positives, **normalizer_kwargs)
-    out = out or os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), "logit_stats.json")
     if is_main_process():
         from taildet.calibration.diagnostics import format_background_argmax_share
         from taildet.calibration.statistics import model_kind

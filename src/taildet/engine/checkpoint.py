@@ -84,6 +84,19 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     return state
 
 
+def check_finite_weights(state_dict: dict, source: str) -> None:
+    """CheckpointError naming ``source`` and the first floating-point tensor holding NaN or an
+    infinity (a model with such weights returns NaN boxes that fail deep inside torchvision)."""
+    bad = [k for k, v in state_dict.items()
+           if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        v = state_dict[bad[0]]
+        n = int((~torch.isfinite(v)).sum())
+        more = f" (and {len(bad) - 1} more tensor(s))" if len(bad) > 1 else ""
+        raise CheckpointError(f"{source}: weight {bad[0]} has {n} non-finite value(s) (NaN or inf) of "
+                              f"{v.numel()}{more}: the run that saved it diverged; use an earlier checkpoint")
+
+
 #: State-dict prefixes that only a training set-up has (MFS's mean-score observer): dropped by
 #: :func:`load_model_weights` when the model being loaded has no such module.
 TRAINING_ONLY_PREFIXES = ("roi_heads.mfs_observer.",)
@@ -117,6 +130,7 @@ def load_model_weights(model: torch.nn.Module, state_dict: dict, source: str = "
         raise CheckpointError(f"{source}: the checkpoint does not fit the model built from the config: "
                               + "; ".join(problems[:4]) + trained
                               + ". Use the config the checkpoint was trained with")
+    check_finite_weights(kept, source)
     model.load_state_dict(kept)
 
 

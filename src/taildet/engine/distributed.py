@@ -25,6 +25,7 @@ __all__ = [
     "all_reduce_mean",
     "all_gather_object",
     "broadcast_object",
+    "main_process_check",
     "reduce_loss_dict",
     "sync_loss_state",
     "unwrap_model",
@@ -114,6 +115,23 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def main_process_check(check: Any, *args: Any, **kwargs: Any) -> None:
+    """Run ``check(*args, **kwargs)`` on rank 0 only (it touches the filesystem or is costly) and
+    raise its :class:`~taildet.errors.TaildetError` on every rank, so that no process goes on to
+    wait in a collective for one that has stopped."""
+    from taildet.errors import TaildetError
+
+    error = None
+    if is_main_process():
+        try:
+            check(*args, **kwargs)
+        except TaildetError as e:
+            error = e
+    error = broadcast_object(error)
+    if error is not None:
+        raise error
 
 
 def reduce_loss_dict(loss_dict: dict[str, torch.Tensor]) -> dict[str, float]:

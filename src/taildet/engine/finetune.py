@@ -58,6 +58,9 @@ def load_stage1_weights(model: torch.nn.Module, state_dict: dict, *, reset_class
     Allowed gaps: classifier keys (when ``reset_classifier``) and loss buffers. Anything else
     missing, unexpected or of another shape raises ConfigError naming ``source`` and the keys.
     """
+    from taildet.engine.checkpoint import check_finite_weights
+
+    check_finite_weights(state_dict, source)
     own = model.state_dict()
     loss_pre = _loss_prefixes(model)
 
@@ -141,15 +144,17 @@ def finetune(cfg, from_checkpoint: str, resume: bool = False, progress: bool = T
     from taildet.engine.distributed import get_world_size, init_distributed
     from taildet.engine.inference import resolve_device
     from taildet.engine.train import (_frozen_norm_modules, _post_eval, _seed_all, build_datasets,
-                                      build_model_from_cfg, build_sampler, prepare_run_dir, run_training,
-                                      setup_logging)
+                                      build_model_from_cfg, build_sampler, check_run_dir, check_val_gt,
+                                      prepare_run_dir,
+                                      run_inputs, run_training, setup_logging)
 
     ft = cfg.finetune
     tcfg = _stage2_train_cfg(cfg)
     init_distributed(tcfg.device)
     setup_logging()
     device = resolve_device(tcfg.device)
-    run_dir = prepare_run_dir(cfg, resume)
+    # Checks first, the first write to the run directory last (see taildet.engine.train.train).
+    run_dir = check_run_dir(cfg, resume, {**run_inputs(cfg), "--from checkpoint": str(from_checkpoint)})
     if train_dataset is None:
         train_dataset, built_val, built_json = build_datasets(cfg)
         val_dataset = val_dataset if val_dataset is not None else built_val
@@ -170,12 +175,20 @@ def finetune(cfg, from_checkpoint: str, resume: bool = False, progress: bool = T
     total = sum(p.numel() for p in model.parameters())
     log.info("finetune: %d of %d parameters trainable (%d tensors frozen by %s)", trainable, total,
              len(frozen), ft.freeze)
-    model.to(device)
-    if ft.mfs.enabled:
-        _setup_mfs(cfg, model, train_dataset, device, run_dir if resume else None, tcfg.seed, progress)
     sampler_name = ft.sampler or cfg.data.sampler
     sampler = build_sampler(train_dataset, sampler_name, seed=tcfg.seed, rfs_threshold=cfg.data.rfs_threshold,
                             rfs_rounding=cfg.data.rfs_rounding)
+    if ft.mfs.enabled:
+        from taildet.sampling.memory import check_frozen_features
+
+        check_frozen_features(model, ft.mfs.allow_stale_features)
+    do_eval = cfg.eval.enabled if evaluate is None else evaluate
+    if do_eval and val_dataset is not None and val_json:
+        check_val_gt(cfg, val_json)
+    run_dir = prepare_run_dir(cfg, resume)
+    model.to(device)
+    if ft.mfs.enabled:
+        _setup_mfs(cfg, model, train_dataset, device, run_dir if resume else None, tcfg.seed, progress)
     log.info("finetune on %d images (%s sampler), %d process(es)", len(train_dataset), sampler_name,
              get_world_size())
     cfg_dict = cfg.to_dict()
@@ -183,7 +196,6 @@ def finetune(cfg, from_checkpoint: str, resume: bool = False, progress: bool = T
     ckpt = run_training(model, train_dataset, tcfg, run_dir, sampler=sampler, batch_size=cfg.data.batch_size,
                         num_workers=cfg.data.num_workers, device=device, resume=resume, progress=progress,
                         config_dict=cfg_dict, hooks=hooks, frozen_norms=_frozen_norm_modules(model))
-    do_eval = cfg.eval.enabled if evaluate is None else evaluate
     metrics: dict = {}
     if do_eval and val_dataset is not None and val_json:
         metrics = _post_eval(cfg, model, val_dataset, val_json, run_dir, device, progress)

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from taildet.engine.distributed import all_gather_object, get_rank, get_world_size, is_main_process
+from taildet.engine.distributed import (all_gather_object, get_rank, get_world_size, is_main_process,
+                                        main_process_check)
 
 __all__ = ["inference", "eval_caps", "evaluate_results", "evaluate_checkpoint", "resolve_device", "list_collate"]
 
@@ -267,15 +268,30 @@ def evaluate_checkpoint(cfg, checkpoint_path: str, calibration: Any = None, prog
     from taildet.engine.distributed import broadcast_object, init_distributed
     from taildet.engine.train import build_datasets, loss_needs_train_statistics
 
+    from taildet.engine.train import run_inputs
+    from taildet.fileio import check_not_inputs, check_output_path
+
     init_distributed(cfg.train.device)
     device = resolve_device(cfg.train.device)
-    # a loss built from training-set statistics needs the training annotations (not its images)
+    if out_dir is None:
+        out_dir = os.path.dirname(os.path.abspath(checkpoint_path))
+        if calibration is not None:
+            out_dir = os.path.join(out_dir, "eval_calibrated")
+    # outputs checked before the work: nothing is written when one is bad
+    main_process_check(check_output_path, out_dir, directory=True, what="evaluation output")
+    check_not_inputs({f"evaluation output {n}": os.path.join(out_dir, n) for n in ("results_bbox.json", "metrics.json")},
+                     {**run_inputs(cfg), "checkpoint": str(checkpoint_path), "config": cfg.source,
+                      "calibration file": calibration if isinstance(calibration, (str, os.PathLike)) else None})
     from taildet.engine.calibrate import build_model_for_checkpoint
 
     # a fine-tune config's checkpoints have its stage-2 loss (and classifier width); a loss built
     # from training-set statistics needs the training annotations (not its images)
     ft_loss = getattr(getattr(cfg, "finetune", None), "loss", None)
-    train_set, val_set, val_json = build_datasets(cfg, need_train=loss_needs_train_statistics(cfg, ft_loss))
+    train_set, val_set, val_json = build_datasets(
+        cfg, need_train="annotations" if loss_needs_train_statistics(cfg, ft_loss) else False)
+    from taildet.engine.train import check_val_gt
+
+    check_val_gt(cfg, val_json)  # before the inference pass, not after it
     state = load_checkpoint(checkpoint_path)
     model = build_model_for_checkpoint(cfg, val_set.num_classes, train_set)
     load_model_weights(model, state["model"], checkpoint_path, state.get("config"))
@@ -286,10 +302,5 @@ def evaluate_checkpoint(cfg, checkpoint_path: str, calibration: Any = None, prog
                         num_workers=cfg.data.num_workers, **eval_caps(cfg))
     metrics = None
     if is_main_process():
-        if out_dir is None:
-            out_dir = os.path.dirname(os.path.abspath(checkpoint_path))
-            if calibration is not None:
-                out_dir = os.path.join(out_dir, "eval_calibrated")
-        os.makedirs(out_dir, exist_ok=True)
         metrics = evaluate_results(results, val_json, out_dir, cfg.iou_types(), fixed=cfg.eval.fixed)
     return broadcast_object(metrics)

@@ -36,7 +36,8 @@ from taildet.engine.checkpoint import (LAST_CHECKPOINT_FILE, get_rng_state, last
                                        load_model_weights,
                                        save_checkpoint, set_rng_state)
 from taildet.engine.distributed import (all_gather_object, barrier, broadcast_object, get_local_rank, get_rank,
-                                        get_world_size, init_distributed, is_main_process, reduce_loss_dict,
+                                        get_world_size, init_distributed, is_main_process, main_process_check,
+                                        reduce_loss_dict,
                                         sync_loss_state, unwrap_model)
 from taildet.engine.inference import eval_caps, evaluate_results, inference, list_collate, resolve_device
 from taildet.engine.schedule import build_scheduler
@@ -90,6 +91,10 @@ def setup_logging() -> None:
 def build_datasets(cfg, need_train: bool = True):
     """``(train_set | None, val_set | None, val_json | None)`` from ``cfg.data``.
 
+    The annotation files are read and checked and every image file must exist (DataError listing
+    the missing ones). ``need_train="annotations"``: the training set's annotations only (its
+    statistics), its images are not needed.
+
     With ``data.synthetic`` the embedded dataset is generated (rank 0; others wait) or reused
     under ``data.root``. Val images are loaded without masks (inference needs none).
     """
@@ -116,9 +121,12 @@ def build_datasets(cfg, need_train: bool = True):
         train_set = load_lvis(train_json, train_root,
                               transforms=build_transforms(True, d.min_sizes, d.max_size, d.flip_prob),
                               with_masks=d.with_masks, skip_invalid=d.skip_invalid)
+        if need_train != "annotations":
+            train_set.check_image_files()  # at start-up, not as a DataError mid-run
     if val_json:
         val_set = load_lvis(val_json, val_root, transforms=build_transforms(False, d.min_sizes, d.max_size, 0.0),
                             with_masks=False, skip_invalid=d.skip_invalid)
+        val_set.check_image_files()
         if train_set is not None:
             from taildet.data.lvis import check_same_categories
 
@@ -470,10 +478,23 @@ def run_training(
                     if not use_amp and not _all_finite([norm]):
                         raise TrainingDivergedError(
                             f"training diverged at iteration {iteration + 1}: non-finite gradient norm "
-                            f"(loss terms: " + ", ".join(f"{k}={float(v):.4g}" for k, v in loss_dict.items())
+                            f"(loss terms: " + ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in loss_dict.items())
                             + f"). Last good checkpoint, left intact: {last_good}.",
-                            iteration + 1, {k: float(v) for k, v in loss_dict.items()}, last_good)
-                scaler.step(optimizer)
+                            iteration + 1, {k: float(v.detach()) for k, v in loss_dict.items()}, last_good)
+                try:
+                    scaler.step(optimizer)
+                except RuntimeError as err:
+                    if "overflow" not in str(err):
+                        raise
+                    # a step size that float32 cannot hold (lr, weight_decay or the schedule's
+                    # gamma far too large): the same stop as a non-finite loss, not a traceback
+                    group = optimizer.param_groups[0]
+                    raise TrainingDivergedError(
+                        f"training diverged at iteration {iteration + 1}: the optimizer step overflowed "
+                        f"(lr {group['lr']:g}, weight_decay {group['weight_decay']:g}: {err}). Last good "
+                        f"checkpoint, left intact: {last_good}. Lower train.lr, train.weight_decay or "
+                        "train.gamma.", iteration + 1, {k: float(v.detach()) for k, v in loss_dict.items()},
+                        last_good) from None
                 scaler.update()
                 lr = optimizer.param_groups[0]["lr"]
                 scheduler.step()
@@ -561,38 +582,98 @@ def check_resume_config(saved: dict, cfg, run_dir: str) -> None:
             "--resume / in another output_dir")
 
 
-def _set_aside_old_run(run_dir: str) -> str | None:
-    """Move a previous run's checkpoints out of the way of a new run in the same directory, so
-    that a later ``--resume`` of the new run can never pick them up. Returns the folder used."""
-    old = [n for n in os.listdir(run_dir)
-           if n == "model_final.pth" or n == LAST_CHECKPOINT_FILE or re.match(r"checkpoint_\d+\.pth$", n)]
+#: Files a run writes into its directory (besides ``checkpoint_<iteration>.pth``).
+RUN_FILES = ("config.yaml", "metrics.jsonl", "model_final.pth", LAST_CHECKPOINT_FILE, "results_bbox.json",
+             "metrics.json")
+_CHECKPOINT_NAME = re.compile(r"checkpoint_\d+\.pth$")
+
+
+def _old_run_files(run_dir: str, config_text: str | None) -> list[str]:
+    """The files of an earlier run in ``run_dir`` that a new run would overwrite or remove: its
+    checkpoints, metrics, results and config (a ``config.yaml`` alone only when it differs from
+    ``config_text``, the one the new run writes)."""
+    if not os.path.isdir(run_dir):
+        return []
+    names = [n for n in os.listdir(run_dir) if n in RUN_FILES or _CHECKPOINT_NAME.match(n)]
+    if names == ["config.yaml"] and config_text is not None:
+        with open(os.path.join(run_dir, "config.yaml"), encoding="utf-8", errors="replace") as fh:
+            if fh.read() == config_text:
+                return []
+    return sorted(names)
+
+
+def _set_aside_old_run(run_dir: str, config_text: str | None = None) -> str | None:
+    """Move an earlier run's files (checkpoints, config, metrics, results) out of the way of a new
+    run in the same directory: nothing of it is overwritten, and a later ``--resume`` of the new
+    run can never pick its checkpoints up. Returns the folder used."""
+    old = _old_run_files(run_dir, config_text)
     if not old:
         return None
     aside = os.path.join(run_dir, "superseded-" + time.strftime("%Y%m%d-%H%M%S"))
-    os.makedirs(aside, exist_ok=True)
+    k = 1
+    while os.path.exists(aside):
+        aside = os.path.join(run_dir, "superseded-" + time.strftime("%Y%m%d-%H%M%S") + f"-{k}")
+        k += 1
+    os.makedirs(aside)
     for n in old:
         os.replace(os.path.join(run_dir, n), os.path.join(aside, n))
     return aside
 
 
+def check_run_dir(cfg, resume: bool, inputs: dict[str, str | None] | None = None) -> str:
+    """Everything about ``cfg.output_dir`` that can be checked without writing to it; returns its
+    absolute path. Called before the data are read, so a bad output directory fails at once:
+
+    * it can be created / written (not a file, no file among its parents, writable);
+    * with ``resume``, the config matches the one the run was started with
+      (:func:`check_resume_config`);
+    * no file the run writes is one of its ``inputs`` (``{description: path}``: annotation
+      files, a stage-1 checkpoint, ...). The config file itself may be the run's ``config.yaml``
+      (re-running a run from its saved config): an earlier run's files are set aside, not lost.
+    """
+    import yaml
+
+    from taildet.fileio import check_not_inputs, check_output_path
+
+    run_dir = os.path.abspath(cfg.output_dir)
+    main_process_check(check_output_path, run_dir, directory=True, what="run (output_dir)")
+    saved_cfg = os.path.join(run_dir, "config.yaml")
+    if resume and os.path.isfile(saved_cfg) and last_checkpoint(run_dir) is not None:
+        with open(saved_cfg, encoding="utf-8") as fh:  # every rank: all raise alike
+            check_resume_config(yaml.safe_load(fh) or {}, cfg, run_dir)
+    outputs = {f"run file {n}": os.path.join(run_dir, n) for n in RUN_FILES if n != "config.yaml"}
+    if os.path.isdir(run_dir):
+        outputs.update({f"run file {n}": os.path.join(run_dir, n) for n in os.listdir(run_dir)
+                        if _CHECKPOINT_NAME.match(n)})
+    check_not_inputs(outputs, dict(inputs or {}))
+    return run_dir
+
+
+def run_inputs(cfg) -> dict[str, str | None]:
+    """The files a run of ``cfg`` reads (for :func:`check_run_dir`)."""
+    d = cfg.data
+    if d.synthetic is not None:
+        return {}
+    return {"data.train_json": d.train_json, "data.val_json": d.val_json}
+
+
 def prepare_run_dir(cfg, resume: bool) -> str:
-    """Create ``cfg.output_dir`` and write ``config.yaml`` (rank 0).
+    """Create ``cfg.output_dir`` and write ``config.yaml`` (rank 0). Call it only once the data,
+    config and model have been checked (:func:`check_run_dir`, datasets, model): it is the first
+    write to the run directory.
 
     Removes temporary files of interrupted writes. With ``resume``, the config must match the one
-    the run was started with (:func:`check_resume_config`); without it, checkpoints of an earlier
-    run in the directory are moved to ``superseded-<time>/`` (a later ``--resume`` of this run
-    must not continue the old one).
+    the run was started with (:func:`check_resume_config`); without it, the files of an earlier
+    run in the directory (checkpoints, config, metrics, results) are moved to
+    ``superseded-<time>/`` (nothing is overwritten, and a later ``--resume`` of this run must not
+    continue the old one).
     """
     import yaml
 
     from taildet.config import save_config
     from taildet.fileio import remove_stale_temp_files
 
-    run_dir = os.path.abspath(cfg.output_dir)
-    saved_cfg = os.path.join(run_dir, "config.yaml")
-    if resume and os.path.isfile(saved_cfg) and last_checkpoint(run_dir) is not None:
-        with open(saved_cfg, encoding="utf-8") as fh:  # every rank: all raise alike
-            check_resume_config(yaml.safe_load(fh) or {}, cfg, run_dir)
+    run_dir = check_run_dir(cfg, resume)
     if is_main_process():
         try:
             os.makedirs(run_dir, exist_ok=True)
@@ -602,13 +683,22 @@ def prepare_run_dir(cfg, resume: bool) -> str:
         if stale:
             log.info("removed %d temporary file(s) of interrupted writes from %s", len(stale), run_dir)
         if not resume:
-            aside = _set_aside_old_run(run_dir)
+            text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+            aside = _set_aside_old_run(run_dir, text)
             if aside is not None:
-                log.warning("%s held checkpoints of an earlier run: moved to %s (use --resume to continue a "
+                log.warning("%s held an earlier run: its files moved to %s (use --resume to continue a "
                             "run instead)", run_dir, aside)
-        save_config(cfg, saved_cfg)
+        save_config(cfg, os.path.join(run_dir, "config.yaml"))
     barrier()
     return run_dir
+
+
+def check_val_gt(cfg, val_json) -> None:
+    """The final evaluation's checks of the validation GT (:func:`taildet.evaluation.lvis_eval.check_gt`),
+    at start-up (rank 0; the others wait for its verdict)."""
+    from taildet.evaluation.lvis_eval import check_gt
+
+    main_process_check(check_gt, val_json, cfg.iou_types())
 
 
 def _post_eval(cfg, model, val_set, val_json, run_dir, device, progress) -> dict:
@@ -638,7 +728,9 @@ def train(cfg, resume: bool = False, progress: bool = True, *, evaluate: bool | 
     init_distributed(cfg.train.device)
     setup_logging()
     device = resolve_device(cfg.train.device)
-    run_dir = prepare_run_dir(cfg, resume)
+    # Nothing is written to the run directory before the output directory, the data and the
+    # model have been checked: a run that fails on bad input leaves an earlier run intact.
+    check_run_dir(cfg, resume, run_inputs(cfg))
     if train_dataset is None:
         train_dataset, built_val, built_json = build_datasets(cfg)
         val_dataset = val_dataset if val_dataset is not None else built_val
@@ -646,15 +738,18 @@ def train(cfg, resume: bool = False, progress: bool = True, *, evaluate: bool | 
     _seed_all(cfg.train.seed)  # identical model init on every rank
     if model is None:
         model = build_model_from_cfg(cfg, train_dataset.num_classes, train_dataset=train_dataset)
-    model.to(device)
     sampler = build_sampler(train_dataset, cfg.data.sampler, seed=cfg.train.seed,
                             rfs_threshold=cfg.data.rfs_threshold, rfs_rounding=cfg.data.rfs_rounding)
+    do_eval = cfg.eval.enabled if evaluate is None else evaluate
+    if do_eval and val_dataset is not None and val_json:
+        check_val_gt(cfg, val_json)
+    run_dir = prepare_run_dir(cfg, resume)
+    model.to(device)
     log.info("training %s on %d images (%s sampler), %d process(es) x batch %d, device %s",
              cfg.model.arch, len(train_dataset), cfg.data.sampler, get_world_size(), cfg.data.batch_size, device)
     ckpt = run_training(model, train_dataset, cfg.train, run_dir, sampler=sampler, batch_size=cfg.data.batch_size,
                         num_workers=cfg.data.num_workers, device=device, resume=resume, progress=progress,
                         config_dict=cfg.to_dict(), hooks=hooks)
-    do_eval = cfg.eval.enabled if evaluate is None else evaluate
     metrics: dict = {}
     if do_eval and val_dataset is not None and val_json:
         metrics = _post_eval(cfg, model, val_dataset, val_json, run_dir, device, progress)

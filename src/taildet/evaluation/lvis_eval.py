@@ -43,6 +43,7 @@ from taildet.evaluation.results_io import _is_int, _is_real, cap_per_image, load
 __all__ = [
     "AP_FIXED_DETS_PER_CLASS",
     "LVIS_MAX_DETS",
+    "check_gt",
     "evaluate_coco",
     "evaluate_lvis",
     "frequency_from_image_count",
@@ -70,13 +71,37 @@ def frequency_from_image_count(image_count: int) -> str:
 
 
 # --------------------------------------------------------------------------------------- GT
-def load_gt(gt: str | os.PathLike | Mapping) -> tuple[dict, str]:
+#: Box coordinates beyond this magnitude are rejected when the image has no width / height.
+MAX_BOX_COORD = float(2**24)
+
+
+def _box_problem(box: Any, image: Mapping | None) -> str | None:
+    """What is wrong with a GT ``[x, y, w, h]``: not 4 finite numbers, w or h < 0, or absurd
+    for its image -- reaching farther outside it than the image's own width / height (e.g. a
+    width of 1e308, which would make every detection of the class a false positive)."""
+    if (not isinstance(box, list) or len(box) != 4 or not all(_is_real(v) and math.isfinite(v) for v in box)
+            or box[2] < 0 or box[3] < 0):
+        return f"bbox must be [x, y, w, h] of finite numbers with w, h >= 0, got {box!r}"
+    x, y, w, h = (float(v) for v in box)
+    W = image.get("width") if image is not None else None
+    H = image.get("height") if image is not None else None
+    if _is_real(W) and _is_real(H) and math.isfinite(W) and math.isfinite(H) and W > 0 and H > 0:
+        if x < -W or y < -H or x + w > 2 * W or y + h > 2 * H:
+            return (f"bbox {box!r} reaches far outside image id {image['id']} of size {W:g}x{H:g} (WxH): "
+                    f"more than the image's own size beyond its border")
+    elif max(abs(x), abs(y), abs(x + w), abs(y + h)) > MAX_BOX_COORD:
+        return f"bbox {box!r} has coordinates beyond +-{MAX_BOX_COORD:g} (and the image has no width / height)"
+    return None
+
+
+def load_gt(gt: str | os.PathLike | Mapping, name: str | None = None) -> tuple[dict, str]:
     """Read a GT JSON (or take a GT dict) and check the keys evaluation needs.
 
-    Returns ``(dataset, file_name)``; the dataset is the parsed dict (not copied).
+    Returns ``(dataset, file_name)``; the dataset is the parsed dict (not copied). ``name`` is
+    the file name errors give for a GT dict (default ``<GT dict>``).
     """
     if isinstance(gt, Mapping):
-        data, file = gt, "<GT dict>"
+        data, file = gt, name or "<GT dict>"
     else:
         file = str(gt)
         try:
@@ -93,21 +118,26 @@ def load_gt(gt: str | os.PathLike | Mapping) -> tuple[dict, str]:
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
             raise DataError(file, "", f"missing or non-list top-level key '{key}'")
-    image_ids: set = set()
+    from taildet.data.lvis import id_problem
+
+    images_by_id: dict = {}
     for i, im in enumerate(data["images"]):
         if not isinstance(im, Mapping) or "id" not in im:
             raise DataError(file, f"images[{i}]", "an image needs an 'id'")
-        if not _is_int(im["id"]):
-            raise DataError(file, f"images[{i}]", f"image id must be an integer, got {im['id']!r}")
-        if im["id"] in image_ids:
+        problem = id_problem(im["id"], "image")
+        if problem is not None:
+            raise DataError(file, f"images[{i}]", problem)
+        if im["id"] in images_by_id:
             raise DataError(file, f"images[{i}]", f"duplicate image id {im['id']}")
-        image_ids.add(im["id"])
+        images_by_id[im["id"]] = im
+    image_ids = images_by_id
     cat_ids: set = set()
     for i, c in enumerate(data["categories"]):
         if not isinstance(c, Mapping) or "id" not in c:
             raise DataError(file, f"categories[{i}]", "a category needs an 'id'")
-        if not _is_int(c["id"]):
-            raise DataError(file, f"categories[{i}]", f"category id must be an integer, got {c['id']!r}")
+        problem = id_problem(c["id"], "category")
+        if problem is not None:
+            raise DataError(file, f"categories[{i}]", problem)
         if c["id"] in cat_ids:
             raise DataError(file, f"categories[{i}]", f"duplicate category id {c['id']}")
         cat_ids.add(c["id"])
@@ -131,20 +161,32 @@ def load_gt(gt: str | os.PathLike | Mapping) -> tuple[dict, str]:
             if key not in a:
                 raise DataError(file, f"annotations[{i}]", f"missing key '{key}'")
         where = f"annotations[{i}] (id {a['id']})"
+        problem = id_problem(a["id"], "annotation")
+        if problem is not None:
+            raise DataError(file, f"annotations[{i}]", problem)
         if a["id"] in ann_ids:
             raise DataError(file, where, f"duplicate annotation id {a['id']}")
         ann_ids.add(a["id"])
-        if a["image_id"] not in image_ids:
+        if not _is_int(a["image_id"]) or a["image_id"] not in image_ids:
             raise DataError(file, where, f"unknown image_id {a['image_id']!r}")
-        if a["category_id"] not in cat_ids:
+        if not _is_int(a["category_id"]) or a["category_id"] not in cat_ids:
             raise DataError(file, where, f"unknown category_id {a['category_id']!r}")
-        box = a["bbox"]
-        if (not isinstance(box, list) or len(box) != 4 or not all(_is_real(v) and math.isfinite(v) for v in box)
-                or box[2] < 0 or box[3] < 0):
-            raise DataError(file, where, f"bbox must be [x, y, w, h] of finite numbers with w, h >= 0, got {box!r}")
+        problem = _box_problem(a["bbox"], images_by_id.get(a["image_id"]))
+        if problem is not None:
+            raise DataError(file, where, problem)
         if "area" in a and not (_is_real(a["area"]) and math.isfinite(a["area"]) and a["area"] >= 0):
             raise DataError(file, where, f"area must be a finite number >= 0, got {a['area']!r}")
     return data, file  # type: ignore[return-value]
+
+
+def check_gt(gt: str | os.PathLike | Mapping, iou_types=("bbox",), name: str | None = None) -> None:
+    """Every check the evaluation of ``gt`` with ``iou_types`` makes, without evaluating: run it
+    before training or inference, so a bad validation file fails at start-up and not after hours
+    (training may skip a bad annotation with ``data.skip_invalid``; evaluation never does)."""
+    data, file = load_gt(gt, name=name)
+    lvis = is_lvis(data)
+    for iou_type in iou_types:
+        _prepare_gt(data, lvis=lvis, iou_type=iou_type, file=file)
 
 
 def is_lvis(gt: Mapping) -> bool:
@@ -198,11 +240,26 @@ def _prepare_gt(gt: Mapping, lvis: bool, iou_type: str, file: str) -> dict:
             im["neg_category_ids"] = list(im.get("neg_category_ids") or [])
             im["not_exhaustive_category_ids"] = list(im.get("not_exhaustive_category_ids") or [])
         images.append(im)
+    if iou_type == "segm":
+        for im in images:
+            if "height" not in im or "width" not in im:
+                raise DataError(file, f"image id {im['id']}", "needs 'height' and 'width' for segm")
+            for key in ("height", "width"):
+                v = im[key]
+                if not (_is_real(v) and math.isfinite(v) and v > 0 and float(v).is_integer()):
+                    raise DataError(file, f"image id {im['id']}", f"{key} must be a positive integer, got {v!r}")
+    sizes = {im["id"]: (int(im["height"]), int(im["width"])) for im in images} if iou_type == "segm" else {}
     anns = []
     for i, a in enumerate(gt["annotations"]):
-        if iou_type == "segm" and "segmentation" not in a:
-            raise DataError(file, f"annotations[{i}] (id {a['id']})",
-                            "missing 'segmentation' (needed for iou_type='segm')")
+        if iou_type == "segm":
+            where = f"annotations[{i}] (id {a['id']})"
+            if "segmentation" not in a:
+                raise DataError(file, where, "missing 'segmentation' (needed for iou_type='segm')")
+            from taildet.data.lvis import _check_segmentation
+
+            problem = _check_segmentation(a["segmentation"], *sizes[a["image_id"]])
+            if problem is not None:
+                raise DataError(file, where, problem)
         a = dict(a)
         a["area"] = _ann_area(a)
         if lvis:
@@ -213,10 +270,6 @@ def _prepare_gt(gt: Mapping, lvis: bool, iou_type: str, file: str) -> dict:
         else:
             a["iscrowd"] = int(a.get("iscrowd", 0))
         anns.append(a)
-    if iou_type == "segm":
-        for im in images:
-            if "height" not in im or "width" not in im:
-                raise DataError(file, f"image id {im['id']}", "needs 'height' and 'width' for segm")
     return {"images": images, "annotations": anns, "categories": cats}
 
 
@@ -349,7 +402,7 @@ def _all_recalls(ev) -> dict[int, float]:
 # ------------------------------------------------------------------------------------ public
 def evaluate_lvis(gt_json_path: str | os.PathLike | Mapping, results: str | os.PathLike | list,
                   iou_type: str = "bbox", fixed: bool = False,
-                  max_dets: int = LVIS_MAX_DETS) -> dict[str, Any]:
+                  max_dets: int = LVIS_MAX_DETS, gt_name: str | None = None) -> dict[str, Any]:
     """LVIS federated evaluation, equal to the official lvis-api's numbers.
 
     Args:
@@ -362,6 +415,7 @@ def evaluate_lvis(gt_json_path: str | os.PathLike | Mapping, results: str | os.P
             dataset (Dave et al. 2021; the lvis-api's ``challenge2021`` result handling, here
             with the ``iou_type`` asked for rather than boundary IoU).
         max_dets: the per-image cap of the standard protocol (300); ignored when ``fixed``.
+        gt_name: the file name errors give when the GT is a dict (e.g. the file it was read from).
 
     Returns:
         dict with ``AP, AP50, AP75, APs, APm, APl, APr, APc, APf`` and ``AR@300`` (average
@@ -374,7 +428,7 @@ def evaluate_lvis(gt_json_path: str | os.PathLike | Mapping, results: str | os.P
     """
     if iou_type not in ("bbox", "segm"):
         raise ValueError(f"iou_type must be 'bbox' or 'segm', not {iou_type!r}")
-    gt, gt_file = load_gt(gt_json_path)
+    gt, gt_file = load_gt(gt_json_path, name=gt_name)
     res_file = str(results) if isinstance(results, (str, os.PathLike)) else "<results list>"
     dets = load_results(results, gt=gt, iou_type=iou_type)
     num_results = len(dets)
@@ -414,7 +468,7 @@ def evaluate_lvis(gt_json_path: str | os.PathLike | Mapping, results: str | os.P
 
 
 def evaluate_coco(gt_json_path: str | os.PathLike | Mapping, results: str | os.PathLike | list,
-                  iou_type: str = "bbox") -> dict[str, Any]:
+                  iou_type: str = "bbox", gt_name: str | None = None) -> dict[str, Any]:
     """COCO evaluation (non-federated, pycocotools semantics: at most 100 detections per image
     and category, crowd GT ignored) for COCO-format GT.
 
@@ -424,7 +478,7 @@ def evaluate_coco(gt_json_path: str | os.PathLike | Mapping, results: str | os.P
     """
     if iou_type not in ("bbox", "segm"):
         raise ValueError(f"iou_type must be 'bbox' or 'segm', not {iou_type!r}")
-    gt, gt_file = load_gt(gt_json_path)
+    gt, gt_file = load_gt(gt_json_path, name=gt_name)
     res_file = str(results) if isinstance(results, (str, os.PathLike)) else "<results list>"
     dets = load_results(results, gt=gt, iou_type=iou_type)
     gt_prep = _prepare_gt(gt, lvis=False, iou_type=iou_type, file=gt_file)

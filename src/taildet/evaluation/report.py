@@ -150,8 +150,9 @@ def plot_per_class_ap(rows: Sequence[Mapping], out_png: str | os.PathLike,
     ax.set_title(title or "per-class AP vs training images")
     fig.tight_layout()
     out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=120)
+    from taildet.fileio import atomic_write
+
+    atomic_write(out_png, lambda fh: fig.savefig(fh, dpi=120, format="png"))
     plt.close("all")
     return out_png
 
@@ -189,10 +190,19 @@ def eval_results_main(gt: str | os.PathLike, results: str | os.PathLike | list,
     created if needed) writes ``metrics.json``, ``per_class_ap.md`` and, for LVIS,
     ``per_class_ap.png``. Returns the metrics dict.
     """
-    gt_data, _ = load_gt(gt)
+    if out is not None:  # before any work: a bad --out is named before minutes of evaluation
+        from taildet.fileio import check_not_inputs, check_output_path
+
+        out = Path(out)
+        check_output_path(out, directory=True, what="--out")
+        inputs = {"ground truth": gt if not isinstance(gt, Mapping) else None,
+                  "results file": results if isinstance(results, (str, os.PathLike)) else None}
+        check_not_inputs({f"--out {n}": out / n for n in ("metrics.json", "per_class_ap.md", "per_class_ap.png")},
+                         inputs)
+    gt_data, gt_name = load_gt(gt)
     lvis = is_lvis(gt_data)
     if lvis:
-        metrics = evaluate_lvis(gt_data, results, iou_type=iou_type, fixed=fixed)
+        metrics = evaluate_lvis(gt_data, results, iou_type=iou_type, fixed=fixed, gt_name=gt_name)
         keys = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf", "AR@300")
         name = f"{iou_type} AP-fixed" if fixed else iou_type
     else:
@@ -200,7 +210,7 @@ def eval_results_main(gt: str | os.PathLike, results: str | os.PathLike | list,
             raise DataError(gt if not isinstance(gt, Mapping) else "<GT dict>", "",
                             "AP-fixed (--fixed) needs an LVIS-format GT (categories with 'frequency', "
                             "images with 'neg_category_ids'); this is COCO format")
-        metrics = evaluate_coco(gt_data, results, iou_type=iou_type)
+        metrics = evaluate_coco(gt_data, results, iou_type=iou_type, gt_name=gt_name)
         keys = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR@100")
         name = f"{iou_type} (COCO)"
     metrics["protocol"] = "lvis" if lvis else "coco"
@@ -210,8 +220,6 @@ def eval_results_main(gt: str | os.PathLike, results: str | os.PathLike | list,
     for line in _summary_lines(rows):
         print_fn(line)
     if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
         save_metrics(metrics, out / "metrics.json")
         ranked = sorted(rows, key=lambda r: (math.isnan(r["AP"]), -r["train_image_count"], r["id"]))
         _atomic_write_text(format_per_class_table(ranked) + "\n", out / "per_class_ap.md")

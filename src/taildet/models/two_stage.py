@@ -403,7 +403,10 @@ class TailRoIHeads(RoIHeads):
                 f"{type(self.loss).__name__}.scores returned {tuple(scores_all.shape)}, "
                 f"expected [{class_logits.shape[0]}, {C}]"
             )
-        pred_boxes = self.box_coder.decode(box_regression, proposals).reshape(class_logits.shape[0], -1, 4)
+        # the box count per RoI from the regression width: ``-1`` is ambiguous when a batch has no
+        # proposal at all (a badly trained RPN), which made inference fail inside torch
+        pred_boxes = self.box_coder.decode(box_regression, proposals).reshape(
+            class_logits.shape[0], box_regression.shape[-1] // 4, 4)
         if pred_boxes.shape[1] == 1:
             pred_boxes = pred_boxes.expand(-1, C, 4)
         counts = [len(p) for p in proposals]
