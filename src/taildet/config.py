@@ -217,6 +217,14 @@ def v_path(v):
     return v_str(v)
 
 
+def v_trainable_layers(v):
+    v = v_nonneg_int(v)
+    if v > 5:
+        raise _Invalid(f"expected an integer in 0..5 (stages that train, counted from the last; "
+                       f"5 = all, tiny: 4 or more = all), got {_fmt(v)}")
+    return v
+
+
 def _f(default, check, help=""):
     """A dataclass field with a validator (and a default; lists/dicts are copied)."""
     if isinstance(default, (list, dict)):
@@ -250,7 +258,7 @@ MODEL_KWARG_CHECKS: dict[str, Callable[[Any], Any]] = {
     "rpn_positive_fraction": v_open_fraction,
     "anchor_sizes": v_any,
     "aspect_ratios": v_any,
-    "trainable_backbone_layers": v_nonneg_int,
+    "trainable_backbone_layers": v_trainable_layers,
 }
 
 
@@ -494,6 +502,19 @@ def _check_whole(cfg: Config, file: str | None) -> Config:
         smallest = min(mk["min_size"]) if isinstance(mk["min_size"], list) else mk["min_size"]
         if mk["max_size"] < smallest:
             raise _err(file, "model.max_size", f"must be >= model.min_size ({mk['min_size']}), got {mk['max_size']}")
+    if mk.get("backbone_weights") == "synthetic-pretrained" and mk.get("backbone", "tiny") != "tiny":
+        raise _err(file, "model.backbone_weights",
+                   f"'synthetic-pretrained' is the pretrained tiny backbone (taildet pretrain-backbone); "
+                   f"model.backbone is {mk.get('backbone')!r}: give a path to its weights instead")
+    if mk.get("backbone_weights") is not None and mk.get("norm") == "gn":
+        raise _err(file, "model.norm", "pretrained backbone weights hold BatchNorm statistics: use norm "
+                   "'bn' (frozen when weights are given) or 'frozen_bn', not 'gn'")
+    tbl = mk.get("trainable_backbone_layers")
+    btl = (mk.get("backbone_kwargs") or {}).get("trainable_layers") if isinstance(
+        mk.get("backbone_kwargs"), dict) else None
+    if tbl is not None and btl is not None:
+        raise _err(file, "model.trainable_backbone_layers",
+                   "set model.trainable_backbone_layers or model.backbone_kwargs.trainable_layers, not both")
     if cfg.finetune.mfs.enabled and cfg.model.arch not in ("faster_rcnn", "mask_rcnn"):
         raise _err(file, "finetune.mfs.enabled",
                    f"memory-augmented feature sampling needs a two-stage detector (faster_rcnn or "

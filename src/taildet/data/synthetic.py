@@ -94,6 +94,7 @@ __all__ = [
     "SHAPES",
     "describe_design",
     "design_counts",
+    "draw_image",
     "frequency_group",
     "make_dataset",
 ]
@@ -335,10 +336,15 @@ def _neg_ids(present: set[int], rng: np.random.Generator) -> list[int]:
     return sorted(picked)
 
 
-def _render(job: tuple) -> tuple[list[int], list[tuple[int, list[float], list[float], float]]]:
-    """Draw one image, write its PNG, return (neg_category_ids, [(cat, polygon, bbox, area)])."""
-    seed, split_code, index, size, objects, path = job
-    rng = np.random.default_rng([seed, 200 + split_code, index])
+def draw_image(rng: np.random.Generator, size: int, objects: list[int]
+               ) -> tuple[np.ndarray, list[tuple[int, list[float], list[float], float]]]:
+    """Draw one ``size`` px image holding ``objects`` (category ids) with the generator's design.
+
+    Returns ``(image uint8 [size, size, 3], [(cat, polygon, bbox xywh, area)])``. Everything
+    random comes from ``rng`` in a fixed order, so a given generator state gives the same pixels;
+    the detection images (:func:`make_dataset`) and the balanced classification crops
+    (:mod:`taildet.data.pretrain`) are both drawn by this one function.
+    """
     f = size / _REF_SIZE
     # Background: low-saturation grey, random tint, linear gradient, Gaussian noise.
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size - 0.5
@@ -396,7 +402,15 @@ def _render(job: tuple) -> tuple[list[int], list[tuple[int, list[float], list[fl
         base = np.array(_RGB[COLOURS[_shape_colour(k)[1]]])
         colour = np.clip(base + rng.integers(-12, 13, 3), 0, 255).astype(np.uint8)
         img[m] = colour
-    neg = _neg_ids(set(objects), rng)
+    return img, anns
+
+
+def _render(job: tuple) -> tuple[list[int], list[tuple[int, list[float], list[float], float]]]:
+    """Draw one image, write its PNG, return (neg_category_ids, [(cat, polygon, bbox, area)])."""
+    seed, split_code, index, size, objects, path = job
+    rng = np.random.default_rng([seed, 200 + split_code, index])
+    img, anns = draw_image(rng, size, objects)
+    neg = _neg_ids(set(objects), rng)  # after the drawing: the same stream as before the split
     Image.fromarray(img, "RGB").save(path, format="PNG", optimize=False, compress_level=1)
     return neg, anns
 
