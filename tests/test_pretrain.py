@@ -292,7 +292,8 @@ def test_pretrained_regime_trains_end_to_end(tmp_path, tiny_weights, monkeypatch
     from taildet.engine import train
 
     path, info = tiny_weights
-    monkeypatch.setattr(pt, "PretrainRecipe", lambda: TINY)  # the default recipe -> the tiny one
+    # the data's recipe -> the tiny one
+    monkeypatch.setattr(pt.PretrainRecipe, "for_vocabulary", classmethod(lambda cls, vocabulary="default": TINY))
     cache = tmp_path / "pretrained"
     cache.mkdir()
     target = pt.cached_path(cache, TINY)
@@ -325,3 +326,66 @@ def test_cli_pretrain_backbone(tmp_path, capsys, monkeypatch):
     assert "reused" in capsys.readouterr().out
     assert main(["pretrain-backbone", str(out), "--per-class", "0"]) == 2
     assert "per_class" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- larger vocabulary
+
+
+def test_lvis_vocabulary_design_follows_lvis_group_shares():
+    from taildet.data.synthetic import VOCABULARIES, design_counts, frequency_group
+
+    vocab = VOCABULARIES["lvis"]
+    assert vocab.num_classes == 150
+    for seed in (0, 1):
+        d = design_counts(seed, 1.0, "lvis")
+        assert [x["id"] for x in d] == list(range(1, 151))
+        groups = {g: sum(x["frequency"] == g for x in d) for g in "rcf"}
+        assert groups == {"r": 42, "c": 57, "f": 51}
+        # the LVIS v1 shares, 337 / 461 / 405 of 1,203, to within one class
+        for g, lvis in (("r", 337), ("c", 461), ("f", 405)):
+            assert abs(groups[g] - 150 * lvis / 1203) < 1
+        assert all(frequency_group(x["train_images"]) == x["frequency"] for x in d)
+        for shape in vocab.shapes:
+            row = {x["frequency"] for x in d if x["shape"] == shape}
+            assert {"f", "r"} <= row
+        for colour in vocab.colours:
+            col = {x["frequency"] for x in d if x["colour"] == colour}
+            assert col == {"f", "c", "r"}
+    assert design_counts(0, 1.0) == design_counts(0, 1.0, "default")  # the default is unchanged
+    with pytest.raises(ConfigError, match="vocabulary"):
+        design_counts(0, 1.0, "coco")
+
+
+def test_lvis_vocabulary_dataset_and_config(tmp_path):
+    from taildet.data.synthetic import make_dataset
+
+    info = make_dataset(tmp_path / "d", seed=0, scale=0.02, progress=False, num_workers=1, vocabulary="lvis")
+    assert info["num_classes"] == 150 and not info["reused"]
+    gt = json.load(open(info["train_json"]))
+    assert len(gt["categories"]) == 150 and {c["frequency"] for c in gt["categories"]} == {"r", "c", "f"}
+    names = {c["name"] for c in gt["categories"]}
+    assert {"olive_hexagon", "pink_pentagon", "red_circle"} <= names
+    meta = json.load(open(tmp_path / "d" / "meta.json"))
+    assert meta["vocabulary"] == "lvis"
+    assert make_dataset(tmp_path / "d", seed=0, scale=0.02, progress=False, vocabulary="lvis")["reused"]
+    # the default vocabulary does not reuse the lvis directory (and its record has no vocabulary key)
+    other = make_dataset(tmp_path / "d", seed=0, scale=0.02, progress=False, num_workers=1)
+    assert not other["reused"] and other["num_classes"] == 48
+    assert "vocabulary" not in json.load(open(tmp_path / "d" / "meta.json"))
+
+    cfg = apply_overrides(_demo_cfg(), ["data.synthetic.vocabulary=lvis", "data.synthetic.scale=0.25"])
+    assert cfg.data.synthetic.vocabulary == "lvis"
+    assert _demo_cfg().data.synthetic.vocabulary == "default"
+    with pytest.raises(ConfigError, match="data.synthetic.vocabulary: expected one of default, lvis"):
+        apply_overrides(_demo_cfg(), ["data.synthetic.vocabulary=coco"])
+
+
+def test_lvis_vocabulary_balanced_crops_and_recipe():
+    crops = make_balanced_crops(0, 1, vocabulary="lvis")
+    assert crops["num_classes"] == 150 and np.bincount(crops["labels"]).tolist() == [1] * 150
+    r = PretrainRecipe.for_vocabulary("lvis")
+    assert (r.per_class, r.heldout_per_class, r.vocabulary) == (64, 16, "lvis")
+    assert r.digest() != PretrainRecipe().digest()
+    assert PretrainRecipe.for_vocabulary() == PretrainRecipe()
+    with pytest.raises(ConfigError, match="vocabulary"):
+        PretrainRecipe(vocabulary="coco")

@@ -19,7 +19,7 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
     from taildet.data.stats import dataset_stats, format_stats, plot_long_tail
     from taildet.data.synthetic import make_dataset
 
-    info = make_dataset(args.out_dir, seed=args.seed, scale=args.scale)
+    info = make_dataset(args.out_dir, seed=args.seed, scale=args.scale, vocabulary=args.vocabulary)
     stats = dataset_stats(info["train_json"])
     print(format_stats(stats))
     png = plot_long_tail(stats, Path(args.out_dir) / "long_tail.png")
@@ -40,8 +40,9 @@ def _cmd_data_stats(args: argparse.Namespace) -> int:
 def _cmd_pretrain_backbone(args: argparse.Namespace) -> int:
     from taildet.engine.pretrain import PretrainRecipe, pretrain_backbone, read_record
 
-    recipe = PretrainRecipe(seed=args.seed, per_class=args.per_class, epochs=args.epochs,
-                            heldout_per_class=args.heldout_per_class)
+    given = {k: v for k, v in (("per_class", args.per_class), ("heldout_per_class", args.heldout_per_class))
+             if v is not None}
+    recipe = PretrainRecipe.for_vocabulary(args.vocabulary, seed=args.seed, epochs=args.epochs, **given)
     rec = None if args.force else read_record(args.out)
     if rec is not None and Path(args.out).is_file() and all(
             rec.get(k) == v for k, v in recipe.record().items()):
@@ -152,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out_dir", help="output directory (annotations/ and images/ are created inside)")
     s.add_argument("--seed", type=int, default=0, help="generator seed (same seed, same bytes)")
     s.add_argument("--scale", type=float, default=1.0, help="multiply the number of images (default 1.0)")
+    s.add_argument("--vocabulary", choices=["default", "lvis"], default="default",
+                   help="default: 48 classes; lvis: 150 classes with LVIS v1's rare/common/frequent "
+                        "shares (42/57/51; --scale 0.25 gives about the default's number of images)")
     s.set_defaults(func=_cmd_data_synth)
     st = dsub.add_parser("stats", help="per-group counts and the long-tail histogram of an annotation file")
     st.add_argument("ann", help="LVIS or COCO instance JSON")
@@ -164,10 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--seed", type=int, default=1000,
                     help="seed of the crops and the training (default 1000; the crops never repeat "
                          "detection images whatever the seed)")
-    pb.add_argument("--per-class", type=int, default=200, help="training crops per class (default 200)")
+    pb.add_argument("--per-class", type=int, default=None,
+                    help="training crops per class (default 200; 64 with --vocabulary lvis)")
     pb.add_argument("--epochs", type=int, default=10, help="epochs (default 10)")
-    pb.add_argument("--heldout-per-class", type=int, default=50,
-                    help="held-out crops per class for the reported top-1 accuracy (default 50)")
+    pb.add_argument("--heldout-per-class", type=int, default=None,
+                    help="held-out crops per class for the reported top-1 accuracy (default 50; 16 with "
+                         "--vocabulary lvis)")
+    pb.add_argument("--vocabulary", choices=["default", "lvis"], default="default",
+                    help="classes of the task: the embedded dataset's 48 (default) or the lvis variant's 150")
     pb.add_argument("--force", action="store_true", help="retrain even if OUT holds this recipe's weights")
     pb.set_defaults(func=_cmd_pretrain_backbone)
 

@@ -277,6 +277,8 @@ class SyntheticConfig:
 
     seed: int = _f(0, v_nonneg_int)
     scale: float = _f(1.0, v_pos_num)
+    vocabulary: str = _f("default", v_enum("default", "lvis"),
+                         "default: 48 classes; lvis: 150 with LVIS v1's r/c/f shares (use scale ~0.25)")
 
 
 @dataclass

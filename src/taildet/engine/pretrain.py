@@ -29,7 +29,9 @@ Selecting the regime in a detection config (:data:`PRETRAINED_REGIME_OVERRIDES`)
 
 ``synthetic-pretrained`` is resolved by :func:`resolve_backbone_weights` to
 ``<parent of data.root>/pretrained/tiny_synthetic_<hash>.pth``, pretrained on first use and
-reused afterwards (a file lock keeps parallel runs from pretraining twice).
+reused afterwards (a file lock keeps parallel runs from pretraining twice). With
+``data.synthetic.vocabulary: lvis`` the pretraining task covers that vocabulary's 150 classes
+(64 training / 16 held-out crops each: the same 9,600 / 2,400 crops in all).
 """
 
 from __future__ import annotations
@@ -96,6 +98,17 @@ class PretrainRecipe:
     flip_prob: float = 0.5
     crop_size: int = 48
     image_size: int = 96
+    vocabulary: str = "default"
+
+    @classmethod
+    def for_vocabulary(cls, vocabulary: str = "default", **kwargs: Any) -> "PretrainRecipe":
+        """The default recipe over ``vocabulary``'s classes with the default's numbers of crops
+        (9,600 training, 2,400 held-out: 200 / 50 per class for 48 classes, 64 / 16 for 150)."""
+        from taildet.data.synthetic import _vocabulary
+
+        n = _vocabulary(vocabulary).num_classes
+        base = {"per_class": max(1, round(9600 / n)), "heldout_per_class": max(1, round(2400 / n))}
+        return cls(**{**base, **kwargs, "vocabulary": vocabulary})
 
     def __post_init__(self):
         for name in ("seed", "heldout_per_class"):
@@ -108,6 +121,9 @@ class PretrainRecipe:
                 raise ConfigError(f"pretrain {name}: expected an integer >= 1, got {v!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"pretrain lr: expected a positive number, got {self.lr!r}")
+        from taildet.data.synthetic import _vocabulary
+
+        _vocabulary(self.vocabulary)
 
     def record(self) -> dict[str, Any]:
         """The cache key: the recipe, the generator version and the training-code version."""
@@ -183,11 +199,11 @@ def pretrain_backbone(out: str | os.PathLike, recipe: PretrainRecipe | None = No
     with _threads(threads), torch.random.fork_rng(devices=[]):
         r = recipe
         train = make_balanced_crops(r.seed, r.per_class, "train", crop_size=r.crop_size,
-                                    image_size=r.image_size, progress=progress)
+                                    image_size=r.image_size, vocabulary=r.vocabulary, progress=progress)
         x, y = _to_tensor(train["images"]), torch.from_numpy(train["labels"])
         if r.heldout_per_class:
             held = make_balanced_crops(r.seed, r.heldout_per_class, "heldout", crop_size=r.crop_size,
-                                       image_size=r.image_size, progress=progress)
+                                       image_size=r.image_size, vocabulary=r.vocabulary, progress=progress)
             hx, hy = _to_tensor(held["images"]), torch.from_numpy(held["labels"])
         num_classes = int(train["num_classes"])
         t_render = time.perf_counter() - t0
@@ -335,9 +351,12 @@ def resolve_backbone_weights(cfg, kwargs: dict[str, Any]) -> dict[str, Any]:
                           f"model.backbone is {kwargs.get('backbone')!r}")
     from taildet.engine.distributed import broadcast_object, is_main_process
 
+    synthetic = getattr(cfg.data, "synthetic", None)
+    vocabulary = getattr(synthetic, "vocabulary", "default") if synthetic is not None else "default"
     path = None
     if is_main_process():
-        path, rec = ensure_pretrained_backbone(default_cache_dir(cfg.data.root), progress=False)
+        path, rec = ensure_pretrained_backbone(default_cache_dir(cfg.data.root),
+                                               PretrainRecipe.for_vocabulary(vocabulary), progress=False)
         path = str(path)
         log.info("model.backbone_weights: %s -> %s (%s; held-out top-1 %s)", SYNTHETIC_PRETRAINED, path,
                  "cached" if rec["reused"] else "pretrained now", rec.get("heldout_top1"))

@@ -103,7 +103,7 @@ def build_datasets(cfg, need_train: bool = True):
         info = None
         if is_main_process():
             info = make_dataset(d.root, seed=d.synthetic.seed, scale=d.synthetic.scale,
-                                progress=False)
+                                vocabulary=d.synthetic.vocabulary, progress=False)
         info = broadcast_object(info)
         train_json, val_json = info["train_json"], info["val_json"]
         train_root = val_root = info["image_dir"]
