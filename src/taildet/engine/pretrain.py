@@ -195,7 +195,7 @@ def pretrain_backbone(out: str | os.PathLike, recipe: PretrainRecipe | None = No
 
     recipe = recipe or PretrainRecipe()
     out = Path(out)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with _threads(threads), torch.random.fork_rng(devices=[]):
         r = recipe
         train = make_balanced_crops(r.seed, r.per_class, "train", crop_size=r.crop_size,
@@ -261,6 +261,7 @@ def pretrain_backbone(out: str | os.PathLike, recipe: PretrainRecipe | None = No
             "train_crops": len(x), "heldout_crops": len(hx) if r.heldout_per_class else 0,
             "heldout_top1": heldout, "train_top1": train_correct / len(x), "chance": 1.0 / num_classes,
             "seconds": round(seconds, 1), "render_seconds": round(t_render, 1),
+            "cpu_seconds": round(time.process_time() - c0, 1),  # wall time depends on other load
             "threads": threads if threads is not None else torch.get_num_threads()}
     atomic_write(out, lambda fh: torch.save(state, fh))
     atomic_write_text(json.dumps(info, indent=1) + "\n", _sidecar(out))
