@@ -389,3 +389,17 @@ def test_lvis_vocabulary_balanced_crops_and_recipe():
     assert PretrainRecipe.for_vocabulary() == PretrainRecipe()
     with pytest.raises(ConfigError, match="vocabulary"):
         PretrainRecipe(vocabulary="coco")
+
+
+@pytest.mark.parametrize("regime", ["scratch", "pretrained", "lvis150", "lvis150_pretrained"])
+def test_regimes_apply_to_every_tiny_demo_recipe(regime):
+    import glob
+
+    from taildet.engine.pretrain import REGIMES
+
+    r = REGIMES[regime]
+    for path in sorted(glob.glob(os.path.join(REPO, "configs", "demo_*.yaml"))):
+        cfg = apply_overrides(load_config(path), list(r.all_overrides()))
+        assert cfg.data.synthetic.vocabulary == r.vocabulary and cfg.data.synthetic.scale == r.scale
+        pretrained = cfg.model.kwargs.get("backbone_weights") == "synthetic-pretrained"
+        assert pretrained == regime.endswith("pretrained"), path

@@ -58,7 +58,9 @@ log = logging.getLogger("taildet")
 __all__ = [
     "PRETRAINED_REGIME_OVERRIDES",
     "PRETRAINED_TRAINABLE_LAYERS",
+    "REGIMES",
     "PretrainRecipe",
+    "Regime",
     "SYNTHETIC_PRETRAINED",
     "default_cache_dir",
     "ensure_pretrained_backbone",
@@ -75,6 +77,37 @@ PRETRAINED_REGIME_OVERRIDES = (
     f"model.backbone_weights={SYNTHETIC_PRETRAINED}",
     f"model.trainable_backbone_layers={PRETRAINED_TRAINABLE_LAYERS}",
 )
+
+
+@dataclass(frozen=True)
+class Regime:
+    """A regime of the embedded benchmark: the data (``vocabulary``, ``scale``) and the config
+    overrides every recipe gets. A runner names the data directory after ``vocabulary`` and
+    ``scale`` too (one directory per dataset), and passes ``overrides`` to every stage-1,
+    stage-2 and post-hoc run alike."""
+
+    vocabulary: str = "default"
+    scale: float = 1.0
+    overrides: tuple[str, ...] = ()
+    about: str = ""
+
+    def data_overrides(self) -> tuple[str, ...]:
+        return (f"data.synthetic.vocabulary={self.vocabulary}", f"data.synthetic.scale={self.scale:g}")
+
+    def all_overrides(self) -> tuple[str, ...]:
+        return self.data_overrides() + self.overrides
+
+
+#: The regimes, fixed before any method is compared.
+REGIMES: dict[str, Regime] = {
+    "scratch": Regime(about="tiny backbone from a random init, 48 classes (the demo)"),
+    "pretrained": Regime(overrides=PRETRAINED_REGIME_OVERRIDES,
+                         about="tiny backbone pretrained on balanced crops, stages 1-2 and BN frozen"),
+    "lvis150": Regime("lvis", 0.25, about="150 classes with LVIS v1's r/c/f shares, from scratch"),
+    "lvis150_pretrained": Regime("lvis", 0.25, PRETRAINED_REGIME_OVERRIDES,
+                                 about="150 classes, backbone pretrained on their balanced crops"),
+}
+
 #: Bump when the training code changes what a recipe produces (invalidates the cache).
 PRETRAIN_VERSION = 1
 
