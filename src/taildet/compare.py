@@ -519,7 +519,7 @@ def run_compare(recipes: Iterable[str] | None, out_dir: str | Path, seeds: Itera
     replicates (:mod:`taildet.evidence`): per recipe and metric the mean, std and 95 % t
     interval; per recipe and each of its baselines (:meth:`Recipe.compared_with`, when both ran)
     the paired difference with its t interval and class-bootstrap interval and a verdict; and,
-    when ``claims`` is given (``True`` for the built-in ``configs/claims.yaml``, or a path), each
+    when ``claims`` is given (``True`` for the built-in ``configs/evidence/claims.yaml``, or a path), each
     claim whose recipes ran.
 
     ``jobs`` trainings run at once, each in its own process with ``torch`` limited to

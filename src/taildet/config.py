@@ -291,6 +291,14 @@ def v_rgb_mean(v):
     return list(v)
 
 
+def v_trainable_layers(v):
+    v = v_nonneg_int(v)
+    if v > 5:
+        raise _Invalid(f"expected an integer in 0..5 (stages that train, counted from the last; "
+                       f"5 = all, tiny: 4 or more = all), got {_fmt(v)}")
+    return v
+
+
 def _f(default, check, help=""):
     """A dataclass field with a validator (and a default; lists/dicts are copied)."""
     if isinstance(default, (list, dict)):
@@ -327,7 +335,6 @@ MODEL_KWARG_CHECKS: dict[str, Callable[[Any], Any]] = {
     "anchor_sizes": v_anchor_sizes,
     "aspect_ratios": v_aspect_ratios,
     "anchor_scales": v_pos_num_list,
-    "trainable_backbone_layers": v_nonneg_int,
     "rpn_pre_nms_top_n_train": v_pos_int,
     "rpn_post_nms_top_n_train": v_pos_int,
     "rpn_pre_nms_top_n_test": v_pos_int,
@@ -349,6 +356,7 @@ MODEL_KWARG_CHECKS: dict[str, Callable[[Any], Any]] = {
     "quality_branch": v_bool,
     "pre_nms_top_n": v_pos_int,
     "giou_weight": v_nonneg_num,
+    "trainable_backbone_layers": v_trainable_layers,
 }
 
 
@@ -367,6 +375,8 @@ class SyntheticConfig:
 
     seed: int = _f(0, v_nonneg_int)
     scale: float = _f(1.0, v_pos_num)
+    vocabulary: str = _f("default", v_enum("default", "lvis"),
+                         "default: 48 classes; lvis: 150 with LVIS v1's r/c/f shares (use scale ~0.25)")
 
 
 @dataclass
@@ -607,6 +617,19 @@ def _check_whole(cfg: Config, file: str | None) -> Config:
     if cfg.model.arch == "mask_rcnn" and not d.with_masks:
         raise _err(file, "data.with_masks", "model.arch mask_rcnn trains on instance masks: set "
                    "data.with_masks: true (or use arch faster_rcnn for boxes only)")
+    if mk.get("backbone_weights") == "synthetic-pretrained" and mk.get("backbone", "tiny") != "tiny":
+        raise _err(file, "model.backbone_weights",
+                   f"'synthetic-pretrained' is the pretrained tiny backbone (taildet pretrain-backbone); "
+                   f"model.backbone is {mk.get('backbone')!r}: give a path to its weights instead")
+    if mk.get("backbone_weights") is not None and mk.get("norm") == "gn":
+        raise _err(file, "model.norm", "pretrained backbone weights hold BatchNorm statistics: use norm "
+                   "'bn' (frozen when weights are given) or 'frozen_bn', not 'gn'")
+    tbl = mk.get("trainable_backbone_layers")
+    btl = (mk.get("backbone_kwargs") or {}).get("trainable_layers") if isinstance(
+        mk.get("backbone_kwargs"), dict) else None
+    if tbl is not None and btl is not None:
+        raise _err(file, "model.trainable_backbone_layers",
+                   "set model.trainable_backbone_layers or model.backbone_kwargs.trainable_layers, not both")
     if cfg.finetune.mfs.enabled and cfg.model.arch not in ("faster_rcnn", "mask_rcnn"):
         raise _err(file, "finetune.mfs.enabled",
                    f"memory-augmented feature sampling needs a two-stage detector (faster_rcnn or "

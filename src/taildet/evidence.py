@@ -183,8 +183,8 @@ def compare_pair(runs: Mapping[str, Mapping[str, Mapping]], recipe: str, baselin
 # the claims table
 # ------------------------------------------------------------------------------------------------
 
-#: The seed papers' claims, as data (``configs/claims.yaml`` of the source checkout).
-CLAIMS_FILE = Path(__file__).resolve().parents[2] / "configs" / "claims.yaml"
+#: The seed papers' claims, as data (``configs/evidence/claims.yaml`` of the source checkout).
+CLAIMS_FILE = Path(__file__).resolve().parents[2] / "configs" / "evidence" / "claims.yaml"
 
 
 @dataclass(frozen=True)

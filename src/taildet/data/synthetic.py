@@ -60,10 +60,19 @@ Scale
     label equals LVIS's rule on the actual train image counts. Code that recomputes groups from
     ``image_count`` with LVIS's fixed thresholds will disagree at other scales (at 0.2 there are no
     classes with > 100 images): read the ``frequency`` field.
+Larger vocabulary (``vocabulary="lvis"``; ``data.synthetic.vocabulary: lvis``)
+    150 classes = 10 shapes (the 8 above, pentagon, hexagon) x 15 colours (the 6 above, pink,
+    brown, cyan, lime, navy, magenta, teal, maroon, olive), ids ``1 + 15 * shape + colour``, whose
+    rare / common / frequent shares follow LVIS v1 (337 / 461 / 405 of 1,203 -> 42 / 57 / 51 of
+    150), with the same per-group image-count ranges and attribute constraints. At ``scale=1`` it
+    holds about 4x the default's images; ``scale=0.25`` gives about the default's number of
+    training images (more classes, fewer images each) with the groups kept. The default
+    vocabulary's output and ``meta.json`` are unchanged by this option.
 
 Determinism: everything derives from numpy Generators seeded by ``(seed, purpose[, image index])``,
 no global RNG, so the same seed gives byte-identical JSON and identical PNG bytes whatever
-``num_workers`` is. ``OUT_DIR/meta.json`` records (seed, scale, image_size, generator version); a
+``num_workers`` is. ``OUT_DIR/meta.json`` records (seed, scale, image_size, generator version,
+and the vocabulary when it is not the default); a
 directory already holding a complete dataset with the same record is reused as it is.
 """
 
@@ -76,6 +85,7 @@ import re
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -92,8 +102,11 @@ __all__ = [
     "LVIS_COMMON_MAX",
     "LVIS_RARE_MAX",
     "SHAPES",
+    "VOCABULARIES",
+    "Vocabulary",
     "describe_design",
     "design_counts",
+    "draw_image",
     "frequency_group",
     "make_dataset",
 ]
@@ -110,6 +123,16 @@ _RGB = {
     "green": (50, 165, 70),
     "blue": (45, 90, 220),
     "purple": (145, 65, 190),
+    # the larger "lvis" vocabulary's extra colours (saturated: none occurs in the grey backgrounds)
+    "pink": (240, 120, 190),
+    "brown": (130, 75, 30),
+    "cyan": (40, 200, 215),
+    "lime": (160, 225, 40),
+    "navy": (25, 35, 120),
+    "magenta": (220, 40, 200),
+    "teal": (20, 130, 120),
+    "maroon": (120, 20, 45),
+    "olive": (120, 125, 20),
 }
 NUM_CLASSES = len(SHAPES) * len(COLOURS)
 
@@ -118,7 +141,6 @@ LVIS_RARE_MAX = 10
 LVIS_COMMON_MAX = 100
 
 # Train image counts per rank at scale 1: piecewise log-linear (Zipf-like) per group.
-_GROUP_SIZES = {"f": 10, "c": 20, "r": 18}
 _GROUP_RANGES = {"f": (320, 105), "c": (95, 11), "r": (10, 1)}
 # Val image counts: round(_VAL_BASE + _VAL_SLOPE * train_count), clipped to [_VAL_BASE, _VAL_MAX].
 _VAL_BASE, _VAL_SLOPE, _VAL_MAX = 14, 0.08, 40
@@ -168,29 +190,76 @@ def _unit_polygon(shape: str) -> np.ndarray:
     if shape == "semicircle":
         t = np.linspace(np.pi, 2 * np.pi, 17)
         return np.stack([np.cos(t), 0.6 + 1.5 * np.sin(t)], 1)
+    if shape in ("pentagon", "hexagon"):  # regular polygons, a vertex up (the "lvis" vocabulary)
+        n = 5 if shape == "pentagon" else 6
+        t = -np.pi / 2 + np.arange(n) * 2 * np.pi / n
+        return np.stack([np.cos(t), np.sin(t)], 1)
     if shape == "arrow":
         return np.array(
             [[-1, -0.3], [0.1, -0.3], [0.1, -0.8], [1, 0], [0.1, 0.8], [0.1, 0.3], [-1, 0.3]], float)
     raise KeyError(shape)
 
 
-_UNIT_POLYGONS = {s: _unit_polygon(s) for s in SHAPES}
+_UNIT_POLYGONS = {s: _unit_polygon(s) for s in SHAPES + ("pentagon", "hexagon")}
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """A class vocabulary: ``shapes x colours`` classes (ids shape-major) and how many of them are
+    frequent, common and rare (``group_sizes``, in ranks: the first ``f`` ranks are frequent)."""
+
+    name: str
+    shapes: tuple[str, ...]
+    colours: tuple[str, ...]
+    group_sizes: tuple[tuple[str, int], ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.shapes) * len(self.colours)
+
+    def class_names(self) -> list[str]:
+        return [f"{c}_{s}" for s in self.shapes for c in self.colours]
+
+    def shape_colour(self, cat_id: int) -> tuple[int, int]:
+        return (cat_id - 1) // len(self.colours), (cat_id - 1) % len(self.colours)
+
+
+#: ``"default"``: 48 classes (8 shapes x 6 colours; 10 frequent, 20 common, 18 rare).
+#: ``"lvis"``: 150 classes (10 shapes x 15 colours) whose rare / common / frequent shares follow
+#: LVIS v1 (337 / 461 / 405 of 1,203 -> 42 / 57 / 51 of 150, largest remainders), with the same
+#: per-group image-count ranges; ``scale`` ~0.25 gives about the default's number of images.
+VOCABULARIES: dict[str, Vocabulary] = {
+    "default": Vocabulary("default", SHAPES, COLOURS, (("f", 10), ("c", 20), ("r", 18))),
+    "lvis": Vocabulary(
+        "lvis", SHAPES + ("pentagon", "hexagon"),
+        COLOURS + ("pink", "brown", "cyan", "lime", "navy", "magenta", "teal", "maroon", "olive"),
+        (("f", 51), ("c", 57), ("r", 42))),
+}
+_DEFAULT_VOCAB = VOCABULARIES["default"]
+
+
+def _vocabulary(vocabulary: Any) -> Vocabulary:
+    if isinstance(vocabulary, Vocabulary):
+        return vocabulary
+    if vocabulary not in VOCABULARIES:
+        raise ConfigError(f"vocabulary: expected one of {', '.join(VOCABULARIES)}, got {vocabulary!r}")
+    return VOCABULARIES[vocabulary]
 
 
 def _class_names() -> list[str]:
-    return [f"{c}_{s}" for s in SHAPES for c in COLOURS]
+    return _DEFAULT_VOCAB.class_names()
 
 
 def _shape_colour(cat_id: int) -> tuple[int, int]:
-    return (cat_id - 1) // len(COLOURS), (cat_id - 1) % len(COLOURS)
+    return _DEFAULT_VOCAB.shape_colour(cat_id)
 
 
-def _rank_counts() -> list[tuple[int, str]]:
-    """(train image count at scale 1, group) for ranks 0..47, most frequent first."""
+def _rank_counts(vocab: Vocabulary = _DEFAULT_VOCAB) -> list[tuple[int, str]]:
+    """(train image count at scale 1, group) per rank, most frequent first."""
     out = []
-    for g in ("f", "c", "r"):
+    for g, n in vocab.group_sizes:
         hi, lo = _GROUP_RANGES[g]
-        for v in np.geomspace(hi, lo, _GROUP_SIZES[g]):
+        for v in np.geomspace(hi, lo, n):
             out.append((int(round(float(v))), g))
     return out
 
@@ -206,42 +275,45 @@ def _check_args(seed: Any, scale: Any, image_size: Any) -> None:
         raise ConfigError(f"image_size: expected an integer >= {_MIN_IMAGE_SIZE}, got {image_size!r}")
 
 
-def design_counts(seed: int = 0, scale: float = 1.0) -> list[dict[str, Any]]:
-    """The per-class design of a seed: one dict per category id 1..48, in id order.
+def design_counts(seed: int = 0, scale: float = 1.0, vocabulary: str = "default") -> list[dict[str, Any]]:
+    """The per-class design of a seed: one dict per category id 1..48 (1..150 with the ``"lvis"``
+    vocabulary), in id order.
 
     Keys: ``id``, ``name``, ``shape``, ``colour``, ``rank`` (0 = most frequent), ``frequency``
     (the LVIS group at scale 1, kept at every scale), ``train_images`` and ``val_images`` (how many
     images of each split contain the class at this ``scale``; the generator meets them exactly).
     """
     _check_args(seed, scale, 1 << 30)
+    vocab = _vocabulary(vocabulary)
+    n_classes = vocab.num_classes
     rng = np.random.default_rng([int(seed), 101])
-    ranks = _rank_counts()
+    ranks = _rank_counts(vocab)
     groups = np.array([g for _, g in ranks])
     for _ in range(100_000):
-        perm = rng.permutation(NUM_CLASSES)  # perm[rank] = class index (0-based)
-        grp = np.empty(NUM_CLASSES, dtype="<U1")
+        perm = rng.permutation(n_classes)  # perm[rank] = class index (0-based)
+        grp = np.empty(n_classes, dtype="<U1")
         grp[perm] = groups
-        grid = grp.reshape(len(SHAPES), len(COLOURS))
+        grid = grp.reshape(len(vocab.shapes), len(vocab.colours))
         ok = all(("f" in row and "r" in row) for row in grid) and all(
             ("f" in col and "r" in col and "c" in col) for col in grid.T)
         if ok:
             break
     else:  # pragma: no cover - the acceptance rate is a few percent
         raise RuntimeError("could not draw a class permutation meeting the attribute constraints")
-    names = _class_names()
-    rank_of = np.empty(NUM_CLASSES, dtype=int)
-    rank_of[perm] = np.arange(NUM_CLASSES)
+    names = vocab.class_names()
+    rank_of = np.empty(n_classes, dtype=int)
+    rank_of[perm] = np.arange(n_classes)
     out = []
-    for k in range(NUM_CLASSES):
+    for k in range(n_classes):
         r = int(rank_of[k])
         n1, g = ranks[r]
         nval1 = min(_VAL_MAX, max(_VAL_BASE, int(round(_VAL_BASE + _VAL_SLOPE * n1))))
-        s, c = _shape_colour(k + 1)
+        s, c = vocab.shape_colour(k + 1)
         out.append({
             "id": k + 1,
             "name": names[k],
-            "shape": SHAPES[s],
-            "colour": COLOURS[c],
+            "shape": vocab.shapes[s],
+            "colour": vocab.colours[c],
             "rank": r,
             "frequency": g,
             "train_images": max(1, int(round(n1 * scale))),
@@ -250,14 +322,15 @@ def design_counts(seed: int = 0, scale: float = 1.0) -> list[dict[str, Any]]:
     return out
 
 
-def describe_design(seed: int = 0, scale: float = 1.0) -> str:
+def describe_design(seed: int = 0, scale: float = 1.0, vocabulary: str = "default") -> str:
     """A human-readable account of the generator and of the class table of ``seed``."""
-    design = design_counts(seed, scale)
+    vocab = _vocabulary(vocabulary)
+    design = design_counts(seed, scale, vocab.name)
     lines = [
         f"taildet synthetic long-tail dataset (generator v{GENERATOR_VERSION}, seed {seed}, "
-        f"scale {scale:g})",
-        f"{NUM_CLASSES} classes = {len(SHAPES)} shapes x {len(COLOURS)} colours; ids shape-major "
-        "(id = 1 + 6 * shape + colour).",
+        f"scale {scale:g}" + ("" if vocab.name == "default" else f", vocabulary {vocab.name}") + ")",
+        f"{vocab.num_classes} classes = {len(vocab.shapes)} shapes x {len(vocab.colours)} colours; "
+        f"ids shape-major (id = 1 + {len(vocab.colours)} * shape + colour).",
         "Images: 1-4 objects, 14-40 px at 96 px, flat-coloured polygons on a noisy grey background.",
         "Train image counts per class: piecewise log-linear (Zipf-like) 320..105 (frequent), "
         "95..11 (common), 10..1 (rare) at scale 1; val is balanced-ish (14-40 images per class).",
@@ -269,9 +342,9 @@ def describe_design(seed: int = 0, scale: float = 1.0) -> str:
             f"{d['name']}={d['train_images']}/{d['val_images']}" for d in members))
     lines.append("(name=train images/val images)")
     grid = {(d["shape"], d["colour"]): d["frequency"] for d in design}
-    lines.append("group grid (rows shapes, columns " + " ".join(c[:3] for c in COLOURS) + "):")
-    for s in SHAPES:
-        lines.append(f"  {s:<10} " + "   ".join(grid[(s, c)] for c in COLOURS))
+    lines.append("group grid (rows shapes, columns " + " ".join(c[:3] for c in vocab.colours) + "):")
+    for s in vocab.shapes:
+        lines.append(f"  {s:<10} " + "   ".join(grid[(s, c)] for c in vocab.colours))
     return "\n".join(lines)
 
 
@@ -324,12 +397,12 @@ def _dilate(m: np.ndarray) -> np.ndarray:
     return d
 
 
-def _neg_ids(present: set[int], rng: np.random.Generator) -> list[int]:
+def _neg_ids(present: set[int], rng: np.random.Generator, vocab: Vocabulary = _DEFAULT_VOCAB) -> list[int]:
     """4-8 absent classes: half confusable (sharing a shape or colour with an object), half random."""
-    attrs = [_shape_colour(k) for k in present]
-    absent = [k for k in range(1, NUM_CLASSES + 1) if k not in present]
+    attrs = [vocab.shape_colour(k) for k in present]
+    absent = [k for k in range(1, vocab.num_classes + 1) if k not in present]
     confusable = [k for k in absent
-                  if any(_shape_colour(k)[0] == s or _shape_colour(k)[1] == c for s, c in attrs)]
+                  if any(vocab.shape_colour(k)[0] == s or vocab.shape_colour(k)[1] == c for s, c in attrs)]
     n = int(rng.integers(_NEG_RANGE[0], _NEG_RANGE[1] + 1))
     n_conf = min(n // 2, len(confusable))
     picked = [int(x) for x in rng.choice(confusable, n_conf, replace=False)] if n_conf else []
@@ -338,10 +411,17 @@ def _neg_ids(present: set[int], rng: np.random.Generator) -> list[int]:
     return sorted(picked)
 
 
-def _render(job: tuple) -> tuple[list[int], list[tuple[int, list[float], list[float], float]]]:
-    """Draw one image, write its PNG, return (neg_category_ids, [(cat, polygon, bbox, area)])."""
-    seed, split_code, index, size, objects, path = job
-    rng = np.random.default_rng([seed, 200 + split_code, index])
+def draw_image(rng: np.random.Generator, size: int, objects: list[int], vocabulary: str = "default"
+               ) -> tuple[np.ndarray, list[tuple[int, list[float], list[float], float]]]:
+    """Draw one ``size`` px image holding ``objects`` (category ids of ``vocabulary``) with the
+    generator's design.
+
+    Returns ``(image uint8 [size, size, 3], [(cat, polygon, bbox xywh, area)])``. Everything
+    random comes from ``rng`` in a fixed order, so a given generator state gives the same pixels;
+    the detection images (:func:`make_dataset`) and the balanced classification crops
+    (:mod:`taildet.data.pretrain`) are both drawn by this one function.
+    """
+    vocab = _vocabulary(vocabulary)
     f = size / _REF_SIZE
     # Background: low-saturation grey, random tint, linear gradient, Gaussian noise.
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size - 0.5
@@ -361,7 +441,7 @@ def _render(job: tuple) -> tuple[list[int], list[tuple[int, list[float], list[fl
         occupied = np.zeros((size, size), dtype=bool)
         anns, masks = [], []
         for k in objects:
-            shape = SHAPES[_shape_colour(k)[0]]
+            shape = vocab.shapes[vocab.shape_colour(k)[0]]
             for _ in range(60):
                 s = rng.uniform(lo, hi)
                 aspect = rng.uniform(0.85, 1.15)
@@ -396,10 +476,19 @@ def _render(job: tuple) -> tuple[list[int], list[tuple[int, list[float], list[fl
         raise RuntimeError(f"could not place {n} objects in a {size} px image")
 
     for (k, *_), m in zip(anns, masks):
-        base = np.array(_RGB[COLOURS[_shape_colour(k)[1]]])
+        base = np.array(_RGB[vocab.colours[vocab.shape_colour(k)[1]]])
         colour = np.clip(base + rng.integers(-12, 13, 3), 0, 255).astype(np.uint8)
         img[m] = colour
-    neg = _neg_ids(set(objects), rng)
+    return img, anns
+
+
+def _render(job: tuple) -> tuple[list[int], list[tuple[int, list[float], list[float], float]]]:
+    """Draw one image, write its PNG, return (neg_category_ids, [(cat, polygon, bbox, area)])."""
+    seed, split_code, index, size, objects, path, vocabulary = job
+    rng = np.random.default_rng([seed, 200 + split_code, index])
+    vocab = _vocabulary(vocabulary)
+    img, anns = draw_image(rng, size, objects, vocab.name)
+    neg = _neg_ids(set(objects), rng, vocab)  # after the drawing: the same stream as before the split
     Image.fromarray(img, "RGB").save(path, format="PNG", optimize=False, compress_level=1)
     return neg, anns
 
@@ -422,14 +511,18 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def _meta_record(seed: int, scale: float, image_size: int) -> dict[str, Any]:
-    return {"generator": "taildet.data.synthetic", "version": GENERATOR_VERSION,
-            "seed": int(seed), "scale": float(scale), "image_size": int(image_size)}
+def _meta_record(seed: int, scale: float, image_size: int, vocabulary: str = "default") -> dict[str, Any]:
+    rec = {"generator": "taildet.data.synthetic", "version": GENERATOR_VERSION,
+           "seed": int(seed), "scale": float(scale), "image_size": int(image_size)}
+    # the default vocabulary leaves the record (and so every cached directory) as it was
+    return rec if vocabulary == "default" else {**rec, "vocabulary": vocabulary}
 
 
 def _reusable(out: Path, record: dict[str, Any]) -> dict[str, Any] | None:
     meta = _read_json(out / "meta.json")
     if not isinstance(meta, dict) or any(meta.get(k) != v for k, v in record.items()):
+        return None
+    if meta.get("vocabulary", "default") != record.get("vocabulary", "default"):
         return None
     image_dir = out / "images"
     for split in ("train", "val"):
@@ -470,7 +563,7 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def make_dataset(out_dir: str | os.PathLike, seed: int = 0, scale: float = 1.0, *,
                  image_size: int = 96, num_workers: int | None = None,
-                 progress: bool = True) -> dict[str, Any]:
+                 progress: bool = True, vocabulary: str = "default") -> dict[str, Any]:
     """Generate (or reuse) the embedded long-tail dataset under ``out_dir``.
 
     Writes ``out_dir/annotations/{train,val}.json`` (LVIS v1 format), PNGs under
@@ -486,21 +579,24 @@ def make_dataset(out_dir: str | os.PathLike, seed: int = 0, scale: float = 1.0, 
         image_size: side of the square images in px (object sizes scale with it), >= 48.
         num_workers: processes for rendering; ``None`` picks 1 for small sets, else up to 4.
         progress: show tqdm progress bars.
+        vocabulary: ``"default"`` (48 classes) or ``"lvis"`` (150 classes with LVIS v1's
+            rare / common / frequent shares; see :data:`VOCABULARIES`).
 
     Returns:
         dict with ``train_json``, ``val_json``, ``image_dir`` (str paths), ``num_train_images``,
         ``num_val_images``, ``num_classes`` and ``reused`` (True when nothing was generated).
     """
     _check_args(seed, scale, image_size)
+    vocab = _vocabulary(vocabulary)
     seed, scale, image_size = int(seed), float(scale), int(image_size)
     out = Path(out_dir)
     ann_dir, image_dir = out / "annotations", out / "images"
-    record = _meta_record(seed, scale, image_size)
+    record = _meta_record(seed, scale, image_size, vocab.name)
 
     def result(n_train: int, n_val: int, reused: bool) -> dict[str, Any]:
         return {"train_json": str(ann_dir / "train.json"), "val_json": str(ann_dir / "val.json"),
                 "image_dir": str(image_dir), "num_train_images": n_train,
-                "num_val_images": n_val, "num_classes": NUM_CLASSES, "reused": reused}
+                "num_val_images": n_val, "num_classes": vocab.num_classes, "reused": reused}
 
     meta = _reusable(out, record)
     if meta is not None:
@@ -525,7 +621,7 @@ def make_dataset(out_dir: str | os.PathLike, seed: int = 0, scale: float = 1.0, 
                 os.unlink(entry.path)
 
     t0 = time.perf_counter()
-    design = design_counts(seed, scale)
+    design = design_counts(seed, scale, vocab.name)
     layouts = {
         split: _pack({d["id"]: d[f"{split}_images"] for d in design},
                      np.random.default_rng([seed, 102 + _SPLIT_CODES[split]]))
@@ -545,7 +641,7 @@ def make_dataset(out_dir: str | os.PathLike, seed: int = 0, scale: float = 1.0, 
                 image_id = next_image_id + index
                 file_name = f"{split}/{image_id:06d}.png"
                 jobs.append((seed, _SPLIT_CODES[split], index, image_size, objects,
-                             str(image_dir / file_name)))
+                             str(image_dir / file_name), vocab.name))
                 records.append({"id": image_id, "file_name": file_name, "width": image_size,
                                 "height": image_size})
             next_image_id += len(jobs)
@@ -588,6 +684,6 @@ def make_dataset(out_dir: str | os.PathLike, seed: int = 0, scale: float = 1.0, 
             "annotations": annotations[split], "categories": categories})
     n_train, n_val = len(images["train"]), len(images["val"])
     _write_json(out / "meta.json", {**record, "num_train_images": n_train,
-                                    "num_val_images": n_val, "num_classes": NUM_CLASSES,
+                                    "num_val_images": n_val, "num_classes": vocab.num_classes,
                                     "seconds": round(time.perf_counter() - t0, 2)})
     return result(n_train, n_val, False)

@@ -108,7 +108,7 @@ def build_datasets(cfg, need_train: bool = True):
         info = None
         if is_main_process():
             info = make_dataset(d.root, seed=d.synthetic.seed, scale=d.synthetic.scale,
-                                progress=False)
+                                vocabulary=d.synthetic.vocabulary, progress=False)
         info = broadcast_object(info)
         train_json, val_json = info["train_json"], info["val_json"]
         train_root = val_root = info["image_dir"]
@@ -162,15 +162,18 @@ def build_model_from_cfg(cfg, num_classes: int, *, loss: str | None = None, loss
 
     Losses whose constructor takes training-set statistics (``instance_counts``,
     ``image_counts``, ``image_frequency``: Balanced Softmax/Sigmoid, EQL, ...) get them from
-    ``train_dataset`` unless the config's ``loss_kwargs`` sets them.
+    ``train_dataset`` unless the config's ``loss_kwargs`` sets them. ``model.backbone_weights:
+    synthetic-pretrained`` becomes the cached pretrained tiny backbone's path (built on first use;
+    see :mod:`taildet.engine.pretrain`).
     """
+    from taildet.engine.pretrain import resolve_backbone_weights
     from taildet.losses import dataset_statistics_needed, fill_dataset_statistics
     from taildet.models import build_model
 
     if cfg.model.num_classes is not None and cfg.model.num_classes != num_classes:
         raise ConfigError(f"model.num_classes: {cfg.model.num_classes} does not match the dataset's "
                           f"{num_classes} classes")
-    kwargs = dict(cfg.model.kwargs)
+    kwargs = resolve_backbone_weights(cfg, dict(cfg.model.kwargs))
     if loss is not None:
         kwargs["loss"] = loss
     if loss_kwargs is not None:

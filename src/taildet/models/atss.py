@@ -325,6 +325,7 @@ def build_atss(
     backbone: str | nn.Module = "tiny",
     backbone_weights: Any = None,
     backbone_kwargs: dict | None = None,
+    trainable_backbone_layers: int | None = None,
     norm: str = "bn",
     loss: str | ClassificationLoss = "equalized_focal",
     loss_kwargs: dict | None = None,
@@ -347,7 +348,8 @@ def build_atss(
     """Build a :class:`TailATSS` (the EFL paper's improved ATSS baseline) for ``num_classes`` classes.
 
     Args:
-        backbone, backbone_weights, backbone_kwargs, norm: as :func:`~taildet.models.one_stage.build_retinanet`.
+        backbone, backbone_weights, backbone_kwargs, trainable_backbone_layers, norm: as
+            :func:`~taildet.models.one_stage.build_retinanet`.
         loss: a one-stage loss name (``"equalized_focal"``, ``"equalized_quality_focal"``,
             ``"quality_focal"``, ``"sigmoid_focal"``, ...) with ``loss_kwargs``, or a loss object.
         min_size, max_size, image_mean, image_std: torchvision's resize / normalisation.
@@ -369,7 +371,7 @@ def build_atss(
     if int(pre_nms_top_n) < 1 or int(detections_per_img) < 1:
         raise ConfigError("build_atss: pre_nms_top_n and detections_per_img must be >= 1")
     cls_loss = _resolve_loss(loss, num_classes, loss_kwargs)
-    net = _resolve_backbone(backbone, backbone_weights, norm, backbone_kwargs)
+    net = _resolve_backbone(backbone, backbone_weights, norm, backbone_kwargs, trainable_backbone_layers)
     strides = feature_strides(net)
     sizes = tuple(tuple(max(1, int(round(s * stride))) for s in scales) for stride in strides)
     generator = AnchorGenerator(sizes, ((1.0,),) * len(strides))

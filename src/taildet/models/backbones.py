@@ -14,9 +14,13 @@ Normalisation (``norm``):
 * ``"frozen_bn"`` -- ``FrozenBatchNorm2d`` always.
 * ``"gn"`` -- ``GroupNorm`` (from scratch only: torchvision ResNet weights carry BN statistics).
 
-``weights`` is a path to a torchvision-format ResNet state dict (for example a ``resnet50-*.pth``
-saved by torchvision). Nothing is ever downloaded. A file that cannot be read or does not fit the
-network raises :class:`taildet.errors.DataError` naming the file and the first offending keys.
+``weights`` is a path to a torchvision-format state dict: for a ResNet, for example a
+``resnet50-*.pth`` saved by torchvision; for the tiny network, the backbone that ``taildet
+pretrain-backbone`` pretrains on the embedded benchmark's balanced classification crops
+(:mod:`taildet.engine.pretrain`; keys ``stage1.0.0.weight``, ...; an ``fc.*`` classifier is
+ignored; the tiny FPN, absent from such a file, keeps its random init). Nothing is ever
+downloaded. A file that cannot be read or does not fit the network raises
+:class:`taildet.errors.DataError` naming the file and the first offending keys.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from taildet.errors import ConfigError, DataError
 
-__all__ = ["TinyBackbone", "build_backbone", "BACKBONES", "NORMS", "load_resnet_weights"]
+__all__ = ["TinyBackbone", "build_backbone", "BACKBONES", "NORMS", "load_resnet_weights", "load_tiny_weights"]
 
 BACKBONES = ("tiny", "resnet18", "resnet50", "resnet101")
 NORMS = ("bn", "frozen_bn", "gn")
@@ -160,11 +164,25 @@ def load_resnet_weights(body: nn.Module, path: str | os.PathLike) -> None:
     The classifier (``fc.*``) and ``num_batches_tracked`` entries are ignored on both sides. Missing
     keys, unexpected keys and shape mismatches raise :class:`DataError` listing the first few.
     """
+    _load_weights(body, path, ("fc.",), "ResNet", "is it the right depth, in torchvision format?")
+
+
+def load_tiny_weights(net: "TinyBackbone", path: str | os.PathLike) -> None:
+    """Load a tiny-backbone state dict (``stage1.*`` .. ``stage4.*``, e.g. from ``taildet
+    pretrain-backbone``) into ``net``. A classifier (``fc.*``), ``num_batches_tracked`` and the
+    FPN (``fpn.*``, trained in detection only) are ignored on both sides; anything else that does
+    not fit raises :class:`DataError` as :func:`load_resnet_weights`."""
+    _load_weights(net, path, ("fc.", "fpn."), "tiny-backbone",
+                  "is it a tiny backbone of default widths, from taildet pretrain-backbone?")
+
+
+def _load_weights(body: nn.Module, path: str | os.PathLike, ignored: tuple[str, ...], what: str,
+                  hint: str) -> None:
     path = os.fspath(path)
     state = _read_state_dict(path)
 
     def relevant(k: str) -> bool:
-        return not k.startswith("fc.") and not k.endswith("num_batches_tracked")
+        return not k.startswith(ignored) and not k.endswith("num_batches_tracked")
 
     own = {k: v for k, v in body.state_dict().items() if relevant(k)}
     given = {k: v for k, v in state.items() if relevant(k)}
@@ -185,8 +203,8 @@ def load_resnet_weights(body: nn.Module, path: str | os.PathLike) -> None:
     if problems:
         raise DataError(
             path,
-            f"ResNet state dict for {type(body).__name__}",
-            "does not fit the backbone (is it the right depth, in torchvision format?): " + "; ".join(problems),
+            f"{what} state dict for {type(body).__name__}",
+            f"does not fit the backbone ({hint}): " + "; ".join(problems),
         )
     body.load_state_dict(given, strict=False)
 
@@ -206,9 +224,11 @@ def build_backbone(
     Args:
         name: ``"tiny"``, ``"resnet18"``, ``"resnet50"`` or ``"resnet101"``.
         norm: ``"bn"`` (frozen when ``weights`` is given), ``"frozen_bn"`` or ``"gn"``.
-        weights: path to a torchvision-format ResNet state dict, or None (random init).
+        weights: path to a torchvision-format state dict of the network (ResNet, or the tiny
+            network's from ``taildet pretrain-backbone``), or None (random init).
         trainable_layers: how many stages, counted from the last, get gradients (5 = all; for the
-            tiny network 4 or more = all).
+            tiny network 4 or more = all, and its FPN always trains). Frozen stages get
+            ``requires_grad=False``; with ``weights`` the norm layers are frozen too (``"bn"``).
         fpn: FPN on top; None means the network's default (tiny: one stride-8 map; ResNet: FPN
             over layers 1-4 plus a max-pooled level, strides 4-64).
         out_channels: FPN width (default 256 for ResNet, 32 for tiny), or the tiny network's last
@@ -228,12 +248,18 @@ def build_backbone(
         raise ConfigError(
             f"backbone weights must be a path to a local state dict file (nothing is downloaded), got {weights!r}"
         )
+    if isinstance(weights, str) and weights == "synthetic-pretrained":
+        raise ConfigError(
+            "backbone weights 'synthetic-pretrained' name the cached tiny backbone that the training "
+            "engine resolves (taildet train / build_model_from_cfg); to build a model directly, pass "
+            "the path from taildet.engine.pretrain.ensure_pretrained_backbone() or `taildet pretrain-backbone`"
+        )
     norm_layer = _norm_layer(norm, pretrained=weights is not None)
 
     if name == "tiny":
-        if weights is not None:
-            raise ConfigError("the tiny backbone has no pretrained weights; use weights=None")
         net = TinyBackbone(norm=norm_layer, fpn=bool(fpn), out_channels=out_channels)
+        if weights is not None:
+            load_tiny_weights(net, weights)
         if trainable_layers < 4:
             _freeze(net, ["fpn"] + ["stage4", "stage3", "stage2", "stage1"][:trainable_layers])
         return net

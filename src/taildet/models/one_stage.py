@@ -200,15 +200,22 @@ def _resolve_loss(loss: str | ClassificationLoss, num_classes: int, loss_kwargs:
 
 
 def _resolve_backbone(
-    backbone: str | nn.Module, backbone_weights: Any, norm: str, backbone_kwargs: dict | None
+    backbone: str | nn.Module, backbone_weights: Any, norm: str, backbone_kwargs: dict | None,
+    trainable_backbone_layers: int | None = None,
 ) -> nn.Module:
     if isinstance(backbone, str):
         from taildet.models.backbones import build_backbone
 
-        return build_backbone(backbone, norm=norm, weights=backbone_weights, **(backbone_kwargs or {}))
+        kwargs = dict(backbone_kwargs or {})
+        if trainable_backbone_layers is not None:
+            if "trainable_layers" in kwargs:
+                raise ConfigError("set trainable_backbone_layers or backbone_kwargs.trainable_layers, not both")
+            kwargs["trainable_layers"] = trainable_backbone_layers
+        return build_backbone(backbone, norm=norm, weights=backbone_weights, **kwargs)
     if isinstance(backbone, nn.Module):
-        if backbone_weights is not None or backbone_kwargs:
-            raise ConfigError("backbone_weights/backbone_kwargs apply only when backbone is given by name")
+        if backbone_weights is not None or backbone_kwargs or trainable_backbone_layers is not None:
+            raise ConfigError("backbone_weights/backbone_kwargs/trainable_backbone_layers apply only when "
+                              "backbone is given by name")
         if not isinstance(getattr(backbone, "out_channels", None), int):
             raise ConfigError(f"backbone {type(backbone).__name__} needs an integer attribute out_channels")
         return backbone
@@ -601,6 +608,7 @@ def build_retinanet(
     backbone: str | nn.Module = "tiny",
     backbone_weights: Any = None,
     backbone_kwargs: dict | None = None,
+    trainable_backbone_layers: int | None = None,
     norm: str = "bn",
     loss: str | ClassificationLoss = "sigmoid_focal",
     loss_kwargs: dict | None = None,
@@ -624,6 +632,8 @@ def build_retinanet(
     Args:
         backbone: a name for :func:`taildet.models.backbones.build_backbone` (with ``norm``,
             ``backbone_weights`` and ``backbone_kwargs``) or a module with ``out_channels``.
+        trainable_backbone_layers: stages of a named backbone that train, counted from the last
+            (as the two-stage builders' key; ``backbone_kwargs.trainable_layers`` says the same).
         loss: a loss name for :func:`taildet.losses.build_loss` (with ``loss_kwargs``) or a
             one-stage loss object.
         min_size, max_size: torchvision's resize; ``min_size = max_size = S`` leaves ``S x S``
@@ -635,7 +645,7 @@ def build_retinanet(
         Others: as torchvision's ``RetinaNet``.
     """
     cls_loss = _resolve_loss(loss, num_classes, loss_kwargs)
-    net = _resolve_backbone(backbone, backbone_weights, norm, backbone_kwargs)
+    net = _resolve_backbone(backbone, backbone_weights, norm, backbone_kwargs, trainable_backbone_layers)
     generator = _anchor_generator(net, anchor_sizes, aspect_ratios, "retinanet")
     if not 0.0 <= bg_iou_thresh <= fg_iou_thresh <= 1.0:
         raise ConfigError(f"need 0 <= bg_iou_thresh <= fg_iou_thresh <= 1, got {bg_iou_thresh}, {fg_iou_thresh}")
@@ -653,6 +663,7 @@ def build_fcos(
     backbone: str | nn.Module = "tiny",
     backbone_weights: Any = None,
     backbone_kwargs: dict | None = None,
+    trainable_backbone_layers: int | None = None,
     norm: str = "bn",
     loss: str | ClassificationLoss = "sigmoid_focal",
     loss_kwargs: dict | None = None,
@@ -678,7 +689,7 @@ def build_fcos(
     ``nms_thresh`` 0.6 as torchvision's FCOS.
     """
     cls_loss = _resolve_loss(loss, num_classes, loss_kwargs)
-    net = _resolve_backbone(backbone, backbone_weights, norm, backbone_kwargs)
+    net = _resolve_backbone(backbone, backbone_weights, norm, backbone_kwargs, trainable_backbone_layers)
     generator = _anchor_generator(net, anchor_sizes, (1.0,), "fcos")
     if generator.num_anchors_per_location()[0] != 1:
         raise ConfigError("FCOS needs exactly one anchor size per level")
