@@ -1,0 +1,106 @@
+"""Glue: values handed from one component to the next arrive and change the outcome.
+
+Each test here guards one hand-off (engine -> model -> loss -> calibration -> evaluation) that a
+plausible one-line bug could break while every unit test of the two sides still passes: the
+value is checked where it is used, and the test shows that it changes what comes out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from taildet.config import apply_overrides, load_config
+from taildet.models import build_faster_rcnn
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+REPO = Path(__file__).resolve().parents[1]
+C = 5
+SMALL = dict(min_size=96, max_size=96, representation_size=64, box_batch_size_per_image=64,
+             rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=150, rpn_pre_nms_top_n_test=300,
+             rpn_post_nms_top_n_test=150)
+#: non-uniform EBL mean scores [C + 1] (background last): the update order shows in the loss
+S0 = [0.6, 0.02, 0.3, 0.001, 0.15, 0.01]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # the test machine is shared
+    yield
+    torch.set_num_threads(n)
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 96, 96, generator=g) for _ in range(2)]
+    targets = [
+        {"boxes": torch.tensor([[10.0, 12.0, 40.0, 44.0], [50.0, 20.0, 90.0, 70.0]]), "labels": torch.tensor([0, 3])},
+        {"boxes": torch.tensor([[5.0, 5.0, 30.0, 60.0], [40.0, 40.0, 80.0, 90.0]]), "labels": torch.tensor([4, 1])},
+    ]
+    return images, targets
+
+
+# ----------------------------------------------------------------------------- model -> loss: EBL
+
+
+def _spy_loss_calls(loss):
+    """Record ``mean_score`` each time the loss value is computed."""
+    seen = []
+    forward = loss.forward
+
+    def spy(*args, **kwargs):
+        seen.append(loss.mean_score.clone())
+        return forward(*args, **kwargs)
+
+    loss.forward = spy
+    return seen
+
+
+def test_ebl_mean_score_update_comes_before_the_loss_of_the_same_iteration():
+    """methods.md section 2: the update of s happens before the loss of the same iteration. From a
+    non-uniform s the loss of the iteration is CE(z + log s_new, y), not CE(z + log s_old, y)."""
+    torch.manual_seed(0)
+    model = build_faster_rcnn(C, loss="ebl", **SMALL)
+    loss = model.roi_heads.loss
+    loss.mean_score.copy_(torch.tensor(S0))
+    seen = _spy_loss_calls(loss)
+    images, targets = _data()
+    model.train()
+    value = model(images, targets)["loss_classifier"]
+    s_new = loss.mean_score.clone()
+    assert (s_new[[0, 1, 3, 4]] - torch.tensor(S0)[[0, 1, 3, 4]]).abs().min() > 1e-3  # GT classes moved
+    assert len(seen) == 1 and torch.equal(seen[0], s_new)  # the loss saw the updated s
+    # and its value is the EBL of this iteration's logits with the updated s, not the old one
+    sampled = model.roi_heads.last_sampled
+    logits, labels = sampled["logits"], sampled["labels"]
+    assert float(value.detach()) == pytest.approx(float(loss(logits, labels)), rel=1e-6, abs=1e-7)
+    loss.mean_score.copy_(torch.tensor(S0))
+    old = float(loss(logits, labels))
+    assert abs(old - float(value)) > 1e-3 * abs(old)
+
+
+def test_ebl_with_mfs_updates_mean_score_from_memory_before_the_loss():
+    """The MFS path (memory samples drawn, then the mean-score update, then the loss) in the same order."""
+    from taildet.engine.finetune import freeze_parameters
+    from taildet.sampling import MemoryAugmentedSampling, attach_mfs
+
+    torch.manual_seed(0)
+    model = build_faster_rcnn(C, loss="equilibrium", **SMALL)
+    freeze_parameters(model, [r"^backbone\.", r"^roi_heads\.box_head\."])
+    attach_mfs(model, MemoryAugmentedSampling.from_model(model, capacity=16, seed=0))
+    loss = model.roi_heads.loss
+    loss.mean_score.copy_(torch.tensor(S0))
+    seen = _spy_loss_calls(loss)
+    images, targets = _data()
+    model.train()
+    model(images, targets)
+    assert model.roi_heads.mfs.last_batch is not None and model.roi_heads.mfs.last_batch.labels.numel() > 0
+    s_new = loss.mean_score.clone()
+    assert (s_new[[0, 1, 3, 4]] - torch.tensor(S0)[[0, 1, 3, 4]]).abs().min() > 1e-3
+    assert len(seen) == 1 and torch.equal(seen[0], s_new)
