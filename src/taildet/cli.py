@@ -76,7 +76,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from taildet.evaluation import format_metrics_table
 
-    metrics = evaluate_checkpoint(_load_cfg(args), args.checkpoint, calibration=args.calibration)
+    metrics = evaluate_checkpoint(_load_cfg(args), args.checkpoint, calibration=args.calibration,
+                                  out_dir=args.output_dir)
     name = Path(args.checkpoint).name
     rows = {f"{name} ({iou})": m for iou, m in metrics.items() if isinstance(m, dict)} or {name: metrics}
     print(format_metrics_table(rows))
@@ -167,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("config", help="YAML config the checkpoint was trained with")
     ev.add_argument("checkpoint", help="checkpoint (.pth)")
     ev.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
-    ev.add_argument("--output-dir", help="where results and metrics are written")
+    ev.add_argument("--output-dir", help="where results and metrics are written (default: the checkpoint's "
+                                          "directory; with --calibration its eval_calibrated/ subdirectory)")
     ev.add_argument("--calibration", help="logit statistics file from `taildet calibrate` (LogN)")
     ev.set_defaults(func=_cmd_eval)
 
