@@ -109,19 +109,21 @@ def test_ebl_with_mfs_updates_mean_score_from_memory_before_the_loss():
 # ----------------------------------------------------------------------------- CLI -> calibration -> evaluation
 
 
+#: ``--opts`` of the tiny runs: the embedded dataset at 5 % scale, CPU
+TINY = ["data.synthetic.scale=0.05", "data.batch_size=2", "train.device=cpu", "eval.max_dets=100"]
+#: smaller two-stage heads (the presets' options of the R-CNNs)
+TINY_RCNN = ["model.box_batch_size_per_image=32", "model.representation_size=64"]
+
+
+def _opts(root: Path, preset: str = "demo_faster_tiny_ce.yaml", extra=()) -> list[str]:
+    """Overrides of a tiny run of ``preset`` under ``root`` (as ``taildet ... --opts`` takes them)."""
+    rcnn = TINY_RCNN if "faster" in preset or "mask" in preset else []
+    return [f"data.root={root / 'data'}", *TINY, *rcnn, *extra]
+
+
 def _tiny_cfg(root: Path, name: str, preset: str = "demo_faster_tiny_ce.yaml", extra=()):
     cfg = load_config(REPO / "configs" / preset)
-    return apply_overrides(cfg, [f"output_dir={root / name}", f"data.root={root / 'data'}",
-                                 "data.synthetic.scale=0.05", "data.batch_size=2", "train.device=cpu",
-                                 "eval.max_dets=100", "model.box_batch_size_per_image=32",
-                                 "model.representation_size=64", *extra])
-
-
-def _opts(cfg) -> list[str]:
-    """The same config as ``taildet ... --opts`` (the CLI loads the preset and applies them)."""
-    return ["--opts", f"data.root={cfg.data.root}", "data.synthetic.scale=0.05", "data.batch_size=2",
-            "train.device=cpu", "eval.max_dets=100", "model.box_batch_size_per_image=32",
-            "model.representation_size=64"]
+    return apply_overrides(cfg, [f"output_dir={root / name}", *_opts(root, preset, extra)])
 
 
 def _untrained_checkpoint(cfg, path: Path) -> Path:
@@ -171,8 +173,9 @@ def test_cli_eval_calibration_file_changes_the_detections(tiny_ckpt):
     stats = _boost_one_class_file(root / "boost.json", list(val.class_names), k)
     preset = str(REPO / "configs" / "demo_faster_tiny_ce.yaml")
     raw_dir, cal_dir = root / "eval_raw", root / "eval_cal"
-    assert main(["eval", preset, str(ckpt), *_opts(cfg), "--output-dir", str(raw_dir)]) == 0
-    assert main(["eval", preset, str(ckpt), "--calibration", str(stats), *_opts(cfg),
+    opts = ["--opts", *_opts(root)]
+    assert main(["eval", preset, str(ckpt), *opts, "--output-dir", str(raw_dir)]) == 0
+    assert main(["eval", preset, str(ckpt), "--calibration", str(stats), *opts,
                  "--output-dir", str(cal_dir)]) == 0
     raw = json.loads((raw_dir / "results_bbox.json").read_text())
     cal = json.loads((cal_dir / "results_bbox.json").read_text())
@@ -187,3 +190,46 @@ def test_cli_eval_calibration_file_changes_the_detections(tiny_ckpt):
     m_raw = json.loads((raw_dir / "metrics.json").read_text())["bbox"]
     m_cal = json.loads((cal_dir / "metrics.json").read_text())["bbox"]
     assert m_raw["num_results"] == len(raw) and m_cal["num_results"] == len(cal)
+
+
+def _logn_of(norm, z: torch.Tensor, beta: float) -> torch.Tensor:
+    """The formula without a background column: ``(z - mu + beta) / sqrt(var + eps)``."""
+    mu, var = norm.mean.to(z.dtype), norm.variance.to(z.dtype)
+    return (z - mu + beta) / torch.sqrt(var + norm.eps)
+
+
+@pytest.mark.parametrize("preset, loss, stage", [
+    ("demo_faster_tiny_ce.yaml", "sigmoid_bce", "roi_heads"),       # sigmoid RoI head
+    ("demo_retinanet_tiny_focal.yaml", "sigmoid_focal", "head"),    # one-stage head
+])
+def test_calibrate_default_beta_of_sigmoid_heads_is_min_fg(tiny_ckpt, tmp_path, preset, loss, stage):
+    """Heads without a background column get beta = min foreground mean by default (the module
+    docstring of taildet.calibration.logit_norm: without it every class's average logit would
+    become score 0.5); ``--beta`` and ``--mode`` given to ``taildet calibrate`` reach the file."""
+    from taildet.calibration import LogitNormalizer
+    from taildet.cli import main
+
+    root, _, _ = tiny_ckpt
+    cfg = _tiny_cfg(root, f"run_{loss}", preset, [f"model.loss={loss}"])
+    ckpt = _untrained_checkpoint(cfg, tmp_path / "model.pth")
+    opts = ["--opts", *_opts(root, preset, [f"model.loss={loss}"])]
+    path = tmp_path / "stats.json"
+    assert main(["calibrate", str(REPO / "configs" / preset), str(ckpt), "--out", str(path),
+                 "--max-batches", "2", *opts]) == 0
+    doc = json.loads(path.read_text())
+    assert doc["stages"][stage]["beta"] == "min_fg" and doc["stages"][stage]["background"] is False
+    norm = LogitNormalizer.load(path)
+    assert norm.num_outputs == norm.num_classes == 48
+    z = torch.randn(7, 48, dtype=torch.float64)
+    min_mu = float(norm.mean.min())
+    assert min_mu < -1.0  # a sigmoid head's bias prior: the shift matters
+    torch.testing.assert_close(norm(z), _logn_of(norm, z, min_mu), rtol=1e-6, atol=1e-6)
+    # explicit choices given on the command line arrive in the file and in the transform
+    for args, beta, mode in ((["--beta", "none"], "none", "all"), (["--beta", "0.5"], 0.5, "all"),
+                             (["--mode", "std_only"], "min_fg", "std_only")):
+        assert main(["calibrate", str(REPO / "configs" / preset), str(ckpt), "--out", str(path),
+                     "--max-batches", "1", *args, *opts]) == 0
+        entry = json.loads(path.read_text())["stages"][stage]
+        assert (entry["beta"], entry["mode"]) == (beta, mode)
+    norm = LogitNormalizer.load(path)
+    torch.testing.assert_close(norm(z), z / torch.sqrt(norm.variance + norm.eps), rtol=1e-6, atol=1e-6)
