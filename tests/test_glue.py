@@ -7,6 +7,7 @@ value is checked where it is used, and the test shows that it changes what comes
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from pathlib import Path
@@ -233,3 +234,49 @@ def test_calibrate_default_beta_of_sigmoid_heads_is_min_fg(tiny_ckpt, tmp_path, 
         assert (entry["beta"], entry["mode"]) == (beta, mode)
     norm = LogitNormalizer.load(path)
     torch.testing.assert_close(norm(z), z / torch.sqrt(norm.variance + norm.eps), rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- engine -> loss: AMP scale
+
+
+def _train_capture(cfg, **kw):
+    """``train(cfg)`` without evaluation; returns (result, the trained model)."""
+    from taildet.engine import train
+
+    seen = {}
+    out = train(cfg, progress=False, evaluate=False, hooks=[lambda it, state: seen.update(model=state["model"])],
+                **kw)
+    return out, seen["model"]
+
+
+def test_trainer_passes_the_grad_scaler_scale_to_efl(tiny_ckpt, monkeypatch):
+    """Under AMP the backward sees gradients multiplied by GradScaler's scale; EFL accumulates the
+    TRUE gradient only if the trainer hands it the scale (set_grad_scale) before each backward.
+    CPU autocast (bfloat16) with a CPU GradScaler at scale 2^12 runs the trainer's AMP branch:
+    EFL's gradient statistics must match the fp32 run's (up to bfloat16 rounding), not be 4096x."""
+    from taildet.losses import EqualizedFocalLoss
+
+    engine_train = importlib.import_module("taildet.engine.train")  # the module (taildet.engine.train is the function)
+
+    root, _, _ = tiny_ckpt
+    opts = ["train.iterations=2", "train.warmup_iters=1", "data.sampler=random", "train.checkpoint_period=100"]
+    stats = {}
+    scalers = []
+
+    def cpu_amp(tcfg, device):
+        scalers.append(torch.amp.GradScaler("cpu", init_scale=2.0 ** 12))
+        return True, scalers[-1]
+
+    for amp in (False, True):
+        if amp:
+            monkeypatch.setattr(engine_train, "amp_setup", cpu_amp)
+        cfg = _tiny_cfg(root, f"efl_amp{int(amp)}", "demo_retinanet_tiny_efl.yaml", opts)
+        _, model = _train_capture(cfg)
+        loss = model.cls_loss
+        assert isinstance(loss, EqualizedFocalLoss)
+        stats[amp] = (loss.pos_grad.clone(), loss.neg_grad.clone(), float(loss.grad_scale))
+    (pos0, neg0, scale0), (pos1, neg1, scale1) = stats[False], stats[True]
+    assert scale0 == 1.0 and scale1 == float(scalers[0].get_scale()) == 2.0 ** 12
+    assert float(pos0.sum()) > 0 and float(neg0.sum()) > 0
+    torch.testing.assert_close(pos1.sum(), pos0.sum(), rtol=0.1, atol=0.0)
+    torch.testing.assert_close(neg1.sum(), neg0.sum(), rtol=0.1, atol=0.0)
