@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
 
 from taildet.config import apply_overrides, load_config
@@ -280,3 +281,47 @@ def test_trainer_passes_the_grad_scaler_scale_to_efl(tiny_ckpt, monkeypatch):
     assert float(pos0.sum()) > 0 and float(neg0.sum()) > 0
     torch.testing.assert_close(pos1.sum(), pos0.sum(), rtol=0.1, atol=0.0)
     torch.testing.assert_close(neg1.sum(), neg0.sum(), rtol=0.1, atol=0.0)
+
+
+# ----------------------------------------------------------------------------- config -> engine -> sampler / model
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """``run_training`` replaced by a recorder: what train / finetune hand to the loop, no training."""
+    engine_train = importlib.import_module("taildet.engine.train")
+    seen = {}
+
+    def record(model, train_set, tcfg, run_dir, **kw):
+        seen.update(model=model, train_set=train_set, tcfg=tcfg, run_dir=run_dir, **kw)
+        return os.path.join(run_dir, "model_final.pth")
+
+    monkeypatch.setattr(engine_train, "run_training", record)
+    return seen
+
+
+def test_rfs_threshold_auto_from_the_config_repeats_images(tiny_ckpt, no_training):
+    """``data.rfs_threshold: auto`` (the RFS demo preset) reaches the sampler as t = 100 / N: images
+    of classes seen in fewer than ~100 images repeat. LVIS's t = 0.001 would repeat nothing on the
+    embedded set (every class is in more than 0.1 % of its images)."""
+    from taildet.data.samplers import RepeatFactorSampler
+    from taildet.engine import train
+
+    root, _, _ = tiny_ckpt
+    cfg = _tiny_cfg(root, "rfs", "demo_faster_tiny_ce_rfs.yaml")
+    assert cfg.data.rfs_threshold == "auto"
+    train(cfg, progress=False, evaluate=False)
+    sampler, n = no_training["sampler"], len(no_training["train_set"])
+    assert isinstance(sampler, RepeatFactorSampler)
+    assert sampler.threshold == pytest.approx(100.0 / n)
+    counts = np.asarray(no_training["train_set"].image_counts, dtype=np.float64)
+    f = counts[counts > 0] / n
+    np.testing.assert_allclose(sampler.category_repeat_factors[counts > 0], np.maximum(1.0, np.sqrt((100.0 / n) / f)))
+    assert sampler.expected_num_samples > 1.5 * n  # images do repeat
+    # the rarest class's images repeat most
+    rarest = int(np.argmin(np.where(counts > 0, counts, np.inf)))
+    assert sampler.category_repeat_factors[rarest] == sampler.category_repeat_factors.max() > 1.0
+    # the explicit LVIS value: no image repeats here
+    train(apply_overrides(cfg, ["data.rfs_threshold=0.001"]), progress=False, evaluate=False)
+    assert no_training["sampler"].threshold == 0.001
+    assert no_training["sampler"].expected_num_samples == n
