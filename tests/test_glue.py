@@ -325,3 +325,87 @@ def test_rfs_threshold_auto_from_the_config_repeats_images(tiny_ckpt, no_trainin
     train(apply_overrides(cfg, ["data.rfs_threshold=0.001"]), progress=False, evaluate=False)
     assert no_training["sampler"].threshold == 0.001
     assert no_training["sampler"].expected_num_samples == n
+
+
+def _finetune(root: Path, ckpt: Path, preset: str, extra=()):
+    from taildet.engine.finetune import finetune
+
+    cfg = _tiny_cfg(root, Path(preset).stem, preset, extra)
+    finetune(cfg, str(ckpt), progress=False, evaluate=False)
+    return cfg
+
+
+def _trainable(model) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_finetune_crt_hands_freeze_sampler_loss_and_schedule_to_the_loop(tiny_ckpt, no_training):
+    """cRT preset: only the classifier trains, re-initialised; class-balanced sampling; the
+    finetune.train schedule (not train:'s) reaches the loop; everything else keeps stage 1."""
+    from taildet.data.samplers import ClassBalancedSampler
+    from taildet.engine import load_checkpoint
+    from taildet.losses import SoftmaxCrossEntropyLoss
+
+    root, _, ckpt = tiny_ckpt
+    cfg = _finetune(root, ckpt, "demo_faster_tiny_crt_ft.yaml")
+    model, tcfg = no_training["model"], no_training["tcfg"]
+    assert _trainable(model) == {"roi_heads.box_predictor.cls_score.weight", "roi_heads.box_predictor.cls_score.bias"}
+    assert isinstance(no_training["sampler"], ClassBalancedSampler)
+    assert isinstance(model.roi_heads.loss, SoftmaxCrossEntropyLoss)
+    assert (tcfg.iterations, tcfg.lr, tcfg.warmup_iters, tcfg.schedule, list(tcfg.steps)) == \
+        (400, 0.01, 50, "step", [0.5, 0.833])
+    assert (cfg.train.iterations, cfg.train.lr) == (1500, 0.02)  # stage 1's, not used here
+    stage1 = load_checkpoint(ckpt)["model"]
+    state = model.state_dict()
+    w = state["roi_heads.box_predictor.cls_score.weight"]
+    assert not torch.equal(w, stage1["roi_heads.box_predictor.cls_score.weight"])  # reset
+    assert float(w.std()) == pytest.approx(0.01, rel=0.1)
+    for key in ("roi_heads.box_predictor.bbox_pred.weight", "roi_heads.box_head.fc6.weight"):
+        assert torch.equal(state[key], stage1[key]), key
+
+
+def test_finetune_balanced_sigmoid_gets_the_training_set_frequencies_and_rfs(tiny_ckpt, no_training):
+    """Balanced Sigmoid preset: the loss gets f_c = image count / N of the training set, the
+    classifier is rebuilt with C outputs and the prior bias, and finetune.sampler rfs gets the
+    auto threshold."""
+    from taildet.data.samplers import RepeatFactorSampler
+    from taildet.losses import BalancedSigmoidLoss
+
+    root, _, ckpt = tiny_ckpt
+    _finetune(root, ckpt, "demo_faster_tiny_bsigmoid_ft.yaml")
+    model, train_set = no_training["model"], no_training["train_set"]
+    loss = model.roi_heads.loss
+    assert isinstance(loss, BalancedSigmoidLoss)
+    n = len(train_set)
+    expected = torch.tensor(train_set.image_counts, dtype=torch.float64) / n
+    torch.testing.assert_close(loss.image_frequency.double(), expected.clamp(min=loss.image_frequency.min().item()))
+    cls = model.roi_heads.box_predictor.cls_score
+    assert cls.out_features == train_set.num_classes
+    torch.testing.assert_close(cls.bias, torch.full_like(cls.bias, -np.log((1 - 0.001) / 0.001)))
+    sampler = no_training["sampler"]
+    assert isinstance(sampler, RepeatFactorSampler) and sampler.threshold == pytest.approx(100.0 / n)
+    assert no_training["tcfg"].iterations == 1200 and no_training["tcfg"].lr == 0.02
+
+
+def test_finetune_loce_hands_loss_kwargs_and_mfs_options_to_the_model(tiny_ckpt, no_training):
+    """LOCE preset with changed finetune.loss_kwargs and finetune.mfs options: each value arrives
+    in the Equilibrium Loss and the memory sampler; LOCE's freeze list holds; the memory is pre-filled."""
+    from taildet.losses import EquilibriumLoss
+
+    root, _, ckpt = tiny_ckpt
+    _finetune(root, ckpt, "demo_faster_tiny_loce_ft.yaml", [
+        "finetune.loss_kwargs={alpha: 0.8, bg_score: 0.02, init_score: 0.05}", "finetune.mfs.capacity=24",
+        "finetune.mfs.classes_per_iter=3", "finetune.mfs.samples_per_class=2", "finetune.mfs.boxes_per_gt=8",
+        "finetune.mfs.jitter=0.1", "finetune.mfs.dtype=float32", "finetune.mfs.prefill_images_per_class=1"])
+    model = no_training["model"]
+    loss = model.roi_heads.loss
+    assert isinstance(loss, EquilibriumLoss)
+    assert (loss.alpha, loss.bg_score) == (0.8, 0.02)
+    assert float(loss.mean_score[-1]) == pytest.approx(0.02)  # the pre-fill's update reset s_C to bg_score
+    mfs = model.roi_heads.mfs
+    assert (mfs.capacity, mfs.sampler.k, mfs.sampler.m, mfs.boxes_per_gt, mfs.jitter) == (24, 3, 2, 8, 0.1)
+    assert mfs.memory.dtype == torch.float32 and mfs.sampler.prior == "mean_score"
+    assert 0 < int(mfs.memory.count.sum()) and int(mfs.memory.count.max()) <= 24  # pre-filled
+    trainable = _trainable(model)
+    assert trainable and not any(n.startswith(("backbone.", "roi_heads.box_head.")) for n in trainable)
+    assert "roi_heads.box_predictor.cls_score.weight" in trainable and "rpn.head.conv.0.0.weight" in trainable
