@@ -409,3 +409,47 @@ def test_finetune_loce_hands_loss_kwargs_and_mfs_options_to_the_model(tiny_ckpt,
     trainable = _trainable(model)
     assert trainable and not any(n.startswith(("backbone.", "roi_heads.box_head.")) for n in trainable)
     assert "roi_heads.box_predictor.cls_score.weight" in trainable and "rpn.head.conv.0.0.weight" in trainable
+
+
+def _check_seesaw(model, train_set):
+    loss = model.roi_heads.loss
+    assert (type(loss).__name__, loss.p, loss.q, loss.eps) == ("SeesawLoss", 0.6, 1.5, 0.02)
+
+
+def _check_eql(model, train_set):
+    loss = model.roi_heads.loss
+    assert (type(loss).__name__, loss.lambda_) == ("EQLLoss", 0.05)
+    n = len(train_set)
+    torch.testing.assert_close(loss.image_frequency.double(),
+                               torch.tensor(train_set.image_counts, dtype=torch.float64) / n)
+
+
+def _check_atss_prior(model, train_set):
+    bias = model.head.cls_logits.bias
+    torch.testing.assert_close(bias, torch.full_like(bias, -float(np.log((1 - 0.02) / 0.02))))
+
+
+def _check_rcnn_options(model, train_set):
+    rh = model.roi_heads
+    assert rh.fg_bg_sampler.batch_size_per_image == 48 and rh.fg_bg_sampler.positive_fraction == 0.5
+    assert rh.box_predictor.cls_score.in_features == 40 and rh.detections_per_img == 77
+    assert model.rpn._pre_nms_top_n["training"] == 123 and model.rpn._post_nms_top_n["training"] == 61
+
+
+@pytest.mark.parametrize("preset, extra, check", [
+    ("demo_faster_tiny_seesaw.yaml", ["model.loss_kwargs={p: 0.6, q: 1.5, eps: 0.02}"], _check_seesaw),
+    ("demo_faster_tiny_eql.yaml", ["model.loss_kwargs={lambda_: 0.05}"], _check_eql),
+    ("demo_atss_tiny_focal.yaml", ["model.loss_kwargs={prior: 0.02}"], _check_atss_prior),
+    ("demo_faster_tiny_ce.yaml", ["model.box_batch_size_per_image=48", "model.box_positive_fraction=0.5",
+                                  "model.representation_size=40", "model.box_detections_per_img=77",
+                                  "model.rpn_pre_nms_top_n_train=123", "model.rpn_post_nms_top_n_train=61"],
+     _check_rcnn_options),
+], ids=["seesaw", "eql", "atss_prior", "rcnn_options"])
+def test_model_config_keys_and_loss_kwargs_reach_the_model(tiny_ckpt, no_training, preset, extra, check):
+    """``model:`` keys and ``model.loss_kwargs`` given in a config (non-default values) arrive in
+    the model ``train`` builds; losses built from training-set statistics get this training set's."""
+    from taildet.engine import train
+
+    root, _, _ = tiny_ckpt
+    train(_tiny_cfg(root, "opts", preset, extra), progress=False, evaluate=False)
+    check(no_training["model"], no_training["train_set"])
