@@ -453,3 +453,38 @@ def test_model_config_keys_and_loss_kwargs_reach_the_model(tiny_ckpt, no_trainin
     root, _, _ = tiny_ckpt
     train(_tiny_cfg(root, "opts", preset, extra), progress=False, evaluate=False)
     check(no_training["model"], no_training["train_set"])
+
+
+# ----------------------------------------------------------------------------- calibration -> compare rows
+
+
+def _scores(path: Path) -> list[tuple]:
+    return [(r["image_id"], r["category_id"], round(r["score"], 6)) for r in json.loads(path.read_text())]
+
+
+def test_compare_posthoc_rows_evaluate_the_calibrated_model(tiny_ckpt):
+    """The compare table's LogN / LogA rows are the stage-1 checkpoint WITH the post-hoc method:
+    their detections differ from the raw model's; the LogN row's equal ``taildet eval
+    --calibration`` with its statistics file; a row's ``posthoc_kwargs`` (mode) reach that file."""
+    from taildet.cli import main
+    from taildet.compare import RECIPES, _run_posthoc
+    from taildet.engine import evaluate_checkpoint
+
+    root, cfg, ckpt = tiny_ckpt
+    preset = REPO / "configs" / "demo_faster_tiny_ce.yaml"
+    opts = _opts(root) + [f"output_dir={root / 'run'}"]
+    evaluate_checkpoint(cfg, str(ckpt), progress=False, out_dir=str(root / "cmp_raw"))
+    raw = _scores(root / "cmp_raw" / "results_bbox.json")
+    rows = {}
+    for name in ("faster_ce+logn", "faster_ce+logn_nobeta", "faster_ce+loga"):
+        _run_posthoc(name, RECIPES[name], preset, opts, str(ckpt), root / "cmp" / name)
+        rows[name] = _scores(root / "cmp" / name / "results_bbox.json")
+        assert rows[name] != raw, name
+    assert rows["faster_ce+logn"] != rows["faster_ce+logn_nobeta"]
+    modes = {n: json.loads((root / "cmp" / n / "logit_stats.json").read_text())["stages"]["roi_heads"]["mode"]
+             for n in ("faster_ce+logn", "faster_ce+logn_nobeta")}
+    assert modes == {"faster_ce+logn": "all", "faster_ce+logn_nobeta": "no_beta"}
+    stats = root / "cmp" / "faster_ce+logn" / "logit_stats.json"
+    assert main(["eval", str(preset), str(ckpt), "--calibration", str(stats), "--opts", *_opts(root),
+                 "--output-dir", str(root / "cmp_cli")]) == 0
+    assert _scores(root / "cmp_cli" / "results_bbox.json") == rows["faster_ce+logn"]
