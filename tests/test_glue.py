@@ -488,3 +488,29 @@ def test_compare_posthoc_rows_evaluate_the_calibrated_model(tiny_ckpt):
     assert main(["eval", str(preset), str(ckpt), "--calibration", str(stats), "--opts", *_opts(root),
                  "--output-dir", str(root / "cmp_cli")]) == 0
     assert _scores(root / "cmp_cli" / "results_bbox.json") == rows["faster_ce+logn"]
+
+
+def test_eval_config_reaches_inference_and_evaluation(tiny_ckpt):
+    """``eval.max_dets``, ``eval.score_thresh``, ``eval.fixed`` and ``eval.fixed_dets_per_img`` of the
+    config decide what inference keeps and how it is scored (the untrained model proposes far
+    more than 100 detections per image)."""
+    from collections import Counter
+
+    from taildet.engine import evaluate_checkpoint
+
+    root, _, ckpt = tiny_ckpt
+
+    def run(name, extra):
+        cfg = _tiny_cfg(root, "run", extra=extra)
+        m = evaluate_checkpoint(cfg, str(ckpt), progress=False, out_dir=str(root / name))["bbox"]
+        res = json.loads((root / name / "results_bbox.json").read_text())
+        return m, res, max(Counter(r["image_id"] for r in res).values())
+
+    m, res, most = run("ev_cap", ["eval.max_dets=37"])
+    assert most == 37 and m["fixed"] is False and m["max_dets"] == 300
+    thresh = round(float(np.median([r["score"] for r in res])), 6)
+    m, res2, _ = run("ev_thresh", ["eval.max_dets=37", f"eval.score_thresh={thresh}"])
+    assert res2 and min(r["score"] for r in res2) >= thresh and len(res2) < len(res)
+    m, res, most = run("ev_fixed", ["eval.fixed=true", "eval.fixed_dets_per_img=450"])
+    assert m["fixed"] is True and m["max_dets"] is None
+    assert 300 < most <= 450  # neither eval.max_dets (100) nor the detector's 300 cap it
