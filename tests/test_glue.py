@@ -12,8 +12,8 @@ import json
 import os
 from pathlib import Path
 
-import pytest
 import numpy as np
+import pytest
 import torch
 
 from taildet.config import apply_overrides, load_config
