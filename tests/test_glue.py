@@ -424,6 +424,18 @@ def _check_eql(model, train_set):
                                torch.tensor(train_set.image_counts, dtype=torch.float64) / n)
 
 
+def _check_eqlv2(model, train_set):
+    loss = model.roi_heads.loss
+    assert (type(loss).__name__, loss.gamma, loss.mu, loss.alpha) == ("EQLv2Loss", 10.0, 0.7, 3.0)
+
+
+def _check_online_logn(model, train_set):
+    loss = model.roi_heads.loss
+    assert type(loss).__name__ == "OnlineLogNLoss" and type(loss.base).__name__ == "SigmoidBCELoss"
+    assert (loss.online.momentum, loss.online.beta) == (0.05, "mean_fg")
+    assert model.roi_heads.box_predictor.cls_score.out_features == train_set.num_classes  # sigmoid: C
+
+
 def _check_atss_prior(model, train_set):
     bias = model.head.cls_logits.bias
     torch.testing.assert_close(bias, torch.full_like(bias, -float(np.log((1 - 0.02) / 0.02))))
@@ -439,12 +451,15 @@ def _check_rcnn_options(model, train_set):
 @pytest.mark.parametrize("preset, extra, check", [
     ("demo_faster_tiny_seesaw.yaml", ["model.loss_kwargs={p: 0.6, q: 1.5, eps: 0.02}"], _check_seesaw),
     ("demo_faster_tiny_eql.yaml", ["model.loss_kwargs={lambda_: 0.05}"], _check_eql),
+    ("demo_faster_tiny_eqlv2.yaml", ["model.loss_kwargs={gamma: 10.0, mu: 0.7, alpha: 3.0}"], _check_eqlv2),
+    ("demo_faster_tiny_online_logn.yaml", ["model.loss_kwargs={base: sigmoid_bce, momentum: 0.05, beta: mean_fg}"],
+     _check_online_logn),
     ("demo_atss_tiny_focal.yaml", ["model.loss_kwargs={prior: 0.02}"], _check_atss_prior),
     ("demo_faster_tiny_ce.yaml", ["model.box_batch_size_per_image=48", "model.box_positive_fraction=0.5",
                                   "model.representation_size=40", "model.box_detections_per_img=77",
                                   "model.rpn_pre_nms_top_n_train=123", "model.rpn_post_nms_top_n_train=61"],
      _check_rcnn_options),
-], ids=["seesaw", "eql", "atss_prior", "rcnn_options"])
+], ids=["seesaw", "eql", "eqlv2", "online_logn", "atss_prior", "rcnn_options"])
 def test_model_config_keys_and_loss_kwargs_reach_the_model(tiny_ckpt, no_training, preset, extra, check):
     """``model:`` keys and ``model.loss_kwargs`` given in a config (non-default values) arrive in
     the model ``train`` builds; losses built from training-set statistics get this training set's."""
