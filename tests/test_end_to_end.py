@@ -180,8 +180,9 @@ def test_short_schedule_shows_the_long_tail_and_the_rfs_gain(short_demo):
 
     RFS made a no-op (``data.rfs_threshold`` 0.001 instead of auto: every repeat factor 1) trains
     exactly the CE run here (measured, seeds 0 and 1: identical numbers), so every RFS / CE ratio
-    is 1 and the three RFS assertions fail; without the long tail (equal training frequencies)
-    rare / frequent would be about 1 and the first one fails.
+    is 1 and the three RFS assertions fail (checked: the test fails so). Without the long tail
+    (equal training frequencies) rare / frequent would be expected near 1 (not measured), far
+    above the first assertion's 0.25.
     """
     ce, rfs = short_demo["ce"]["groups"], short_demo["rfs"]["groups"]
     seen = json.dumps({k: v["groups"] for k, v in short_demo.items()})
