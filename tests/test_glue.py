@@ -529,3 +529,45 @@ def test_eval_config_reaches_inference_and_evaluation(tiny_ckpt):
     m, res, most = run("ev_fixed", ["eval.fixed=true", "eval.fixed_dets_per_img=450"])
     assert m["fixed"] is True and m["max_dets"] is None
     assert 300 < most <= 450  # neither eval.max_dets (100) nor the detector's 300 cap it
+
+
+# ----------------------------------------------------------------------------- config -> the training loop
+
+
+def test_train_config_reaches_the_optimizer_and_the_gradient_clip(tiny_ckpt, monkeypatch):
+    """``train.lr / momentum / weight_decay / weight_decay_norm`` build the optimizer the loop steps,
+    and ``train.grad_clip`` bounds the first update: with a clip of 1e-6 (no momentum history, no
+    weight decay) no parameter moves by more than lr * 1e-6, where unclipped ones move by far more."""
+    from taildet.engine import train
+    from taildet.engine.train import build_model_from_cfg
+
+    engine_train = importlib.import_module("taildet.engine.train")
+    root, _, _ = tiny_ckpt
+    built = []
+
+    def spy(model, tcfg):
+        built.append(build_optimizer(model, tcfg))
+        return built[-1]
+
+    build_optimizer = engine_train.build_optimizer
+    monkeypatch.setattr(engine_train, "build_optimizer", spy)
+    base = ["train.iterations=1", "train.warmup_iters=0", "train.lr=0.05", "train.checkpoint_period=100",
+            "data.sampler=random"]
+    cfg = _tiny_cfg(root, "opt", extra=base + ["train.momentum=0.7", "train.weight_decay=0.003",
+                                                "train.weight_decay_norm=0.0"])
+    train(cfg, progress=False, evaluate=False)
+    groups = built[-1].param_groups
+    assert [(g["initial_lr"], g["momentum"], g["weight_decay"]) for g in groups] == [(0.05, 0.7, 0.003),
+                                                                                      (0.05, 0.7, 0.0)]
+
+    moved = {}
+    for clip in ("null", "1.0e-6"):
+        cfg = _tiny_cfg(root, f"clip{clip}", extra=base + ["train.weight_decay=0.0", f"train.grad_clip={clip}"])
+        torch.manual_seed(0)
+        ds = engine_train.build_datasets(cfg)[0]
+        model = build_model_from_cfg(cfg, ds.num_classes, train_dataset=ds)
+        before = [p.detach().clone() for p in model.parameters()]
+        train(cfg, progress=False, evaluate=False, model=model, train_dataset=ds)
+        moved[clip] = float(torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(model.parameters(), before))))
+    assert moved["1.0e-6"] <= 0.05 * 1e-6 * 1.01
+    assert moved["null"] > 1e-3
