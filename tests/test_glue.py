@@ -571,3 +571,25 @@ def test_train_config_reaches_the_optimizer_and_the_gradient_clip(tiny_ckpt, mon
         moved[clip] = float(torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(model.parameters(), before))))
     assert moved["1.0e-6"] <= 0.05 * 1e-6 * 1.01
     assert moved["null"] > 1e-3
+
+
+def test_data_config_reaches_the_transforms(tiny_ckpt):
+    """``data.flip_prob``, ``data.min_sizes`` and ``data.max_size`` decide what the training and
+    validation images and boxes look like (the embedded images are 96 px squares)."""
+    engine_train = importlib.import_module("taildet.engine.train")
+    root, _, _ = tiny_ckpt
+
+    def first(extra):
+        train_set, val_set, _ = engine_train.build_datasets(_tiny_cfg(root, "data", extra=extra))
+        torch.manual_seed(0)
+        return train_set[0], val_set[0]
+
+    (img0, t0), _ = first(["data.flip_prob=0.0"])
+    (img1, t1), _ = first(["data.flip_prob=1.0"])
+    w = img0.shape[-1]
+    assert w == 96 and torch.equal(img1, img0.flip(-1))
+    torch.testing.assert_close(t1["boxes"], torch.stack([w - t0["boxes"][:, 2], t0["boxes"][:, 1],
+                                                         w - t0["boxes"][:, 0], t0["boxes"][:, 3]], 1))
+    (img2, t2), (vimg2, _) = first(["data.flip_prob=0.0", "data.min_sizes=[48]", "data.max_size=64"])
+    assert tuple(img2.shape[-2:]) == (48, 48) and tuple(vimg2.shape[-2:]) == (48, 48)
+    torch.testing.assert_close(t2["boxes"], t0["boxes"] / 2)
