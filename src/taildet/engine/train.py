@@ -332,6 +332,16 @@ def _truncate_metrics(path: str, iteration: int) -> None:
     atomic_write_text("".join(keep), path)
 
 
+def amp_setup(tcfg, device: torch.device) -> tuple[bool, torch.amp.GradScaler]:
+    """``train.amp``: whether the training loop runs under autocast (CUDA only) and its GradScaler
+    (a disabled one without AMP). The loop tells losses that keep gradient statistics (EFL, EQFL)
+    the scaler's scale before each backward (:func:`taildet.losses.equalized_focal.set_grad_scale`)."""
+    use_amp = bool(tcfg.amp) and device.type == "cuda"
+    if tcfg.amp and not use_amp:
+        log.info("train.amp: ignored on %s (AMP is CUDA only)", device.type)
+    return use_amp, torch.amp.GradScaler("cuda", enabled=use_amp)
+
+
 def run_training(
     model: torch.nn.Module,
     train_set,
@@ -375,10 +385,7 @@ def run_training(
     scheduler = build_scheduler(optimizer, max_iter=max_iter, warmup_iters=tcfg.warmup_iters,
                                 warmup_factor=tcfg.warmup_factor, schedule=tcfg.schedule, steps=tcfg.steps,
                                 gamma=tcfg.gamma)
-    use_amp = bool(tcfg.amp) and device.type == "cuda"
-    if tcfg.amp and not use_amp:
-        log.info("train.amp: ignored on %s (AMP is CUDA only)", device.type)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    use_amp, scaler = amp_setup(tcfg, device)
 
     iteration, epoch, epoch_iter = 0, 0, 0
     ckpt_path = last_checkpoint(run_dir) if resume else None
