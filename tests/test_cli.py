@@ -248,3 +248,38 @@ def test_logn_ablation_rows_share_one_statistics_pass(tmp_path, monkeypatch):
                   progress=False, mode="mean_only")
     want = json.loads(Path(direct).read_text())
     assert got["stages"] == want["stages"]
+
+
+def test_compare_regime_reaches_every_run_and_one_out_holds_one_regime(tmp_path, monkeypatch):
+    """A regime's data (vocabulary) and overrides reach each training's options; an output folder
+    of one regime refuses another (``--reuse`` would mix them)."""
+    import taildet.compare as compare
+    from taildet.engine.pretrain import PRETRAINED_REGIME_OVERRIDES
+
+    seen = []
+
+    def fake_train(runs, jobs, progress):
+        out = {}
+        for key, kind, cfg_path, opts, ckpt in runs:
+            seen.append(opts)
+            out[key] = ({"AP": 0.1, "APr": 0.1, "APc": 0.1, "APf": 0.1, "AP50": 0.2, "per_class_AP": {}}, 0.0)
+        return out
+
+    monkeypatch.setattr(compare, "_train_recipes", fake_train)
+    import taildet.evaluation.report as report
+
+    monkeypatch.setattr(report, "per_class_table", lambda metrics, gt: [])
+    monkeypatch.setattr(report, "plot_per_class_ap", lambda rows, png, image_counts=None: png)
+    summary = run_compare(["faster_ce"], tmp_path / "cmp", progress=False, scale=0.05, regime="lvis150_pretrained")
+    assert summary["regime"] == "lvis150_pretrained"
+    (opts,) = seen
+    for o in PRETRAINED_REGIME_OVERRIDES + ("data.synthetic.vocabulary=lvis",):
+        assert o in opts
+    data_root = [o for o in opts if o.startswith("data.root=")][0]
+    assert data_root.endswith("synthetic_seed0_scale0.05_lvis")
+    assert json.loads((Path(data_root.split("=", 1)[1]) / "annotations" / "train.json").read_text())[
+        "categories"].__len__() == 150
+    with pytest.raises(ConfigError, match="regime 'lvis150_pretrained', not 'scratch'"):
+        run_compare(["faster_ce"], tmp_path / "cmp", progress=False, scale=0.05)
+    with pytest.raises(ConfigError, match="unknown regime"):
+        run_compare(["faster_ce"], tmp_path / "other", progress=False, regime="imagenet")

@@ -296,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training seeds (train.seed); statistics are over seeds (default: 0)")
     c.add_argument("--data-seeds", type=int, nargs="+", default=[0],
                    help="seeds of the embedded dataset, crossed with --seeds (default: 0)")
-    c.add_argument("--scale", type=float, default=1.0, help="embedded dataset size multiplier (default 1)")
+    c.add_argument("--scale", type=float, default=None,
+                   help="embedded dataset size multiplier (default: the regime's, 1 for scratch / pretrained)")
     c.add_argument("--jobs", type=int, default=None,
                    help="trainings run at once, one process each (default: one per CPU core)")
     c.add_argument("--reuse", action="store_true",
@@ -306,8 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--claims", nargs="?", const="", default=None, metavar="FILE",
                    help="evaluate the claims table (configs/evidence/claims.yaml, or FILE); without --recipes, "
                         "runs every recipe a claim names")
-    c.add_argument("--regime", default="embedded",
-                   help="name of the benchmark regime, recorded in the summary and matched by claims")
+    c.add_argument("--regime", default="scratch",
+                   help="benchmark regime (taildet.engine.pretrain.REGIMES): scratch (default), pretrained, "
+                        "lvis150, lvis150_pretrained; one regime per --out")
     c.add_argument("--opts", nargs="*", default=[],
                    help="dotted config overrides applied to every recipe (e.g. train.iterations=3000)")
     c.set_defaults(func=_cmd_compare)

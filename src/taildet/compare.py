@@ -507,9 +507,9 @@ def _reusable(run_dir: Path, kind: str) -> dict | None:
 
 def run_compare(recipes: Iterable[str] | None, out_dir: str | Path, seeds: Iterable[int] = (0,),
                 data_seeds: Iterable[int] = (0,), extra_opts: list[str] | None = None,
-                progress: bool = True, title: str = "taildet compare", scale: float = 1.0,
+                progress: bool = True, title: str = "taildet compare", scale: float | None = None,
                 jobs: int | None = None, reuse: bool = False, with_baselines: bool = False,
-                claims: str | Path | bool | None = None, regime: str = "embedded",
+                claims: str | Path | bool | None = None, regime: str = "scratch",
                 bootstrap_resamples: int | None = None) -> dict:
     """Run ``recipes`` x replicates on the embedded dataset; write ``summary.json`` + ``report.md``.
 
@@ -521,6 +521,12 @@ def run_compare(recipes: Iterable[str] | None, out_dir: str | Path, seeds: Itera
     the paired difference with its t interval and class-bootstrap interval and a verdict; and,
     when ``claims`` is given (``True`` for the built-in ``configs/evidence/claims.yaml``, or a path), each
     claim whose recipes ran.
+
+    ``regime``: a name in :data:`taildet.engine.pretrain.REGIMES` -- the embedded benchmark's
+    vocabulary, size and the overrides every run gets (``scratch``: random init, the demo;
+    ``pretrained``: the tiny backbone pretrained on balanced crops, first stages frozen; ``lvis150``
+    and ``lvis150_pretrained``: 150 classes with LVIS v1's r/c/f shares). ``scale`` overrides the
+    regime's size. An output directory holds one regime: reusing it under another is an error.
 
     ``jobs`` trainings run at once, each in its own process with ``torch`` limited to
     ``cpu_count // jobs`` threads (default: one job per core). Trainings of all replicates are
@@ -548,14 +554,21 @@ def run_compare(recipes: Iterable[str] | None, out_dir: str | Path, seeds: Itera
     claim_list = None
     if claims:
         claim_list = evidence.load_claims(None if claims is True else claims)
+    from taildet.engine.pretrain import REGIMES
+
+    if regime not in REGIMES:
+        raise ConfigError(f"compare: unknown regime {regime!r}: expected one of {', '.join(REGIMES)}")
+    reg = REGIMES[regime]
+    scale = float(reg.scale if scale is None else scale)
+    vocab = "" if reg.vocabulary == "default" else f"_{reg.vocabulary}"
     reps = [(d, s, replicate_name(d, s)) for d in data_seeds for s in seeds]
-    data: dict[int, dict] = {d: {"root": out.parent / "data" / f"synthetic_seed{d}_scale{scale:g}"}
+    data: dict[int, dict] = {d: {"root": out.parent / "data" / f"synthetic_seed{d}_scale{scale:g}{vocab}"}
                              for d in data_seeds}
 
     def run_opts(d: int, s: int, n: str) -> list[str]:
         return [f"data.root={data[d]['root']}", f"data.synthetic.seed={d}", f"data.synthetic.scale={scale}",
-                f"train.seed={s}"] + list(extra_opts or []) + list(specs[n].opts) + \
-            [f"output_dir={out / replicate_name(d, s) / n}"]
+                f"data.synthetic.vocabulary={reg.vocabulary}", f"train.seed={s}"] + list(reg.overrides) + \
+            list(extra_opts or []) + list(specs[n].opts) + [f"output_dir={out / replicate_name(d, s) / n}"]
 
     stage1 = [n for n in specs if specs[n].kind == "train"]
     stage2 = [n for n in specs if specs[n].kind == "finetune"]
@@ -576,11 +589,19 @@ def run_compare(recipes: Iterable[str] | None, out_dir: str | Path, seeds: Itera
     check_output_path(out, directory=True, what="compare output")
     check_not_inputs({f"compare output {f}": out / f for f in ("summary.json", "report.md", "long_tail.png")},
                      {f"recipe {n}": _config_path(specs[n]) for n in stage1 + stage2})
+    marker = out / "regime.txt"
+    if marker.exists() and marker.read_text().strip() != regime:
+        raise ConfigError(f"compare: {out} holds runs of regime {marker.read_text().strip()!r}, not {regime!r} "
+                          f"(--reuse would mix them): use another --out")
     out.mkdir(parents=True, exist_ok=True)
+    if not marker.exists():
+        from taildet.fileio import atomic_write_text
+
+        atomic_write_text(regime + "\n", marker)
 
     # the data of every data seed (deterministic, cached by make_dataset)
     for d in data_seeds:
-        info = make_dataset(data[d]["root"], seed=d, scale=scale, progress=progress)
+        info = make_dataset(data[d]["root"], seed=d, scale=scale, progress=progress, vocabulary=reg.vocabulary)
         data[d].update(train=Path(info["train_json"]), val=Path(info["val_json"]))
     stats = dataset_stats(data[data_seeds[0]]["train"])
     stats_text = format_stats(stats)
