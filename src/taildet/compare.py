@@ -676,7 +676,9 @@ def run_compare(recipes: Iterable[str] | None, out_dir: str | Path, seeds: Itera
 
     runs = {n: {rep: _run_row(f"{rep}/{n}", done) for _, _, rep in reps} for n in names}
     for n in names:  # LogN rows: the background-argmax diagnostic their statistics pass measured
-        if specs[n].kind == "posthoc" and specs[n].posthoc == "logn":
+        # (measured with the default transform: rows that change mode / beta would misreport it)
+        if specs[n].kind == "posthoc" and specs[n].posthoc == "logn" and \
+                not any(k in _LOGN_TRANSFORM_ONLY for k, _ in specs[n].posthoc_kwargs):
             for _, _, rep in reps:
                 diag = _argmax_diagnostic(out / rep / n / "logit_stats.json")
                 if diag:
