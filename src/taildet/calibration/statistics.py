@@ -189,6 +189,26 @@ def _new_normalizer(model: nn.Module, kind: str, class_names: list[str] | None, 
     return norm
 
 
+def _progress_bar(data_loader: Any, max_batches: int | None, progress: bool, desc: str):
+    """A tqdm bar over the batches a pass will take (on rank 0 only, when ``progress`` and there
+    is at least one batch), or None."""
+    total = None
+    try:
+        total = len(data_loader)  # type: ignore[arg-type]
+    except TypeError:
+        pass
+    if max_batches is not None:
+        total = max_batches if total is None else min(total, max_batches)
+    rank0 = not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
+        torch.distributed.get_rank() == 0
+    )
+    if not (progress and rank0) or total == 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True)
+
+
 def collect_logit_statistics(
     model: nn.Module,
     data_loader: Iterable,
@@ -234,21 +254,7 @@ def collect_logit_statistics(
         raise ValueError(f"normalizer given: unexpected arguments {sorted(normalizer_kwargs)}")
     normalizer.to(device)
 
-    total = None
-    try:
-        total = len(data_loader)  # type: ignore[arg-type]
-    except TypeError:
-        pass
-    if max_batches is not None:
-        total = max_batches if total is None else min(total, max_batches)
-    bar = None
-    rank0 = not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
-        torch.distributed.get_rank() == 0
-    )
-    if progress and rank0:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, desc="LogN statistics", unit="batch", dynamic_ncols=True)
+    bar = _progress_bar(data_loader, max_batches, progress, "LogN statistics")
 
     owner = None
     restore: dict[str, Any] = {}
@@ -368,21 +374,7 @@ def collect_running_statistics(
         raise ConfigError(f"the logits' BatchNorm has {bn.num_features} columns, the classifier {normalizer.num_outputs}")
     normalizer.to(device)
 
-    total = None
-    try:
-        total = len(data_loader)  # type: ignore[arg-type]
-    except TypeError:
-        pass
-    if max_batches is not None:
-        total = max_batches if total is None else min(total, max_batches)
-    bar = None
-    rank0 = not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
-        torch.distributed.get_rank() == 0
-    )
-    if progress and rank0 and total != 0:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, desc="LogN running statistics", unit="batch", dynamic_ncols=True)
+    bar = _progress_bar(data_loader, max_batches, progress, "LogN running statistics")
 
     rh = model.roi_heads
     raw: list[Tensor] = []
