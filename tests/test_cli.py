@@ -283,3 +283,43 @@ def test_compare_regime_reaches_every_run_and_one_out_holds_one_regime(tmp_path,
         run_compare(["faster_ce"], tmp_path / "cmp", progress=False, scale=0.05)
     with pytest.raises(ConfigError, match="unknown regime"):
         run_compare(["faster_ce"], tmp_path / "other", progress=False, regime="imagenet")
+
+
+def test_compare_command_line_reaches_run_compare(monkeypatch):
+    """Every `taildet compare` option arrives in run_compare; --claims without --recipes runs every
+    recipe a claim names (baselines first)."""
+    import taildet.compare as compare
+    from taildet.evidence import load_claims
+
+    got = {}
+    monkeypatch.setattr(compare, "run_compare", lambda recipes, out, **kw: got.update(recipes=recipes, out=out, **kw))
+    assert main(["compare", "--recipes", "faster_ce_rfs", "--seeds", "3", "4", "--data-seeds", "1", "2",
+                 "--scale", "0.5", "--jobs", "3", "--reuse", "--with-baselines", "--regime", "pretrained",
+                 "--opts", "train.iterations=7", "--out", "somewhere"]) == 0
+    assert got["recipes"] == ["faster_ce_rfs"] and got["out"] == "somewhere"
+    assert got["seeds"] == [3, 4] and got["data_seeds"] == [1, 2] and got["scale"] == 0.5 and got["jobs"] == 3
+    assert got["reuse"] and got["with_baselines"] and got["regime"] == "pretrained"
+    assert got["extra_opts"] == ["train.iterations=7"] and not got["claims"]
+    got.clear()
+    assert main(["compare", "--claims"]) == 0
+    assert got["claims"] is True
+    named = {n for c in load_claims() for n in (c.recipe, c.baseline)}
+    assert set(got["recipes"]) == named
+    assert got["seeds"] == [0] and got["regime"] == "scratch"
+
+
+def test_docs_command_checks_and_rewrites(tmp_path, capsys, monkeypatch):
+    import taildet.results_docs as rd
+
+    summary = {"title": "t", "recipes": {"a": {"stats": {m: {"n": 1, "mean": 1.0, "std": None, "ci95": None}
+                                                        for m in ("AP", "APr", "APc", "APf", "AP50")}}},
+               "paired": [], "claims": []}
+    (tmp_path / "s.json").write_text(json.dumps(summary))
+    doc = tmp_path / "d.md"
+    doc.write_text("<!-- BEGIN GENERATED recipes s.json -->\n<!-- END GENERATED -->\n")
+    monkeypatch.setattr(rd, "repo_root", lambda: tmp_path)
+    assert main(["docs", "--check", str(doc)]) == 1
+    assert "d.md" in capsys.readouterr().err
+    assert main(["docs", str(doc)]) == 0
+    assert "| a | 1 | 1.0 |" in doc.read_text()
+    assert main(["docs", "--check", str(doc)]) == 0
