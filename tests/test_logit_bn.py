@@ -174,7 +174,7 @@ def test_running_statistics_survive_save_and_load(tmp_path):
 
 
 class _Killed(Exception):
-    pass
+    """Raised by the test to stop a training mid-run (a simulated kill before resuming)."""
 
 
 def _engine_cfg(tmp_path, name):

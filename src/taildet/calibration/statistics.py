@@ -193,10 +193,8 @@ def _progress_bar(data_loader: Any, max_batches: int | None, progress: bool, des
     """A tqdm bar over the batches a pass will take (on rank 0 only, when ``progress`` and there
     is at least one batch), or None."""
     total = None
-    try:
+    with contextlib.suppress(TypeError):  # an iterable loader has no length: a bar without a total
         total = len(data_loader)  # type: ignore[arg-type]
-    except TypeError:
-        pass
     if max_batches is not None:
         total = max_batches if total is None else min(total, max_batches)
     rank0 = not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
