@@ -299,3 +299,11 @@ def test_argmax_diagnostic_reaches_the_summary_and_its_table(tmp_path):
     assert "| faster_ce+logn | raw | 2 | 7.5 | - | 0.0 | 1.5 |" in table
     assert "| faster_ce+logn | logn (mode all, beta min_fg) | 2 | 75.0 | - | 37.5 | 45.0 |" in table
     assert "| faster_ce |" not in table
+
+
+def test_docs_on_a_missing_file_is_one_clear_line(tmp_path, capsys):
+    from taildet.cli import main
+
+    assert main(["docs", "--check", str(tmp_path / "nope.md")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope.md" in err[0] and "cannot read" in err[0]

@@ -291,7 +291,10 @@ def update_docs(files: Sequence[str | Path] | None = None, root: str | Path | No
     stale = []
     for f in files or DOC_FILES:
         path = Path(f) if Path(f).is_absolute() else root / f
-        text = path.read_text()
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            raise DataError(str(path), "file", f"cannot read the Markdown file ({getattr(err, 'strerror', None) or err})") from None
         new = render_markdown(text, root, where=str(path))
         if new != text:
             stale.append(str(f))
