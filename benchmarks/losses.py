@@ -261,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="CPU: make glibc malloc keep freed memory and never mmap (M_MMAP_MAX=0, "
                          "M_TRIM_THRESHOLD=1 GiB), so large temporaries cost no page faults -- the "
                          "compute-only regime, like the CUDA caching allocator")
+    ap.add_argument("--json", metavar="PATH", default=None,
+                    help="also write the table as a measured-tables file for the docs "
+                         "(e.g. docs/results/bench_losses.json; `taildet docs` renders it)")
     args = ap.parse_args(argv)
     if args.retain_memory:
         import ctypes
@@ -286,6 +289,16 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(args.sizes, repeats, warmup, device, ENTRIES)
     print(format_table(rows))
     print(f"# {time.perf_counter() - t0:.1f} s")
+    if args.json:
+        from taildet.results_docs import write_table_summary
+
+        table = {"columns": ["RoIs", "loss", "ms", "reference", "ref ms", "ratio", "goal"],
+                 "formats": ["d", "s", ".2f", "s", ".2f", ".2f", "s"],
+                 "rows": [[r["n"], r["name"], r["ms"], {"ce": "CE", "bce": "BCE"}.get(r["ref"], r["ref"]),
+                           r["ref_ms"], r["ratio"], "-" if r["goal"] is None else f"<= {r['goal']:.1f}"]
+                          for r in rows]}
+        command = "python benchmarks/losses.py" + " ".join([""] + (argv if argv is not None else sys.argv[1:]))
+        print("wrote", write_table_summary(args.json, f"loss cost on {name}", {"losses": table}, command))
     return 0  # a benchmark reports; goals missed show as "NO" in the table, they do not fail `make bench`
 
 

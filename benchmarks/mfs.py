@@ -143,6 +143,8 @@ def main() -> None:
     p.add_argument("--no-prefill", action="store_true")
     p.add_argument("--lvis-like", action=argparse.BooleanOptionalAction, default=True,
                    help="also time ResNet-50 FPN, 320 px, batch 4, 12 GTs/image (default: on)")
+    p.add_argument("--json", metavar="PATH", default=None,
+                   help="also write the tables as a measured-tables file for the docs (`taildet docs` renders it)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -154,9 +156,12 @@ def main() -> None:
         # set's average of ~12 GT boxes per image, at a CPU-sized input
         runs.append(argparse.Namespace(**{**vars(args), "backbone": "resnet50", "size": 320, "batch": 4, "gts": 12,
                                           "iters": max(4, args.iters // 2), "warmup": 2}))
+    step_rows, memory_rows, prefill_rows = [], [], []
     for run in runs:
         times, mfs = step_times(run, device)
         a, b = statistics.median(times["with MFS"]), statistics.median(times["without MFS"])
+        step_rows.append(["tiny (demo)" if run.backbone == "tiny" else {"resnet50": "ResNet-50 FPN"}.get(run.backbone, run.backbone),
+                          f"{run.size} px, batch {run.batch}", run.gts, run.iters, b, a, a / b])
         print(f"Faster R-CNN fine-tune step (EBL, backbone + box FCs frozen), backbone {run.backbone}, "
               f"{run.size} px, batch {run.batch}, {run.gts} GTs/image, {run.classes} classes, device {device}, "
               f"{torch.get_num_threads()} threads; median of {run.iters}")
@@ -165,10 +170,13 @@ def main() -> None:
               f"{int((mfs.memory.count > 0).sum())} classes")
         print(f"  bytes per class entry: {mfs.memory.entry_nbytes} (feature {mfs.memory.feature_shape} {run.dtype} "
               f"+ label + target); this memory {mfs.memory.nbytes / 1e6:.2f} MB")
+        memory_rows.append([f"{step_rows[-1][0]} ({run.classes} classes, {tuple(mfs.memory.feature_shape)} features, "
+                            f"M = {run.capacity}, {run.dtype})", mfs.memory.entry_nbytes, mfs.memory.nbytes / 1e6])
     for name, d in (("fp16", torch.float16), ("fp32", torch.float32)):
         per = ClassMemory.estimate_nbytes(1, 1, (256, 7, 7), d)
         tot = ClassMemory.estimate_nbytes(1203, 80, (256, 7, 7), d)
         print(f"  LVIS v1 (1,203 classes, 256x7x7, M=80) {name}: {per} bytes per entry, {tot / 1e9:.2f} GB")
+        memory_rows.append([f"LVIS v1 (1,203 classes, 256x7x7 features, M = 80, {name})", per, tot / 1e6])
     if not args.no_prefill:
         out, C, pmfs = prefill_time(args, device)
         print(f"Pre-fill (tiny demo model, {C} classes, "
@@ -176,6 +184,21 @@ def main() -> None:
               f"{out['entries']} entries, {out['seconds']:.2f} s = {1000 * out['seconds'] / C:.1f} ms per class, "
               f"{1000 * out['seconds'] / max(out['images'], 1):.1f} ms per image; "
               f"{int((pmfs.memory.count > 0).sum())}/{C} classes filled")
+        prefill_rows.append([f"tiny (demo), {C} classes", out["images"], out["entries"], out["seconds"],
+                             1000 * out["seconds"] / C])
+    if args.json:
+        from taildet.results_docs import write_table_summary
+
+        tables = {
+            "step": {"columns": ["model", "input", "GTs / image", "iterations", "without MFS (s)", "with MFS (s)", "ratio"],
+                     "formats": ["s", "s", "d", "d", ".3f", ".3f", ".3f"], "rows": step_rows},
+            "memory": {"columns": ["memory", "bytes per entry", "total (MB)"], "formats": ["s", "d", ".1f"],
+                       "rows": memory_rows}}
+        if prefill_rows:
+            tables["prefill"] = {"columns": ["pre-fill", "images", "entries", "seconds", "ms per class"],
+                                 "formats": ["s", "d", "d", ".2f", ".1f"], "rows": prefill_rows}
+        command = "python benchmarks/mfs.py" + " ".join([""] + sys.argv[1:])
+        print("wrote", write_table_summary(args.json, f"MFS fine-tune step cost, device {device}", tables, command))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from taildet.results_docs import (
     plot_recipe_metrics,
     render_markdown,
     update_docs,
+    write_table_summary,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -240,10 +241,38 @@ def test_docs_block_errors_name_the_problem(tmp_path):
         render_markdown("<!-- BEGIN GENERATED recipes results/toy.json recipes=nope -->\n"
                         "<!-- END GENERATED -->", tmp_path)
     with pytest.raises(ConfigError, match="KIND"):
-        render_markdown("<!-- BEGIN GENERATED table results/toy.json -->\n<!-- END GENERATED -->", tmp_path)
+        render_markdown("<!-- BEGIN GENERATED histogram results/toy.json -->\n<!-- END GENERATED -->", tmp_path)
     with pytest.raises(DataError, match="missing.json"):
         render_markdown("<!-- BEGIN GENERATED recipes results/missing.json -->\n<!-- END GENERATED -->",
                         tmp_path)
+
+
+def test_measured_table_blocks_come_from_the_benchmark_file(tmp_path):
+    """A benchmark's --json file renders as a table with its machine and command; a hand edit fails."""
+    table = {"columns": ["RoIs", "loss", "ratio"], "formats": ["d", "s", ".2f"],
+             "rows": [[1024, "seesaw", 1.4712], [8192, "eql", None]]}
+    write_table_summary(tmp_path / "results" / "bench.json", "toy", {"losses": table}, "python benchmarks/x.py")
+    doc = tmp_path / "doc.md"
+    doc.write_text("<!-- BEGIN GENERATED table results/bench.json table=losses -->\n<!-- END GENERATED -->\n")
+    assert update_docs([doc], root=tmp_path) == [str(doc)]
+    text = doc.read_text()
+    assert "| 1024 | seesaw | 1.47 |" in text and "| 8192 | eql | - |" in text
+    assert "`python benchmarks/x.py`" in text and "torch " in text      # where it was measured
+    assert "|---:|:---|---:|" in text                                    # numbers right, text left
+    doc.write_text(text.replace("1.47", "1.10"))
+    assert update_docs([doc], root=tmp_path, check=True) == [str(doc)]
+    with pytest.raises(DataError, match="'steps' not in the file"):
+        render_markdown("<!-- BEGIN GENERATED table results/bench.json table=steps -->\n<!-- END GENERATED -->",
+                        tmp_path)
+    with pytest.raises(ConfigError, match="table=NAME"):
+        render_markdown("<!-- BEGIN GENERATED table results/bench.json -->\n<!-- END GENERATED -->", tmp_path)
+    with pytest.raises(DataError, match="measured-tables"):      # a compare summary is not a table file
+        (tmp_path / "results" / "other.json").write_text(json.dumps({"recipes": {}}))
+        render_markdown("<!-- BEGIN GENERATED table results/other.json table=x -->\n<!-- END GENERATED -->",
+                        tmp_path)
+    with pytest.raises(ValueError, match="one entry per column"):
+        write_table_summary(tmp_path / "bad.json", "toy", {"t": {**table, "rows": [[1, "x"]]}}, "cmd")
+    assert not (tmp_path / "bad.json").exists()
 
 
 def test_repository_docs_match_their_committed_summaries():

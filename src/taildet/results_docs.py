@@ -9,8 +9,11 @@ marked block::
     <!-- END GENERATED -->
 
 Kinds: ``recipes`` (mean and 95 % interval per metric), ``paired`` (differences to baselines),
-``claims`` (the claims table with verdicts), ``argmax`` (LogN's background-argmax diagnostic). Options: ``recipes=a,b`` (rows, in that order),
-``metrics=AP,APr`` (columns or rows), ``claims=id1,id2``. ``taildet docs`` rewrites the blocks;
+``claims`` (the claims table with verdicts), ``argmax`` (LogN's background-argmax diagnostic), all
+from a compare summary; and ``table`` (a measured table from a benchmark's ``--json`` file, written
+by :func:`write_table_summary`, with the machine and command it was measured with). Options:
+``recipes=a,b`` (rows, in that order), ``metrics=AP,APr`` (columns or rows), ``claims=id1,id2``,
+``table=NAME`` (which table of a benchmark file). ``taildet docs`` rewrites the blocks;
 ``taildet docs --check`` (and a test) fails when a block differs from what its summary gives.
 """
 
@@ -216,8 +219,8 @@ def _parse_args(args: str, where: str) -> tuple[str, str, dict[str, list[str]]]:
     opts = {}
     for p in parts[2:]:
         key, sep, value = p.partition("=")
-        if not sep or key not in ("recipes", "metrics", "claims"):
-            raise ConfigError(f"{where}: unknown option {p!r} (recipes=, metrics=, claims=)")
+        if not sep or key not in ("recipes", "metrics", "claims", "table"):
+            raise ConfigError(f"{where}: unknown option {p!r} (recipes=, metrics=, claims=, table=)")
         opts[key] = [v for v in value.split(",") if v]
     return parts[0], parts[1], opts
 
@@ -238,22 +241,95 @@ def _render_argmax(summary, opts, source):
     return format_argmax_table(summary, opts.get("recipes"), source)
 
 
+def _render_table(summary, opts, source):
+    names = opts.get("table") or []
+    if len(names) != 1:
+        raise ConfigError(f"{source}: a 'table' block names one table (table=NAME)")
+    return format_measured_table(summary, names[0], source)
+
+
 RENDERERS = {"recipes": _render_recipes, "paired": _render_paired, "claims": _render_claims,
-             "argmax": _render_argmax}
+             "argmax": _render_argmax, "table": _render_table}
+
+
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text())
+    except OSError as err:
+        raise DataError(str(path), "file", f"cannot read ({err.strerror or err})") from None
+    except ValueError as err:
+        raise DataError(str(path), "file", f"not valid JSON ({err})") from None
 
 
 def load_summary(path: str | Path) -> dict:
     """A compare ``summary.json`` (format with ``recipes`` / ``paired`` / ``claims``)."""
     path = Path(path)
-    try:
-        summary = json.loads(path.read_text())
-    except OSError as err:
-        raise DataError(str(path), "file", f"cannot read ({err.strerror or err})") from None
-    except ValueError as err:
-        raise DataError(str(path), "file", f"not valid JSON ({err})") from None
+    summary = _read_json(path)
     if not isinstance(summary, dict) or not {"recipes", "paired", "claims"} <= set(summary):
         raise DataError(str(path), "file", "not a taildet compare summary (needs recipes, paired, claims)")
     return summary
+
+
+# ------------------------------------------------------------------------------------------------
+# measured tables (benchmarks)
+# ------------------------------------------------------------------------------------------------
+
+def write_table_summary(path: str | Path, title: str, tables: Mapping[str, Mapping], command: str) -> Path:
+    """Write a benchmark's measured tables as a summary the docs can name (``table`` blocks).
+
+    ``tables[name] = {"columns": [str], "formats": [format spec per column, e.g. ".2f", "d", "s"],
+    "rows": [[value per column]]}`` (``None`` renders as ``-``). The file also records the date,
+    the machine (:func:`taildet.compare.machine_info`) and ``command``, and the generated block
+    shows them above the table, so a number in the docs always says where it was measured.
+    """
+    import datetime
+
+    from taildet.compare import machine_info
+    from taildet.fileio import atomic_write_text
+
+    for name, t in tables.items():
+        cols, fmts = list(t["columns"]), list(t["formats"])
+        if len(cols) != len(fmts) or any(len(r) != len(cols) for r in t["rows"]):
+            raise ValueError(f"table {name!r}: every row and the formats need one entry per column ({len(cols)})")
+    doc = {"kind": "measured tables", "title": title, "command": command,
+           "date": datetime.date.today().isoformat(), "machine": machine_info(),
+           "tables": {n: {"columns": list(t["columns"]), "formats": list(t["formats"]),
+                          "rows": [list(r) for r in t["rows"]]} for n, t in tables.items()}}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(json.dumps(doc, indent=1) + "\n", path)
+    return path
+
+
+def load_measured_tables(path: str | Path) -> dict:
+    """A file written by :func:`write_table_summary`."""
+    path = Path(path)
+    doc = _read_json(path)
+    if not isinstance(doc, dict) or not isinstance(doc.get("tables"), dict):
+        raise DataError(str(path), "file", "not a measured-tables file (needs 'tables'; written by a benchmark's --json)")
+    return doc
+
+
+def _cell(value, spec: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, spec)
+
+
+def format_measured_table(doc: Mapping, name: str, source: str = "benchmark") -> str:
+    """Markdown: a caption (date, machine, command) and the table ``name`` of a measured-tables file."""
+    if name not in doc["tables"]:
+        raise DataError(source, "table", f"{name!r} not in the file (has: {', '.join(doc['tables'])})")
+    t = doc["tables"][name]
+    m = doc.get("machine", {})
+    caption = (f"Measured {doc.get('date', '?')} on {m.get('machine', '?')} ({m.get('cpu_capability', '?')}, "
+               f"{m.get('cpus', '?')} CPUs), torch {m.get('torch', '?')}: `{doc.get('command', '?')}`")
+    numeric = [not spec.endswith("s") for spec in t["formats"]]
+    lines = [caption, "", "| " + " | ".join(t["columns"]) + " |",
+             "|" + "|".join("---:" if n else ":---" for n in numeric) + "|"]
+    for row in t["rows"]:
+        lines.append("| " + " | ".join(_cell(v, f) for v, f in zip(row, t["formats"])) + " |")
+    return "\n".join(lines)
 
 
 def render_markdown(text: str, root: str | Path, where: str = "markdown") -> str:
@@ -263,7 +339,8 @@ def render_markdown(text: str, root: str | Path, where: str = "markdown") -> str
     def replace(m: re.Match) -> str:
         kind, rel, opts = _parse_args(m.group("args"), where)
         if rel not in cache:
-            cache[rel] = load_summary(Path(root) / rel)
+            loader = load_measured_tables if kind == "table" else load_summary
+            cache[rel] = loader(Path(root) / rel)
         body = RENDERERS[kind](cache[rel], opts, rel)
         return m.group("begin") + body + "\n" + m.group("end")
 
