@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from taildet.errors import ConfigError
-from taildet.losses.equilibrium import EquilibriumLoss
+from taildet.losses.mean_score import MeanScoreTracker
 from taildet.sampling.background import background_executor
 from taildet.sampling.class_sampler import ProbabilisticSampler
 from taildet.sampling.jitter import make_batch_entries
@@ -66,8 +66,10 @@ class MemoryBatch(NamedTuple):
     regression_targets: Tensor  # [S, 4] float32
 
 
-def _has_mean_score(loss: Any) -> bool:
-    return isinstance(loss, EquilibriumLoss)
+def loss_tracker(loss: Any) -> MeanScoreTracker | None:
+    """The :class:`MeanScoreTracker` a loss keeps as ``loss.tracker`` (EBL), or None."""
+    tracker = getattr(loss, "tracker", None)
+    return tracker if isinstance(tracker, MeanScoreTracker) else None
 
 
 class MemoryAugmentedSampling:
@@ -106,7 +108,7 @@ class MemoryAugmentedSampling:
         self.sampler = ProbabilisticSampler(num_classes, classes_per_iter, samples_per_class, prior=prior,
                                             instance_counts=instance_counts, seed=int(seed) * 2 + 1)
         self.generator = torch.Generator().manual_seed(int(seed) * 2)
-        self.observer = None  # EquilibriumLoss tracking the mean score when the loss has none
+        self.observer: MeanScoreTracker | None = None  # the mean score when the loss keeps none
         self._score_host: Tensor | None = None
         self._score_event: Any = None
         self._score_version: tuple[int, int] | None = None
@@ -204,8 +206,9 @@ class MemoryAugmentedSampling:
 
     def mean_score(self, loss: Any) -> Tensor | None:
         """``[C + 1]`` mean score the sampler reads: the loss's (EBL) or the observer's."""
-        if _has_mean_score(loss):
-            return loss.mean_score
+        tracker = loss_tracker(loss)
+        if tracker is not None:
+            return tracker.mean_score
         return None if self.observer is None else self.observer.mean_score
 
     @torch.no_grad()
@@ -240,11 +243,12 @@ class MemoryAugmentedSampling:
         """The mean-score update of this iteration, memory samples included (methods.md):
         ``loss.update(..., extra_logits=memory_logits, extra_labels=memory_labels)`` for EBL; for
         any other loss ``loss.update(logits, labels, gt_index)`` as without MFS, and the same
-        observations go to this object's EBL observer (created on first use) when the sampler
+        observations go to this object's :class:`MeanScoreTracker` observer (created on first use) when the sampler
         reads mean scores."""
-        if _has_mean_score(loss):
+        tracker = loss_tracker(loss)
+        if tracker is not None:
             loss.update(logits, labels, gt_index, extra_logits=memory_logits, extra_labels=memory_labels)
-            self._copy_score_to_host(loss.mean_score)
+            self._copy_score_to_host(tracker.mean_score)
             return
         loss.update(logits, labels, gt_index)
         if self.sampler.prior != "mean_score":
@@ -254,7 +258,7 @@ class MemoryAugmentedSampling:
                 raise ConfigError(
                     f"finetune.mfs.prior: 'mean_score' needs a softmax head with a background column "
                     f"({self.num_classes + 1} outputs), got {logits.shape[1]}; use prior: instance_counts")
-            self.observer = EquilibriumLoss(self.num_classes, alpha=self.alpha, bg_score=self.bg_score)
+            self.observer = MeanScoreTracker(self.num_classes, alpha=self.alpha, bg_score=self.bg_score)
         self.observer.to(logits.device)
         self.observer.update(logits, labels, gt_index, extra_logits=memory_logits, extra_labels=memory_labels)
         self._copy_score_to_host(self.observer.mean_score)
@@ -304,19 +308,19 @@ def attach_mfs(model: torch.nn.Module, mfs: MemoryAugmentedSampling, *, allow_st
     """Check the feature extractor is frozen, then set ``model.roi_heads.mfs = mfs``.
 
     When the sampler reads mean scores and the loss keeps none (MFS with plain CE), the mean-score
-    observer (an :class:`~taildet.losses.equilibrium.EquilibriumLoss` used only for its update) is
+    observer (a :class:`~taildet.losses.mean_score.MeanScoreTracker`) is
     created here and registered as ``model.roi_heads.mfs_observer``, so its ``mean_score`` is in
     the ``state_dict`` and checkpoints and a resume continues from it. Inference-time loaders drop
     that key for models without MFS (:func:`taildet.engine.checkpoint.load_model_weights`).
     """
     check_frozen_features(model, allow_stale_features)
     rh = model.roi_heads
-    if mfs.sampler.prior == "mean_score" and not _has_mean_score(rh.loss) and mfs.observer is None:
+    if mfs.sampler.prior == "mean_score" and loss_tracker(rh.loss) is None and mfs.observer is None:
         if rh.loss.num_outputs() != mfs.num_classes + 1:
             raise ConfigError(
                 f"finetune.mfs.prior: 'mean_score' needs a softmax head with a background column "
                 f"({mfs.num_classes + 1} outputs), got {rh.loss.num_outputs()}; use prior: instance_counts")
-        mfs.observer = EquilibriumLoss(mfs.num_classes, alpha=mfs.alpha, bg_score=mfs.bg_score)
+        mfs.observer = MeanScoreTracker(mfs.num_classes, alpha=mfs.alpha, bg_score=mfs.bg_score)
         rh.mfs_observer = mfs.observer  # a submodule: checkpointed with the model
     model.roi_heads.mfs = mfs
     rpn = getattr(model, "rpn", None)

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from taildet.data.samplers import labels_to_arrays
-from taildet.losses.equilibrium import EquilibriumLoss
+from taildet.losses.mean_score import MeanScoreTracker
 from taildet.sampling.mfs import last_sampled_logits
 
 __all__ = ["prefill_image_indices", "prefill_memory", "observe_mean_score"]
@@ -169,16 +169,16 @@ def observe_mean_score(model: torch.nn.Module, dataset, *, device: torch.device 
                        progress: bool = True) -> Tensor:
     """Mean classification score ``[C + 1]`` of any softmax two-stage model over the training set.
 
-    Runs the EBL update rule (methods.md section 2) as a pure observer: each batch goes through
+    Runs the mean-score update rule (methods.md section 2) as a pure observer: each batch goes through
     the training forward without gradients (BatchNorm in eval mode, MFS detached, no parameter
     or loss-state change other than what the loss's own ``update`` does) and an
-    :class:`~taildet.losses.equilibrium.EquilibriumLoss` observer takes the sampled RoIs' logits,
+    :class:`~taildet.losses.mean_score.MeanScoreTracker` observer takes the sampled RoIs' logits,
     labels and GT ids from the RoI head (:func:`~taildet.sampling.mfs.last_sampled_logits`). Images in dataset order (the first
     ``max_images``). So a CE model and a LOCE model can be compared on one plot.
     """
     rh = model.roi_heads
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    observer = EquilibriumLoss(rh.num_classes, alpha=alpha, bg_score=bg_score).to(device)
+    observer = MeanScoreTracker(rh.num_classes, alpha=alpha, bg_score=bg_score).to(device)
     n = len(dataset) if max_images is None else min(int(max_images), len(dataset))
     saved_mfs, saved_loss_state = getattr(rh, "mfs", None), {k: v.clone() for k, v in rh.loss.state_dict().items()}
     rh.mfs = None
