@@ -13,8 +13,8 @@ instance, one per class among the memory samples; summed over DDP processes), th
 
 **Loss** (paper eq. 3-4): ``L_i = CE(z_i + log s, y_i)`` for every sampled RoI, background
 included, computed as a cross-entropy of shifted logits (no ratio ``s_j / s_y`` that could
-underflow; :class:`~taildet.losses.rowwise.SoftmaxOffsetKernel`, exact also where the target
-probability underflows). ``log s`` uses ``max(s, 1e-12)``. Reduction: averaged over RoIs with positive label
+underflow; :func:`equilibrium_loss`; the fast path :class:`~taildet.ops.rowwise.SoftmaxOffsetKernel`
+is exact also where the target probability underflows). ``log s`` uses ``max(s, 1e-12)``. Reduction: averaged over RoIs with positive label
 weight -- the mean over RoIs without ``weight``, else ``sum_i w_i L_i / max(#{i: w_i > 0}, 1)``
 (mmdetection's ``avg_factor`` for RoI heads). Equal ``s`` for all classes gives plain CE.
 
@@ -24,14 +24,16 @@ weight -- the mean over RoIs without ``weight``, else ``sum_i w_i L_i / max(#{i:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from taildet.losses.base import ClassificationLoss
 from taildet.losses.mean_score import MeanScoreTracker
-from taildet.losses.rowwise import SoftmaxOffsetKernel, compute_dtype, rowwise_loss
+from taildet.ops import use_fast_path
+from taildet.ops.rowwise import SoftmaxOffsetKernel, compute_dtype, rowwise_loss
 from taildet.losses.state import cached, check_finite_loss, check_inputs
 
-__all__ = ["EquilibriumLoss"]
+__all__ = ["EquilibriumLoss", "equilibrium_loss"]
 
 
 class EquilibriumLoss(ClassificationLoss):
@@ -121,9 +123,19 @@ class EquilibriumLoss(ClassificationLoss):
         else:
             w = weight.detach().to(dt)
             denom = (w > 0).sum().clamp(min=1).to(dt)
-        # CE(z + log s, y), row-blocked with its closed-form gradient (taildet.losses.rowwise)
-        value = rowwise_loss(logits, SoftmaxOffsetKernel(labels, log_s, w), denom)
+        if use_fast_path(logits.device):  # row-blocked, closed-form gradient (taildet.ops.rowwise)
+            value = rowwise_loss(logits, SoftmaxOffsetKernel(labels, log_s, w), denom)
+        else:
+            value = equilibrium_loss(logits.to(dt), labels, log_s, w, denom)
         return check_finite_loss(self, value, logits)
+
+
+def equilibrium_loss(logits: Tensor, labels: Tensor, log_s: Tensor, weight: Tensor | None,
+                     denom: Tensor | float) -> Tensor:
+    """Paper eq. 3-4 written plainly: ``sum_i w_i CE(z_i + log s, y_i) / denom`` (``w_i = 1``
+    without ``weight``), the cross-entropy of the logits shifted by ``log s`` ``[C + 1]``."""
+    ce = F.cross_entropy(logits + log_s, labels, reduction="none")
+    return (ce.sum() if weight is None else (ce * weight).sum()) / denom
 
 
 

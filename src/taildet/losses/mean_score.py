@@ -28,8 +28,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from taildet.losses.rowwise import Scratch, compute_dtype, log_softmax_
 from taildet.losses.state import all_reduce_sum_, label_range
+from taildet.ops.pool import Scratch
+from taildet.ops.rowwise import compute_dtype, log_softmax_
 
 __all__ = ["MeanScoreTracker", "target_prob"]
 
@@ -189,7 +190,7 @@ def target_prob(logits: Tensor, labels: Tensor, rows: Tensor | None = None) -> T
     z = logits.detach()
     dt = compute_dtype(z.dtype)
     n = z.shape[0] if rows is None else rows.shape[0]
-    buf = Scratch().empty((n, z.shape[1]), dt, z.device, slot=10)
+    buf = Scratch().empty((n, z.shape[1]), dt, z.device, "target_log_prob")
     if rows is None:
         buf.copy_(z)
     elif dt == z.dtype:
