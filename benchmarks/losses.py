@@ -14,7 +14,7 @@ the allocator's state hit both alike); the times shown are medians.
 CPU time at this size is largely *memory allocation*: every fresh ``[8192, 1204]`` float tensor
 (39 MB) is above glibc's ``mmap`` threshold and costs page faults when first written (on this
 project's VMs about 3/4 of ``F.cross_entropy``'s time). taildet's softmax/sigmoid losses run
-row-blocked (``taildet.losses.rowwise``) and allocate one such tensor (the gradient) where
+row-blocked (``taildet.ops.rowwise``) and allocate one such tensor (the gradient) where
 ``F.cross_entropy`` allocates three. ``--retain-memory`` removes that cost for every entry alike
 (glibc keeps freed memory), which shows the compute-only ratios -- the regime of the CUDA caching
 allocator.

@@ -12,8 +12,6 @@ import torch
 from taildet.calibration import (
     LogitAdjuster,
     LogitNormalizer,
-    OnlineLogitNormalization,
-    OnlineLogNLoss,
     batch_moments,
     load_normalizers,
     merge_moments,
@@ -21,6 +19,7 @@ from taildet.calibration import (
 )
 from taildet.errors import DataError
 from taildet.losses import SigmoidBCELoss, SoftmaxCrossEntropyLoss
+from taildet.losses.online_logn import OnlineLogitNormalization, OnlineLogNLoss
 
 C = 5
 

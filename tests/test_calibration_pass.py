@@ -171,7 +171,7 @@ def test_two_stage_apply_changes_eval_scores_and_file_round_trip(two_stage, tmp_
 
 
 def test_statistics_pass_loss_state_is_restored():
-    from taildet.calibration import OnlineLogNLoss
+    from taildet.losses.online_logn import OnlineLogNLoss
     from taildet.losses import SoftmaxCrossEntropyLoss
 
     torch.manual_seed(0)

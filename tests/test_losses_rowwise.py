@@ -1,4 +1,4 @@
-"""The row-blocked evaluation behind Balanced Softmax / Sigmoid, EBL, Seesaw, EQL and EQLv2 (taildet.losses.rowwise).
+"""The row-blocked evaluation behind Balanced Softmax / Sigmoid, EBL, Seesaw, EQL and EQLv2 (taildet.ops.rowwise).
 
 Each loss's value and gradient equal plain-autograd formulas written with torch's own ops, with one
 block and with many blocks (the CPU path for large batches); half-precision logits; work buffers
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from taildet.losses import BalancedSigmoidLoss, BalancedSoftmaxLoss, EQLLoss, EQLv2Loss, EquilibriumLoss, SeesawLoss
-from taildet.losses import rowwise
+from taildet.ops import rowwise
 
 C = 7
 N = 23

@@ -1,4 +1,4 @@
-"""LOCE's memory-augmented feature sampling (taildet.sampling.memory) and the LOCE fine-tune."""
+"""LOCE's memory-augmented feature sampling (taildet.sampling) and the LOCE fine-tune."""
 
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ from taildet.config import apply_overrides, config_from_dict, load_config
 from taildet.engine import load_checkpoint, train
 from taildet.engine.finetune import finetune, freeze_parameters
 from taildet.errors import ConfigError
+from taildet.analysis.plots import plot_mean_score_vs_instances
 from taildet.models import build_faster_rcnn
 from taildet.sampling import (SIGN_PATTERNS, ClassMemory, MemoryAugmentedSampling, ProbabilisticSampler,
                               attach_mfs, check_frozen_features, jitter_boxes, make_batch_entries,
                               make_memory_entries,
-                              observe_mean_score, plot_mean_score_vs_instances, prefill_image_indices)
+                              observe_mean_score, prefill_image_indices)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

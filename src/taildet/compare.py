@@ -422,7 +422,8 @@ def _plot_mean_scores(out: Path, ce: str, loce: str, specs: dict, run_opts, trai
     from taildet.config import apply_overrides, load_config
     from taildet.engine.calibrate import build_model_for_checkpoint
     from taildet.engine.train import build_datasets
-    from taildet.sampling.memory import observe_mean_score, plot_mean_score_vs_instances
+    from taildet.analysis.plots import plot_mean_score_vs_instances
+    from taildet.sampling.prefill import observe_mean_score
 
     state = torch.load(out / loce / "model_final.pth", map_location="cpu", weights_only=False)["model"]
     loce_score = next((v for k, v in state.items() if k.endswith("mean_score")), None)

@@ -440,7 +440,7 @@ def v_jitter(v):
 
 @dataclass
 class MFSConfig:
-    """``finetune.mfs:`` -- LOCE's memory-augmented feature sampling (taildet.sampling.memory)."""
+    """``finetune.mfs:`` -- LOCE's memory-augmented feature sampling (taildet.sampling)."""
 
     enabled: bool = _f(False, v_bool)
     capacity: int = _f(80, v_pos_int, "M: entries per class (LVIS, 256x7x7 fp16: ~2.4 GB at 80)")

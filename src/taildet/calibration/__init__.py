@@ -16,11 +16,12 @@ A detector trained with BatchNorm on its logits (``model.logit_bn``, LogN's rele
 ``background_argmax_share(logits, labels, groups, normalizer)``: per frequency group, the share of
 positive RoIs whose argmax is the background column after a transform (a diagnostic of beta).
 
-Modules: :mod:`~taildet.calibration.logit_norm` (:class:`LogitNormalizer`, the online inverse
-variant :class:`OnlineLogNLoss`, statistics files), :mod:`~taildet.calibration.logit_adjust`
+Modules: :mod:`~taildet.calibration.logit_norm` (:class:`LogitNormalizer`),
+:mod:`~taildet.calibration.stats_file` (the statistics file format), :mod:`~taildet.calibration.logit_adjust`
 (:class:`LogitAdjuster`), :mod:`~taildet.calibration.statistics` (the statistics pass and
 applying a transform to a model), :mod:`~taildet.calibration.plots` (the per-class statistics figure),
-:mod:`~taildet.calibration.diagnostics` (the background-argmax diagnostic).
+:mod:`~taildet.calibration.diagnostics` (the background-argmax diagnostic). The online inverse
+variant (a training loss) is :class:`taildet.losses.online_logn.OnlineLogNLoss`.
 """
 
 from taildet.calibration.diagnostics import (
@@ -32,12 +33,9 @@ from taildet.calibration.diagnostics import (
 from taildet.calibration.logit_adjust import LogitAdjuster
 from taildet.calibration.logit_norm import (
     LogitNormalizer,
-    OnlineLogitNormalization,
-    OnlineLogNLoss,
     batch_moments,
     load_normalizers,
     merge_moments,
-    online_logn_loss,
     save_normalizers,
 )
 from taildet.calibration.statistics import (
@@ -62,9 +60,6 @@ def plot_logit_statistics(*args, **kwargs):
 __all__ = [
     "LogitNormalizer",
     "LogitAdjuster",
-    "OnlineLogitNormalization",
-    "OnlineLogNLoss",
-    "online_logn_loss",
     "merge_moments",
     "batch_moments",
     "save_normalizers",

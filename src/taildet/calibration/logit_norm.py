@@ -54,13 +54,13 @@ Background position: ``background_index`` (default ``C``, taildet's convention, 
 torchvision's own detectors use ``0``.
 
 Saved files (JSON) hold the statistics of one or more *stages* with the class list they belong
-to -- see :func:`save_normalizers`.
+to -- see :func:`save_normalizers` and the file format in :mod:`taildet.calibration.stats_file`.
+The online inverse variant (paper eq. 3), a training loss, is
+:class:`taildet.losses.online_logn.OnlineLogNLoss`.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
 from typing import Any, Mapping, Sequence
 
@@ -68,8 +68,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from taildet.calibration.stats_file import FILE_FORMAT, read_statistics_file, write_statistics_file
 from taildet.errors import DataError
-from taildet.losses.base import ClassificationLoss
+from taildet.losses.online_logn import BETAS, EPS, check_beta
 
 __all__ = [
     "LogitNormalizer",
@@ -81,20 +82,12 @@ __all__ = [
     "MODES",
     "BETAS",
     "DEFAULT_STAGE",
-    "OnlineLogitNormalization",
-    "OnlineLogNLoss",
-    "online_logn_loss",
 ]
 
-#: ``"format"`` value of a statistics file.
-FILE_FORMAT = "taildet-logit-statistics"
-FILE_VERSION = 1
 #: Stage key of a single RoI head (Faster/Mask R-CNN); one-stage detectors use ``"head"``;
 #: cascades would use one key per stage (``"roi_heads.0"``, ``"roi_heads.1"``, ...).
 DEFAULT_STAGE = "roi_heads"
 MODES = ("all", "mean_only", "std_only", "no_beta")
-BETAS = ("min_fg", "mean_fg", "bg", "none")
-EPS = 1e-11
 
 
 def batch_moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -133,20 +126,6 @@ def merge_moments(counts: Tensor, means: Tensor, m2s: Tensor) -> tuple[Tensor, T
     mean = (w * means).sum(dim=0)
     m2 = m2s.sum(dim=0) + (counts[:, None] * (means - mean) ** 2).sum(dim=0)
     return n, mean, m2
-
-
-def _check_beta(beta: Any, background: bool) -> str | float:
-    if isinstance(beta, bool):
-        raise ValueError(f"beta must be one of {BETAS} or a number, got {beta!r}")
-    if isinstance(beta, (int, float)):
-        if not math.isfinite(float(beta)):
-            raise ValueError(f"beta must be finite, got {beta!r}")
-        return float(beta)
-    if beta not in BETAS:
-        raise ValueError(f"beta must be one of {BETAS} or a number, got {beta!r}")
-    if beta == "bg" and not background:
-        raise ValueError('beta="bg" needs a background column (background=True)')
-    return beta
 
 
 class LogitNormalizer(nn.Module):
@@ -197,7 +176,7 @@ class LogitNormalizer(nn.Module):
         self.mode = mode
         if beta is None:
             beta = "min_fg" if self.background else "none"
-        self.beta = _check_beta(beta, self.background)
+        self.beta = check_beta(beta, self.background)
         if background_index is None:
             background_index = self.num_classes
         if self.background and not 0 <= int(background_index) <= self.num_classes:
@@ -513,21 +492,8 @@ class LogitNormalizer(nn.Module):
 def save_normalizers(
     path: str | os.PathLike, normalizers: Mapping[str, LogitNormalizer], extra: Mapping[str, Any] | None = None
 ) -> None:
-    """Write several stages' statistics to one JSON file (written to a temporary name, then renamed).
-
-    Format::
-
-        {"format": "taildet-logit-statistics", "version": 1,
-         "num_classes": C, "class_names": [...] | null,
-         "stages": {"roi_heads": {"num_classes": C, "background": true, "background_index": C,
-                                  "momentum": null, "mode": "all", "beta": "min_fg", "eps": 1e-11,
-                                  "count": n, "mean": [K], "var": [K], "m2": [K]}, ...},
-         "extra": {...}}
-
-    One key per classification stage: ``"roi_heads"`` (Faster/Mask R-CNN), ``"head"`` (one-stage),
-    and for a cascade one key per stage (e.g. ``"roi_heads.0"``, ``"roi_heads.1"``, ...) -- each
-    stage keeps its own statistics (spec section 1). All stages share the class list.
-    """
+    """Write several stages' statistics to one JSON file (written to a temporary name, then
+    renamed; format: :mod:`taildet.calibration.stats_file`). All stages share the class list."""
     if not normalizers:
         raise ValueError("save_normalizers: nothing to save")
     first = next(iter(normalizers.values()))
@@ -539,280 +505,20 @@ def save_normalizers(
             if names is not None and names != n.class_names:
                 raise ValueError(f"stage {key!r} has a different class list from the other stages")
             names = n.class_names
-    doc = {
-        "format": FILE_FORMAT,
-        "version": FILE_VERSION,
-        "num_classes": first.num_classes,
-        "class_names": names,
-        "stages": {str(k): n.state_for_file() for k, n in normalizers.items()},
-        "extra": dict(extra) if extra else {},
-    }
-    path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(doc, f)
-    os.replace(tmp, path)
-
-
-def _read_doc(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
-    except FileNotFoundError:
-        raise DataError(path, "", "statistics file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(path, "", f"not a taildet statistics file (invalid JSON: {e})") from None
-    if not isinstance(doc, dict) or doc.get("format") != FILE_FORMAT:
-        raise DataError(path, "format", f"not a taildet statistics file (expected format {FILE_FORMAT!r})")
-    if int(doc.get("version", 0)) > FILE_VERSION:
-        raise DataError(path, "version", f"written by a newer taildet (version {doc.get('version')})")
-    if not isinstance(doc.get("stages"), dict) or not doc["stages"]:
-        raise DataError(path, "stages", "missing or empty")
-    return doc
+    write_statistics_file(path, first.num_classes, names,
+                          {str(k): n.state_for_file() for k, n in normalizers.items()}, extra)
 
 
 def load_normalizers(
     path: str | os.PathLike, class_names: Sequence[str] | None = None, num_classes: int | None = None
 ) -> dict[str, LogitNormalizer]:
-    """Read every stage of a statistics file (``{stage: LogitNormalizer}``), checking the classes.
-
-    ``num_classes`` / ``class_names``: the model's; a mismatch is a :class:`DataError` that names
-    the file and the first class that differs. A file saved without class names is checked on
-    the count only.
-    """
+    """Read every stage of a statistics file (``{stage: LogitNormalizer}``), checking the classes
+    (:func:`taildet.calibration.stats_file.read_statistics_file`)."""
     path = os.fspath(path)
-    doc = _read_doc(path)
-    file_c = doc.get("num_classes")
-    file_names = doc.get("class_names")
-    if class_names is not None:
-        class_names = [str(n) for n in class_names]
-        if num_classes is not None and len(class_names) != int(num_classes):
-            raise ValueError(f"{len(class_names)} class names for num_classes={num_classes}")
-        num_classes = len(class_names)
-    if num_classes is not None and file_c != int(num_classes):
-        extra = ""
-        if file_names is not None and class_names is not None:
-            for i, (a, b) in enumerate(zip(file_names, class_names)):
-                if a != b:
-                    extra = f"; first differing class: label {i} is {a!r} in the file, {b!r} in the model"
-                    break
-            else:
-                shorter = min(len(file_names), len(class_names))
-                more = file_names if len(file_names) > shorter else class_names
-                extra = f"; first differing class: label {shorter} ({more[shorter]!r}) exists only in the " + (
-                    "file" if more is file_names else "model"
-                )
-        raise DataError(
-            path, "num_classes", f"statistics are for {file_c} classes, the model has {num_classes}{extra}"
-        )
-    if class_names is not None and file_names is not None:
-        for i, (a, b) in enumerate(zip(file_names, class_names)):
-            if a != b:
-                raise DataError(
-                    path,
-                    f"class {i}",
-                    f"statistics belong to a different class list: label {i} is {a!r} in the file, "
-                    f"{b!r} in the model",
-                )
-    names = class_names if class_names is not None else file_names
+    names, entries = read_statistics_file(path, class_names=class_names, num_classes=num_classes)
     out = {}
-    for key, entry in doc["stages"].items():
-        if not isinstance(entry, dict):
-            raise DataError(path, f"stage {key!r}", "not an object")
-        if entry.get("num_classes") != file_c:
-            raise DataError(path, f"stage {key!r}", f"has {entry.get('num_classes')} classes, file says {file_c}")
+    for key, entry in entries.items():
         norm = LogitNormalizer.from_file_state(entry, class_names=names, where=f"{path}: stage {key!r}")
         norm.stage = key
         out[key] = norm
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Online inverse variant (paper eq. 3)
-
-
-class OnlineLogitNormalization(nn.Module):
-    """Training-time inverse LogN: feed the loss de-normalized logits so the raw ones learn balance.
-
-    In training mode, :meth:`forward` first updates persistent EMA statistics of the raw, detached
-    logits (:meth:`step`, unless it already ran for this iteration) and returns
-    ``z_c * sigma_c + mu_c - beta`` for the foreground columns (background unchanged), with
-    ``sigma = sqrt(max(var, eps))`` and ``beta = min_fg mu``; the statistics are constants for the
-    gradient. In eval mode it is the identity (the raw logits are the calibrated ones).
-
-    EMA: ``mu <- (1 - m) mu + m mean_batch``, ``var <- (1 - m) var + m var_batch`` (population
-    variance of the batch), starting from mean 0 / var 1, so the transform starts as the identity
-    (``beta = min mu = 0``). Buffers ``running_mean``, ``running_var``, ``num_updates``.
-    Without a background column (sigmoid heads) every column is foreground (implicit background
-    logit 0; see the module docstring).
-
-    Order within an iteration: the first of :meth:`step` / training :meth:`forward` updates the
-    statistics; a training :meth:`forward` right after an explicit :meth:`step` does not update
-    them again (the two-stage heads call ``loss.update`` then ``loss(...)``, one-stage heads only
-    the loss).
-    """
-
-    def __init__(
-        self,
-        num_classes: int,
-        momentum: float = 0.01,
-        background: bool = True,
-        beta: str | float = "min_fg",
-        *,
-        background_index: int | None = None,
-        eps: float = EPS,
-    ):
-        super().__init__()
-        self.num_classes = int(num_classes)
-        if not 0.0 < float(momentum) <= 1.0:
-            raise ValueError(f"momentum must be in (0, 1], got {momentum!r}")
-        self.momentum = float(momentum)
-        self.background = bool(background)
-        self.beta = _check_beta(beta, self.background)
-        self.background_index = (self.num_classes if background_index is None else int(background_index)) if background else None
-        self.eps = float(eps)
-        k = self.num_classes + (1 if self.background else 0)
-        self.num_outputs = k
-        self.register_buffer("running_mean", torch.zeros(k, dtype=torch.float32))
-        self.register_buffer("running_var", torch.ones(k, dtype=torch.float32))
-        self.register_buffer("num_updates", torch.zeros((), dtype=torch.int64))
-        self._stepped = False
-
-    def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, momentum={self.momentum}, background={self.background}, beta={self.beta!r}"
-
-    def _fg(self) -> Tensor:
-        m = torch.ones(self.num_outputs, dtype=torch.bool, device=self.running_mean.device)
-        if self.background_index is not None:
-            m[self.background_index] = False
-        return m
-
-    def beta_value(self) -> Tensor:
-        b = self.beta
-        if isinstance(b, float):
-            return self.running_mean.new_tensor(b)
-        if b == "none":
-            return self.running_mean.new_zeros(())
-        fg = self.running_mean[self._fg()]
-        if b == "min_fg":
-            return fg.min()
-        if b == "mean_fg":
-            return fg.mean()
-        return self.running_mean[self.background_index]
-
-    @torch.no_grad()
-    def step(self, logits: Tensor) -> None:
-        """One EMA update with the raw logits ``[N, K]`` of this iteration (detached)."""
-        if logits.dim() != 2 or logits.shape[1] != self.num_outputs:
-            raise ValueError(f"OnlineLogitNormalization: expected logits [N, {self.num_outputs}], got {tuple(logits.shape)}")
-        self._stepped = True
-        if logits.shape[0] == 0:
-            return
-        x = logits.detach().to(torch.float64)
-        mean_b = x.mean(dim=0)
-        var_b = ((x - mean_b) ** 2).mean(dim=0)
-        m = self.momentum
-        self.running_mean.mul_(1.0 - m).add_((m * mean_b).to(self.running_mean.dtype))
-        self.running_var.mul_(1.0 - m).add_((m * var_b).to(self.running_var.dtype))
-        self.num_updates += 1
-
-    def forward(self, logits: Tensor) -> Tensor:
-        if not self.training:
-            return logits
-        if not self._stepped:
-            self.step(logits)
-        self._stepped = False
-        return self.denormalize(logits)
-
-    def denormalize(self, logits: Tensor) -> Tensor:
-        """``z * sigma + mu - beta`` on foreground columns with the current statistics (no update)."""
-        fg = self._fg()
-        sigma = torch.sqrt(self.running_var.clamp(min=self.eps))
-        scale = torch.where(fg, sigma, torch.ones_like(sigma)).to(logits.dtype)
-        shift = torch.where(fg, self.running_mean - self.beta_value(), torch.zeros_like(sigma)).to(logits.dtype)
-        return logits * scale + shift
-
-    @torch.no_grad()
-    def sync_state(self) -> None:
-        """Average the EMA statistics over DDP ranks (no-op in one process). The trainer calls
-        ``sync_state`` of every submodule after each optimizer step."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return
-        dev = self.running_mean.device
-        if dist.get_backend() == "nccl":
-            dev = torch.device("cuda", torch.cuda.current_device())
-        packed = torch.cat([self.running_mean, self.running_var]).to(dev)
-        dist.all_reduce(packed)
-        packed = (packed / dist.get_world_size()).to(self.running_mean.device)
-        k = self.num_outputs
-        self.running_mean.copy_(packed[:k])
-        self.running_var.copy_(packed[k:])
-
-
-class OnlineLogNLoss(ClassificationLoss):
-    """A classification loss trained on de-normalized logits (paper eq. 3), wrapping ``base_loss``.
-
-    Training: ``base_loss(OnlineLogitNormalization(logits), ...)``; ``update(logits, labels,
-    gt_index)`` first steps the EMA statistics, then calls ``base_loss.update`` with the
-    de-normalized logits (what the loss sees). Test time: ``scores(logits) =
-    base_loss.scores(logits)`` on the raw logits. ``kind``, ``has_background``, ``num_outputs``,
-    ``init_bias`` and ``uses_quality`` are the base loss's. State: ``base.*`` (the base loss's
-    buffers) and ``online.running_mean`` / ``online.running_var`` / ``online.num_updates``.
-
-    Args:
-        base_loss: any taildet :class:`~taildet.losses.base.ClassificationLoss`.
-        momentum: EMA momentum of the statistics (default 0.01).
-        beta: shift choice as :class:`LogitNormalizer` (default ``"min_fg"``).
-    """
-
-    def __init__(self, base_loss: nn.Module, momentum: float = 0.01, beta: str | float = "min_fg"):
-        if not isinstance(base_loss, ClassificationLoss):
-            raise TypeError(f"OnlineLogNLoss wraps a ClassificationLoss, got {type(base_loss).__name__}")
-        super().__init__(base_loss.num_classes)
-        self.base = base_loss
-        self.kind = base_loss.kind
-        self.has_background = base_loss.has_background
-        k = base_loss.num_outputs()
-        background = k == base_loss.num_classes + 1
-        if not background and k != base_loss.num_classes:
-            raise ValueError(
-                f"OnlineLogNLoss: {type(base_loss).__name__} has {k} outputs for {base_loss.num_classes} classes; "
-                "only C (sigmoid) or C + 1 (background last) heads are supported"
-            )
-        self.online = OnlineLogitNormalization(base_loss.num_classes, momentum, background=background, beta=beta)
-
-    @property
-    def uses_quality(self) -> bool:  # one-stage heads pass quality= only when the loss asks for it
-        return bool(getattr(self.base, "uses_quality", False))
-
-    def num_outputs(self) -> int:
-        return self.base.num_outputs()
-
-    def init_bias(self, bias: Tensor) -> None:
-        self.base.init_bias(bias)
-
-    def scores(self, logits: Tensor) -> Tensor:
-        return self.base.scores(logits)
-
-    def update(self, logits: Tensor, labels: Tensor, gt_index: Tensor | None = None) -> None:
-        if self.training:
-            self.online.step(logits)  # the loss of this iteration will not step again
-            logits = self.online.denormalize(logits.detach())
-        self.base.update(logits, labels, gt_index)
-
-    def forward(self, logits: Tensor, labels: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        if self.training and not self.online._stepped:
-            # the statistics of the rows the loss uses: one-stage heads mark ignored anchors -1
-            ignored = labels < 0
-            self.online.step(logits[~ignored] if bool(ignored.any()) else logits)
-        return self.base(self.online(logits), labels, *args, **kwargs)
-
-
-def online_logn_loss(num_classes: int, base: str = "softmax_ce", momentum: float = 0.01,
-                     beta: str | float = "min_fg", **base_kwargs: Any) -> "OnlineLogNLoss":
-    """Factory for the loss table: ``OnlineLogNLoss(build_loss(base, num_classes, **base_kwargs), ...)``."""
-    from taildet.losses import build_loss
-
-    return OnlineLogNLoss(build_loss(base, num_classes, **base_kwargs), momentum=momentum, beta=beta)

@@ -179,7 +179,7 @@ def finetune(cfg, from_checkpoint: str, resume: bool = False, progress: bool = T
     sampler = build_sampler(train_dataset, sampler_name, seed=tcfg.seed, rfs_threshold=cfg.data.rfs_threshold,
                             rfs_rounding=cfg.data.rfs_rounding)
     if ft.mfs.enabled:
-        from taildet.sampling.memory import check_frozen_features
+        from taildet.sampling.mfs import check_frozen_features
 
         check_frozen_features(model, ft.mfs.allow_stale_features)
     do_eval = cfg.eval.enabled if evaluate is None else evaluate
@@ -233,8 +233,8 @@ def _setup_mfs(cfg, model: torch.nn.Module, train_dataset, device: torch.device,
     """
     from taildet.engine.checkpoint import last_checkpoint, load_checkpoint
     from taildet.engine.distributed import get_rank
-    from taildet.sampling.memory import (MemoryAugmentedSampling, attach_mfs, check_frozen_features,
-                                         prefill_memory)
+    from taildet.sampling.mfs import MemoryAugmentedSampling, attach_mfs, check_frozen_features
+    from taildet.sampling.prefill import prefill_memory
 
     mc = cfg.finetune.mfs
     check_frozen_features(model, mc.allow_stale_features)  # before allocating the memory

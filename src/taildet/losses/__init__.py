@@ -16,6 +16,8 @@ from taildet.losses.base import ClassificationLoss
 from taildet.losses.eql import EQLLoss, EQLv2Loss
 from taildet.losses.equalized_focal import EqualizedFocalLoss, EqualizedQualityFocalLoss
 from taildet.losses.equilibrium import EquilibriumLoss
+from taildet.losses.mean_score import MeanScoreTracker
+from taildet.losses.online_logn import OnlineLogitNormalization, OnlineLogNLoss
 from taildet.losses.quality_focal import QualityFocalLoss
 from taildet.losses.seesaw import SeesawLoss
 from taildet.losses.sigmoid_bce import SigmoidBCELoss
@@ -24,7 +26,8 @@ from taildet.losses.softmax_ce import SoftmaxCrossEntropyLoss
 __all__ = [
     "LOSSES", "build_loss", "ClassificationLoss", "DATASET_STATISTICS", "dataset_statistics_needed",
     "fill_dataset_statistics", "SoftmaxCrossEntropyLoss", "SigmoidBCELoss", "BalancedSoftmaxLoss",
-    "BalancedSigmoidLoss", "EquilibriumLoss", "EQLLoss", "EQLv2Loss", "SeesawLoss", "EqualizedFocalLoss",
+    "BalancedSigmoidLoss", "EquilibriumLoss", "MeanScoreTracker", "OnlineLogitNormalization", "OnlineLogNLoss",
+    "online_logn_loss", "EQLLoss", "EQLv2Loss", "SeesawLoss", "EqualizedFocalLoss",
     "EqualizedQualityFocalLoss", "QualityFocalLoss",
 ]
 
@@ -36,10 +39,14 @@ def _sigmoid_focal(num_classes: int, **kwargs: Any) -> ClassificationLoss:
     return _construct(SigmoidFocalLoss, "sigmoid_focal", num_classes, kwargs)
 
 
-def _online_logn(num_classes: int, **kwargs: Any) -> ClassificationLoss:
-    """Lazy entry: LogN's online inverse variant around a base loss (taildet.calibration)."""
-    from taildet.calibration.logit_norm import online_logn_loss
+def online_logn_loss(num_classes: int, base: str = "softmax_ce", momentum: float = 0.01,
+                     beta: str | float = "min_fg", **base_kwargs: Any) -> OnlineLogNLoss:
+    """LogN's online inverse variant around a base loss (:mod:`taildet.losses.online_logn`):
+    ``OnlineLogNLoss(build_loss(base, num_classes, **base_kwargs), momentum, beta)``."""
+    return OnlineLogNLoss(build_loss(base, num_classes, **base_kwargs), momentum=momentum, beta=beta)
 
+
+def _online_logn(num_classes: int, **kwargs: Any) -> ClassificationLoss:
     return online_logn_loss(num_classes, **kwargs)
 
 

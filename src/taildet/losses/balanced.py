@@ -33,13 +33,15 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from taildet.losses.base import ClassificationLoss, SigmoidClassificationLoss, check_prior
-from taildet.losses.rowwise import SigmoidBCEKernel, SoftmaxOffsetKernel, compute_dtype, rowwise_loss
+from taildet.ops import use_fast_path
+from taildet.ops.rowwise import SigmoidBCEKernel, SoftmaxOffsetKernel, compute_dtype, rowwise_loss
 from taildet.losses.state import _short, as_class_vector, cached, check_finite_loss, check_inputs
 
-__all__ = ["BalancedSoftmaxLoss", "BalancedSigmoidLoss"]
+__all__ = ["BalancedSoftmaxLoss", "BalancedSigmoidLoss", "balanced_softmax_loss", "balanced_sigmoid_loss"]
 
 
 class BalancedSoftmaxLoss(ClassificationLoss):
@@ -111,8 +113,10 @@ class BalancedSoftmaxLoss(ClassificationLoss):
         adj = cached(self, "adj", self.instance_counts, dt, logits.device,
                      lambda: self.log_adjustment(torch.float64))
         w = None if weight is None else weight.detach().to(dt)
-        # CE(z + a, y), row-blocked with its closed-form gradient (taildet.losses.rowwise)
-        value = rowwise_loss(logits, SoftmaxOffsetKernel(labels, adj, w), logits.shape[0])
+        if use_fast_path(logits.device):  # row-blocked, closed-form gradient (taildet.ops.rowwise)
+            value = rowwise_loss(logits, SoftmaxOffsetKernel(labels, adj, w), logits.shape[0])
+        else:
+            value = balanced_softmax_loss(logits.to(dt), labels, adj, w)
         return check_finite_loss(self, value, logits)
 
 
@@ -163,6 +167,27 @@ class BalancedSigmoidLoss(SigmoidClassificationLoss):
         shift = cached(self, f"shift@{self.exact}", self.image_frequency, dt, logits.device,
                        lambda: self.shift(torch.float64))
         w = None if weight is None else weight.detach().to(dt)
-        # BCE(z + fg shift, onehot) summed / N, row-blocked without a dense target (taildet.losses.rowwise)
-        kernel = SigmoidBCEKernel(labels, self.num_classes, shift=shift, weight=w)
-        return check_finite_loss(self, rowwise_loss(logits, kernel, n), logits)
+        if use_fast_path(logits.device):  # row-blocked, no dense target (taildet.ops.rowwise)
+            kernel = SigmoidBCEKernel(labels, self.num_classes, shift=shift, weight=w)
+            value = rowwise_loss(logits, kernel, n)
+        else:
+            value = balanced_sigmoid_loss(logits.to(dt), labels, shift, w)
+        return check_finite_loss(self, value, logits)
+
+
+def balanced_softmax_loss(logits: Tensor, labels: Tensor, log_adjustment: Tensor, weight: Tensor | None) -> Tensor:
+    """Balanced Softmax (eq. 14/47) written plainly: ``sum_i w_i CE(z_i + a, y_i) / N`` with the
+    ``[K]`` adjustment ``a`` (``log n``, or ``log(n / max n)`` and 0 on the background column)."""
+    ce = F.cross_entropy(logits + log_adjustment, labels, reduction="none")
+    return (ce.sum() if weight is None else (ce * weight).sum()) / logits.shape[0]
+
+
+def balanced_sigmoid_loss(logits: Tensor, labels: Tensor, shift: Tensor, weight: Tensor | None) -> Tensor:
+    """Balanced Sigmoid (eq. 48 / the reference code) written plainly:
+    ``sum_ij w_i BCE(z_ij + fg_i shift_j, t_ij) / N``, ``t`` one-hot over ``C`` (background rows
+    all zero), ``fg_i = [y_i < C]``."""
+    C = logits.shape[1]
+    fg = (labels < C).to(logits.dtype)[:, None]
+    t = F.one_hot(labels, C + 1)[:, :C].to(logits.dtype)
+    bce = F.binary_cross_entropy_with_logits(logits + fg * shift, t, reduction="none").sum(1)
+    return (bce.sum() if weight is None else (bce * weight).sum()) / logits.shape[0]

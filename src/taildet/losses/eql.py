@@ -31,13 +31,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from taildet.losses.base import ClassificationLoss, SigmoidClassificationLoss, check_prior
-from taildet.losses.rowwise import Scratch, SigmoidBCEKernel, compute_dtype, rowwise_loss
 from taildet.losses.state import all_reduce_sum_, as_class_vector, cached, check_finite_loss, check_inputs
+from taildet.ops import use_fast_path
+from taildet.ops.eqlv2_kernel import EQLv2Kernel
+from taildet.ops.rowwise import SigmoidBCEKernel, compute_dtype, rowwise_loss
 
-__all__ = ["EQLLoss", "EQLv2Loss"]
+__all__ = ["EQLLoss", "EQLv2Loss", "eql_loss", "eqlv2_loss"]
 
 
 class EQLLoss(SigmoidClassificationLoss):
@@ -72,9 +75,24 @@ class EQLLoss(SigmoidClassificationLoss):
         rare = cached(self, f"rare@{self.lambda_}", self.image_frequency, dt, logits.device,
                       lambda: (self.image_frequency < self.lambda_).to(torch.float64))  # [C]: T_lambda(f_j)
         w = None if weight is None else weight.detach().to(dt)
-        # sum_ij w_i w_ij BCE(z_ij, t_ij) / N, row-blocked without a dense target (taildet.losses.rowwise)
-        kernel = SigmoidBCEKernel(labels, self.num_classes, suppress=rare, weight=w)
-        return check_finite_loss(self, rowwise_loss(logits, kernel, n), logits)
+        if use_fast_path(logits.device):  # row-blocked, no dense target (taildet.ops.rowwise)
+            kernel = SigmoidBCEKernel(labels, self.num_classes, suppress=rare, weight=w)
+            value = rowwise_loss(logits, kernel, n)
+        else:
+            value = eql_loss(logits.to(dt), labels, rare, w)
+        return check_finite_loss(self, value, logits)
+
+
+def eql_loss(logits: Tensor, labels: Tensor, rare: Tensor, weight: Tensor | None) -> Tensor:
+    """EQL (methods.md section 5) written plainly: ``sum_ij w_i w_ij BCE(z_ij, t_ij) / N`` with
+    ``w_ij = 1 - E(i) T_lambda(f_j) (1 - t_ij)``; ``rare`` ``[C]`` is ``T_lambda(f_j) = [f_j < lambda]``,
+    ``E(i) = [y_i < C]``, ``t`` one-hot over ``C`` (background rows all zero)."""
+    C = logits.shape[1]
+    t = F.one_hot(labels, C + 1)[:, :C].to(logits.dtype)
+    fg = (labels < C).to(logits.dtype)[:, None]
+    w_ij = 1.0 - fg * rare * (1.0 - t)
+    bce = (F.binary_cross_entropy_with_logits(logits, t, reduction="none") * w_ij).sum(1)
+    return (bce.sum() if weight is None else (bce * weight).sum()) / logits.shape[0]
 
 
 class EQLv2Loss(ClassificationLoss):
@@ -132,10 +150,15 @@ class EQLv2Loss(ClassificationLoss):
         dt = compute_dtype(logits.dtype)
         pos_w, neg_w = self.class_weights(dt, logits.device)
         w = None if weight is None else weight.detach().to(dt)
-        kernel = _EQLv2Kernel(labels, pos_w, neg_w, w, collect=self.training)
-        loss = check_finite_loss(self, rowwise_loss(logits, kernel, n), logits)
+        if use_fast_path(logits.device):  # row-blocked, no dense target (taildet.ops.eqlv2_kernel)
+            kernel = EQLv2Kernel(labels, pos_w, neg_w, w, collect=self.training)
+            loss = check_finite_loss(self, rowwise_loss(logits, kernel, n), logits)
+            pos_inc, neg_inc = kernel.pos_inc, kernel.neg_inc
+        else:
+            value, pos_inc, neg_inc = eqlv2_loss(logits.to(dt), labels, pos_w, neg_w, w)
+            loss = check_finite_loss(self, value, logits)
         if self.training:
-            self._accumulate(kernel.pos_inc, kernel.neg_inc)
+            self._accumulate(pos_inc, neg_inc)
         return loss
 
     @torch.no_grad()
@@ -150,50 +173,22 @@ class EQLv2Loss(ClassificationLoss):
         self.pos_neg.copy_(self.pos_grad / (self.neg_grad + 1e-10))
 
 
-class _EQLv2Kernel:
-    """Rows of EQLv2 (taildet.losses.rowwise) without a dense target matrix.
+def eqlv2_loss(logits: Tensor, labels: Tensor, pos_w: Tensor, neg_w: Tensor, weight: Tensor | None
+               ) -> tuple[Tensor, Tensor, Tensor]:
+    """EQLv2 (methods.md section 5) written plainly: ``(loss, pos_inc, neg_inc)``.
 
-    Every row has exactly one target column (its label; the objectness column for background), so
-    ``sum_j w_ij BCE(z_ij, t_ij) = sum_j neg_w_j softplus(z_ij)`` corrected on the target entry to
-    ``pos_w_y softplus(-z_iy)``; the gradient is ``neg_w_j sigmoid(z_ij)`` corrected to
-    ``pos_w_y (sigmoid(z_iy) - 1)``. With ``collect``, the forward also sums ``|gradient|`` per
-    class into ``pos_inc`` / ``neg_inc`` (float64, ``[C + 1]``) for the state update.
+    ``loss = sum_ij w_i w_ij BCE(z_ij, t_ij) / N`` with ``w_ij = pos_w_j t_ij + neg_w_j (1 - t_ij)``
+    (``t`` one-hot over ``C + 1``); ``pos_inc`` / ``neg_inc`` ``[C + 1]`` (float64) are this batch's
+    gradient statistics ``sum_i g w t`` and ``sum_i g w (1 - t)`` with ``g = |sigmoid(z) - t|``
+    (detached), ``w`` the full weight.
     """
-
-    def __init__(self, labels: Tensor, pos_w: Tensor, neg_w: Tensor, weight: Tensor | None, collect: bool):
-        self.labels, self.pos_w, self.neg_w, self.weight = labels, pos_w, neg_w, weight
-        self.collect = collect
-        k = pos_w.shape[0]
-        self.pos_inc = torch.zeros(k, dtype=torch.float64, device=pos_w.device)
-        self.neg_inc = torch.zeros(k, dtype=torch.float64, device=pos_w.device)
-
-    def loss(self, z: Tensor, rows: slice, scratch: Scratch) -> Tensor:
-        y = self.labels[rows]
-        sp = torch._C._nn.softplus(z, 1, 20, out=scratch(z, 0))  # F.softplus into a work buffer
-        zy = z.gather(1, y[:, None]).squeeze(1)
-        spy = sp.gather(1, y[:, None]).squeeze(1)
-        pw, nw = self.pos_w[y], self.neg_w[y]
-        row = torch.mv(sp, self.neg_w) - nw * spy + pw * (spy - zy)  # softplus(-z) = softplus(z) - z
-        w = self.weight[rows] if self.weight is not None else None
-        if self.collect:
-            sig = torch.sigmoid(z, out=scratch(z, 1))
-            sy = sig.gather(1, y[:, None]).squeeze(1)
-            # the target entries out of the column sums (not subtracted afterwards: confident
-            # positives would cancel most of a small G- in float32)
-            sig.scatter_(1, y[:, None], 0.0)
-            col = torch.mv(sig.t(), w) if w is not None else sig.sum(0)
-            target_pos = pw * (1.0 - sy)
-            if w is not None:
-                target_pos = target_pos * w
-            f64 = torch.float64
-            self.neg_inc += (col * self.neg_w).to(f64)
-            self.pos_inc.index_add_(0, y, target_pos.to(f64))
-        return (row * w).sum() if w is not None else row.sum()
-
-    def grad(self, z: Tensor, rows: slice, scale: Tensor, out: Tensor, scratch: Scratch) -> None:
-        y = self.labels[rows, None]
-        torch.sigmoid(z, out=out)
-        sy = out.gather(1, y)
-        out.mul_(self.neg_w)
-        out.scatter_(1, y, self.pos_w[y] * (sy - 1.0))
-        out.mul_(scale if self.weight is None else (self.weight[rows] * scale)[:, None])
+    t = F.one_hot(labels, logits.shape[1]).to(logits.dtype)
+    w_ij = pos_w * t + neg_w * (1.0 - t)
+    if weight is not None:
+        w_ij = w_ij * weight[:, None]
+    value = F.binary_cross_entropy_with_logits(logits, t, weight=w_ij, reduction="sum") / logits.shape[0]
+    with torch.no_grad():
+        g = (torch.sigmoid(logits.detach()) - t).abs() * w_ij
+        pos_inc = (g * t).sum(0).to(torch.float64)
+        neg_inc = (g * (1.0 - t)).sum(0).to(torch.float64)
+    return value, pos_inc, neg_inc

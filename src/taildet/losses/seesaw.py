@@ -30,17 +30,21 @@ RoIs); taildet's choice makes the state independent of the number of GPUs.
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from taildet.losses.base import ClassificationLoss
-from taildet.losses.rowwise import (Scratch, compute_dtype, log_softmax_, minus_ones, rowwise_loss,
-                                    softmax_target_log_prob_)
+from taildet.ops import use_fast_path
+from taildet.ops.rowwise import compute_dtype, log_softmax_, rowwise_loss
+from taildet.ops.seesaw_kernel import SeesawKernel
 from taildet.losses.state import all_reduce_sum_, check_finite_loss, check_inputs
 
-__all__ = ["SeesawLoss"]
+__all__ = ["SeesawLoss", "seesaw_loss", "seesaw_log_factors"]
 
 
 class SeesawLoss(ClassificationLoss):
@@ -105,8 +109,12 @@ class SeesawLoss(ClassificationLoss):
         dt = compute_dtype(logits.dtype)
         log_n = self.log_counts(dt, logits.device) if self.p > 0 else None
         w = None if weight is None else weight.detach().to(dt)
-        kernel = _SeesawKernel(labels, C, log_n, self.p, self.q, self.eps, w)
-        return check_finite_loss(self, rowwise_loss(logits, kernel, n), logits)
+        factors = functools.partial(seesaw_log_factors, log_n=log_n, p=self.p, q=self.q, eps=self.eps)
+        if use_fast_path(logits.device):  # row-blocked, closed-form gradient (taildet.ops.seesaw_kernel)
+            value = rowwise_loss(logits, SeesawKernel(labels, C, factors, w), n)
+        else:
+            value = seesaw_loss(logits.to(dt), labels, C, factors, w)
+        return check_finite_loss(self, value, logits)
 
 
 def seesaw_log_factors(class_logits: Tensor, labels: Tensor, log_n: Tensor | None, p: float, q: float, eps: float,
@@ -132,72 +140,17 @@ def seesaw_log_factors(class_logits: Tensor, labels: Tensor, log_n: Tensor | Non
     return adj
 
 
-class _SeesawKernel:
-    """Rows of the Seesaw loss (taildet.losses.rowwise): objectness CE on every row plus the class
-    CE of ``z + log(M C)`` on foreground rows, each times the per-RoI weight.
-
-    The forward leaves both softmaxes in the ``[r, C + 2]`` buffer that becomes the gradient
-    (class columns zero on background rows), so the backward is a subtraction of the one-hot
-    targets and a row scaling: two exponential passes over the foreground rows in all (the
-    compensation factor's softmax and the adjusted logits' softmax)."""
-
-    def __init__(self, labels: Tensor, num_classes: int, log_n: Tensor | None, p: float, q: float, eps: float,
-                 weight: Tensor | None):
-        self.labels, self.C, self.log_n = labels, num_classes, log_n
-        self.p, self.q, self.eps, self.weight = p, q, eps, weight
-
-    def _split(self, rows: slice):
-        """Objectness targets ``[r, 1]``, foreground row indices ``[P]`` and their labels ``[P]``."""
-        y = self.labels[rows]
-        return (y == self.C).long()[:, None], torch.nonzero(y < self.C).flatten(), y
-
-    def _adjusted(self, z: Tensor, pos: Tensor, yp: Tensor, scratch: Scratch | None) -> Tensor:
-        """The foreground rows' adjusted class logits ``z + log(M C)`` ``[P, C]`` (in work buffers
-        when ``scratch`` is given)."""
-        shape = (pos.shape[0], self.C)
-        buf = (lambda slot: None) if scratch is None else (lambda slot: scratch.empty(shape, z.dtype, z.device, slot))
-        zc = buf(1)
-        zc = torch.index_select(z[:, : self.C], 0, pos, out=zc) if zc is not None else z[:, : self.C].index_select(0, pos)
-        adj = seesaw_log_factors(zc, yp, self.log_n, self.p, self.q, self.eps, out=buf(2), work=buf(3))
-        return zc.add_(adj)
-
-    def loss(self, z: Tensor, rows: slice, scratch: Scratch) -> Tensor:
-        return self.loss_keep(z, rows, scratch(z), scratch)
-
-    def loss_keep(self, z: Tensor, rows: slice, keep: Tensor, scratch: Scratch | None = None) -> Tensor:
-        """:meth:`loss`, leaving in ``keep`` ``[r, C + 2]`` the class softmax of the adjusted logits
-        (foreground rows; 0 on background rows) and the objectness softmax."""
-        C = self.C
-        scratch = Scratch() if scratch is None else scratch
-        obj_t, pos, y = self._split(rows)
-        yp = y[pos]
-        zc = self._adjusted(z, pos, yp, scratch)
-        cls = -softmax_target_log_prob_(zc, yp[:, None],
-                                        lambda idx: self._adjusted(z, pos[idx], yp[idx], None))
-        lo = torch.log_softmax(z[:, C:], dim=1)
-        obj = -lo.gather(1, obj_t).squeeze(1)
-        keep_cls = keep[:, :C]
-        if pos.shape[0] < y.shape[0]:
-            keep_cls.zero_()  # (index_fill_ of the background rows: single-threaded, ~10x slower)
-        keep_cls.index_copy_(0, pos, zc)
-        torch.exp(lo, out=keep[:, C:])
-        if self.weight is None:
-            return obj.sum() + cls.sum()
-        w = self.weight[rows]
-        return (obj * w).sum() + (cls * w[pos]).sum()
-
-    def grad_from_kept(self, kept: Tensor, rows: slice, scale: Tensor) -> None:
-        """:meth:`grad` in place from :meth:`loss_keep`'s buffer: ``scale * w (softmax - onehot)``."""
-        C = self.C
-        obj_t, pos, y = self._split(rows)
-        kept.index_put_((pos, y[pos]), minus_ones(pos.shape[0], kept.dtype, kept.device).squeeze(1), accumulate=True)
-        kept[:, C:].scatter_add_(1, obj_t, minus_ones(obj_t.shape[0], kept.dtype, kept.device))
-        if self.weight is None:
-            kept.mul_(scale)
-        else:
-            kept.mul_((self.weight[rows] * scale)[:, None])
-
-    def grad(self, z: Tensor, rows: slice, scale: Tensor, out: Tensor, scratch: Scratch) -> None:
-        # the same op sequence as loss_keep + grad_from_kept, so every backward gives the same bits
-        self.loss_keep(z, rows, out, scratch)
-        self.grad_from_kept(out, rows, scale)
+def seesaw_loss(logits: Tensor, labels: Tensor, num_classes: int, log_factors: Callable[..., Tensor],
+                weight: Tensor | None) -> Tensor:
+    """The Seesaw loss (methods.md section 5, mmdetection's objectness pair) written plainly:
+    ``(sum_i w_i CE(z_i[C:], [y_i == C]) + sum_{i fg} w_i CE(z_i[:C] + log(M_i C_i), y_i)) / N``;
+    ``log_factors(class_logits, labels)`` gives ``log(M_ij C_ij)`` of the foreground rows (from the
+    detached logits: no gradient through the factors)."""
+    C = num_classes
+    obj = F.cross_entropy(logits[:, C:], (labels == C).long(), reduction="none")
+    pos = labels < C
+    zc = logits[pos, :C]
+    cls = F.cross_entropy(zc + log_factors(zc.detach(), labels[pos]), labels[pos], reduction="none")
+    if weight is None:
+        return (obj.sum() + cls.sum()) / logits.shape[0]
+    return ((obj * weight).sum() + (cls * weight[pos]).sum()) / logits.shape[0]

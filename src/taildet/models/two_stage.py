@@ -181,7 +181,7 @@ class TailRoIHeads(RoIHeads):
     applied at inference only, before ``loss.scores`` (LogN, logit adjustment). Default None. As a
     submodule, its parameters/buffers appear in the model's ``state_dict`` while it is set.
 
-    ``mfs`` -- optional :class:`taildet.sampling.memory.MemoryAugmentedSampling` (LOCE's MFS),
+    ``mfs`` -- optional :class:`taildet.sampling.mfs.MemoryAugmentedSampling` (LOCE's MFS),
     used in training only. When set, each training forward: enqueues the current GTs' jittered-box
     features, samples the memory, runs the box head on the sampled RoIs and the memory samples
     together, updates the loss state with the memory samples' logits and labels, and computes the

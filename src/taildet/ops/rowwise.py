@@ -27,12 +27,13 @@ per-RoI weights and every statistic the kernel holds get no gradient.
 
 from __future__ import annotations
 
-import threading
 from typing import Protocol
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from taildet.ops.pool import DEFAULT_BLOCK_BYTES, Scratch
 
 __all__ = ["RowKernel", "Scratch", "rowwise_loss", "block_rows", "compute_dtype", "softmax_", "log_softmax_", "minus_ones",
            "softmax_target_log_prob_", "SoftmaxOffsetKernel", "SigmoidBCEKernel",
@@ -40,7 +41,7 @@ __all__ = ["RowKernel", "Scratch", "rowwise_loss", "block_rows", "compute_dtype"
 
 #: Target size of one block of rows on CPU (bytes of ``float32`` logits): well under glibc's
 #: dynamic ``mmap`` threshold (32 MB), so block temporaries are reused from the heap.
-BLOCK_BYTES = 8 << 20
+BLOCK_BYTES = DEFAULT_BLOCK_BYTES
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -54,47 +55,6 @@ def block_rows(logits: Tensor) -> int:
     if logits.device.type != "cpu":
         return max(n, 1)
     return max(1, min(n, BLOCK_BYTES // (4 * max(k, 1))))
-
-
-class Scratch:
-    """Block-sized work buffers for the kernels.
-
-    On CPU the buffers persist between loss evaluations (per thread; at most :data:`BLOCK_BYTES`
-    per slot, a few slots): a fresh multi-megabyte temporary costs page faults every time, which is
-    what made these losses slow. Elsewhere (GPU: the caching allocator already reuses memory) they
-    live for one evaluation. A buffer is valid until the next call with the same slot; kernels use
-    them inside one block only.
-    """
-
-    _persistent = threading.local()
-
-    def __init__(self) -> None:
-        self._local: dict[int, Tensor] = {}
-
-    def __call__(self, like: Tensor, slot: int = 0) -> Tensor:
-        """An uninitialised buffer shaped and typed like ``like``; ``slot`` picks one of several
-        independent buffers."""
-        return self.empty(like.shape, like.dtype, like.device, slot)
-
-    def empty(self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device,
-              slot: int = 0) -> Tensor:
-        """An uninitialised contiguous buffer of ``shape`` / ``dtype`` on ``device``."""
-        device = torch.device(device)
-        if device.type == "cpu":
-            store = getattr(self._persistent, "bufs", None)
-            if store is None:
-                store = self._persistent.bufs = {}
-        else:
-            store = self._local
-        numel = 1
-        for d in shape:
-            numel *= int(d)
-        buf = store.get(slot)
-        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
-            buf = torch.empty(max(numel, 1), dtype=dtype, device=device)
-            if device.type != "cpu" or numel * buf.element_size() <= 2 * BLOCK_BYTES:
-                store[slot] = buf
-        return buf[:numel].view(tuple(shape))
 
 
 _MINUS_ONES: dict[tuple, Tensor] = {}
@@ -167,7 +127,7 @@ class _RowwiseLoss(torch.autograd.Function):
         ctx.kept = None
         if grad_wanted and ctx.needs_input_grad[0] and dt == logits.dtype and hasattr(kernel, "loss_keep"):
             ctx.kept = torch.empty_like(logits, memory_format=torch.contiguous_format)
-        scratch = Scratch()
+        scratch = Scratch(BLOCK_BYTES)
         total = None
         single = len(ctx.blocks) == 1
         for rows in ctx.blocks:
@@ -197,13 +157,13 @@ class _RowwiseLoss(torch.autograd.Function):
                 kernel.grad_from_kept(grad if single else grad[rows], rows, scale)
             return grad, None, None, None
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-        scratch = Scratch()
+        scratch = Scratch(BLOCK_BYTES)
         for rows in ctx.blocks:
             if dt == logits.dtype:
                 kernel.grad(logits[rows], rows, scale, grad[rows], scratch)
             else:
                 z = logits[rows].to(dt)
-                tmp = scratch(z, slot=99)
+                tmp = scratch(z, "grad_in_compute_dtype")
                 kernel.grad(z, rows, scale, tmp, scratch)
                 grad[rows].copy_(tmp)
         return grad, None, None, None
@@ -282,7 +242,7 @@ class SoftmaxOffsetKernel:
         return torch.add(z, self.offset, out=out)
 
     def loss(self, z: Tensor, rows: slice, scratch: Scratch) -> Tensor:
-        return self.loss_keep(z, rows, scratch(z))
+        return self.loss_keep(z, rows, scratch(z, "softmax"))
 
     def loss_keep(self, z: Tensor, rows: slice, keep: Tensor) -> Tensor:
         """:meth:`loss`, leaving the softmax ``softmax(z + a)`` of the block in ``keep`` (what
@@ -354,8 +314,8 @@ class SigmoidBCEKernel:
 
     def loss(self, z: Tensor, rows: slice, scratch: Scratch) -> Tensor:
         fg, pos, yp = self._split(rows)
-        x = self._x(z, fg, scratch(z, 0))
-        sp = torch._C._nn.softplus(x, 1, 20, out=scratch(z, 1))  # F.softplus into a work buffer
+        x = self._x(z, fg, scratch(z, "shifted"))
+        sp = torch._C._nn.softplus(x, 1, 20, out=scratch(z, "softplus"))  # F.softplus into a work buffer
         if self.suppress is None:
             row = sp.sum(1)
         else:
@@ -380,7 +340,7 @@ class SigmoidBCEKernel:
             else:
                 s_y = out[pos, yp]
                 fg_rows = torch.index_select(out, 0, pos, out=scratch.empty((pos.shape[0], self.C), out.dtype,
-                                                                             out.device, slot=2))
+                                                                             out.device, "fg_rows"))
                 out.index_copy_(0, pos, fg_rows.mul_(self._keep))
                 out.index_put_((pos, yp), s_y - 1.0)
         out.mul_(scale if self.weight is None else (self.weight[rows] * scale)[:, None])
