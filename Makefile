@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all bench bench-docs compare evidence docs clean-venv
+.PHONY: demo test test-all lint bench bench-docs compare evidence docs clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,8 +17,13 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/taildet demo
 
+# Lint first (ruff, the rules in pyproject.toml [tool.ruff.lint]), then the fast tests
 test: $(STAMP)
+	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check src tests benchmarks
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ""

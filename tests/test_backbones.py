@@ -12,12 +12,7 @@ from taildet.errors import ConfigError, DataError
 from taildet.models import build_backbone
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the test machine is shared; avoid OpenMP oversubscription
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _norm_types(net: nn.Module) -> set[type]:

@@ -31,12 +31,7 @@ from taildet.models.one_stage import build_retinanet
 C = 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # shared machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _Boxes(torch.utils.data.Dataset):

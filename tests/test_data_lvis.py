@@ -7,7 +7,6 @@ import json
 import os
 import warnings
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,8 +21,9 @@ from taildet.data.lvis import (
     load_lvis,
 )
 from taildet.errors import DataError
+from helpers import LVIS_VAL_100
 
-LVIS_SAMPLE = str(Path(__file__).parent / "data" / "lvis_v0.5_val_100.json")  # vendored, see tests/data/README.md
+LVIS_SAMPLE = str(LVIS_VAL_100)
 
 
 def make_data() -> dict:

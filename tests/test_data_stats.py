@@ -10,8 +10,7 @@ import pytest
 
 from taildet.data.stats import dataset_stats, format_stats, frequency_from_image_count, plot_long_tail
 from taildet.errors import DataError
-
-LVIS_VAL_100 = Path(__file__).parent / "data" / "lvis_v0.5_val_100.json"  # vendored, see tests/data/README.md
+from helpers import LVIS_VAL_100
 
 
 def _tiny() -> dict:

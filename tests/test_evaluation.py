@@ -12,7 +12,6 @@ import json
 import math
 import os
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,8 +26,9 @@ from taildet.evaluation import (
     save_results,
     top_k_per_class,
 )
+from helpers import LVIS_VAL_100
 
-SAMPLE = Path(__file__).parent / "data" / "lvis_v0.5_val_100.json"  # vendored, see tests/data/README.md
+SAMPLE = LVIS_VAL_100
 HALF = 51 / 101
 
 

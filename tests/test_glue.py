@@ -18,34 +18,14 @@ import torch
 
 from taildet.config import apply_overrides, load_config
 from taildet.models import build_faster_rcnn
+from helpers import SMALL, two_image_batch
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.usefixtures("one_thread")]
 
 REPO = Path(__file__).resolve().parents[1]
 C = 5
-SMALL = dict(min_size=96, max_size=96, representation_size=64, box_batch_size_per_image=64,
-             rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=150, rpn_pre_nms_top_n_test=300,
-             rpn_post_nms_top_n_test=150)
 #: non-uniform EBL mean scores [C + 1] (background last): the update order shows in the loss
 S0 = [0.6, 0.02, 0.3, 0.001, 0.15, 0.01]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the test machine is shared
-    yield
-    torch.set_num_threads(n)
-
-
-def _data():
-    g = torch.Generator().manual_seed(0)
-    images = [torch.rand(3, 96, 96, generator=g) for _ in range(2)]
-    targets = [
-        {"boxes": torch.tensor([[10.0, 12.0, 40.0, 44.0], [50.0, 20.0, 90.0, 70.0]]), "labels": torch.tensor([0, 3])},
-        {"boxes": torch.tensor([[5.0, 5.0, 30.0, 60.0], [40.0, 40.0, 80.0, 90.0]]), "labels": torch.tensor([4, 1])},
-    ]
-    return images, targets
 
 
 # ----------------------------------------------------------------------------- model -> loss: EBL
@@ -72,7 +52,7 @@ def test_ebl_mean_score_update_comes_before_the_loss_of_the_same_iteration():
     loss = model.roi_heads.loss
     loss.mean_score.copy_(torch.tensor(S0))
     seen = _spy_loss_calls(loss)
-    images, targets = _data()
+    images, targets = two_image_batch()
     model.train()
     value = model(images, targets)["loss_classifier"].detach()
     s_new = loss.mean_score.clone()
@@ -99,7 +79,7 @@ def test_ebl_with_mfs_updates_mean_score_from_memory_before_the_loss():
     loss = model.roi_heads.loss
     loss.mean_score.copy_(torch.tensor(S0))
     seen = _spy_loss_calls(loss)
-    images, targets = _data()
+    images, targets = two_image_batch()
     model.train()
     model(images, targets)
     assert model.roi_heads.mfs.last_batch is not None and model.roi_heads.mfs.last_batch.labels.numel() > 0

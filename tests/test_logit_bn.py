@@ -30,12 +30,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 C = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # shared machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(classifier="cosine", momentum=0.1, **kw):

@@ -27,17 +27,13 @@ from taildet.losses import (
     SeesawLoss,
     build_loss,
 )
+from helpers import two_image_batch
 
 C = 4
 N = 9
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # shared machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch(k: int, n: int = N, seed: int = 0, scale: float = 2.0):
@@ -587,12 +583,7 @@ def test_in_faster_rcnn_train_step_and_eval(name, classifier):
     model = build_faster_rcnn(MC, loss=name, loss_kwargs=MODEL_KWARGS[name], classifier=classifier, **SMALL)
     loss = model.roi_heads.loss
     assert model.roi_heads.box_predictor.cls_score.weight.shape[0] == loss.num_outputs()
-    g = torch.Generator().manual_seed(0)
-    images = [torch.rand(3, 96, 96, generator=g) for _ in range(2)]
-    targets = [
-        {"boxes": torch.tensor([[10.0, 12.0, 40.0, 44.0], [50.0, 20.0, 90.0, 70.0]]), "labels": torch.tensor([0, 3])},
-        {"boxes": torch.tensor([[5.0, 5.0, 30.0, 60.0], [40.0, 40.0, 80.0, 90.0]]), "labels": torch.tensor([4, 1])},
-    ]
+    images, targets = two_image_batch()
     state_before = {k: v.clone() for k, v in loss.state_dict().items()}
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)

@@ -22,12 +22,7 @@ COUNTS = [500.0, 90.0, 40.0, 12.0, 5.0, 2.0, 1.0]
 FREQ = [0.4, 0.2, 0.05, 0.009, 0.3, 0.001, 0.0005]  # EQL with lambda 0.01: classes 3, 5, 6 rare
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _inputs(k, seed=0, dtype=torch.float64):

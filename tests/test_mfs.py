@@ -19,32 +19,12 @@ from taildet.sampling import (SIGN_PATTERNS, ClassMemory, MemoryAugmentedSamplin
                               attach_mfs, check_frozen_features, jitter_boxes, make_batch_entries,
                               make_memory_entries,
                               observe_mean_score, prefill_image_indices)
+from helpers import SMALL, two_image_batch
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.usefixtures("one_thread")]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 C = 5
-SMALL = dict(min_size=96, max_size=96, representation_size=64, box_batch_size_per_image=64,
-             rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=150, rpn_pre_nms_top_n_test=300,
-             rpn_post_nms_top_n_test=150)
 LOCE_FREEZE = [r"^backbone\.", r"^roi_heads\.box_head\."]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the test machine is shared
-    yield
-    torch.set_num_threads(n)
-
-
-def _data():
-    g = torch.Generator().manual_seed(0)
-    images = [torch.rand(3, 96, 96, generator=g) for _ in range(2)]
-    targets = [
-        {"boxes": torch.tensor([[10.0, 12.0, 40.0, 44.0], [50.0, 20.0, 90.0, 70.0]]), "labels": torch.tensor([0, 3])},
-        {"boxes": torch.tensor([[5.0, 5.0, 30.0, 60.0], [40.0, 40.0, 80.0, 90.0]]), "labels": torch.tensor([4, 1])},
-    ]
-    return images, targets
 
 
 def _model(loss="equilibrium", capacity=16, **mfs_kw):
@@ -228,7 +208,7 @@ def test_memory_samples_reach_the_losses():
         return loss_update(logits, labels, gt_index, extra_logits=extra_logits, extra_labels=extra_labels)
 
     rh.loss.forward, rh.box_regression_loss, rh.loss.update = spy_loss, spy_box, spy_update
-    images, targets = _data()
+    images, targets = two_image_batch()
     model.train()
     losses = model(images, targets)
     sum(losses.values()).backward()
@@ -265,7 +245,7 @@ def test_enqueue_pools_only_written_entries_and_matches_pooling_all():
     pooling only the written boxes leaves the same memory as pooling all and enqueueing them."""
     model = _model(capacity=16)
     rh, mfs = model.roi_heads, model.roi_heads.mfs
-    images, _ = _data()
+    images, _ = two_image_batch()
     targets = [
         {"boxes": torch.tensor([[10.0, 12.0, 40.0, 44.0], [50.0, 20.0, 90.0, 70.0], [200.0, 200.0, 230.0, 240.0]]),
          "labels": torch.tensor([2, 3, 1])},
@@ -301,7 +281,7 @@ def test_enqueue_pools_only_written_entries_and_matches_pooling_all():
 def test_background_enqueue_during_rpn_equals_inline_enqueue():
     """With ``overlap`` the enqueue starts in a background thread when the RPN starts; memory,
     mean scores and losses equal the inline enqueue's."""
-    images, targets = _data()
+    images, targets = two_image_batch()
     results = []
     for overlap in (True, False):
         model = _model()
@@ -309,7 +289,7 @@ def test_background_enqueue_during_rpn_equals_inline_enqueue():
         mfs.overlap = overlap
         started = []
         start = mfs.start_enqueue
-        mfs.start_enqueue = lambda *a, **k: (started.append(1), start(*a, **k))
+        mfs.start_enqueue = lambda *a, **k: (started.append(1), start(*a, **k))  # noqa: B023 (called within this iteration only)
         model.train()
         torch.manual_seed(1)
         losses = [{k: float(v.detach()) for k, v in model(images, targets).items()} for _ in range(2)]
@@ -329,7 +309,7 @@ def test_mfs_with_plain_ce_keeps_an_observer_mean_score():
     from taildet.engine.checkpoint import load_model_weights
 
     model = _model(loss="softmax_ce")
-    images, targets = _data()
+    images, targets = two_image_batch()
     model.train()
     model(images, targets)
     obs = model.roi_heads.mfs.observer

@@ -16,22 +16,14 @@ from taildet.losses.equalized_focal import EqualizedFocalLoss, EqualizedQualityF
 from taildet.models.atss import TailATSS, atss_assign, build_atss
 from taildet.models.build import build_model
 from taildet.models.one_stage import build_fcos, build_retinanet
+from helpers import random_batch
 
 C = 5
 S = 96
 
 
 def _data(batch: int = 2, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    images = [torch.rand(3, S, S, generator=g) for _ in range(batch)]
-    targets = []
-    for i in range(batch):
-        n = 1 + i % 3
-        xy = torch.randint(0, 50, (n, 2), generator=g).float()
-        wh = torch.randint(14, 40, (n, 2), generator=g).float()
-        boxes = torch.cat([xy, (xy + wh).clamp(max=S)], 1)
-        targets.append({"boxes": boxes, "labels": torch.randint(0, C, (n,), generator=g)})
-    return images, targets
+    return random_batch(C, batch, seed, S)
 
 
 def _atss(**kw) -> TailATSS:

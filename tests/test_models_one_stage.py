@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch import nn
 from torchvision.models.detection import FCOS, RetinaNet
-from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.retinanet import RetinaNetClassificationHead
 from torchvision.ops import boxes as box_ops
 
@@ -25,6 +24,7 @@ from taildet.models.one_stage import (
     default_anchor_sizes,
     feature_strides,
 )
+from helpers import random_batch
 
 C = 6
 S = 96
@@ -52,17 +52,7 @@ class TinyNet(nn.Module):
 
 
 def _data(batch: int = 2, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    images = [torch.rand(3, S, S, generator=g) for _ in range(batch)]
-    targets = []
-    for i in range(batch):
-        n = 1 + i % 3
-        xy = torch.randint(0, 50, (n, 2), generator=g).float()
-        wh = torch.randint(14, 40, (n, 2), generator=g).float()
-        boxes = torch.cat([xy, (xy + wh).clamp(max=S)], 1)
-        labels = torch.randint(0, C, (n,), generator=g)
-        targets.append({"boxes": boxes, "labels": labels})
-    return images, targets
+    return random_batch(C, batch, seed, S)
 
 
 def _retina(**kw) -> TailRetinaNet:

@@ -12,26 +12,12 @@ from taildet.errors import ConfigError, DataError
 from taildet.models import build_classifier, build_faster_rcnn, build_mask_rcnn, build_model
 from taildet.models.classifiers import NormalizedLinear
 from taildet.models.two_stage import TailRoIHeads, prepare_targets
+from helpers import SMALL
 
 C = 5
-SMALL = dict(
-    min_size=96,
-    max_size=96,
-    representation_size=64,
-    box_batch_size_per_image=64,
-    rpn_pre_nms_top_n_train=300,
-    rpn_post_nms_top_n_train=150,
-    rpn_pre_nms_top_n_test=300,
-    rpn_post_nms_top_n_test=150,
-)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the test machine is shared; avoid OpenMP oversubscription
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(masks: bool = False):

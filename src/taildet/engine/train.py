@@ -35,7 +35,7 @@ import torch
 from taildet.engine.checkpoint import (LAST_CHECKPOINT_FILE, get_rng_state, last_checkpoint, load_checkpoint,
                                        load_model_weights,
                                        save_checkpoint, set_rng_state)
-from taildet.engine.distributed import (all_gather_object, barrier, broadcast_object, get_local_rank, get_rank,
+from taildet.engine.distributed import (all_gather_object, barrier, broadcast_object, get_rank,
                                         get_world_size, init_distributed, is_main_process, main_process_check,
                                         reduce_loss_dict,
                                         sync_loss_state, unwrap_model)

@@ -13,7 +13,6 @@ the softmax with the background column dropped (the base class's :meth:`scores`)
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
