@@ -191,7 +191,7 @@ def test_posthoc_logit_adjustment_fits_softmax_and_sigmoid_heads(tmp_path):
         mc = apply_overrides(cfg, [f"model.loss={loss}"]).model
         model = build_model(mc.arch, num_classes, **mc.kwargs)
         adjust(model)
-        assert model.roi_heads.logit_transform.background is background
+        assert model.cls_head.logit_transform.background is background
 
 
 def test_recipe_opts_reach_the_posthoc_evaluation(tmp_path, monkeypatch):

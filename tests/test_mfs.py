@@ -314,7 +314,7 @@ def test_background_enqueue_during_rpn_equals_inline_enqueue():
         losses = [{k: float(v.detach()) for k, v in model(images, targets).items()} for _ in range(2)]
         assert len(started) == (2 if overlap else 0) and mfs._pending is None
         results.append((losses, mfs.memory.count.clone(), [mfs.memory.entries(c) for c in range(C)],
-                        model.roi_heads.loss.mean_score.clone()))
+                        model.cls_head.loss.mean_score.clone()))
     (l_a, n_a, e_a, s_a), (l_b, n_b, e_b, s_b) = results
     assert l_a == l_b and torch.equal(n_a, n_b) and torch.equal(s_a, s_b)
     for a, b in zip(e_a, e_b):
@@ -421,7 +421,7 @@ def test_loce_finetune_runs_resumes_and_evaluates(stage1):
     assert seen["filled"] > 0                                        # pre-filled before iteration 1
     run_dir = cfg.output_dir
     saved = load_checkpoint(os.path.join(run_dir, "checkpoint_0000002.pth"))["model"]
-    s2 = saved["roi_heads.loss.mean_score"]
+    s2 = saved["cls_head.loss.mean_score"]
     assert not torch.allclose(s2[:-1], torch.full_like(s2[:-1], 0.01))
 
     resumed = {}

@@ -43,7 +43,6 @@ from taildet.engine.inference import eval_caps, evaluate_results, inference, lis
 from taildet.engine.schedule import build_scheduler
 from taildet.errors import ConfigError, OutputError, TaildetError
 from taildet.fileio import atomic_write_text
-from taildet.losses.equalized_focal import set_grad_scale
 
 __all__ = [
     "TrainingDivergedError",
@@ -334,8 +333,9 @@ def _truncate_metrics(path: str, iteration: int) -> None:
 
 def amp_setup(tcfg, device: torch.device) -> tuple[bool, torch.amp.GradScaler]:
     """``train.amp``: whether the training loop runs under autocast (CUDA only) and its GradScaler
-    (a disabled one without AMP). The loop tells losses that keep gradient statistics (EFL, EQFL)
-    the scaler's scale before each backward (:func:`taildet.losses.equalized_focal.set_grad_scale`)."""
+    (a disabled one without AMP). The loop tells the loss the scaler's scale before each backward
+    (``model.cls_head.before_backward``; losses that keep gradient statistics, EFL and EQFL,
+    divide by it)."""
     use_amp = bool(tcfg.amp) and device.type == "cuda"
     if tcfg.amp and not use_amp:
         log.info("train.amp: ignored on %s (AMP is CUDA only)", device.type)
@@ -479,8 +479,8 @@ def run_training(
                         + f"). Last good checkpoint, left intact: {last_good}. Try a lower train.lr, "
                         "a longer train.warmup_iters or train.grad_clip.", iteration + 1, terms, last_good)
                 optimizer.zero_grad(set_to_none=True)
-                if use_amp:  # losses with gradient statistics accumulate the true (unscaled) gradient
-                    set_grad_scale(ddp_model, scaler.get_scale())
+                # losses with gradient statistics accumulate the true (unscaled) gradient
+                core.cls_head.before_backward(scaler.get_scale() if use_amp else 1.0)
                 scaler.scale(total).backward()
                 if tcfg.grad_clip is not None:
                     scaler.unscale_(optimizer)
