@@ -18,11 +18,13 @@ positive RoIs whose argmax is the background column after a transform (a diagnos
 
 Modules: :mod:`~taildet.calibration.logit_norm` (:class:`LogitNormalizer`, the online inverse
 variant :class:`OnlineLogNLoss`, statistics files), :mod:`~taildet.calibration.logit_adjust`
-(:class:`LogitAdjuster`), :mod:`~taildet.calibration.statistics` (the statistics pass and
+(:class:`LogitAdjuster`), :mod:`~taildet.calibration.calibrators` (:data:`CALIBRATORS`, the
+post-hoc methods by name: ``logn``, ``loga``, ``none``), :mod:`~taildet.calibration.statistics` (the statistics pass and
 applying a transform to a model), :mod:`~taildet.calibration.plots` (the per-class statistics figure),
 :mod:`~taildet.calibration.diagnostics` (the background-argmax diagnostic).
 """
 
+from taildet.calibration.calibrators import CALIBRATORS, Calibrator, build_calibrator
 from taildet.calibration.diagnostics import (
     PositiveLogitSample,
     background_argmax_report,
@@ -60,6 +62,9 @@ def plot_logit_statistics(*args, **kwargs):
 
 
 __all__ = [
+    "CALIBRATORS",
+    "Calibrator",
+    "build_calibrator",
     "LogitNormalizer",
     "LogitAdjuster",
     "OnlineLogitNormalization",

@@ -12,6 +12,8 @@ sampling touch:
 * :meth:`scores` -- test-time scores of raw logits;
 * ``detections_per_img`` -- the detector's per-image detection cap;
 * ``stage`` -- the name of the LogN statistics stage (``"roi_heads"`` or ``"head"``);
+* ``logit_bn`` -- the BatchNorm on the classifier's logits when the detector has one (LogN's
+  released recipe), else None: a reference only, the layer belongs to the detector;
 * per-step hooks the trainer calls on every loss (:meth:`before_backward`, :meth:`sync_state`).
 
 The detector's RoI heads or dense head hold an unregistered reference to the same object and call
@@ -78,6 +80,7 @@ class ClassificationHead(nn.Module):
         record_features: also keep the classifier branch's input features in :attr:`record`.
 
     ``record_logits`` (default True): whether training forwards fill :attr:`record` at all.
+    ``logit_bn``: see :meth:`set_logit_bn`.
     """
 
     def __init__(self, loss: ClassificationLoss, *, stage: str, detections_per_img: int,
@@ -92,6 +95,13 @@ class ClassificationHead(nn.Module):
         self.record_logits = True
         self.record_features = bool(record_features)
         self.record: SampledLogits | None = None
+        self.logit_bn: nn.Module | None = None
+
+    def set_logit_bn(self, bn: nn.Module | None) -> None:
+        """Refer to the detector's BatchNorm on the raw logits (in training mode it normalises the
+        logits the loss sees; its running statistics are a LogN source). Unregistered: the layer
+        stays in the detector's ``state_dict`` where the detector put it."""
+        object.__setattr__(self, "logit_bn", bn)
 
     # -- shape of the classifier ----------------------------------------------------------------
 

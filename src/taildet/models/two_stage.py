@@ -579,6 +579,7 @@ def _build_two_stage(
 
     model.cls_head = ClassificationHead(cls_loss, stage="roi_heads", detections_per_img=box_detections_per_img,
                                         record_features=True)
+    model.cls_head.set_logit_bn(bn)
     model.roi_heads = TailRoIHeads(
         box_roi_pool,
         box_head,
