@@ -539,16 +539,15 @@ class MemoryAugmentedSampling:
     def from_model(cls, model: torch.nn.Module, **kwargs: Any) -> "MemoryAugmentedSampling":
         """For a taildet Faster/Mask R-CNN: ``C`` from the RoI heads, ``(ch, h, w)`` from the
         backbone's ``out_channels`` and the box RoIAlign's output size."""
-        rh = getattr(model, "roi_heads", None)
-        if rh is None or not hasattr(rh, "forward_box_features"):
+        if model.cls_head.stage != "roi_heads":  # the memory holds RoI features
             raise ConfigError("finetune.mfs.enabled: MFS needs a taildet two-stage detector "
                               "(model.arch faster_rcnn or mask_rcnn)")
-        size = rh.box_roi_pool.output_size
+        size = model.roi_heads.box_roi_pool.output_size
         size = (int(size), int(size)) if isinstance(size, int) else tuple(int(s) for s in size)
         if len(size) == 1:
             size = (size[0], size[0])
         shape = (int(model.backbone.out_channels), *size)
-        return cls(rh.num_classes, shape, **kwargs)
+        return cls(model.cls_head.num_classes, shape, **kwargs)
 
     @property
     def capacity(self) -> int:
@@ -727,14 +726,14 @@ def attach_mfs(model: torch.nn.Module, mfs: MemoryAugmentedSampling, *, allow_st
     that key for models without MFS (:func:`taildet.engine.checkpoint.load_model_weights`).
     """
     check_frozen_features(model, allow_stale_features)
-    rh = model.roi_heads
-    if mfs.sampler.prior == "mean_score" and not _has_mean_score(rh.loss) and mfs.observer is None:
+    rh, loss = model.roi_heads, model.cls_head.loss
+    if mfs.sampler.prior == "mean_score" and not _has_mean_score(loss) and mfs.observer is None:
         from taildet.losses.equilibrium import EquilibriumLoss
 
-        if rh.loss.num_outputs() != mfs.num_classes + 1:
+        if loss.num_outputs() != mfs.num_classes + 1:
             raise ConfigError(
                 f"finetune.mfs.prior: 'mean_score' needs a softmax head with a background column "
-                f"({mfs.num_classes + 1} outputs), got {rh.loss.num_outputs()}; use prior: instance_counts")
+                f"({mfs.num_classes + 1} outputs), got {loss.num_outputs()}; use prior: instance_counts")
         mfs.observer = EquilibriumLoss(mfs.num_classes, alpha=mfs.alpha, bg_score=mfs.bg_score)
         rh.mfs_observer = mfs.observer  # a submodule: checkpointed with the model
     model.roi_heads.mfs = mfs
@@ -923,7 +922,7 @@ def observe_mean_score(model: torch.nn.Module, dataset, *, device: torch.device 
     the training forward without gradients (BatchNorm in eval mode, MFS detached, no parameter
     or loss-state change other than what the loss's own ``update`` does) and an
     :class:`~taildet.losses.equilibrium.EquilibriumLoss` observer takes the sampled RoIs' logits,
-    labels and GT ids from ``roi_heads.last_sampled``. Images in dataset order (the first
+    labels and GT ids from ``model.cls_head.record``. Images in dataset order (the first
     ``max_images``). So a CE model and a LOCE model can be compared on one plot.
     """
     from taildet.losses.equilibrium import EquilibriumLoss
@@ -932,7 +931,8 @@ def observe_mean_score(model: torch.nn.Module, dataset, *, device: torch.device 
     device = torch.device(device) if device is not None else next(model.parameters()).device
     observer = EquilibriumLoss(rh.num_classes, alpha=alpha, bg_score=bg_score).to(device)
     n = len(dataset) if max_images is None else min(int(max_images), len(dataset))
-    saved_mfs, saved_loss_state = getattr(rh, "mfs", None), {k: v.clone() for k, v in rh.loss.state_dict().items()}
+    head = model.cls_head
+    saved_mfs, saved_loss_state = getattr(rh, "mfs", None), {k: v.clone() for k, v in head.loss.state_dict().items()}
     rh.mfs = None
     bar = None
     if progress:
@@ -946,13 +946,13 @@ def observe_mean_score(model: torch.nn.Module, dataset, *, device: torch.device 
             for images, targets in _batches(dataset, list(range(n)), max(1, int(batch_size)), seed, device,
                                             num_workers):
                 model(images, targets)
-                ls = rh.last_sampled
-                observer.update(ls["logits"], ls["labels"], ls["batch_gt_index"])
+                r = head.record
+                observer.update(r.logits, r.labels, r.gt_index)
                 if bar is not None:
                     bar.update(len(images))
     finally:
         rh.mfs = saved_mfs
-        rh.loss.load_state_dict(saved_loss_state)
+        head.loss.load_state_dict(saved_loss_state)
         if bar is not None:
             bar.close()
     return observer.mean_score.detach().cpu()
@@ -971,7 +971,7 @@ def plot_mean_score_vs_instances(
 
     ``mean_score``: one run (``[C]`` or ``[C + 1]``, background dropped) named ``label``, or a
     mapping ``{label: scores}`` for several runs (e.g. CE from :func:`observe_mean_score` and
-    LOCE's ``roi_heads.loss.mean_score``). Each run is a scatter of its classes plus the median
+    LOCE's ``cls_head.loss.mean_score``). Each run is a scatter of its classes plus the median
     over log-spaced instance-count bins. Classes with 0 instances are drawn at x = 0.5.
     Returns the path written.
     """
