@@ -42,6 +42,7 @@ from taildet.engine.distributed import (all_gather_object, barrier, broadcast_ob
 from taildet.engine.inference import eval_caps, evaluate_results, inference, list_collate, resolve_device
 from taildet.engine.schedule import build_scheduler
 from taildet.errors import ConfigError, OutputError, TaildetError
+from taildet.losses.base import ClassificationLoss
 from taildet.fileio import atomic_write_text
 
 __all__ = [
@@ -333,8 +334,8 @@ def _truncate_metrics(path: str, iteration: int) -> None:
 
 def amp_setup(tcfg, device: torch.device) -> tuple[bool, torch.amp.GradScaler]:
     """``train.amp``: whether the training loop runs under autocast (CUDA only) and its GradScaler
-    (a disabled one without AMP). The loop tells the loss the scaler's scale before each backward
-    (``model.cls_head.before_backward``; losses that keep gradient statistics, EFL and EQFL,
+    (a disabled one without AMP). The loop tells every classification loss the scaler's scale
+    before each backward (``before_backward``; losses that keep gradient statistics, EFL and EQFL,
     divide by it)."""
     use_amp = bool(tcfg.amp) and device.type == "cuda"
     if tcfg.amp and not use_amp:
@@ -440,6 +441,8 @@ def run_training(
 
     last_good = ckpt_path
     params = [p for p in core.parameters() if p.requires_grad]
+    # every classification loss (the model's cls_head.loss, MFS's observer, ...) gets the hooks
+    loss_modules = [m for m in core.modules() if isinstance(m, ClassificationLoss)]
     bar = None
     if progress and main and iteration < max_iter:
         from tqdm import tqdm
@@ -480,7 +483,9 @@ def run_training(
                         "a longer train.warmup_iters or train.grad_clip.", iteration + 1, terms, last_good)
                 optimizer.zero_grad(set_to_none=True)
                 # losses with gradient statistics accumulate the true (unscaled) gradient
-                core.cls_head.before_backward(scaler.get_scale() if use_amp else 1.0)
+                grad_scale = scaler.get_scale() if use_amp else 1.0
+                for loss_module in loss_modules:
+                    loss_module.before_backward(grad_scale)
                 scaler.scale(total).backward()
                 if tcfg.grad_clip is not None:
                     scaler.unscale_(optimizer)
