@@ -524,6 +524,7 @@ def run_compare(recipes: Iterable[str] | None, out_dir: str | Path, seeds: Itera
     Returns the summary (see ``summary.json``: ``recipes[name]["runs"][replicate]``,
     ``recipes[name]["stats"][metric]``, ``paired``, ``claims``).
     """
+    from taildet.calibration.calibrators import LogN
     from taildet.data.stats import dataset_stats, format_stats, plot_long_tail
     from taildet.data.synthetic import make_dataset
     from taildet.errors import ConfigError
@@ -666,7 +667,7 @@ def run_compare(recipes: Iterable[str] | None, out_dir: str | Path, seeds: Itera
     for n in names:  # LogN rows: the background-argmax diagnostic their statistics pass measured
         # (measured with the default transform: rows that change mode / beta would misreport it)
         if specs[n].kind == "posthoc" and specs[n].posthoc == "logn" and \
-                not any(k in _LOGN_TRANSFORM_ONLY for k, _ in specs[n].posthoc_kwargs):
+                not any(k in LogN.TRANSFORM_ONLY for k, _ in specs[n].posthoc_kwargs):
             for _, _, rep in reps:
                 diag = _argmax_diagnostic(out / rep / n / "logit_stats.json")
                 if diag:
