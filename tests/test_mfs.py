@@ -212,7 +212,7 @@ def test_memory_samples_reach_the_losses():
     model = _model()
     rh, mfs = model.roi_heads, model.roi_heads.mfs
     seen = {}
-    loss_forward, box_loss, loss_update = rh.loss.forward, rh.box_regression_loss, rh.loss.update
+    loss_forward, box_loss, loss_update = model.cls_head.loss.forward, rh.box_regression_loss, model.cls_head.loss.update
 
     def spy_loss(logits, labels, weight=None):
         seen["cls"] = (logits.detach(), labels.clone())
@@ -226,7 +226,7 @@ def test_memory_samples_reach_the_losses():
         seen["update"] = (logits.shape[0], extra_logits, extra_labels)
         return loss_update(logits, labels, gt_index, extra_logits=extra_logits, extra_labels=extra_labels)
 
-    rh.loss.forward, rh.box_regression_loss, rh.loss.update = spy_loss, spy_box, spy_update
+    model.cls_head.loss.forward, rh.box_regression_loss, model.cls_head.loss.update = spy_loss, spy_box, spy_update
     images, targets = _data()
     model.train()
     losses = model(images, targets)
@@ -248,7 +248,7 @@ def test_memory_samples_reach_the_losses():
     assert torch.allclose(extra_logits, logits[n_rois:])
     # the memory entries are the jittered GT boxes: 16 per GT, regression targets decode to a GT
     assert mfs.memory.count.tolist() == [16, 16, 0, 16, 16]
-    s = rh.loss.mean_score
+    s = model.cls_head.loss.mean_score
     assert float(s[C]) == pytest.approx(0.01) and float(s[2]) == pytest.approx(0.01) and float(s[0]) != 0.01
     # the classifier gets gradient; nothing happens at test time
     assert rh.box_predictor.cls_score.weight.grad is not None
