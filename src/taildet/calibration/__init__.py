@@ -19,7 +19,9 @@ positive RoIs whose argmax is the background column after a transform (a diagnos
 Modules: :mod:`~taildet.calibration.logit_norm` (:class:`LogitNormalizer`, the online inverse
 variant :class:`OnlineLogNLoss`, statistics files), :mod:`~taildet.calibration.logit_adjust`
 (:class:`LogitAdjuster`), :mod:`~taildet.calibration.calibrators` (:data:`CALIBRATORS`, the
-post-hoc methods by name: ``logn``, ``loga``, ``none``), :mod:`~taildet.calibration.statistics` (the statistics pass and
+post-hoc methods by name: ``logn``, ``loga``, ``none``), :mod:`~taildet.calibration.heads` (the
+classification head of a detector: ``model.cls_head``, or an adapter over a plain torchvision
+R-CNN), :mod:`~taildet.calibration.statistics` (the statistics pass and
 applying a transform to a model), :mod:`~taildet.calibration.plots` (the per-class statistics figure),
 :mod:`~taildet.calibration.diagnostics` (the background-argmax diagnostic).
 """

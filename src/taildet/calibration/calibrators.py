@@ -26,7 +26,7 @@ from torch import nn
 
 from taildet.calibration.logit_adjust import LogitAdjuster
 from taildet.calibration.logit_norm import LogitNormalizer, load_normalizers
-from taildet.calibration.statistics import Head, select_stage
+from taildet.calibration.heads import Head, select_stage
 from taildet.errors import ConfigError
 from taildet.fileio import atomic_write_text
 
