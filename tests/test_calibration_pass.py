@@ -139,7 +139,7 @@ def test_two_stage_apply_changes_eval_scores_and_file_round_trip(two_stage, tmp_
         raw = model.roi_heads.last_logits.clone()
         apply_logit_normalization(model, norm)
         after = model(list(images))
-    assert model.roi_heads.logit_transform is norm
+    assert model.cls_head.logit_transform is norm
     assert torch.equal(model.roi_heads.last_logits, raw)  # raw logits recorded before the transform
     assert any(
         b["scores"].shape != a["scores"].shape or not torch.allclose(b["scores"], a["scores"])
@@ -148,7 +148,7 @@ def test_two_stage_apply_changes_eval_scores_and_file_round_trip(two_stage, tmp_
     path = tmp_path / "logn.json"
     norm.save(path)
     apply_logit_normalization(model, None)
-    assert model.roi_heads.logit_transform is None
+    assert model.cls_head.logit_transform is None
     apply_calibration(model, path, class_names=_Boxes.class_names)
     with torch.no_grad():
         again = model(list(images))
@@ -172,11 +172,11 @@ def test_statistics_pass_loss_state_is_restored():
     torch.manual_seed(0)
     model = build_faster_rcnn(C, backbone="tiny", min_size=96, max_size=96, representation_size=64,
                               box_batch_size_per_image=64)
-    model.roi_heads.loss = OnlineLogNLoss(SoftmaxCrossEntropyLoss(C), momentum=0.5)  # a loss with state
+    model.cls_head.loss = OnlineLogNLoss(SoftmaxCrossEntropyLoss(C), momentum=0.5)  # a loss with state
     snap = _snapshot(model)
     collect_logit_statistics(model, _loader(_Boxes(n=2)), progress=False)
     _assert_unchanged(model, snap)
-    assert int(model.roi_heads.loss.online.num_updates) == 0
+    assert int(model.cls_head.loss.online.num_updates) == 0
 
 
 def _tiny_torchvision_faster_rcnn():
@@ -244,7 +244,7 @@ def test_one_stage_retinanet_statistics():
     images, targets = next(iter(loader))
     with training_sampling_mode(model):
         model(list(images), list(targets))
-        logits, labels = model.last_cls_inputs
+        logits, labels = (model.cls_head.record.logits, model.cls_head.record.labels)
     ref = logits[labels >= 0].double().numpy()
     assert float(norm.count) == ref.shape[0] < logits.shape[0]  # ignored anchors left out
     np.testing.assert_allclose(norm.mean.numpy(), ref.mean(0), atol=1e-10)
@@ -252,7 +252,7 @@ def test_one_stage_retinanet_statistics():
         before = model(list(images))
         apply_logit_normalization(model, norm)
         after = model(list(images))
-    assert model.logit_transform is norm
+    assert model.cls_head.logit_transform is norm
     assert any(not torch.equal(b["scores"], a["scores"]) for b, a in zip(before, after))
 
 

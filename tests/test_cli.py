@@ -176,7 +176,7 @@ def test_posthoc_logit_adjustment_fits_softmax_and_sigmoid_heads(tmp_path):
     column of a sigmoid head (no background)."""
     import os
 
-    from taildet.compare import _posthoc_loga
+    from taildet.compare import posthoc_calibration
     from taildet.config import apply_overrides, load_config
     from taildet.models import build_model
 
@@ -186,12 +186,12 @@ def test_posthoc_logit_adjustment_fits_softmax_and_sigmoid_heads(tmp_path):
     from taildet.engine.train import build_datasets
 
     num_classes = len(build_datasets(cfg, need_train=True)[0].class_names)
-    adjust = _posthoc_loga(cfg, "unused.pth", tmp_path)
+    adjust = posthoc_calibration("loga", cfg, "unused.pth", tmp_path)
     for loss, background in (("softmax_ce", True), ("sigmoid_bce", False)):
         mc = apply_overrides(cfg, [f"model.loss={loss}"]).model
         model = build_model(mc.arch, num_classes, **mc.kwargs)
         adjust(model)
-        assert model.roi_heads.logit_transform.background is background
+        assert model.cls_head.logit_transform.background is background
 
 
 def test_recipe_opts_reach_the_posthoc_evaluation(tmp_path, monkeypatch):

@@ -49,7 +49,7 @@ def test_ebl_mean_score_update_comes_before_the_loss_of_the_same_iteration():
     non-uniform s the loss of the iteration is CE(z + log s_new, y), not CE(z + log s_old, y)."""
     torch.manual_seed(0)
     model = build_faster_rcnn(C, loss="ebl", **SMALL)
-    loss = model.roi_heads.loss
+    loss = model.cls_head.loss
     loss.mean_score.copy_(torch.tensor(S0))
     seen = _spy_loss_calls(loss)
     images, targets = two_image_batch()
@@ -76,7 +76,7 @@ def test_ebl_with_mfs_updates_mean_score_from_memory_before_the_loss():
     model = build_faster_rcnn(C, loss="equilibrium", **SMALL)
     freeze_parameters(model, [r"^backbone\.", r"^roi_heads\.box_head\."])
     attach_mfs(model, MemoryAugmentedSampling.from_model(model, capacity=16, seed=0))
-    loss = model.roi_heads.loss
+    loss = model.cls_head.loss
     loss.mean_score.copy_(torch.tensor(S0))
     seen = _spy_loss_calls(loss)
     images, targets = two_image_batch()
@@ -253,7 +253,7 @@ def test_trainer_passes_the_grad_scaler_scale_to_efl(tiny_ckpt, monkeypatch):
             monkeypatch.setattr(engine_train, "amp_setup", cpu_amp)
         cfg = _tiny_cfg(root, f"efl_amp{int(amp)}", "demo_retinanet_tiny_efl.yaml", opts)
         _, model = _train_capture(cfg)
-        loss = model.cls_loss
+        loss = model.cls_head.loss
         assert isinstance(loss, EqualizedFocalLoss)
         stats[amp] = (loss.pos_grad.clone(), loss.neg_grad.clone(), float(loss.grad_scale))
     (pos0, neg0, scale0), (pos1, neg1, scale1) = stats[False], stats[True]
@@ -331,7 +331,7 @@ def test_finetune_crt_hands_freeze_sampler_loss_and_schedule_to_the_loop(tiny_ck
     model, tcfg = no_training["model"], no_training["tcfg"]
     assert _trainable(model) == {"roi_heads.box_predictor.cls_score.weight", "roi_heads.box_predictor.cls_score.bias"}
     assert isinstance(no_training["sampler"], ClassBalancedSampler)
-    assert isinstance(model.roi_heads.loss, SoftmaxCrossEntropyLoss)
+    assert isinstance(model.cls_head.loss, SoftmaxCrossEntropyLoss)
     assert (tcfg.iterations, tcfg.lr, tcfg.warmup_iters, tcfg.schedule, list(tcfg.steps)) == \
         (400, 0.01, 50, "step", [0.5, 0.833])
     assert (cfg.train.iterations, cfg.train.lr) == (1500, 0.02)  # stage 1's, not used here
@@ -354,7 +354,7 @@ def test_finetune_balanced_sigmoid_gets_the_training_set_frequencies_and_rfs(tin
     root, _, ckpt = tiny_ckpt
     _finetune(root, ckpt, "demo_faster_tiny_bsigmoid_ft.yaml")
     model, train_set = no_training["model"], no_training["train_set"]
-    loss = model.roi_heads.loss
+    loss = model.cls_head.loss
     assert isinstance(loss, BalancedSigmoidLoss)
     n = len(train_set)
     expected = torch.tensor(train_set.image_counts, dtype=torch.float64) / n
@@ -378,7 +378,7 @@ def test_finetune_loce_hands_loss_kwargs_and_mfs_options_to_the_model(tiny_ckpt,
         "finetune.mfs.classes_per_iter=3", "finetune.mfs.samples_per_class=2", "finetune.mfs.boxes_per_gt=8",
         "finetune.mfs.jitter=0.1", "finetune.mfs.dtype=float32", "finetune.mfs.prefill_images_per_class=1"])
     model = no_training["model"]
-    loss = model.roi_heads.loss
+    loss = model.cls_head.loss
     assert isinstance(loss, EquilibriumLoss)
     assert (loss.alpha, loss.bg_score) == (0.8, 0.02)
     assert float(loss.mean_score[-1]) == pytest.approx(0.02)  # the pre-fill's update reset s_C to bg_score
@@ -392,12 +392,12 @@ def test_finetune_loce_hands_loss_kwargs_and_mfs_options_to_the_model(tiny_ckpt,
 
 
 def _check_seesaw(model, train_set):
-    loss = model.roi_heads.loss
+    loss = model.cls_head.loss
     assert (type(loss).__name__, loss.p, loss.q, loss.eps) == ("SeesawLoss", 0.6, 1.5, 0.02)
 
 
 def _check_eql(model, train_set):
-    loss = model.roi_heads.loss
+    loss = model.cls_head.loss
     assert (type(loss).__name__, loss.lambda_) == ("EQLLoss", 0.05)
     n = len(train_set)
     torch.testing.assert_close(loss.image_frequency.double(),
@@ -405,12 +405,12 @@ def _check_eql(model, train_set):
 
 
 def _check_eqlv2(model, train_set):
-    loss = model.roi_heads.loss
+    loss = model.cls_head.loss
     assert (type(loss).__name__, loss.gamma, loss.mu, loss.alpha) == ("EQLv2Loss", 10.0, 0.7, 3.0)
 
 
 def _check_online_logn(model, train_set):
-    loss = model.roi_heads.loss
+    loss = model.cls_head.loss
     assert type(loss).__name__ == "OnlineLogNLoss" and type(loss.base).__name__ == "SigmoidBCELoss"
     assert (loss.online.momentum, loss.online.beta) == (0.05, "mean_fg")
     assert model.roi_heads.box_predictor.cls_score.out_features == train_set.num_classes  # sigmoid: C
@@ -424,7 +424,7 @@ def _check_atss_prior(model, train_set):
 def _check_rcnn_options(model, train_set):
     rh = model.roi_heads
     assert rh.fg_bg_sampler.batch_size_per_image == 48 and rh.fg_bg_sampler.positive_fraction == 0.5
-    assert rh.box_predictor.cls_score.in_features == 40 and rh.detections_per_img == 77
+    assert rh.box_predictor.cls_score.in_features == 40 and model.cls_head.detections_per_img == 77
     assert model.rpn._pre_nms_top_n["training"] == 123 and model.rpn._post_nms_top_n["training"] == 61
 
 

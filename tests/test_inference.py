@@ -21,11 +21,11 @@ class _FakeDetector(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.roi_heads = _Heads()
+        self.cls_head = _Heads()
         self.caps_seen: list[int] = []
 
     def forward(self, images):
-        n = self.roi_heads.detections_per_img
+        n = self.cls_head.detections_per_img
         self.caps_seen.append(n)
         outs = []
         for im in images:
@@ -62,7 +62,7 @@ def test_ap_fixed_inference_keeps_each_class_best_k_and_raises_detector_cap():
     data = _Images(7)
     res = inference(model, data, batch_size=3, max_dets=None, score_thresh=0.0, progress=False,
                     per_class_top_k=40, detector_dets_per_img=1000)
-    assert model.caps_seen == [1000] * 3 and model.roi_heads.detections_per_img == 300  # restored
+    assert model.caps_seen == [1000] * 3 and model.cls_head.detections_per_img == 300  # restored
     full = inference(model, data, batch_size=3, max_dets=None, score_thresh=0.0, progress=False,
                      detector_dets_per_img=1000)
     for cat in (10, 20, 30):

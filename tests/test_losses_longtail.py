@@ -581,7 +581,7 @@ def test_in_faster_rcnn_train_step_and_eval(name, classifier):
 
     torch.manual_seed(0)
     model = build_faster_rcnn(MC, loss=name, loss_kwargs=MODEL_KWARGS[name], classifier=classifier, **SMALL)
-    loss = model.roi_heads.loss
+    loss = model.cls_head.loss
     assert model.roi_heads.box_predictor.cls_score.weight.shape[0] == loss.num_outputs()
     images, targets = two_image_batch()
     state_before = {k: v.clone() for k, v in loss.state_dict().items()}

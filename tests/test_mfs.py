@@ -193,7 +193,7 @@ def test_memory_samples_reach_the_losses():
     model = _model()
     rh, mfs = model.roi_heads, model.roi_heads.mfs
     seen = {}
-    loss_forward, box_loss, loss_update = rh.loss.forward, rh.box_regression_loss, rh.loss.update
+    loss_forward, box_loss, loss_update = model.cls_head.loss.forward, rh.box_regression_loss, model.cls_head.loss.update
 
     def spy_loss(logits, labels, weight=None):
         seen["cls"] = (logits.detach(), labels.clone())
@@ -207,7 +207,7 @@ def test_memory_samples_reach_the_losses():
         seen["update"] = (logits.shape[0], extra_logits, extra_labels)
         return loss_update(logits, labels, gt_index, extra_logits=extra_logits, extra_labels=extra_labels)
 
-    rh.loss.forward, rh.box_regression_loss, rh.loss.update = spy_loss, spy_box, spy_update
+    model.cls_head.loss.forward, rh.box_regression_loss, model.cls_head.loss.update = spy_loss, spy_box, spy_update
     images, targets = two_image_batch()
     model.train()
     losses = model(images, targets)
@@ -229,7 +229,7 @@ def test_memory_samples_reach_the_losses():
     assert torch.allclose(extra_logits, logits[n_rois:])
     # the memory entries are the jittered GT boxes: 16 per GT, regression targets decode to a GT
     assert mfs.memory.count.tolist() == [16, 16, 0, 16, 16]
-    s = rh.loss.mean_score
+    s = model.cls_head.loss.mean_score
     assert float(s[C]) == pytest.approx(0.01) and float(s[2]) == pytest.approx(0.01) and float(s[0]) != 0.01
     # the classifier gets gradient; nothing happens at test time
     assert rh.box_predictor.cls_score.weight.grad is not None
@@ -295,7 +295,7 @@ def test_background_enqueue_during_rpn_equals_inline_enqueue():
         losses = [{k: float(v.detach()) for k, v in model(images, targets).items()} for _ in range(2)]
         assert len(started) == (2 if overlap else 0) and mfs._pending is None
         results.append((losses, mfs.memory.count.clone(), [mfs.memory.entries(c) for c in range(C)],
-                        model.roi_heads.loss.mean_score.clone()))
+                        model.cls_head.loss.mean_score.clone()))
     (l_a, n_a, e_a, s_a), (l_b, n_b, e_b, s_b) = results
     assert l_a == l_b and torch.equal(n_a, n_b) and torch.equal(s_a, s_b)
     for a, b in zip(e_a, e_b):
@@ -402,7 +402,7 @@ def test_loce_finetune_runs_resumes_and_evaluates(stage1):
     assert seen["filled"] > 0                                        # pre-filled before iteration 1
     run_dir = cfg.output_dir
     saved = load_checkpoint(os.path.join(run_dir, "checkpoint_0000002.pth"))["model"]
-    s2 = saved["roi_heads.loss.mean_score"]
+    s2 = saved["cls_head.loss.mean_score"]
     assert not torch.allclose(s2[:-1], torch.full_like(s2[:-1], 0.01))
 
     resumed = {}

@@ -130,25 +130,25 @@ def test_train_step_finite_and_backward(loss: str) -> None:
     sum(out.values()).backward()
     assert model.head.cls_logits.weight.grad.abs().sum() > 0
     assert model.head.bbox_iou.weight.grad.abs().sum() > 0
-    logits, labels = model.last_cls_inputs
+    logits, labels = (model.cls_head.record.logits, model.cls_head.record.labels)
     assert logits.shape == (labels.shape[0], C) and not logits.requires_grad
     assert labels.min() >= 0 and labels.max() <= C and (labels < C).any()  # ATSS ignores nothing
     if loss.startswith("equalized"):
-        assert "cls_loss.pos_grad" in model.state_dict()
-        assert model.cls_loss.pos_grad.sum() > 0 and model.cls_loss.neg_grad.sum() > 0
+        assert "cls_head.loss.pos_grad" in model.state_dict()
+        assert model.cls_head.loss.pos_grad.sum() > 0 and model.cls_head.loss.neg_grad.sum() > 0
 
 
 def test_classifier_bias_prior_and_quality_passed() -> None:
     model = _atss(loss="equalized_quality_focal")
     torch.testing.assert_close(torch.sigmoid(model.head.cls_logits.bias), torch.full((2 * C,), 0.001))
     seen = {}
-    original = model.cls_loss.forward
+    original = model.cls_head.loss.forward
 
     def spy(logits, labels, normalizer=None, quality=None):
         seen["quality"], seen["labels"] = quality, labels
         return original(logits, labels, normalizer, quality=quality)
 
-    model.cls_loss.forward = spy
+    model.cls_head.loss.forward = spy
     model.train()
     model(*_data())
     pos = seen["labels"] < C
@@ -170,7 +170,7 @@ def test_eval_detections() -> None:
         assert d["labels"].min() >= 0 and d["labels"].max() < C
         assert torch.all((d["scores"] >= 0) & (d["scores"] <= 1))
         assert torch.all(d["boxes"][:, 2:] <= S) and torch.all(d["boxes"] >= 0)
-    model.detections_per_img = 7
+    model.cls_head.detections_per_img = 7
     with torch.no_grad():
         assert all(d["boxes"].shape[0] <= 7 for d in model(images))
 
@@ -187,7 +187,7 @@ def test_logit_transform_hook_changes_predictions() -> None:
     with torch.no_grad():
         before = model(images)[0]
         raw = model.last_logits[0]
-        model.logit_transform = _Shift()
+        model.cls_head.logit_transform = _Shift()
         after = model(images)[0]
     assert not torch.equal(before["labels"], after["labels"])
     assert (after["labels"] == C - 1).float().mean() > (before["labels"] == C - 1).float().mean()
@@ -249,10 +249,10 @@ def test_quality_branch_off_and_crowd_dropped() -> None:
 def test_efl_by_name_in_retinanet_and_fcos(builder, loss: str) -> None:
     torch.manual_seed(0)
     model = builder(C, min_size=S, max_size=S, loss=loss)
-    assert isinstance(model.cls_loss, EqualizedFocalLoss)
-    assert isinstance(model.cls_loss, EqualizedQualityFocalLoss) == (loss == "equalized_quality_focal")
+    assert isinstance(model.cls_head.loss, EqualizedFocalLoss)
+    assert isinstance(model.cls_head.loss, EqualizedQualityFocalLoss) == (loss == "equalized_quality_focal")
     model.train()
     out = model(*_data())
     assert all(torch.isfinite(v) for v in out.values())
     sum(out.values()).backward()
-    assert model.cls_loss.pos_grad.sum() > 0
+    assert model.cls_head.loss.pos_grad.sum() > 0

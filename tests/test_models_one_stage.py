@@ -87,7 +87,7 @@ def test_train_step_finite_and_backward(make) -> None:
     sum(losses.values()).backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
-    logits, labels = model.last_cls_inputs
+    logits, labels = (model.cls_head.record.logits, model.cls_head.record.labels)
     assert logits.shape == (labels.shape[0], C) and not logits.requires_grad
 
 
@@ -96,7 +96,7 @@ def test_label_vector_matches_torchvision_matcher() -> None:
     model.train()
     images, targets = _data(batch=2)
     model(images, targets)
-    _, labels = model.last_cls_inputs
+    _, labels = (model.cls_head.record.logits, model.cls_head.record.labels)
     matched = _matched(model, images, targets)
     assert labels.shape[0] == sum(m.numel() for m in matched)
     m_all = torch.cat(matched)
@@ -115,7 +115,7 @@ def test_fcos_labels_have_no_ignored_anchors() -> None:
     model.train()
     images, targets = _data()
     model(images, targets)
-    _, labels = model.last_cls_inputs
+    _, labels = (model.cls_head.record.logits, model.cls_head.record.labels)
     assert int((labels == -1).sum()) == 0
     assert int((labels < C).sum()) > 0 and int((labels == C).sum()) > 0
 
@@ -214,15 +214,15 @@ def test_logit_transform_hook_changes_predictions(make) -> None:
     images, _ = _data(batch=1)
     with torch.no_grad():
         plain = model(images)[0]
-        model.logit_transform = _Boost(3, 6.0)
+        model.cls_head.logit_transform = _Boost(3, 6.0)
         boosted = model(images)[0]
-    assert "logit_transform.delta" in model.state_dict()
+    assert "cls_head.logit_transform.delta" in model.state_dict()
     assert not torch.equal(plain["scores"], boosted["scores"])
     assert (boosted["labels"][:20] == 3).all()
     assert boosted["scores"].max() > plain["scores"].max()
     if isinstance(model, TailRetinaNet):  # last_logits are raw rows aligned with the detections
         rows = model.last_logits[0]
-        expect = torch.sigmoid(rows + model.logit_transform.delta).gather(1, boosted["labels"][:, None])[:, 0]
+        expect = torch.sigmoid(rows + model.cls_head.logit_transform.delta).gather(1, boosted["labels"][:, None])[:, 0]
         torch.testing.assert_close(boosted["scores"], expect)
 
 
@@ -246,13 +246,13 @@ def test_crowd_boxes_are_dropped_before_matching() -> None:
     model.train()
     images, targets = _data(batch=1, seed=2)
     model(images, targets)
-    _, plain = model.last_cls_inputs
+    _, plain = (model.cls_head.record.logits, model.cls_head.record.labels)
     crowd = dict(targets[0])
     crowd["boxes"] = torch.cat([crowd["boxes"], torch.tensor([[10.0, 10.0, 80.0, 80.0]])])
     crowd["labels"] = torch.cat([crowd["labels"], torch.tensor([0])])
     crowd["iscrowd"] = torch.tensor([0] * len(targets[0]["labels"]) + [1])
     model(images, [crowd])
-    _, with_crowd = model.last_cls_inputs
+    _, with_crowd = (model.cls_head.record.logits, model.cls_head.record.labels)
     assert torch.equal(plain, with_crowd)
 
 
@@ -267,12 +267,12 @@ def test_loss_is_registered_submodule_and_bias_from_loss() -> None:
     loss.prior = 0.05
     model = _retina(loss=loss)
     keys = list(model.state_dict())
-    assert "cls_loss.seen" in keys and sum(k.endswith(".seen") for k in keys) == 1
-    assert model.cls_loss is loss and model.head.classification_head.cls_loss is loss
+    assert "cls_head.loss.seen" in keys and sum(k.endswith(".seen") for k in keys) == 1
+    assert model.cls_head.loss is loss and model.head.classification_head.cls_head.loss is loss
     bias = model.head.classification_head.cls_logits.bias
     torch.testing.assert_close(torch.sigmoid(bias), torch.full_like(bias, 0.05))
     fcos = _fcos(loss=_StatefulFocal(C))
-    assert "cls_loss.seen" in fcos.state_dict()
+    assert "cls_head.loss.seen" in fcos.state_dict()
     b = fcos.head.classification_head.cls_logits.bias
     torch.testing.assert_close(torch.sigmoid(b), torch.full_like(b, 0.01))
 
@@ -345,8 +345,8 @@ def test_quality_passed_to_losses_that_use_it(make) -> None:
     model.train()
     images, targets = _data(batch=2, seed=4)
     model(images, targets)
-    _, labels = model.last_cls_inputs
-    q = model.cls_loss.seen
+    _, labels = (model.cls_head.record.logits, model.cls_head.record.labels)
+    q = model.cls_head.loss.seen
     assert q is not None and q.shape == labels.shape and not q.requires_grad
     pos = (labels >= 0) & (labels < C)
     assert (q[~pos] == 0).all() and (q[pos] > 0).any() and (q <= 1).all()

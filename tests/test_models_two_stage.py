@@ -97,10 +97,10 @@ def test_eval_detections_and_logit_transform():
         def forward(self, z):
             return z + 50.0 * (torch.arange(z.shape[1]) == 2).to(z)
 
-    heads.logit_transform = Boost()
+    model.cls_head.logit_transform = Boost()
     with torch.no_grad():
         boosted = model(images)
-    heads.logit_transform = None
+    model.cls_head.logit_transform = None
     for det in boosted:
         assert det["labels"][0].item() == 2 and det["scores"][0] > 0.99
     assert "logit_transform" not in "".join(model.state_dict())
@@ -185,7 +185,7 @@ def test_softmax_head_matches_torchvision_roi_heads():
         feats = model.backbone(image_list.tensors)
         proposals, _ = model.rpn(image_list, feats, tgts)
     tv = RoIHeads(ours.box_roi_pool, ours.box_head, FastRCNNPredictor(64, C + 1), 0.5, 0.5, 64, 0.25, None,
-                  ours.score_thresh, ours.nms_thresh, ours.detections_per_img)
+                  ours.score_thresh, ours.nms_thresh, model.cls_head.detections_per_img)
     with torch.no_grad():
         w, b = ours.box_predictor.cls_score.weight, ours.box_predictor.cls_score.bias
         b.normal_()

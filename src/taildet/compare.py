@@ -35,7 +35,8 @@ class Recipe:
         ``"prior"`` -- no training (:func:`prior_baseline_results`);
         ``"train"`` -- ``taildet train config``;
         ``"finetune"`` -- ``taildet finetune config --from <stage1 recipe's model_final.pth>``;
-        ``"posthoc"`` -- a training-free method (``posthoc``, a name in :data:`POSTHOC`) applied
+        ``"posthoc"`` -- a training-free method (``posthoc``, a name in
+        :data:`taildet.calibration.CALIBRATORS`) applied
         to the ``stage1`` recipe's checkpoint and evaluated.
     baselines:
         the recipes this one is compared with in the paired table (one change at a time: the
@@ -153,35 +154,28 @@ RECIPES: dict[str, Recipe] = {
                                              baselines=("faster_logn_normed", "faster_logn_normed+logn")),
 }
 
-#: LogN options that change only how saved statistics are applied (not the statistics pass).
-_LOGN_TRANSFORM_ONLY = ("mode", "beta")
-
-
-def _posthoc_logn(cfg, checkpoint: str, out_dir: Path, **normalizer_kwargs) -> str:
-    """LogN: the statistics pass over the training set; returns the statistics file.
+def _statistics_input(cfg, checkpoint: str, out_dir: Path, method) -> str:
+    """The ``"statistics"`` input of a post-hoc method: the statistics pass over the training set
+    with the method's ``pass_options``, written for the row by ``method.write_statistics`` as
+    ``out_dir/logit_stats.json`` (with the paper's Fig. 2 beside it); returns its path.
 
     The pass is made once per checkpoint and pass setting (cached beside the checkpoint as
     ``logit_stats_pass*.json``); rows that differ only in how the statistics are applied (the
-    ablations' ``mode``, ``beta``) reuse it and write their own ``logit_stats.json``.
+    ablations' ``mode``, ``beta``) reuse it.
     """
     import hashlib
 
     from taildet.calibration import LogitNormalizer, plot_logit_statistics
     from taildet.engine import calibrate_checkpoint
     from taildet.engine.train import build_datasets
-    from taildet.fileio import atomic_write_text
 
-    apply_kw = {k: v for k, v in normalizer_kwargs.items() if k in _LOGN_TRANSFORM_ONLY}
-    pass_kw = {k: v for k, v in normalizer_kwargs.items() if k not in _LOGN_TRANSFORM_ONLY}
+    pass_kw = method.pass_options
     tag = hashlib.sha1(json.dumps(pass_kw, sort_keys=True, default=str).encode()).hexdigest()[:8] if pass_kw else ""
     cached = Path(checkpoint).parent / f"logit_stats_pass{'-' + tag if tag else ''}.json"
     if not cached.exists():
         calibrate_checkpoint(cfg, checkpoint, str(cached), progress=False, **pass_kw)
-    doc = json.loads(cached.read_text())
-    for entry in doc["stages"].values():
-        entry.update(apply_kw)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = str(atomic_write_text(json.dumps(doc, indent=1) + "\n", out_dir / "logit_stats.json"))
+    path = method.write_statistics(cached, out_dir / "logit_stats.json")
     # the paper's Fig. 2: per-class logit mean and std against training instance count
     train_set, _, _ = build_datasets(cfg, need_train=True)
     plot_logit_statistics(LogitNormalizer.load(path), train_set.instance_counts, out_dir / "logit_stats.png",
@@ -189,34 +183,28 @@ def _posthoc_logn(cfg, checkpoint: str, out_dir: Path, **normalizer_kwargs) -> s
     return path
 
 
-def _posthoc_loga(cfg, checkpoint: str, out_dir: Path, prior_from: str = "image", tau: float = 1.0):
-    """Post-hoc logit adjustment with the training prior; returns a ``model -> model`` function."""
-    from taildet.calibration import LogitAdjuster, apply_logit_normalization
+def posthoc_calibration(name: str, cfg, checkpoint: str, out_dir: Path, **options):
+    """What ``evaluate_checkpoint(calibration=...)`` takes for the post-hoc method ``name`` (a key
+    of :data:`taildet.calibration.CALIBRATORS`) with ``options``: None for the identity, else a
+    function ``model -> model`` that fits the method on ``model.cls_head`` and installs the
+    transform. The method's inputs (statistics pass, training set) are gathered here."""
+    from taildet.calibration import apply_logit_normalization, build_calibrator
     from taildet.engine.train import build_datasets
 
-    from taildet.calibration.statistics import _unwrap, model_kind
+    method = build_calibrator(name, **options)
+    if method.identity:
+        return None
+    inputs: dict = {}
+    if "statistics" in method.inputs:
+        inputs["statistics"] = _statistics_input(cfg, checkpoint, out_dir, method)
+    if "train_set" in method.inputs:
+        inputs["train_set"] = build_datasets(cfg, need_train=True)[0]
 
-    train_set, _, _ = build_datasets(cfg, need_train=True)
+    def calibrate(model):
+        return apply_logit_normalization(model, method.fit(model.cls_head, **inputs))
 
-    def adjust(model):
-        # softmax heads (C + 1 outputs): the background column stays; sigmoid heads: every column
-        m = _unwrap(model)
-        loss = m.roi_heads.loss if model_kind(m) == "two_stage" else m.cls_loss
-        background = loss.num_outputs() == loss.num_classes + 1
-        adjuster = LogitAdjuster.from_dataset(train_set, prior_from=prior_from, tau=tau, background=background)
-        return apply_logit_normalization(model, adjuster)
+    return calibrate
 
-    return adjust
-
-
-def _posthoc_none(cfg, checkpoint: str, out_dir: Path):
-    """No method: the checkpoint evaluated as it is (under the row's ``opts``)."""
-    return None
-
-
-#: Training-free methods applied to a trained checkpoint: name -> function(cfg, checkpoint,
-#: out_dir, **kwargs) returning what ``evaluate_checkpoint(calibration=...)`` takes.
-POSTHOC: dict[str, object] = {"logn": _posthoc_logn, "loga": _posthoc_loga, "none": _posthoc_none}
 
 #: What ``taildet demo`` runs: the two-stage CE baseline and the same with repeat factor sampling.
 DEMO_RECIPES = ("prior", "faster_ce", "faster_ce_rfs", "faster_ce+logn")
@@ -396,18 +384,18 @@ def _train_recipes(runs: list[tuple], jobs: int, progress: bool) -> dict[str, tu
 
 def _run_posthoc(name: str, recipe: Recipe, stage1_cfg_path: Path, opts: list[str], checkpoint: str,
                  out_dir: Path) -> dict:
-    """Apply a training-free method (:data:`POSTHOC`) to a checkpoint and evaluate it."""
+    """Apply a training-free method (:data:`taildet.calibration.CALIBRATORS`) to a checkpoint and
+    evaluate it."""
+    from taildet.calibration import CALIBRATORS
     from taildet.config import apply_overrides, load_config
     from taildet.engine import evaluate_checkpoint
     from taildet.errors import ConfigError
 
-    method = POSTHOC.get(recipe.posthoc or "")
-    if method is None:
+    if recipe.posthoc not in CALIBRATORS:
         raise ConfigError(f"recipe {name}: unknown post-hoc method {recipe.posthoc!r} "
-                          f"(known: {', '.join(POSTHOC) or 'none'})")
+                          f"(known: {', '.join(CALIBRATORS) or 'none'})")
     cfg = apply_overrides(load_config(stage1_cfg_path), opts)
-    kwargs = dict(recipe.posthoc_kwargs)
-    calibration = method(cfg, checkpoint, out_dir, **kwargs)
+    calibration = posthoc_calibration(recipe.posthoc, cfg, checkpoint, out_dir, **dict(recipe.posthoc_kwargs))
     return _bbox(evaluate_checkpoint(cfg, checkpoint, calibration=calibration, out_dir=str(out_dir)))
 
 
@@ -537,6 +525,7 @@ def run_compare(recipes: Iterable[str] | None, out_dir: str | Path, seeds: Itera
     Returns the summary (see ``summary.json``: ``recipes[name]["runs"][replicate]``,
     ``recipes[name]["stats"][metric]``, ``paired``, ``claims``).
     """
+    from taildet.calibration.calibrators import LogN
     from taildet.data.stats import dataset_stats, format_stats, plot_long_tail
     from taildet.data.synthetic import make_dataset
     from taildet.errors import ConfigError
@@ -679,7 +668,7 @@ def run_compare(recipes: Iterable[str] | None, out_dir: str | Path, seeds: Itera
     for n in names:  # LogN rows: the background-argmax diagnostic their statistics pass measured
         # (measured with the default transform: rows that change mode / beta would misreport it)
         if specs[n].kind == "posthoc" and specs[n].posthoc == "logn" and \
-                not any(k in _LOGN_TRANSFORM_ONLY for k, _ in specs[n].posthoc_kwargs):
+                not any(k in LogN.TRANSFORM_ONLY for k, _ in specs[n].posthoc_kwargs):
             for _, _, rep in reps:
                 diag = _argmax_diagnostic(out / rep / n / "logit_stats.json")
                 if diag:

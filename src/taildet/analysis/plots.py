@@ -33,7 +33,7 @@ def plot_mean_score_vs_instances(
     ``mean_score``: one run (``[C]`` or ``[C + 1]``, background dropped) named ``label``, or a
     mapping ``{label: scores}`` for several runs (e.g. CE from
     :func:`taildet.sampling.prefill.observe_mean_score` and
-    LOCE's ``roi_heads.loss.mean_score``). Each run is a scatter of its classes plus the median
+    LOCE's ``cls_head.loss.mean_score``). Each run is a scatter of its classes plus the median
     over log-spaced instance-count bins. Classes with 0 instances are drawn at x = 0.5.
     Returns the path written.
     """

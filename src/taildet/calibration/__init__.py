@@ -18,12 +18,16 @@ positive RoIs whose argmax is the background column after a transform (a diagnos
 
 Modules: :mod:`~taildet.calibration.logit_norm` (:class:`LogitNormalizer`),
 :mod:`~taildet.calibration.stats_file` (the statistics file format), :mod:`~taildet.calibration.logit_adjust`
-(:class:`LogitAdjuster`), :mod:`~taildet.calibration.statistics` (the statistics pass and
+(:class:`LogitAdjuster`), :mod:`~taildet.calibration.calibrators` (:data:`CALIBRATORS`, the
+post-hoc methods by name: ``logn``, ``loga``, ``none``), :mod:`~taildet.calibration.heads` (the
+classification head of a detector: ``model.cls_head``, or an adapter over a plain torchvision
+R-CNN), :mod:`~taildet.calibration.statistics` (the statistics pass and
 applying a transform to a model), :mod:`~taildet.calibration.plots` (the per-class statistics figure),
 :mod:`~taildet.calibration.diagnostics` (the background-argmax diagnostic). The online inverse
 variant (a training loss) is :class:`taildet.losses.online_logn.OnlineLogNLoss`.
 """
 
+from taildet.calibration.calibrators import CALIBRATORS, Calibrator, build_calibrator
 from taildet.calibration.diagnostics import (
     PositiveLogitSample,
     background_argmax_report,
@@ -58,6 +62,9 @@ def plot_logit_statistics(*args, **kwargs):
 
 
 __all__ = [
+    "CALIBRATORS",
+    "Calibrator",
+    "build_calibrator",
     "LogitNormalizer",
     "LogitAdjuster",
     "merge_moments",

@@ -21,11 +21,15 @@
 
 Which logits are accumulated:
 
+Every taildet detector is read through its classification head ``model.cls_head``
+(:class:`~taildet.models.heads.ClassificationHead`) only: its ``record`` of the last training
+forward, its class count / background column, its ``stage`` and its ``logit_transform``.
+
 * taildet two-stage (:class:`~taildet.models.two_stage.TailRoIHeads`):
-  ``roi_heads.last_sampled["logits"]`` -- all sampled RoIs, positives and negatives (spec
+  ``cls_head.record.logits`` -- all sampled RoIs, positives and negatives (spec
   section 1). The normalizer has a background column iff the loss does (softmax heads); sigmoid
   RoI heads (BCE, EQL) get ``background=False, beta="min_fg"`` (see below).
-* taildet one-stage (RetinaNet / FCOS, sigmoid focal-type losses): ``model.last_cls_inputs`` --
+* taildet one-stage (RetinaNet / FCOS, sigmoid focal-type losses): ``cls_head.record`` --
   the logits of every **non-ignored** anchor (positives and negatives; RetinaNet's
   between-threshold anchors are left out because training never sees them). The ``C`` sigmoid
   columns are normalised with ``background=False, beta="min_fg"``: a sigmoid score is a two-way
@@ -34,8 +38,9 @@ Which logits are accumulated:
   class's mean logit -- dominated by easy negatives -- to 0, i.e. a score of 0.5 for most anchors.
   Note that over dense anchors the statistics are dominated by background locations, much more
   than the 75 % negatives of two-stage sampling.
-* a plain torchvision ``FasterRCNN``/``MaskRCNN`` (:func:`calibrate_torchvision_model`): the box
-  predictor's class logits of ``RoIHeads.select_training_samples``' RoIs, background column 0.
+* a plain torchvision ``FasterRCNN``/``MaskRCNN`` (:func:`calibrate_torchvision_model`), read
+  through :class:`TorchvisionRoIHead`, an adapter with the same attributes: the box predictor's
+  class logits of ``RoIHeads.select_training_samples``' RoIs, background column 0.
 
 Distributed: call it on every rank with a data loader over that rank's shard (e.g. a
 ``DistributedSampler``); with ``sync=True`` the ranks' exact moments are merged
@@ -51,14 +56,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections import OrderedDict
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from taildet.calibration.logit_norm import DEFAULT_STAGE, LogitNormalizer, load_normalizers
+from taildet.calibration.logit_norm import LogitNormalizer, load_normalizers
 from taildet.errors import ConfigError
+from taildet.calibration.heads import Head, TorchvisionRoIHead, classification_head, select_stage
+from taildet.models.heads import ClassificationHead, SampledLogits
 
 __all__ = [
     "collect_logit_statistics",
@@ -67,7 +73,9 @@ __all__ = [
     "calibrate_torchvision_model",
     "apply_calibration",
     "training_sampling_mode",
-    "model_kind",
+    "classification_head",
+    "select_stage",
+    "TorchvisionRoIHead",
     "collect_running_statistics",
     "find_logit_batchnorm",
     "RUNNING_MOMENTUM",
@@ -78,8 +86,6 @@ RUNNING_MOMENTUM = 5e-5
 
 log = logging.getLogger(__name__)
 
-ONE_STAGE_STAGE = "head"
-
 
 def _unwrap(model: nn.Module) -> nn.Module:
     while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
@@ -87,24 +93,13 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def model_kind(model: nn.Module) -> str:
-    """``"two_stage"`` (taildet R-CNN), ``"one_stage"`` (taildet RetinaNet/FCOS) or ``"torchvision"``
-    (a plain torchvision Faster/Mask R-CNN)."""
-    from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
-    from torchvision.models.detection.roi_heads import RoIHeads
-
-    model = _unwrap(model)
-    rh = getattr(model, "roi_heads", None)
-    if rh is not None and hasattr(rh, "last_sampled") and hasattr(rh, "loss"):
-        return "two_stage"
-    if hasattr(model, "cls_loss") and hasattr(type(model), "last_cls_inputs"):
-        return "one_stage"
-    if isinstance(model, GeneralizedRCNN) and isinstance(rh, RoIHeads):
-        return "torchvision"
-    raise ConfigError(
-        f"{type(model).__name__} is not a taildet detector nor a torchvision Faster/Mask R-CNN; "
-        "LogN needs access to its classification logits"
-    )
+def _sampled(model: nn.Module, head: Head, images: list[Tensor], targets: list[dict]) -> SampledLogits:
+    """The training-time classification inputs of one batch: the rows the loss uses."""
+    if isinstance(head, TorchvisionRoIHead):
+        return head.sampled(images, targets)
+    model(images, targets)
+    assert head.record is not None, "the detector's training forward fills cls_head.record"
+    return head.record.kept()
 
 
 @contextlib.contextmanager
@@ -148,44 +143,20 @@ def _find_class_names(data_loader: Any) -> list[str] | None:
     return None
 
 
-def _torchvision_sampled_logits(model: nn.Module, images: list[Tensor], targets: list[dict]) -> Tensor:
-    """Class logits of the RoIs torchvision samples for training (its own code path, step by step)."""
-    image_list, targets = model.transform(images, targets)
-    features = model.backbone(image_list.tensors)
-    if isinstance(features, Tensor):
-        features = OrderedDict([("0", features)])
-    proposals, _ = model.rpn(image_list, features, targets)
-    rh = model.roi_heads
-    proposals, _, _, _ = rh.select_training_samples(proposals, targets)
-    box_features = rh.box_head(rh.box_roi_pool(features, proposals, image_list.image_sizes))
-    class_logits, _ = rh.box_predictor(box_features)
-    return class_logits
-
-
-def _new_normalizer(model: nn.Module, kind: str, class_names: list[str] | None, **kw: Any) -> LogitNormalizer:
-    if kind == "two_stage":
-        loss = model.roi_heads.loss
-        k, c = loss.num_outputs(), loss.num_classes
-        if k == c + 1:
-            norm = LogitNormalizer(c, background=True, class_names=class_names, **kw)
-        elif k == c:
-            kw.setdefault("beta", "min_fg")
-            norm = LogitNormalizer(c, background=False, class_names=class_names, **kw)
-        else:
-            raise ConfigError(f"LogN supports heads with C or C + 1 outputs; {type(loss).__name__} has {k} for C = {c}")
-        norm.stage = DEFAULT_STAGE
-    elif kind == "one_stage":
-        loss = model.cls_loss
-        k, c = loss.num_outputs(), loss.num_classes
-        if k != c:
-            raise ConfigError(f"one-stage LogN expects C sigmoid outputs; {type(loss).__name__} has {k} for C = {c}")
+def _new_normalizer(head: Head, class_names: list[str] | None, **kw: Any) -> LogitNormalizer:
+    """A :class:`LogitNormalizer` shaped for ``head``: a background column where it has one
+    (kept unchanged), else ``C`` sigmoid columns with ``beta="min_fg"`` by default."""
+    k, c, bg = head.num_outputs, head.num_classes, head.background_index
+    if bg == 0:  # torchvision: background first
+        norm = LogitNormalizer(c, background=True, class_names=class_names, background_index=0, **kw)
+    elif bg is not None:
+        norm = LogitNormalizer(c, background=True, class_names=class_names, **kw)
+    elif k == c:
         kw.setdefault("beta", "min_fg")
         norm = LogitNormalizer(c, background=False, class_names=class_names, **kw)
-        norm.stage = ONE_STAGE_STAGE
     else:
-        k = model.roi_heads.box_predictor.cls_score.out_features
-        norm = LogitNormalizer(k - 1, background=True, class_names=class_names, background_index=0, **kw)
-        norm.stage = DEFAULT_STAGE
+        raise ConfigError(f"LogN supports heads with C or C + 1 outputs; {type(head.loss).__name__} has {k} for C = {c}")
+    norm.stage = head.stage
     return norm
 
 
@@ -241,12 +212,12 @@ def collect_logit_statistics(
     """
     device = torch.device(device)
     model = _unwrap(model)
-    kind = model_kind(model)
+    head = classification_head(model)
     model.to(device)
     if class_names is None:
         class_names = _find_class_names(data_loader)
     if normalizer is None:
-        normalizer = _new_normalizer(model, kind, list(class_names) if class_names is not None else None,
+        normalizer = _new_normalizer(head, list(class_names) if class_names is not None else None,
                                      **normalizer_kwargs)
     elif normalizer_kwargs:
         raise ValueError(f"normalizer given: unexpected arguments {sorted(normalizer_kwargs)}")
@@ -254,15 +225,7 @@ def collect_logit_statistics(
 
     bar = _progress_bar(data_loader, max_batches, progress, "LogN statistics")
 
-    owner = None
-    restore: dict[str, Any] = {}
-    if kind == "two_stage":
-        owner = model.roi_heads
-        restore["record_box_features"] = owner.record_box_features
-        owner.record_box_features = False  # not needed here; saves memory
-    elif kind == "one_stage":
-        restore["record_logits"] = model.record_logits
-        model.record_logits = True
+    restore = _record_only_logits(head)
     batches = rows = 0
     try:
         with training_sampling_mode(model, keep=list(normalizer.buffers())):
@@ -271,19 +234,10 @@ def collect_logit_statistics(
                     break
                 images, targets = batch[0], batch[1]
                 images, targets = _to_device(list(images), list(targets), device)
-                if kind == "two_stage":
-                    model(images, targets)
-                    logits = model.roi_heads.last_sampled["logits"]
-                    if positives is not None:
-                        positives.add(logits, model.roi_heads.last_sampled["labels"])
-                elif kind == "one_stage":
-                    model(images, targets)
-                    logits, labels = model.last_cls_inputs
-                    logits = logits[labels >= 0]
-                    if positives is not None:
-                        positives.add(logits, labels[labels >= 0])
-                else:
-                    logits = _torchvision_sampled_logits(model, images, targets)
+                sampled = _sampled(model, head, images, targets)
+                logits = sampled.logits
+                if positives is not None and isinstance(head, ClassificationHead):
+                    positives.add(logits, sampled.labels)
                 normalizer.update(logits)
                 batches += 1
                 rows += logits.shape[0]
@@ -292,10 +246,7 @@ def collect_logit_statistics(
     finally:
         if bar is not None:
             bar.close()
-        if kind == "two_stage":
-            owner.record_box_features = restore["record_box_features"]  # type: ignore[union-attr]
-        elif kind == "one_stage":
-            model.record_logits = restore["record_logits"]
+        restore()
     if sync:
         normalizer.sync()
     if float(normalizer.count) == 0:
@@ -305,11 +256,24 @@ def collect_logit_statistics(
     return normalizer
 
 
+def _record_only_logits(head: Head):
+    """Make a taildet head record its logits but not its features (not needed here; saves
+    memory) for a pass; returns the function that restores both flags."""
+    if not isinstance(head, ClassificationHead):
+        return lambda: None
+    saved = head.record_logits, head.record_features
+    head.record_logits, head.record_features = True, False
+
+    def restore() -> None:
+        head.record_logits, head.record_features = saved
+
+    return restore
+
+
 def find_logit_batchnorm(model: nn.Module) -> nn.Module | None:
-    """The BatchNorm on a taildet R-CNN's class logits (``model.logit_bn``), or None."""
-    model = _unwrap(model)
-    pred = getattr(getattr(model, "roi_heads", None), "box_predictor", None)
-    bn = getattr(pred, "logit_bn", None)
+    """The BatchNorm on a taildet R-CNN's class logits (``model.logit_bn``: ``cls_head.logit_bn``),
+    or None."""
+    bn = classification_head(model).logit_bn
     return bn if isinstance(bn, nn.modules.batchnorm._BatchNorm) else None
 
 
@@ -351,9 +315,9 @@ def collect_running_statistics(
     """
     device = torch.device(device)
     model = _unwrap(model)
-    kind = model_kind(model)
+    head = classification_head(model)
     bn = find_logit_batchnorm(model)
-    if kind != "two_stage" or bn is None:
+    if bn is None:
         raise ConfigError("LogN statistics from running statistics need a two-stage detector trained with "
                           "model.logit_bn: true (BatchNorm on the class logits); use the statistics pass otherwise")
     for key in ("momentum", "ema_init"):
@@ -366,7 +330,7 @@ def collect_running_statistics(
     model.to(device)
     if class_names is None:
         class_names = _find_class_names(data_loader)
-    normalizer = _new_normalizer(model, kind, list(class_names) if class_names is not None else None,
+    normalizer = _new_normalizer(head, list(class_names) if class_names is not None else None,
                                  momentum=momentum, **normalizer_kwargs)
     if normalizer.num_outputs != bn.num_features:
         raise ConfigError(f"the logits' BatchNorm has {bn.num_features} columns, the classifier {normalizer.num_outputs}")
@@ -374,15 +338,14 @@ def collect_running_statistics(
 
     bar = _progress_bar(data_loader, max_batches, progress, "LogN running statistics")
 
-    rh = model.roi_heads
     raw: list[Tensor] = []
 
-    def grab(module: nn.Module, args: Any, output: Tensor) -> None:
-        raw.append(output.detach())
+    def grab(module: nn.Module, args: Any) -> None:
+        raw.append(args[0].detach())  # the raw logits, before the BatchNorm
 
-    hook = rh.box_predictor.cls_score.register_forward_hook(grab)
-    saved_momentum, saved_record = bn.momentum, rh.record_box_features
-    rh.record_box_features = False
+    hook = bn.register_forward_pre_hook(grab)
+    saved_momentum = bn.momentum
+    restore = _record_only_logits(head)
     batches = rows = 0
     try:
         with training_sampling_mode(model, keep=list(normalizer.buffers())):
@@ -393,10 +356,10 @@ def collect_running_statistics(
                     break
                 images, targets = _to_device(list(batch[0]), list(batch[1]), device)
                 raw.clear()
-                model(images, targets)
-                z = raw[-1]
+                sampled = _sampled(model, head, images, targets)
+                z = raw[-1] if raw else sampled.logits  # a 1-row call is returned raw
                 if positives is not None:
-                    positives.add(z, rh.last_sampled["labels"])
+                    positives.add(z, sampled.labels)
                 if z.shape[0] > 1:  # a 1-row call is not batch-normalised (see TailBoxPredictor)
                     rows += z.shape[0]
                 batches += 1
@@ -407,7 +370,7 @@ def collect_running_statistics(
     finally:
         hook.remove()
         bn.momentum = saved_momentum
-        rh.record_box_features = saved_record
+        restore()
         if bar is not None:
             bar.close()
     with torch.no_grad():
@@ -426,14 +389,6 @@ def collect_running_statistics(
 # applying
 
 
-def _torchvision_predictor_hook(module: nn.Module, args: Any, output: Any) -> Any:
-    """Forward hook on a torchvision box predictor: eval-mode class logits go through LogN."""
-    if module.training:
-        return None
-    cls_logits, box = output
-    return module.logit_transform(cls_logits), box
-
-
 def _model_device(model: nn.Module) -> torch.device:
     p = next(iter(model.parameters()), None)
     return p.device if p is not None else torch.device("cpu")
@@ -441,68 +396,40 @@ def _model_device(model: nn.Module) -> torch.device:
 
 def remove_logit_normalization(model: nn.Module) -> nn.Module:
     """Undo :func:`apply_logit_normalization` (any logit transform); returns the model."""
-    model = _unwrap(model)
-    kind = model_kind(model)
-    if kind == "two_stage":
-        model.roi_heads.logit_transform = None
-    elif kind == "one_stage":
-        model.logit_transform = None
-    else:
-        pred = model.roi_heads.box_predictor
-        for key, fn in list(pred._forward_hooks.items()):
-            if fn is _torchvision_predictor_hook:
-                del pred._forward_hooks[key]
-        if "logit_transform" in pred._modules:
-            del pred._modules["logit_transform"]
-    return model
+    classification_head(model).logit_transform = None
+    return _unwrap(model)
 
 
 def apply_logit_normalization(model: nn.Module, normalizer: nn.Module | None) -> nn.Module:
     """Make ``model`` use ``normalizer`` on its class logits at inference; returns the model.
 
-    * taildet two-stage: ``model.roi_heads.logit_transform = normalizer``;
-    * taildet one-stage: ``model.logit_transform = normalizer``;
+    * taildet detectors: ``model.cls_head.logit_transform = normalizer``;
     * plain torchvision Faster/Mask R-CNN: the normalizer becomes
       ``model.roi_heads.box_predictor.logit_transform`` and a forward hook on the box predictor
       transforms the class logits in eval mode, i.e. right before torchvision's
       ``postprocess_detections`` (softmax, background column 0 dropped, NMS). Training is
       unaffected. The existing state-dict keys are unchanged (the normalizer's are added).
 
-    The normalizer (any module with ``num_outputs``, e.g. a :class:`LogitNormalizer` or a
-    :class:`~taildet.calibration.LogitAdjuster`) is moved to the model's device and checked
-    against the model's class count and background column. ``None`` removes it.
+    The normalizer (any module with ``num_outputs`` and ``background_index``, e.g. a
+    :class:`LogitNormalizer` or a :class:`~taildet.calibration.LogitAdjuster`) is moved to the
+    model's device and checked against the head's class count and background column. ``None``
+    removes it.
     """
     model = _unwrap(model)
-    kind = model_kind(model)
+    head = classification_head(model)
     if normalizer is None:
         return remove_logit_normalization(model)
-    k_norm = getattr(normalizer, "num_outputs", None)
-    bg_norm = getattr(normalizer, "background_index", None)
-    if kind == "two_stage":
-        loss = model.roi_heads.loss
-        k, bg = loss.num_outputs(), (loss.num_classes if loss.num_outputs() == loss.num_classes + 1 else None)
-    elif kind == "one_stage":
-        loss = model.cls_loss
-        k, bg = loss.num_outputs(), (loss.num_classes if loss.num_outputs() == loss.num_classes + 1 else None)
-    else:
-        k, bg = model.roi_heads.box_predictor.cls_score.out_features, 0
-    if k_norm is not None and int(k_norm) != k:
+    k_norm, bg_norm = normalizer.num_outputs, normalizer.background_index
+    k, bg = head.num_outputs, head.background_index
+    if int(k_norm) != k:
         raise ConfigError(f"the logit transform expects {k_norm} logit columns, the model's classifier has {k}")
-    if k_norm is not None and bg_norm != bg:
+    if bg_norm != bg:
         raise ConfigError(
             f"the logit transform's background column is {bg_norm}, the model's is {bg} "
             "(torchvision detectors: background_index=0; taildet softmax heads: last; sigmoid heads: none)"
         )
     normalizer.to(_model_device(model))
-    if kind == "two_stage":
-        model.roi_heads.logit_transform = normalizer
-    elif kind == "one_stage":
-        model.logit_transform = normalizer
-    else:
-        remove_logit_normalization(model)
-        pred = model.roi_heads.box_predictor
-        pred.logit_transform = normalizer
-        pred.register_forward_hook(_torchvision_predictor_hook)
+    head.logit_transform = normalizer
     return model
 
 
@@ -526,7 +453,7 @@ def calibrate_torchvision_model(
     ``momentum``, ``mode``, ``beta``, ... of :class:`LogitNormalizer`.
     """
     model = _unwrap(model)
-    if model_kind(model) != "torchvision":
+    if not isinstance(classification_head(model), TorchvisionRoIHead):
         raise ConfigError(
             f"calibrate_torchvision_model is for plain torchvision R-CNNs; for {type(model).__name__} use "
             "collect_logit_statistics + apply_logit_normalization"
@@ -543,20 +470,6 @@ def apply_calibration(model: nn.Module, path: str | os.PathLike, class_names: Se
     """Load a statistics file for ``model`` (its class count, and ``class_names`` when given, are
     checked) and apply it. ``stage`` default: ``"roi_heads"`` for R-CNNs, ``"head"`` for one-stage
     models, or the file's only stage."""
-    m = _unwrap(model)
-    kind = model_kind(m)
-    if kind == "two_stage":
-        c = m.roi_heads.num_classes
-    elif kind == "one_stage":
-        c = m.cls_loss.num_classes
-    else:
-        c = m.roi_heads.box_predictor.cls_score.out_features - 1
-    stages = load_normalizers(path, class_names=class_names, num_classes=c)
-    if stage is None:
-        want = ONE_STAGE_STAGE if kind == "one_stage" else DEFAULT_STAGE
-        stage = want if want in stages or len(stages) != 1 else next(iter(stages))
-    if stage not in stages:
-        from taildet.errors import DataError
-
-        raise DataError(path, f"stage {stage!r}", f"not in the file (stages: {sorted(stages)})")
-    return apply_logit_normalization(m, stages[stage])
+    head = classification_head(model)
+    stages = load_normalizers(path, class_names=class_names, num_classes=head.num_classes)
+    return apply_logit_normalization(model, select_stage(stages, head, path, stage))

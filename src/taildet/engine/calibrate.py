@@ -127,9 +127,7 @@ def calibrate_checkpoint(cfg, checkpoint_path: str, out: str | None = None, *, s
                                               positives=positives, **normalizer_kwargs)
     if is_main_process():
         from taildet.calibration.diagnostics import format_background_argmax_share
-        from taildet.calibration.statistics import model_kind
-
-        stage = "head" if model_kind(model) == "one_stage" else "roi_heads"
+        stage = model.cls_head.stage
         extra: dict[str, Any] = {"checkpoint": os.path.abspath(checkpoint_path), "stats": stats}
         if stats == "running":
             extra["running_momentum"] = running_momentum

@@ -24,6 +24,7 @@ import torch
 
 from taildet.errors import TaildetError
 from taildet.fileio import atomic_write
+from taildet.models.heads import remap_legacy_keys
 
 __all__ = [
     "CheckpointError",
@@ -109,7 +110,11 @@ def load_model_weights(model: torch.nn.Module, state_dict: dict, source: str = "
 
     Weights that do not fit (another architecture, class count or loss head) are a
     :class:`CheckpointError` naming ``source``, the first differences and, when ``saved_config``
-    (the checkpoint's ``config`` entry) is given, what the checkpoint was trained as."""
+    (the checkpoint's ``config`` entry) is given, what the checkpoint was trained as. Keys saved
+    before the classification-head contract (``roi_heads.loss.*``, ``cls_loss.*``, ...) are read
+    under their ``cls_head.*`` names (:func:`taildet.models.heads.remap_legacy_keys`)."""
+    state_dict = dict(state_dict)
+    remap_legacy_keys(state_dict)
     own = model.state_dict()
     kept = {k: v for k, v in state_dict.items()
             if k in own or not any(k.startswith(p) for p in TRAINING_ONLY_PREFIXES)}

@@ -14,6 +14,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from taildet.losses.base import sync_states
+from taildet.models.heads import ClassificationHead
+
 __all__ = [
     "init_distributed",
     "is_distributed",
@@ -156,16 +159,12 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def sync_loss_state(model: torch.nn.Module) -> int:
-    """Call ``sync_state()`` on every submodule that defines it; returns how many were synced.
+    """Call ``sync_state()`` on every submodule that defines it (every classification loss, the
+    LogN online statistics, MFS's mean-score observer, ...); returns how many were synced.
 
-    Each stateful loss decides how its buffers are reduced (mean of EMAs, sum of accumulators).
+    Each stateful module decides how its buffers are reduced (mean of EMAs, sum of accumulators).
     Called by the trainer after every optimizer step under DDP (and safe in one process: the
-    losses' ``sync_state`` is expected to be a no-op without a process group).
+    losses' ``sync_state`` is a no-op without a process group). A ``ClassificationHead`` is not
+    called itself (its ``sync_state`` walks its loss, which this walk reaches anyway).
     """
-    n = 0
-    for module in unwrap_model(model).modules():
-        fn = getattr(module, "sync_state", None)
-        if callable(fn):
-            fn()
-            n += 1
-    return n
+    return sync_states(unwrap_model(model), skip=(ClassificationHead,))

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 import torch
 
 from taildet.errors import ConfigError
+from taildet.models.heads import remap_legacy_keys
 
 __all__ = ["finetune", "load_stage1_weights", "freeze_parameters", "CLASSIFIER_PATTERNS"]
 
@@ -61,6 +62,8 @@ def load_stage1_weights(model: torch.nn.Module, state_dict: dict, *, reset_class
     from taildet.engine.checkpoint import check_finite_weights
 
     check_finite_weights(state_dict, source)
+    state_dict = dict(state_dict)
+    remap_legacy_keys(state_dict)  # checkpoints saved before model.cls_head
     own = model.state_dict()
     loss_pre = _loss_prefixes(model)
 

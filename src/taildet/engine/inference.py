@@ -124,14 +124,11 @@ class _PerClassTopK:
         return out
 
 
-def _detector_cap_owner(model: torch.nn.Module):
-    """The module holding the detector's per-image detection cap (``detections_per_img``)."""
+def _cls_head(model: torch.nn.Module):
+    """The detector's :class:`~taildet.models.heads.ClassificationHead` (inside DDP wrappers)."""
     while isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
         model = model.module
-    rh = getattr(model, "roi_heads", None)
-    if rh is not None and hasattr(rh, "detections_per_img"):
-        return rh
-    return model if hasattr(model, "detections_per_img") else None
+    return model.cls_head
 
 
 @torch.no_grad()
@@ -148,7 +145,7 @@ def inference(model: torch.nn.Module, dataset, batch_size: int = 8, device: str 
     AP-fixed (Dave et al.): ``max_dets=None, per_class_top_k=10000`` keeps each category's
     10,000 best results over the dataset and none else (pruned as inference goes, so memory stays
     bounded), and ``detector_dets_per_img`` raises the detector's own per-image cap
-    (``detections_per_img``) for the run, so that a class's low-scoring detections are not cut
+    (``model.cls_head.detections_per_img``) for the run, so that a class's low-scoring detections are not cut
     by the 300 best of other classes.
     """
     device = torch.device(device) if not isinstance(device, torch.device) else device
@@ -160,7 +157,7 @@ def inference(model: torch.nn.Module, dataset, batch_size: int = 8, device: str 
     cat_ids = list(dataset.cat_ids)
     was_training = model.training
     model.eval()
-    cap_owner = _detector_cap_owner(model) if detector_dets_per_img is not None else None
+    cap_owner = _cls_head(model) if detector_dets_per_img is not None else None
     old_cap = cap_owner.detections_per_img if cap_owner is not None else None
     if cap_owner is not None:
         cap_owner.detections_per_img = int(detector_dets_per_img)

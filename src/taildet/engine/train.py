@@ -42,8 +42,8 @@ from taildet.engine.distributed import (all_gather_object, barrier, broadcast_ob
 from taildet.engine.inference import eval_caps, evaluate_results, inference, list_collate, resolve_device
 from taildet.engine.schedule import build_scheduler
 from taildet.errors import ConfigError, OutputError, TaildetError
+from taildet.losses.base import ClassificationLoss
 from taildet.fileio import atomic_write_text
-from taildet.losses.equalized_focal import set_grad_scale
 
 __all__ = [
     "TrainingDivergedError",
@@ -334,8 +334,9 @@ def _truncate_metrics(path: str, iteration: int) -> None:
 
 def amp_setup(tcfg, device: torch.device) -> tuple[bool, torch.amp.GradScaler]:
     """``train.amp``: whether the training loop runs under autocast (CUDA only) and its GradScaler
-    (a disabled one without AMP). The loop tells losses that keep gradient statistics (EFL, EQFL)
-    the scaler's scale before each backward (:func:`taildet.losses.equalized_focal.set_grad_scale`)."""
+    (a disabled one without AMP). The loop tells every classification loss the scaler's scale
+    before each backward (``before_backward``; losses that keep gradient statistics, EFL and EQFL,
+    divide by it)."""
     use_amp = bool(tcfg.amp) and device.type == "cuda"
     if tcfg.amp and not use_amp:
         log.info("train.amp: ignored on %s (AMP is CUDA only)", device.type)
@@ -440,6 +441,8 @@ def run_training(
 
     last_good = ckpt_path
     params = [p for p in core.parameters() if p.requires_grad]
+    # every classification loss (the model's cls_head.loss, MFS's observer, ...) gets the hooks
+    loss_modules = [m for m in core.modules() if isinstance(m, ClassificationLoss)]
     bar = None
     if progress and main and iteration < max_iter:
         from tqdm import tqdm
@@ -479,8 +482,10 @@ def run_training(
                         + f"). Last good checkpoint, left intact: {last_good}. Try a lower train.lr, "
                         "a longer train.warmup_iters or train.grad_clip.", iteration + 1, terms, last_good)
                 optimizer.zero_grad(set_to_none=True)
-                if use_amp:  # losses with gradient statistics accumulate the true (unscaled) gradient
-                    set_grad_scale(ddp_model, scaler.get_scale())
+                # losses with gradient statistics accumulate the true (unscaled) gradient
+                grad_scale = scaler.get_scale() if use_amp else 1.0
+                for loss_module in loss_modules:
+                    loss_module.before_backward(grad_scale)
                 scaler.scale(total).backward()
                 if tcfg.grad_clip is not None:
                     scaler.unscale_(optimizer)

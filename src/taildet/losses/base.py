@@ -19,6 +19,16 @@ must update then, e.g. the Equilibrium Loss).
 ``OneStageLoss`` (dense anchors): ``forward(logits [N, C], labels [N] int64, normalizer, quality=None)``
 with ``0..C-1`` for positive anchors, ``C`` for negatives and ``-1`` for ignored anchors.
 
+Hooks (all declared here with a no-op default, so callers never probe for them):
+
+* ``update(logits, labels, gt_index)`` -- state update before the loss of the same step;
+* ``before_backward(grad_scale)`` -- the AMP GradScaler's scale, before each backward (losses that
+  accumulate gradient statistics divide by it, e.g. EFL);
+* ``sync_state()`` -- reduce this module's own state over DDP ranks after each optimizer step
+  (:func:`sync_states` calls it on every submodule that has one);
+* ``observe_memory(logits, labels)`` -- memory-sampled rows (MFS) seen as observations only;
+* ``uses_quality`` -- True when ``forward`` takes ``quality=`` (one-stage quality losses).
+
 :class:`SigmoidClassificationLoss` is the common base of the losses of either kind whose
 classifier has ``C`` sigmoid outputs and no background column (``K = C``).
 """
@@ -26,6 +36,7 @@ classifier has ``C`` sigmoid outputs and no background column (``K = C``).
 from __future__ import annotations
 
 import math
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +48,8 @@ class ClassificationLoss(nn.Module):
     kind: str = "two_stage"
     #: True when the classifier has a background column (softmax heads, K = C+1 with bg last).
     has_background: bool = True
+    #: True when ``forward`` takes ``quality=[N]`` (IoU of positive anchors; one-stage QFL/EQFL).
+    uses_quality: bool = False
 
     def __init__(self, num_classes: int):
         super().__init__()
@@ -59,6 +72,37 @@ class ClassificationLoss(nn.Module):
 
     def update(self, logits: Tensor, labels: Tensor, gt_index: Tensor | None = None) -> None:
         """State update before the loss of the same iteration (no-op by default)."""
+
+    def before_backward(self, grad_scale: float) -> None:
+        """The factor by which the coming backward's gradients exceed the true ones (the AMP
+        GradScaler's scale, 1.0 without AMP); called before each backward (no-op by default)."""
+
+    def sync_state(self) -> None:
+        """Reduce this module's own state over DDP ranks, after each optimizer step (no-op by
+        default, and expected to be a no-op without a process group). Submodules are synced by
+        :func:`sync_states`, not by their parent."""
+
+    def observe_memory(self, logits: Tensor, labels: Tensor) -> None:
+        """Rows ``[M, K]`` / ``[M]`` of memory-sampled features (MFS) that the state should see as
+        observations, without the loss training on them (no-op by default)."""
+
+
+@runtime_checkable
+class SyncsState(Protocol):
+    """A module whose state is reduced over DDP ranks by ``sync_state()``."""
+
+    def sync_state(self) -> None: ...
+
+
+def sync_states(module: nn.Module, skip: tuple[type, ...] = ()) -> int:
+    """Call ``sync_state()`` on ``module`` and every submodule that has one, except instances of
+    ``skip`` (modules whose ``sync_state`` walks their own submodules); returns how many."""
+    n = 0
+    for m in module.modules():
+        if isinstance(m, SyncsState) and not isinstance(m, skip):
+            m.sync_state()
+            n += 1
+    return n
 
 
 def prior_bias(prior: float) -> float:

@@ -339,11 +339,15 @@ class EqualizedFocalLoss(SigmoidClassificationLoss):
         #: when False the backward leaves the state alone (frozen ratios).
         self.update_state = True
         #: the factor by which the incoming gradient exceeds the true one (AMP GradScaler's scale;
-        #: set by :func:`set_grad_scale`): the accumulated gradients are divided by it.
+        #: set by :meth:`before_backward`): the accumulated gradients are divided by it.
         self.grad_scale = 1.0
         self.register_buffer("pos_grad", torch.zeros(self.num_classes))
         self.register_buffer("neg_grad", torch.zeros(self.num_classes))
         self.register_buffer("pos_neg_ratio", torch.ones(self.num_classes))
+
+    def before_backward(self, grad_scale: float) -> None:
+        """Record the AMP GradScaler's scale: the accumulated gradients are divided by it."""
+        self.grad_scale = float(grad_scale)
 
     def _apply(self, fn, *args, **kwargs):
         """``.to()`` / ``.half()`` / ``.cuda()``: the gradient statistics stay at least float32
@@ -477,7 +481,7 @@ def set_grad_scale(model: torch.nn.Module, scale: float) -> int:
     n = 0
     for module in model.modules():
         if isinstance(module, EqualizedFocalLoss):
-            module.grad_scale = float(scale)
+            module.before_backward(scale)
             n += 1
     return n
 

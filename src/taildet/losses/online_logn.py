@@ -192,8 +192,14 @@ class OnlineLogNLoss(ClassificationLoss):
         self.online = OnlineLogitNormalization(base_loss.num_classes, momentum, background=background, beta=beta)
 
     @property
-    def uses_quality(self) -> bool:  # one-stage heads pass quality= only when the loss asks for it
-        return bool(getattr(self.base, "uses_quality", False))
+    def uses_quality(self) -> bool:  # type: ignore[override]  # one-stage heads pass quality= only when the loss asks
+        return bool(self.base.uses_quality)
+
+    def before_backward(self, grad_scale: float) -> None:
+        self.base.before_backward(grad_scale)
+
+    def observe_memory(self, logits: Tensor, labels: Tensor) -> None:
+        self.base.observe_memory(logits, labels)
 
     def num_outputs(self) -> int:
         return self.base.num_outputs()

@@ -10,7 +10,7 @@ reused) with its own head and loss computation:
   backbones both work.
 * Head (:class:`TailATSSHead`): a classification tower and a box tower of ``num_convs``
   3x3 conv-norm-ReLU layers (GroupNorm by default, as torchvision's RetinaNet v2 towers), a
-  classifier (``K = cls_loss.num_outputs()`` per anchor, bias from ``cls_loss.init_bias``, e.g.
+  classifier (``K = loss.num_outputs()`` per anchor, bias from ``loss.init_bias``, e.g.
   prior 0.001 for EFL), a box regressor and an IoU-quality predictor (one logit per anchor) on the
   box tower, replacing ATSS's centerness.
 * Assignment (:func:`atss_assign`, per image, crowd boxes dropped first): for every GT, per level,
@@ -27,12 +27,12 @@ reused) with its own head and loss computation:
   elsewhere); ``bbox_regression`` = ``giou_weight`` x GIoU loss of the decoded boxes, weighted by
   that IoU and divided by the sum of the weights (averaged over ranks); ``bbox_iou`` = BCE of the
   IoU logit against that IoU, positives only, divided by the normalizer.
-* Inference: score = ``cls_loss.scores(logit_transform(logits)) * sigmoid(iou_logit)``; per level
+* Inference: score = ``cls_head.scores(logits) * sigmoid(iou_logit)``; per level
   the ``pre_nms_top_n`` best (anchor, class) pairs above ``score_thresh`` (0: none dropped), boxes
   decoded and clipped, class-wise NMS at ``nms_thresh``, ``detections_per_img`` per image.
   Labels ``0..C-1``.
-* Like :mod:`taildet.models.one_stage`: ``model.cls_loss`` (registered), ``model.logit_transform``,
-  ``model.last_cls_inputs`` (training) and ``model.last_logits`` (inference), ``record_logits``.
+* Like :mod:`taildet.models.one_stage`: ``model.cls_head`` (loss, logit transform, training
+  record, detection cap) and ``model.last_logits`` (inference).
 
 Box coding: torchvision's ``BoxCoder`` with weights (10, 10, 5, 5) (the reference ATSS's
 (0.1, 0.1, 0.2, 0.2) standard deviations). Not reproduced from the reference: its learnable
@@ -59,10 +59,12 @@ from torchvision.ops.misc import Conv2dNormActivation
 from taildet.errors import ConfigError
 from taildet.losses.base import ClassificationLoss
 from taildet.losses.equalized_focal import mean_over_ranks
+from taildet.models.heads import ClassificationHead
 from taildet.models.one_stage import (
-    _attach_cls_loss,
+    _attach_cls_head,
     _drop_crowd,
     _elementwise_iou,
+    _new_cls_head,
     _one_stage_detector,
     _resolve_backbone,
     _resolve_loss,
@@ -168,14 +170,14 @@ class TailATSSHead(nn.Module):
         self,
         in_channels: int,
         num_anchors: int,
-        loss: ClassificationLoss,
+        cls_head: ClassificationHead,
         num_convs: int = 4,
         norm_layer: Callable[..., nn.Module] | None = None,
         quality_branch: bool = True,
     ):
         super().__init__()
         self.num_anchors = int(num_anchors)
-        self.num_outputs = loss.num_outputs()
+        self.num_outputs = cls_head.num_outputs
         self.cls_tower = _tower(in_channels, num_convs, norm_layer)
         self.box_tower = _tower(in_channels, num_convs, norm_layer)
         self.cls_logits = nn.Conv2d(in_channels, num_anchors * self.num_outputs, 3, padding=1)
@@ -186,7 +188,7 @@ class TailATSSHead(nn.Module):
                 nn.init.normal_(m.weight, std=0.01)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        _attach_cls_loss(self, self.cls_logits, loss, num_anchors)
+        _attach_cls_head(self, self.cls_logits, cls_head, num_anchors)
         self.num_anchors_per_level: list[int] = []
 
     def forward(self, features: list[Tensor]) -> dict[str, Tensor]:
@@ -213,8 +215,8 @@ class TailATSSHead(nn.Module):
         decode: Callable[[Tensor, Tensor], Tensor],
         giou_weight: float,
     ) -> dict[str, Tensor]:
-        loss_fn = self.cls_loss
-        num_classes = loss_fn.num_classes
+        cls_head = self.cls_head
+        num_classes = cls_head.num_classes
         labels, quality, ious, gious, iou_logits = [], [], [], [], []
         for i, (t, m) in enumerate(zip(targets, matched_idxs)):
             labels.append(anchor_labels(m, t["labels"], num_classes))
@@ -233,12 +235,11 @@ class TailATSSHead(nn.Module):
         iou_all, giou_all = torch.cat(ious), torch.cat(gious)
         logits = head_outputs["cls_logits"].reshape(-1, self.num_outputs)
         normalizer = mean_over_ranks(logits.new_tensor(float(iou_all.numel()))).clamp(min=1.0)
-        if self.record_logits:
-            self.last_cls_inputs = (logits.detach(), labels_all)
-        if getattr(loss_fn, "uses_quality", False):
-            loss_cls = loss_fn(logits, labels_all, normalizer, quality=torch.cat(quality))
+        cls_head.observe(logits, labels_all)
+        if cls_head.uses_quality:
+            loss_cls = cls_head(logits, labels_all, normalizer, quality=torch.cat(quality))
         else:
-            loss_cls = loss_fn(logits, labels_all, normalizer)
+            loss_cls = cls_head(logits, labels_all, normalizer)
         weight_sum = mean_over_ranks(iou_all.sum()).clamp(min=1e-6)
         loss_box = giou_weight * (giou_all * iou_all).sum() / weight_sum
         losses = {"classification": loss_cls, "bbox_regression": loss_box}
@@ -258,7 +259,7 @@ class TailATSS(_TailOneStage, RetinaNet):
 
     Args:
         backbone: module with ``out_channels`` returning a Tensor or an OrderedDict of maps.
-        cls_loss: a one-stage :class:`~taildet.losses.base.ClassificationLoss` (``self.cls_loss``).
+        cls_loss: a one-stage :class:`~taildet.losses.base.ClassificationLoss` (``self.cls_head.loss``).
         anchor_generator: torchvision ``AnchorGenerator`` (same anchors per location on every level).
         logit_transform: optional module applied to raw logits at inference.
         head_norm_layer: norm layer factory for the towers (None = no normalisation).
@@ -285,13 +286,14 @@ class TailATSS(_TailOneStage, RetinaNet):
         **kwargs: Any,
     ):
         num_anchors = anchor_generator.num_anchors_per_location()[0]
-        head = TailATSSHead(backbone.out_channels, num_anchors, cls_loss, num_convs, head_norm_layer, quality_branch)
+        cls_head = _new_cls_head(cls_loss, logit_transform, kwargs)
+        head = TailATSSHead(backbone.out_channels, num_anchors, cls_head, num_convs, head_norm_layer, quality_branch)
         super().__init__(backbone, cls_loss.num_classes, anchor_generator=anchor_generator, head=head, **kwargs)
         self.box_coder = det_utils.BoxCoder(weights=(10.0, 10.0, 5.0, 5.0))
         self.proposal_matcher = None  # ATSS assigns by atss_assign, not torchvision's Matcher
         self.topk = int(topk)
         self.giou_weight = float(giou_weight)
-        self._setup_tail(cls_loss, logit_transform)
+        self._setup_tail(cls_head)
 
     def assign(self, targets: list[dict[str, Tensor]], anchors: list[Tensor]) -> list[Tensor]:
         """ATSS ``matched_idxs`` per image for the anchors of the last head forward."""

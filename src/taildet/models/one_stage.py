@@ -8,12 +8,13 @@ resizing) is torchvision's own code.
 
 What the models add to torchvision
 ----------------------------------
-* ``model.cls_loss`` -- the loss, a registered submodule of the model, so its buffers are in
-  ``model.state_dict()`` under ``"cls_loss.*"`` (the heads keep an unregistered reference to the
-  same object; there are no duplicate keys).
-* ``model.logit_transform`` -- an optional ``nn.Module`` (or None) applied at inference to the raw
-  logits ``[N, K]`` before ``cls_loss.scores`` (for LogN / logit adjustment). Registered, so its
-  buffers checkpoint too. It can be assigned after building.
+* ``model.cls_head`` -- the :class:`~taildet.models.heads.ClassificationHead`: the loss
+  (``cls_head.loss``, in ``model.state_dict()`` under ``"cls_head.loss.*"``; the dense heads keep
+  an unregistered reference to the same head, so there are no duplicate keys), the optional
+  ``cls_head.logit_transform`` applied at inference to the raw logits ``[N, K]`` before
+  ``loss.scores`` (for LogN / logit adjustment; registered, assignable after building), and the
+  per-image cap ``cls_head.detections_per_img``. State dicts saved before the head (``cls_loss.*``,
+  ``logit_transform.*``) load through a key remap.
 * Label vector passed to the loss (training): one entry per anchor, image-major, then torchvision's
   anchor order inside an image (level, then location row-major, then anchor):
   ``0..C-1`` = positive anchor (its matched GT class), ``C`` = negative anchor, ``-1`` = ignored
@@ -22,13 +23,14 @@ What the models add to torchvision
   with ``normalizer`` = total number of positive anchors in the batch, averaged over DDP ranks
   (the same on every rank, as the EFL paper's reference does), clamped to at least 1. Note: torchvision's stock RetinaNet instead normalises each image by its
   own positives and averages over images; the two agree for one image per batch.
-* ``model.last_cls_inputs`` (training) -- ``(logits [B*A, K], labels [B*A])`` as passed to the loss
-  in the last forward, logits detached. ``model.last_logits`` (inference) -- a list with one
-  ``[D_i, K]`` tensor per image: the raw logits (before ``logit_transform``) of the anchor behind
-  each returned detection, row-aligned with ``detections[i]["boxes"]``. Both are cleared at the
-  start of each forward; set ``model.record_logits = False`` to skip recording.
+* ``model.cls_head.record`` (training) -- a :class:`~taildet.models.heads.SampledLogits` with
+  ``logits [B*A, K]`` (detached) and ``labels [B*A]`` as passed to the loss in the last forward.
+  ``model.last_logits`` (inference) -- a list with one ``[D_i, K]`` tensor per image: the raw
+  logits (before ``logit_transform``) of the anchor behind each returned detection, row-aligned
+  with ``detections[i]["boxes"]``. Both are cleared at the start of each forward; set
+  ``model.cls_head.record_logits = False`` to skip recording.
 * Crowd boxes (``target["iscrowd"] != 0``) are dropped before matching.
-* A loss with a true attribute ``uses_quality`` (EQFL) also gets ``quality=[B*A]``: the IoU of each
+* A loss with ``uses_quality`` true (EQFL) also gets ``quality=[B*A]``: the IoU of each
   positive anchor's detached decoded box with its matched GT box, 0 elsewhere
   (:func:`anchor_quality`). Other losses are called without ``quality``.
 
@@ -61,6 +63,7 @@ from torchvision.ops import boxes as box_ops
 from taildet.errors import ConfigError
 from taildet.losses.base import ClassificationLoss
 from taildet.losses.focal import mean_over_ranks
+from taildet.models.heads import ClassificationHead, register_legacy_key_hook
 
 __all__ = [
     "build_retinanet",
@@ -189,9 +192,9 @@ def _resolve_loss(loss: str | ClassificationLoss, num_classes: int, loss_kwargs:
             raise ConfigError("loss_kwargs must be empty when loss is already a loss object")
     else:
         raise ConfigError(f"loss must be a loss name or a ClassificationLoss, got {type(loss).__name__}")
-    if getattr(loss, "kind", None) != "one_stage":
+    if loss.kind != "one_stage":
         raise ConfigError(
-            f"loss {type(loss).__name__} is a {getattr(loss, 'kind', '?')!r} loss; one-stage detectors need "
+            f"loss {type(loss).__name__} is a {loss.kind!r} loss; one-stage detectors need "
             "kind 'one_stage' (labels 0..C-1 positive, C negative, -1 ignored)"
         )
     if loss.num_classes != int(num_classes):
@@ -242,31 +245,34 @@ def _init_cls_bias(conv: nn.Conv2d, loss: ClassificationLoss, num_anchors: int) 
         conv.bias.copy_(per_anchor.repeat(num_anchors))
 
 
-def _attach_cls_loss(head: nn.Module, cls_conv: nn.Conv2d, loss: ClassificationLoss, num_anchors: int) -> None:
-    """The loss-related setup every one-stage head shares: classifier bias from ``loss``, the loss
-    attached unregistered as ``head.cls_loss``, and the logit recording attributes."""
-    _init_cls_bias(cls_conv, loss, num_anchors)
-    _set_unregistered(head, "cls_loss", loss)
-    head.record_logits = True
-    head.last_cls_inputs = None
+def _attach_cls_head(head: nn.Module, cls_conv: nn.Conv2d, cls_head: ClassificationHead, num_anchors: int) -> None:
+    """The setup every one-stage dense head shares: classifier bias from the loss, and the
+    detector's classification head attached unregistered as ``head.cls_head``."""
+    _init_cls_bias(cls_conv, cls_head.loss, num_anchors)
+    _set_unregistered(head, "cls_head", cls_head)
+
+
+def _new_cls_head(loss: ClassificationLoss, logit_transform: nn.Module | None, detector_kwargs: dict) -> ClassificationHead:
+    """The :class:`ClassificationHead` of a one-stage detector (stage ``"head"``; the cap is the
+    ``detections_per_img`` keyword given to torchvision's detector, 300 by default)."""
+    return ClassificationHead(loss, stage="head", detections_per_img=detector_kwargs.get("detections_per_img", 300),
+                              logit_transform=logit_transform)
 
 
 def _cls_loss_call(
-    owner: nn.Module,
-    loss: ClassificationLoss,
+    cls_head: ClassificationHead,
     cls_logits: Tensor,
     labels: Tensor,
     quality: Tensor | None = None,
 ) -> Tensor:
     logits = cls_logits.reshape(-1, cls_logits.shape[-1])
-    num_pos = ((labels >= 0) & (labels < loss.num_classes)).sum()
+    num_pos = ((labels >= 0) & (labels < cls_head.num_classes)).sum()
     # number of positive anchors averaged over DDP ranks, at least 1 (the same on every rank)
     normalizer = mean_over_ranks(num_pos.to(torch.float32)).clamp(min=1.0)
-    if owner.record_logits:
-        owner.last_cls_inputs = (logits.detach(), labels)
+    cls_head.observe(logits, labels)
     if quality is None:
-        return loss(logits, labels, normalizer)
-    return loss(logits, labels, normalizer, quality=quality)
+        return cls_head(logits, labels, normalizer)
+    return cls_head(logits, labels, normalizer, quality=quality)
 
 
 def _elementwise_iou(a: Tensor, b: Tensor) -> Tensor:
@@ -305,7 +311,7 @@ def anchor_quality(
 class TailRetinaNetClassificationHead(RetinaNetClassificationHead):
     """torchvision's RetinaNet classification tower with a pluggable one-stage loss.
 
-    Width ``K = loss.num_outputs()`` per anchor, bias from ``loss.init_bias``. ``compute_loss``
+    Width ``K = cls_head.num_outputs`` per anchor, bias from ``loss.init_bias``. ``compute_loss``
     builds the label vector (see the module docstring) and calls the loss once for the batch.
     """
 
@@ -313,15 +319,15 @@ class TailRetinaNetClassificationHead(RetinaNetClassificationHead):
         self,
         in_channels: int,
         num_anchors: int,
-        loss: ClassificationLoss,
+        cls_head: ClassificationHead,
         norm_layer: Callable[..., nn.Module] | None = None,
     ):
-        super().__init__(in_channels, num_anchors, loss.num_outputs(), norm_layer=norm_layer)
-        _attach_cls_loss(self, self.cls_logits, loss, num_anchors)
+        super().__init__(in_channels, num_anchors, cls_head.num_outputs, norm_layer=norm_layer)
+        _attach_cls_head(self, self.cls_logits, cls_head, num_anchors)
 
     def compute_loss(self, targets, head_outputs, matched_idxs, quality=None):  # type: ignore[override]
-        labels = _batch_labels(targets, matched_idxs, self.cls_loss.num_classes)
-        return _cls_loss_call(self, self.cls_loss, head_outputs["cls_logits"], labels, quality)
+        labels = _batch_labels(targets, matched_idxs, self.cls_head.num_classes)
+        return _cls_loss_call(self.cls_head, head_outputs["cls_logits"], labels, quality)
 
 
 class TailRetinaNetHead(RetinaNetHead):
@@ -331,16 +337,16 @@ class TailRetinaNetHead(RetinaNetHead):
         self,
         in_channels: int,
         num_anchors: int,
-        loss: ClassificationLoss,
+        cls_head: ClassificationHead,
         norm_layer: Callable[..., nn.Module] | None = None,
     ):
         nn.Module.__init__(self)  # RetinaNetHead.__init__ would build a stock classification head
-        self.classification_head = TailRetinaNetClassificationHead(in_channels, num_anchors, loss, norm_layer)
+        self.classification_head = TailRetinaNetClassificationHead(in_channels, num_anchors, cls_head, norm_layer)
         self.regression_head = RetinaNetRegressionHead(in_channels, num_anchors, norm_layer=norm_layer)
 
     def compute_loss(self, targets, head_outputs, anchors, matched_idxs):  # type: ignore[override]
         quality = None
-        if getattr(self.classification_head.cls_loss, "uses_quality", False):
+        if self.classification_head.cls_head.uses_quality:
             decode = self.regression_head.box_coder.decode_single
             quality = anchor_quality(decode, head_outputs["bbox_regression"], anchors, targets, matched_idxs)
         return {
@@ -361,7 +367,7 @@ class TailFCOSHead(FCOSHead):
         self,
         in_channels: int,
         num_anchors: int,
-        loss: ClassificationLoss,
+        cls_head: ClassificationHead,
         num_convs: int = 4,
         norm_layer: Callable[[int], nn.Module] | None = None,
     ):
@@ -370,19 +376,19 @@ class TailFCOSHead(FCOSHead):
             norm_layer = _identity_norm
         self.box_coder = det_utils.BoxLinearCoder(normalize_by_size=True)
         self.classification_head = FCOSClassificationHead(
-            in_channels, num_anchors, loss.num_outputs(), num_convs, norm_layer=norm_layer
+            in_channels, num_anchors, cls_head.num_outputs, num_convs, norm_layer=norm_layer
         )
         self.regression_head = FCOSRegressionHead(in_channels, num_anchors, num_convs, norm_layer=norm_layer)
-        _attach_cls_loss(self, self.classification_head.cls_logits, loss, num_anchors)
+        _attach_cls_head(self, self.classification_head.cls_logits, cls_head, num_anchors)
 
     def compute_loss(self, targets, head_outputs, anchors, matched_idxs):  # type: ignore[override]
         cls_logits = head_outputs["cls_logits"]
-        labels = _batch_labels(targets, matched_idxs, self.cls_loss.num_classes)
+        labels = _batch_labels(targets, matched_idxs, self.cls_head.num_classes)
         quality = None
-        if getattr(self.cls_loss, "uses_quality", False):
+        if self.cls_head.uses_quality:
             bbox_regression = head_outputs["bbox_regression"]
             quality = anchor_quality(self.box_coder.decode, bbox_regression, anchors, targets, matched_idxs)
-        loss_cls = _cls_loss_call(self, self.cls_loss, cls_logits, labels, quality)
+        loss_cls = _cls_loss_call(self.cls_head, cls_logits, labels, quality)
         stand_in = dict(head_outputs)
         stand_in["cls_logits"] = cls_logits.new_zeros(cls_logits.shape[0], cls_logits.shape[1], 1)
         box_targets = [{"boxes": t["boxes"], "labels": torch.zeros_like(t["labels"])} for t in targets]
@@ -403,49 +409,28 @@ def _identity_norm(channels: int) -> nn.Module:
 
 
 class _TailOneStage:
-    """Shared parts of :class:`TailRetinaNet` and :class:`TailFCOS` (a mixin; no state of its own)."""
+    """Shared parts of :class:`TailRetinaNet`, :class:`TailFCOS` and :class:`TailATSS` (a mixin).
+
+    ``cls_head`` is the :class:`ClassificationHead` (registered here, referenced by the dense
+    head); ``last_logits`` the inference record (see the module docstring).
+    """
 
     head: nn.Module
-    cls_loss: ClassificationLoss
-    logit_transform: nn.Module | None
+    cls_head: ClassificationHead
     last_logits: list[Tensor] | None
     score_thresh: float
     topk_candidates: int
     nms_thresh: float
-    detections_per_img: int
 
-    def _setup_tail(self, loss: ClassificationLoss, logit_transform: nn.Module | None) -> None:
-        self.cls_loss = loss
-        self.logit_transform = logit_transform
+    def _setup_tail(self, cls_head: ClassificationHead) -> None:
+        self.cls_head = cls_head
+        del self.detections_per_img  # one cap: cls_head.detections_per_img
         self.last_logits = None
-
-    @property
-    def _cls_head_owner(self) -> nn.Module:
-        """The module holding ``record_logits`` / ``last_cls_inputs`` (default: ``self.head``)."""
-        return self.head
-
-    @property
-    def record_logits(self) -> bool:
-        return self._cls_head_owner.record_logits
-
-    @record_logits.setter
-    def record_logits(self, value: bool) -> None:
-        self._cls_head_owner.record_logits = bool(value)
-
-    @property
-    def last_cls_inputs(self) -> tuple[Tensor, Tensor] | None:
-        """``(logits [B*A, K] detached, labels [B*A])`` passed to the loss in the last training forward."""
-        return self._cls_head_owner.last_cls_inputs
-
-    def class_scores(self, logits: Tensor) -> Tensor:
-        """Test-time class scores ``[N, C]`` of raw logits ``[N, K]``: ``cls_loss.scores(transform(x))``."""
-        if self.logit_transform is not None:
-            logits = self.logit_transform(logits)
-        return self.cls_loss.scores(logits)
+        register_legacy_key_hook(self)  # type: ignore[arg-type]
 
     def _clear_records(self) -> None:
         self.last_logits = None
-        self._cls_head_owner.last_cls_inputs = None
+        self.cls_head.clear()
 
     def forward(self, images, targets=None):
         """The detector's own forward, after clearing the records of the previous one."""
@@ -463,7 +448,7 @@ class _TailOneStage:
             boxes_all, scores_all, labels_all, rows_all = [], [], [], []
             for level, (br, lg, an) in enumerate(zip(box_regression, class_logits, anchors[index])):
                 br, lg = br[index], lg[index]
-                scores = self.class_scores(lg)
+                scores = self.cls_head.scores(lg)
                 if extra_score is not None:
                     scores = extra_score(scores, head_outputs, level, index)
                 num_classes = scores.shape[-1]
@@ -483,10 +468,10 @@ class _TailOneStage:
             boxes = torch.cat(boxes_all)
             scores = torch.cat(scores_all)
             labels = torch.cat(labels_all)
-            keep = box_ops.batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
+            keep = box_ops.batched_nms(boxes, scores, labels, self.nms_thresh)[: self.cls_head.detections_per_img]
             detections.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
             kept_logits.append(torch.cat(rows_all)[keep].detach())
-        if self.record_logits:
+        if self.cls_head.record_logits:
             self.last_logits = kept_logits
         return detections
 
@@ -496,10 +481,11 @@ class TailRetinaNet(_TailOneStage, RetinaNet):
 
     Args:
         backbone: module with ``out_channels`` returning a Tensor or OrderedDict of maps.
-        cls_loss: a one-stage :class:`~taildet.losses.base.ClassificationLoss`; registered as
-            ``self.cls_loss``.
+        cls_loss: a one-stage :class:`~taildet.losses.base.ClassificationLoss`; it becomes
+            ``self.cls_head.loss``.
         anchor_generator: torchvision ``AnchorGenerator``.
-        logit_transform: optional module applied to raw logits at inference (``self.logit_transform``).
+        logit_transform: optional module applied to raw logits at inference
+            (``self.cls_head.logit_transform``).
         head_norm_layer: norm layer factory for the head towers (None = torchvision's v1 head).
         **kwargs: passed to ``RetinaNet`` (min_size, max_size, score_thresh, ...).
     """
@@ -514,15 +500,12 @@ class TailRetinaNet(_TailOneStage, RetinaNet):
         head_norm_layer: Callable[..., nn.Module] | None = None,
         **kwargs: Any,
     ):
+        cls_head = _new_cls_head(cls_loss, logit_transform, kwargs)
         head = TailRetinaNetHead(
-            backbone.out_channels, anchor_generator.num_anchors_per_location()[0], cls_loss, head_norm_layer
+            backbone.out_channels, anchor_generator.num_anchors_per_location()[0], cls_head, head_norm_layer
         )
         super().__init__(backbone, cls_loss.num_classes, anchor_generator=anchor_generator, head=head, **kwargs)
-        self._setup_tail(cls_loss, logit_transform)
-
-    @property
-    def _cls_head_owner(self) -> nn.Module:
-        return self.head.classification_head
+        self._setup_tail(cls_head)
 
     def compute_loss(self, targets, head_outputs, anchors):  # type: ignore[override]
         return super().compute_loss(_drop_crowd(targets), head_outputs, anchors)
@@ -534,8 +517,8 @@ class TailRetinaNet(_TailOneStage, RetinaNet):
 class TailFCOS(_TailOneStage, FCOS):
     """torchvision ``FCOS`` whose classification is trained and scored through a pluggable loss.
 
-    Test score: ``sqrt(cls_loss.scores(transform(cls_logits)) * sigmoid(centerness))`` as torchvision
-    (with ``cls_loss.scores`` in place of the sigmoid). Box and centerness losses are unchanged.
+    Test score: ``sqrt(cls_head.scores(cls_logits) * sigmoid(centerness))`` as torchvision
+    (with the loss's scores after the logit transform in place of the sigmoid). Box and centerness losses are unchanged.
     Args as :class:`TailRetinaNet` plus ``num_convs`` (tower depth); ``head_norm_layer=None`` means
     no normalisation in the towers.
     """
@@ -551,15 +534,16 @@ class TailFCOS(_TailOneStage, FCOS):
         num_convs: int = 4,
         **kwargs: Any,
     ):
+        cls_head = _new_cls_head(cls_loss, logit_transform, kwargs)
         head = TailFCOSHead(
             backbone.out_channels,
             anchor_generator.num_anchors_per_location()[0],
-            cls_loss,
+            cls_head,
             num_convs=num_convs,
             norm_layer=head_norm_layer,
         )
         super().__init__(backbone, cls_loss.num_classes, anchor_generator=anchor_generator, head=head, **kwargs)
-        self._setup_tail(cls_loss, logit_transform)
+        self._setup_tail(cls_head)
 
     def compute_loss(self, targets, head_outputs, anchors, num_anchors_per_level):  # type: ignore[override]
         return super().compute_loss(_drop_crowd(targets), head_outputs, anchors, num_anchors_per_level)

@@ -3,14 +3,16 @@
 The detectors are torchvision's ``FasterRCNN`` / ``MaskRCNN`` (transform, RPN, ``MultiScaleRoIAlign``,
 ``TwoMLPHead``, proposal matching and sampling, box coder, mask head and mask loss are all
 torchvision's) with one part replaced: the RoI heads are a :class:`TailRoIHeads`, which hands
-classification to a :class:`taildet.losses.base.ClassificationLoss` -- the "head policy":
+classification to the model's :class:`taildet.models.heads.ClassificationHead` (``model.cls_head``,
+holding the :class:`taildet.losses.base.ClassificationLoss` -- the "head policy"):
 
 * the classifier width is ``loss.num_outputs()`` (``C + 1`` with background **last** for softmax
   losses, ``C`` for sigmoid losses) and its bias starts at ``loss.init_bias``;
-* training: after torchvision's matching/sampling, ``loss.update(...)`` then ``loss(logits, labels)``;
-* inference: ``scores = loss.scores(logit_transform(logits))`` (``[R, C]``), then per-class box
-  decoding, clipping, score threshold, small-box removal, per-class NMS and the top
-  ``detections_per_img``.
+* training: after torchvision's matching/sampling, ``cls_head.update(...)`` then
+  ``cls_head(logits, labels)``; the sampled logits, labels and GT ids go to ``cls_head.record``;
+* inference: ``scores = cls_head.scores(logits)`` (``[R, C]``, the logit transform then
+  ``loss.scores``), then per-class box decoding, clipping, score threshold, small-box removal,
+  per-class NMS and the top ``cls_head.detections_per_img``.
 
 Label conventions at the model boundary: targets carry ``labels`` in ``0..C-1`` (not torchvision's
 1-based labels); crowd boxes (``iscrowd != 0``) are dropped before matching; outputs carry labels in
@@ -36,9 +38,9 @@ from torchvision.ops import boxes as box_ops
 
 from taildet.errors import ConfigError, DataError
 from taildet.losses import build_loss
-from taildet.losses.base import ClassificationLoss
 from taildet.models.backbones import build_backbone
 from taildet.models.classifiers import LogitBatchNorm, build_classifier
+from taildet.models.heads import ClassificationHead, register_legacy_key_hook
 from taildet.models.poolers import ParallelMultiScaleRoIAlign
 
 __all__ = [
@@ -163,23 +165,25 @@ class TailBoxPredictor(nn.Module):
 
 
 class TailRoIHeads(RoIHeads):
-    """torchvision ``RoIHeads`` with the classification handed to a taildet loss.
+    """torchvision ``RoIHeads`` with the classification handed to a :class:`ClassificationHead`.
+
+    ``cls_head`` -- the model's classification head (an unregistered reference: its state is in
+    the model's ``state_dict`` as ``cls_head.*``). Its loss trains and scores the RoIs, its
+    ``logit_transform`` applies at inference, its ``detections_per_img`` caps the detections,
+    and each training forward fills its ``record`` (sampled logits, labels, batch GT ids, image
+    ids and, with ``record_features``, the pooled RoI features).
 
     Attributes set after each forward (all tensors detached, on the model's device):
 
-    ``last_sampled`` (training) -- dict with
+    ``last_sampled`` (training) -- the RoI sampler's record, a dict with
         ``proposals`` list[Tensor [R_i, 4]] (sampled, GT boxes included), ``labels`` [R] (``0..C-1``,
         background ``C``), ``gt_index`` [R] (assigned GT within its image, -1 for background),
         ``batch_gt_index`` [R] (the same, unique over the batch: what ``loss.update`` receives),
         ``image_index`` [R], ``regression_targets`` [R, 4], ``box_features`` [R, ch, 7, 7] (pooled,
-        before the box head; ``None`` when ``record_box_features`` is False), ``logits`` [R, K]
+        before the box head; ``None`` unless ``cls_head.record_features``), ``logits`` [R, K]
         (what the loss saw: batch-normalised when the predictor's ``logit_bn`` is in training mode).
     ``last_logits`` / ``last_logit_image_index`` (inference) -- raw logits ``[R, K]`` of every RoI
         (before ``logit_transform``) and the image each belongs to.
-
-    ``logit_transform`` -- optional ``nn.Module`` mapping raw logits ``[R, K]`` to adjusted logits,
-    applied at inference only, before ``loss.scores`` (LogN, logit adjustment). Default None. As a
-    submodule, its parameters/buffers appear in the model's ``state_dict`` while it is set.
 
     ``mfs`` -- optional :class:`taildet.sampling.mfs.MemoryAugmentedSampling` (LOCE's MFS),
     used in training only. When set, each training forward: enqueues the current GTs' jittered-box
@@ -194,7 +198,7 @@ class TailRoIHeads(RoIHeads):
         box_roi_pool: MultiScaleRoIAlign,
         box_head: nn.Module,
         box_predictor: TailBoxPredictor,
-        loss: ClassificationLoss,
+        cls_head: ClassificationHead,
         *,
         fg_iou_thresh: float = 0.5,
         bg_iou_thresh: float = 0.5,
@@ -203,12 +207,10 @@ class TailRoIHeads(RoIHeads):
         bbox_reg_weights: tuple[float, float, float, float] | None = None,
         score_thresh: float = 1e-4,
         nms_thresh: float = 0.5,
-        detections_per_img: int = 300,
         mask_roi_pool: MultiScaleRoIAlign | None = None,
         mask_head: nn.Module | None = None,
         mask_predictor: nn.Module | None = None,
         class_agnostic_box_reg: bool = False,
-        record_box_features: bool = True,
     ):
         super().__init__(
             box_roi_pool,
@@ -221,21 +223,20 @@ class TailRoIHeads(RoIHeads):
             bbox_reg_weights,
             score_thresh,
             nms_thresh,
-            detections_per_img,
+            cls_head.detections_per_img,
             mask_roi_pool=mask_roi_pool,
             mask_head=mask_head,
             mask_predictor=mask_predictor,
         )
-        if getattr(loss, "kind", None) != "two_stage":
+        del self.detections_per_img  # one cap: cls_head.detections_per_img
+        loss = cls_head.loss
+        if loss.kind != "two_stage":
             raise ConfigError(
-                f"loss {type(loss).__name__} is a {getattr(loss, 'kind', '?')!r} loss; "
-                "a two-stage RoI head needs a two_stage loss"
+                f"loss {type(loss).__name__} is a {loss.kind!r} loss; a two-stage RoI head needs a two_stage loss"
             )
-        self.loss = loss
+        object.__setattr__(self, "cls_head", cls_head)  # owned (registered) by the detector
         self.num_classes = loss.num_classes
         self.class_agnostic_box_reg = bool(class_agnostic_box_reg)
-        self.record_box_features = bool(record_box_features)
-        self.logit_transform: nn.Module | None = None
         self.mfs: Any = None
         self.last_sampled: dict[str, Any] | None = None
         self.last_logits: Tensor | None = None
@@ -314,18 +315,19 @@ class TailRoIHeads(RoIHeads):
         batch_gt_index = torch.where(fg, matched + gt_offsets[image_index], torch.full_like(matched, -1))
         reg_targets = torch.cat(regression_targets)
 
+        head = self.cls_head
         mfs = self.mfs
         memory = None
         if mfs is not None:  # LOCE's MFS: enqueue current GTs, then sample the memory
             mfs.enqueue_for_step(self, features, targets, image_shapes)
-            memory = mfs.sample(self.loss, device)
+            memory = mfs.sample(head.loss, device)
         pooled = self.forward_box_features(features, proposals, image_shapes)
         if memory is None:
             logits, box_deltas = self.box_head_logits(pooled)
             if mfs is None:
-                self.loss.update(logits.detach(), labels, batch_gt_index)
+                head.update(logits.detach(), labels, batch_gt_index)
             else:
-                mfs.update_mean_score(self.loss, logits.detach(), labels, batch_gt_index, None, None)
+                mfs.update_mean_score(head.loss, logits.detach(), labels, batch_gt_index, None, None)
             cls_logits, cls_labels, all_deltas, all_reg = logits, labels, box_deltas, reg_targets
         else:
             # the box head and predictor work row by row: the memory samples go through them in a
@@ -333,12 +335,12 @@ class TailRoIHeads(RoIHeads):
             logits, box_deltas = self.box_head_logits(pooled)
             mem_logits, mem_deltas = self.box_head_logits(memory.features.to(pooled.dtype))
             cls_logits, all_deltas = torch.cat([logits, mem_logits]), torch.cat([box_deltas, mem_deltas])
-            mfs.update_mean_score(self.loss, logits.detach(), labels, batch_gt_index, mem_logits.detach(),
+            mfs.update_mean_score(head.loss, logits.detach(), labels, batch_gt_index, mem_logits.detach(),
                                   memory.labels)
             cls_labels = torch.cat([labels, memory.labels])
             all_reg = torch.cat([reg_targets, memory.regression_targets.to(reg_targets.dtype)])
         losses = {
-            "loss_classifier": self.loss(cls_logits, cls_labels),
+            "loss_classifier": head(cls_logits, cls_labels),
             "loss_box_reg": self.box_regression_loss(all_deltas, cls_labels, all_reg),
         }
         self.last_sampled = {
@@ -348,9 +350,10 @@ class TailRoIHeads(RoIHeads):
             "batch_gt_index": batch_gt_index,
             "image_index": image_index,
             "regression_targets": reg_targets.detach(),
-            "box_features": pooled.detach() if self.record_box_features else None,
+            "box_features": pooled.detach() if head.record_features else None,
             "logits": logits.detach(),
         }
+        head.observe(logits, labels, batch_gt_index, image_index, pooled)
 
         if self.has_mask():
             mask_proposals, pos_matched_idxs = [], []
@@ -394,13 +397,13 @@ class TailRoIHeads(RoIHeads):
         proposals: list[Tensor],
         image_shapes: list[tuple[int, int]],
     ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        """Scores from the loss (after ``logit_transform``), per-class boxes, NMS, top-k; labels 0..C-1."""
+        """Scores from ``cls_head.scores`` (transform, then the loss's), per-class boxes, NMS, top-k;
+        labels 0..C-1."""
         C = self.num_classes
-        z = class_logits if self.logit_transform is None else self.logit_transform(class_logits)
-        scores_all = self.loss.scores(z)
+        scores_all = self.cls_head.scores(class_logits)
         if scores_all.shape != (class_logits.shape[0], C):
             raise RuntimeError(
-                f"{type(self.loss).__name__}.scores returned {tuple(scores_all.shape)}, "
+                f"{type(self.cls_head.loss).__name__}.scores returned {tuple(scores_all.shape)}, "
                 f"expected [{class_logits.shape[0]}, {C}]"
             )
         # the box count per RoI from the regression width: ``-1`` is ambiguous when a batch has no
@@ -419,7 +422,7 @@ class TailRoIHeads(RoIHeads):
             boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
             keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
             boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-            keep = box_ops.batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
+            keep = box_ops.batched_nms(boxes, scores, labels, self.nms_thresh)[: self.cls_head.detections_per_img]
             out_boxes.append(boxes[keep])
             out_scores.append(scores[keep])
             out_labels.append(labels[keep])
@@ -431,7 +434,15 @@ class TailRoIHeads(RoIHeads):
 
 
 class _TailDetectorMixin:
-    """Target preparation at the model boundary (label range check, crowd boxes dropped)."""
+    """Target preparation at the model boundary (label range check, crowd boxes dropped); the
+    classification head ``cls_head`` (set by the builders); state dicts saved before it (keys
+    ``roi_heads.loss.*``, ``roi_heads.logit_transform.*``) load through a key remap."""
+
+    cls_head: ClassificationHead
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        register_legacy_key_hook(self)  # type: ignore[arg-type]
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):  # type: ignore[override]
         if targets is not None:
@@ -441,11 +452,6 @@ class _TailDetectorMixin:
     @property
     def num_classes(self) -> int:
         return self.roi_heads.num_classes
-
-    @property
-    def cls_loss(self) -> ClassificationLoss:
-        """The classification loss (head policy) of the RoI heads."""
-        return self.roi_heads.loss
 
 
 class TailFasterRCNN(_TailDetectorMixin, FasterRCNN):
@@ -571,16 +577,18 @@ def _build_two_stage(
     else:
         model = TailFasterRCNN(net, **common)
 
+    model.cls_head = ClassificationHead(cls_loss, stage="roi_heads", detections_per_img=box_detections_per_img,
+                                        record_features=True)
+    model.cls_head.set_logit_bn(bn)
     model.roi_heads = TailRoIHeads(
         box_roi_pool,
         box_head,
         box_predictor,
-        cls_loss,
+        model.cls_head,
         batch_size_per_image=box_batch_size_per_image,
         positive_fraction=box_positive_fraction,
         score_thresh=box_score_thresh,
         nms_thresh=box_nms_thresh,
-        detections_per_img=box_detections_per_img,
         class_agnostic_box_reg=class_agnostic_box_reg,
         **mask_parts,
     )

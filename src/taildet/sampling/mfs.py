@@ -127,16 +127,15 @@ class MemoryAugmentedSampling:
     def from_model(cls, model: torch.nn.Module, **kwargs: Any) -> "MemoryAugmentedSampling":
         """For a taildet Faster/Mask R-CNN: ``C`` from the RoI heads, ``(ch, h, w)`` from the
         backbone's ``out_channels`` and the box RoIAlign's output size."""
-        rh = getattr(model, "roi_heads", None)
-        if rh is None or not hasattr(rh, "forward_box_features"):
+        if model.cls_head.stage != "roi_heads":  # the memory holds RoI features
             raise ConfigError("finetune.mfs.enabled: MFS needs a taildet two-stage detector "
                               "(model.arch faster_rcnn or mask_rcnn)")
-        size = rh.box_roi_pool.output_size
+        size = model.roi_heads.box_roi_pool.output_size
         size = (int(size), int(size)) if isinstance(size, int) else tuple(int(s) for s in size)
         if len(size) == 1:
             size = (size[0], size[0])
         shape = (int(model.backbone.out_channels), *size)
-        return cls(rh.num_classes, shape, **kwargs)
+        return cls(model.cls_head.num_classes, shape, **kwargs)
 
     @property
     def capacity(self) -> int:
@@ -314,12 +313,12 @@ def attach_mfs(model: torch.nn.Module, mfs: MemoryAugmentedSampling, *, allow_st
     that key for models without MFS (:func:`taildet.engine.checkpoint.load_model_weights`).
     """
     check_frozen_features(model, allow_stale_features)
-    rh = model.roi_heads
-    if mfs.sampler.prior == "mean_score" and loss_tracker(rh.loss) is None and mfs.observer is None:
-        if rh.loss.num_outputs() != mfs.num_classes + 1:
+    rh, loss = model.roi_heads, model.cls_head.loss
+    if mfs.sampler.prior == "mean_score" and loss_tracker(loss) is None and mfs.observer is None:
+        if loss.num_outputs() != mfs.num_classes + 1:
             raise ConfigError(
                 f"finetune.mfs.prior: 'mean_score' needs a softmax head with a background column "
-                f"({mfs.num_classes + 1} outputs), got {rh.loss.num_outputs()}; use prior: instance_counts")
+                f"({mfs.num_classes + 1} outputs), got {loss.num_outputs()}; use prior: instance_counts")
         mfs.observer = MeanScoreTracker(mfs.num_classes, alpha=mfs.alpha, bg_score=mfs.bg_score)
         rh.mfs_observer = mfs.observer  # a submodule: checkpointed with the model
     model.roi_heads.mfs = mfs
@@ -345,6 +344,6 @@ def _start_enqueue_hook(model: torch.nn.Module, rpn: torch.nn.Module, args: tupl
 
 def last_sampled_logits(model: torch.nn.Module) -> tuple[Tensor, Tensor, Tensor]:
     """``(logits, labels, gt_index)`` of the RoIs the RoI head sampled in its last training
-    forward (the only read of the head's record of them)."""
-    sampled = model.roi_heads.last_sampled
-    return sampled["logits"], sampled["labels"], sampled["batch_gt_index"]
+    forward (the only read of the classification head's record, ``model.cls_head.record``)."""
+    r = model.cls_head.record
+    return r.logits, r.labels, r.gt_index

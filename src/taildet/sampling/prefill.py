@@ -178,9 +178,10 @@ def observe_mean_score(model: torch.nn.Module, dataset, *, device: torch.device 
     """
     rh = model.roi_heads
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    observer = MeanScoreTracker(rh.num_classes, alpha=alpha, bg_score=bg_score).to(device)
+    head = model.cls_head
+    observer = MeanScoreTracker(head.num_classes, alpha=alpha, bg_score=bg_score).to(device)
     n = len(dataset) if max_images is None else min(int(max_images), len(dataset))
-    saved_mfs, saved_loss_state = getattr(rh, "mfs", None), {k: v.clone() for k, v in rh.loss.state_dict().items()}
+    saved_mfs, saved_loss_state = getattr(rh, "mfs", None), {k: v.clone() for k, v in head.loss.state_dict().items()}
     rh.mfs = None
     bar = None
     if progress:
@@ -199,7 +200,7 @@ def observe_mean_score(model: torch.nn.Module, dataset, *, device: torch.device 
                     bar.update(len(images))
     finally:
         rh.mfs = saved_mfs
-        rh.loss.load_state_dict(saved_loss_state)
+        head.loss.load_state_dict(saved_loss_state)
         if bar is not None:
             bar.close()
     return observer.mean_score.detach().cpu()
