@@ -526,6 +526,7 @@ def run_compare(recipes: Iterable[str] | None, out_dir: str | Path, seeds: Itera
     ``recipes[name]["stats"][metric]``, ``paired``, ``claims``).
     """
     from taildet.calibration.calibrators import LogN
+    from taildet.analysis.gradient_ratio import gradient_ratio_report
     from taildet.data.stats import dataset_stats, format_stats, plot_long_tail
     from taildet.data.synthetic import make_dataset
     from taildet.errors import ConfigError
@@ -673,6 +674,13 @@ def run_compare(recipes: Iterable[str] | None, out_dir: str | Path, seeds: Itera
                 diag = _argmax_diagnostic(out / rep / n / "logit_stats.json")
                 if diag:
                     runs[n][rep]["background_argmax_share"] = diag
+    class_groups = [classes[k]["group"] for k in sorted(classes, key=int)]
+    for n in names:  # EFL / EQFL (and EQLv2) rows: the gradient ratio their loss accumulated
+        if specs[n].kind == "train":
+            for _, _, rep in reps:
+                ratio = gradient_ratio_report(out / rep / n, class_groups)
+                if ratio:
+                    runs[n][rep]["gradient_ratio"] = ratio
     summary = summarize(
         runs,
         {n: specs[n] for n in names}, classes, claim_list, regime=regime,

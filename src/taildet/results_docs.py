@@ -9,7 +9,8 @@ marked block::
     <!-- END GENERATED -->
 
 Kinds: ``recipes`` (mean and 95 % interval per metric), ``paired`` (differences to baselines),
-``claims`` (the claims table with verdicts), ``argmax`` (LogN's background-argmax diagnostic), all
+``claims`` (the claims table with verdicts), ``argmax`` (LogN's background-argmax diagnostic),
+``gradient_ratio`` (EFL's accumulated gradient ratio per checkpoint), all
 from a compare summary; and ``table`` (a measured table from a benchmark's ``--json`` file, written
 by :func:`write_table_summary`, with the machine and command it was measured with). Options:
 ``recipes=a,b`` (rows, in that order), ``metrics=AP,APr`` (columns or rows), ``claims=id1,id2``,
@@ -135,6 +136,36 @@ def format_argmax_table(summary: Mapping, recipes: Sequence[str] | None = None, 
     return "\n".join(lines)
 
 
+def format_gradient_ratio_table(summary: Mapping, recipes: Sequence[str] | None = None,
+                                source: str = "summary") -> str:
+    """Markdown: EFL / EQFL's accumulated gradient ratio ``r = G+ / G-`` per checkpoint
+    (:mod:`taildet.analysis.gradient_ratio`): per frequency group the smallest and the median
+    unclamped ratio, and the share of all classes with ``r < 1`` (where EFL differs from focal),
+    each the mean over the replicates that measured it."""
+    with_diag = [n for n, r in summary["recipes"].items()
+                 if any("gradient_ratio" in run for run in r["runs"].values())]
+    names = _select(with_diag, recipes, "recipes", source)
+    lines = ["| recipe | iteration | n | r: min / median | c: min / median | f: min / median | classes with r < 1 (%) |",
+             "|:---|---:|---:|---:|---:|---:|---:|"]
+
+    def mean(vals):
+        vals = [v for v in vals if v is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    for n in names:
+        diags = [run["gradient_ratio"] for run in summary["recipes"][n]["runs"].values() if "gradient_ratio" in run]
+        for it in diags[0]:
+            per = [d[it] for d in diags if it in d]
+            cells = []
+            for g in ("r", "c", "f"):
+                lo = mean([p.get(g, {}).get("min") for p in per])
+                med = mean([p.get(g, {}).get("median") for p in per])
+                cells.append("-" if lo is None else f"{lo:.2f} / {med:.2f}")
+            below = mean([p.get("all", {}).get("below_1") for p in per])
+            lines.append(f"| {n} | {it} | {len(per)} | " + " | ".join(cells) + f" | {_num(below)} |")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------------
 # plots
 # ------------------------------------------------------------------------------------------------
@@ -248,8 +279,12 @@ def _render_table(summary, opts, source):
     return format_measured_table(summary, names[0], source)
 
 
+def _render_gradient_ratio(summary, opts, source):
+    return format_gradient_ratio_table(summary, opts.get("recipes"), source)
+
+
 RENDERERS = {"recipes": _render_recipes, "paired": _render_paired, "claims": _render_claims,
-             "argmax": _render_argmax, "table": _render_table}
+             "argmax": _render_argmax, "gradient_ratio": _render_gradient_ratio, "table": _render_table}
 
 
 def _read_json(path: Path) -> object:
