@@ -104,6 +104,14 @@ RECIPES: dict[str, Recipe] = {
     "atss_qfl": Recipe("train", "demo_atss_tiny_qfl.yaml", about="ATSS improved baseline, QFL, RFS"),
     "atss_eqfl": Recipe("train", "demo_atss_tiny_eqfl.yaml", about="ATSS improved baseline, EQFL, RFS",
                         baselines=("atss_qfl",)),
+    # the classifier-bias prior alone (each against the same loss at its baseline's prior): the
+    # one-stage rows were first run with EFL's / QFL's own default priors, two changes per claim
+    "retinanet_efl_prior001": Recipe("train", "demo_retinanet_tiny_efl_prior001.yaml",
+                                     about="RetinaNet, EFL, prior 0.001 (EFL's default)", baselines=("retinanet_efl",)),
+    "fcos_efl_prior001": Recipe("train", "demo_fcos_tiny_efl_prior001.yaml",
+                                about="FCOS, EFL, prior 0.001 (EFL's default)", baselines=("fcos_efl",)),
+    "atss_qfl_prior01": Recipe("train", "demo_atss_tiny_qfl_prior01.yaml",
+                               about="ATSS improved baseline, QFL, prior 0.01 (QFL's default)", baselines=("atss_qfl",)),
     "faster_ce+ebl": Recipe("finetune", "demo_faster_tiny_ebl_ft.yaml", "faster_ce",
                             about="LOCE stage 2: Equilibrium Loss alone"),
     "faster_ce+mfs": Recipe("finetune", "demo_faster_tiny_mfs_ft.yaml", "faster_ce",
