@@ -6,7 +6,6 @@ old configs fail with the new spelling; old run directories still resume and eva
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest

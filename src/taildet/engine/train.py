@@ -670,7 +670,7 @@ def check_run_dir(cfg, resume: bool, inputs: dict[str, str | None] | None = None
 def run_inputs(cfg) -> dict[str, str | None]:
     """The files a run of ``cfg`` reads (for :func:`check_run_dir`)."""
     d = cfg.data
-    init = {"model.init_from": cfg.model.init_from} if cfg.model.init_from else {}
+    init = {"--from checkpoint (model.init_from)": cfg.model.init_from} if cfg.model.init_from else {}
     if d.synthetic is not None:
         return init
     return {"data.train_json": d.train_json, "data.val_json": d.val_json, **init}
