@@ -114,8 +114,7 @@ def test_compare_trains_recipes_in_parallel_processes(tmp_path):
 def test_compare_finetune_and_posthoc_rows(tmp_path):
     """Stage 1 is trained once and reused by a fine-tune row and the LogN / LogA rows."""
     tiny = ["train.iterations=2", "train.warmup_iters=1", "data.batch_size=2", "train.device=cpu",
-            "eval.max_dets=20", "train.checkpoint_period=2", "finetune.train.iterations=2",
-            "finetune.train.warmup_iters=1"]
+            "eval.max_dets=20", "train.checkpoint_period=2"]
     names = ["faster_ce+bsoftmax", "faster_ce+loce", "faster_ce+logn", "faster_ce+loga"]
     summary = run_compare(names, tmp_path / "cmp", progress=False, scale=0.05, extra_opts=tiny, jobs=1)
     assert set(summary["recipes"]) == set(names)

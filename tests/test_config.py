@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import yaml
 
-from taildet.config import Config, apply_overrides, config_from_dict, load_config, save_config
+from taildet.config import DEFAULT_FREEZE, Config, apply_overrides, config_from_dict, load_config, save_config
 from taildet.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,7 +64,7 @@ def test_defaults(tmp_path):
     assert cfg.train.warmup_factor == 0.001 and cfg.train.grad_clip is None
     assert cfg.eval.max_dets == 300 and cfg.eval.score_thresh == 1e-4 and cfg.eval.fixed is False
     assert cfg.data.root == "runs/data/synthetic" and cfg.data.sampler == "random"
-    assert cfg.finetune.freeze == [r"^backbone\.", r"^roi_heads\.box_head\."]
+    assert DEFAULT_FREEZE == [r"^backbone\.", r"^roi_heads\.box_head\."] and cfg.train.freeze == []
     assert cfg.iou_types() == ["bbox"]
 
 
@@ -145,10 +145,10 @@ def test_overrides(tmp_path):
     cfg = load_config(write(tmp_path, "a.yaml", MINIMAL))
     new = apply_overrides(cfg, ["train.lr=0.01", "data.sampler=rfs", "data.rfs_threshold=auto",
                                 "model.loss_kwargs={tau: 1.5}", "output_dir=runs/x", "data.synthetic.seed=3",
-                                "finetune.freeze=['^backbone\\.']"])
+                                "train.freeze=['^backbone\\.']"])
     assert new.train.lr == 0.01 and new.data.sampler == "rfs" and new.data.rfs_threshold == "auto"
     assert new.model.kwargs["loss_kwargs"] == {"tau": 1.5} and new.output_dir == "runs/x"
-    assert new.data.synthetic.seed == 3 and new.finetune.freeze == ["^backbone\\."]
+    assert new.data.synthetic.seed == 3 and new.train.freeze == ["^backbone\\."]
     assert cfg.train.lr == 0.02  # original untouched
     ep = apply_overrides(cfg, ["train.epochs=2"])
     assert ep.train.epochs == 2 and ep.train.iterations is None
@@ -165,17 +165,20 @@ def test_overrides(tmp_path):
 
 
 def test_finetune_section(tmp_path):
-    cfg = load_config(write(tmp_path, "a.yaml", MINIMAL + """finetune:
+    """Stage 2 in the normal sections (the former finetune: section: see test_stage2_config.py)."""
+    base = write(tmp_path, "base.yaml", MINIMAL)
+    cfg = load_config(write(tmp_path, "a.yaml", """_base_: base.yaml
+model: {init_from: s1.pth, reset_classifier: true, loss: sigmoid_bce}
+train:
   freeze: ['^backbone\\.']
-  reset_classifier: true
-  loss: sigmoid_bce
-  train: {iterations: 5, lr: 0.001}
+  iterations: 5
+  lr: 0.001
 """))
-    assert cfg.finetune.train == {"iterations": 5, "lr": 0.001} and cfg.finetune.reset_classifier
-    msg = error_of(tmp_path, MINIMAL + "finetune:\n  train: {lr: -2}\n")
-    assert "finetune.train.lr" in msg
-    msg = error_of(tmp_path, MINIMAL + "finetune:\n  freeze: ['(']\n")
-    assert "finetune.freeze" in msg
+    assert base and (cfg.train.iterations, cfg.train.lr) == (5, 0.001) and cfg.model.reset_classifier
+    msg = error_of(tmp_path, MINIMAL.replace("train:", "train:\n  lr: -2"))
+    assert "train.lr" in msg
+    msg = error_of(tmp_path, MINIMAL.replace("train:", "train:\n  freeze: ['(']"))
+    assert "train.freeze" in msg
 
 
 def test_save_and_reload(tmp_path):
@@ -208,8 +211,8 @@ def test_lvis_presets_build_their_detector_and_stage_2_loss(path):
     cfg.model.kwargs.update(backbone="tiny", backbone_weights=None)
     stats = _LVISStats()
     stages = [(None, None)]
-    if cfg.finetune.loss is not None:
-        stages.append((cfg.finetune.loss, cfg.finetune.loss_kwargs))
+    if cfg.model.init_from is not None:  # a stage-2 preset: its model.loss is the stage-2 loss
+        stages.append((cfg.model.kwargs.get("loss"), cfg.model.kwargs.get("loss_kwargs")))
     for loss, loss_kwargs in stages:
         model = build_model_from_cfg(cfg, 1203, loss=loss, loss_kwargs=loss_kwargs, train_dataset=stats)
         head = getattr(model, "roi_heads", None)

@@ -222,9 +222,9 @@ def test_finetune_freezes_and_resets(tmp_path):
     s1 = load_checkpoint(stage1["checkpoint"])["model"]
     cfg = config_from_dict({
         "data": {"synthetic": {"seed": 0}, "batch_size": 2, "num_workers": 0},
-        "train": {"iterations": 2, "lr": 0.01, "warmup_iters": 0, "device": "cpu", "log_period": 1},
-        "finetune": {"freeze": [r"^backbone\.", r"^roi_heads\.box_head\."], "reset_classifier": True,
-                     "train": {"iterations": 3, "lr": 0.02}},
+        "model": {"reset_classifier": True},
+        "train": {"iterations": 3, "lr": 0.02, "warmup_iters": 0, "device": "cpu", "log_period": 1,
+                  "freeze": [r"^backbone\.", r"^roi_heads\.box_head\."]},
         "eval": {"enabled": False}, "output_dir": str(tmp_path / "s2")})
     model = TinyFasterRCNN()
     out = finetune(cfg, stage1["checkpoint"], progress=False, model=model, train_dataset=TinyDetSet())

@@ -321,7 +321,7 @@ def _trainable(model) -> set[str]:
 
 def test_finetune_crt_hands_freeze_sampler_loss_and_schedule_to_the_loop(tiny_ckpt, no_training):
     """cRT preset: only the classifier trains, re-initialised; class-balanced sampling; the
-    finetune.train schedule (not train:'s) reaches the loop; everything else keeps stage 1."""
+    stage-2 train: schedule (not the stage-1 base's) reaches the loop; everything else keeps stage 1."""
     from taildet.data.samplers import ClassBalancedSampler
     from taildet.engine import load_checkpoint
     from taildet.losses import SoftmaxCrossEntropyLoss
@@ -334,7 +334,9 @@ def test_finetune_crt_hands_freeze_sampler_loss_and_schedule_to_the_loop(tiny_ck
     assert isinstance(model.cls_head.loss, SoftmaxCrossEntropyLoss)
     assert (tcfg.iterations, tcfg.lr, tcfg.warmup_iters, tcfg.schedule, list(tcfg.steps)) == \
         (400, 0.01, 50, "step", [0.5, 0.833])
-    assert (cfg.train.iterations, cfg.train.lr) == (1500, 0.02)  # stage 1's, not used here
+    base = load_config(REPO / "configs" / "demo_faster_tiny_ce.yaml")
+    assert (base.train.iterations, base.train.lr) == (1500, 0.02)  # stage 1's, not used here
+    assert cfg.model.init_from == str(ckpt) or cfg.model.init_from.endswith("model_final.pth")
     stage1 = load_checkpoint(ckpt)["model"]
     state = model.state_dict()
     w = state["roi_heads.box_predictor.cls_score.weight"]
@@ -346,7 +348,7 @@ def test_finetune_crt_hands_freeze_sampler_loss_and_schedule_to_the_loop(tiny_ck
 
 def test_finetune_balanced_sigmoid_gets_the_training_set_frequencies_and_rfs(tiny_ckpt, no_training):
     """Balanced Sigmoid preset: the loss gets f_c = image count / N of the training set, the
-    classifier is rebuilt with C outputs and the prior bias, and finetune.sampler rfs gets the
+    classifier is rebuilt with C outputs and the prior bias, and data.sampler rfs gets the
     auto threshold."""
     from taildet.data.samplers import RepeatFactorSampler
     from taildet.losses import BalancedSigmoidLoss
@@ -368,15 +370,15 @@ def test_finetune_balanced_sigmoid_gets_the_training_set_frequencies_and_rfs(tin
 
 
 def test_finetune_loce_hands_loss_kwargs_and_mfs_options_to_the_model(tiny_ckpt, no_training):
-    """LOCE preset with changed finetune.loss_kwargs and finetune.mfs options: each value arrives
+    """LOCE preset with changed model.loss_kwargs and train.mfs options: each value arrives
     in the Equilibrium Loss and the memory sampler; LOCE's freeze list holds; the memory is pre-filled."""
     from taildet.losses import EquilibriumLoss
 
     root, _, ckpt = tiny_ckpt
     _finetune(root, ckpt, "demo_faster_tiny_loce_ft.yaml", [
-        "finetune.loss_kwargs={alpha: 0.8, bg_score: 0.02, init_score: 0.05}", "finetune.mfs.capacity=24",
-        "finetune.mfs.classes_per_iter=3", "finetune.mfs.samples_per_class=2", "finetune.mfs.boxes_per_gt=8",
-        "finetune.mfs.jitter=0.1", "finetune.mfs.dtype=float32", "finetune.mfs.prefill_images_per_class=1"])
+        "model.loss_kwargs={alpha: 0.8, bg_score: 0.02, init_score: 0.05}", "train.mfs.capacity=24",
+        "train.mfs.classes_per_iter=3", "train.mfs.samples_per_class=2", "train.mfs.boxes_per_gt=8",
+        "train.mfs.jitter=0.1", "train.mfs.dtype=float32", "train.mfs.prefill_images_per_class=1"])
     model = no_training["model"]
     loss = model.cls_head.loss
     assert isinstance(loss, EquilibriumLoss)

@@ -402,8 +402,8 @@ def test_config_keys_are_validated():
         cfg({"logit_bn_momentum": 0.01})
     with pytest.raises(ConfigError, match=r"model.logit_bn: .*two-stage"):
         cfg({"arch": "retinanet", "logit_bn": True})
-    with pytest.raises(ConfigError, match=r"finetune.mfs.enabled: .*logit_bn"):
-        cfg({"logit_bn": True}, finetune={"mfs": {"enabled": True}})
+    with pytest.raises(ConfigError, match=r"train.mfs.enabled: .*logit_bn"):
+        cfg({"logit_bn": True}, train={**base["train"], "mfs": {"enabled": True}})
     cfg({"logit_bn": False})  # explicit false is fine
 
 

@@ -343,21 +343,21 @@ def test_mfs_refuses_a_trainable_backbone():
 
 def test_mfs_config_section_is_validated():
     base = {"data": {"synthetic": {"seed": 0}}, "train": {"iterations": 2}}
-    cfg = config_from_dict({**base, "finetune": {"mfs": {"enabled": True, "capacity": 40}}})
-    assert cfg.finetune.mfs.capacity == 40 and cfg.finetune.mfs.classes_per_iter == 8
-    assert cfg.finetune.mfs.jitter == pytest.approx(1 / 6) and cfg.finetune.mfs.dtype == "float16"
-    assert config_from_dict(cfg.to_dict()).finetune.mfs == cfg.finetune.mfs
-    for bad, key in (({"capacity": 0}, "finetune.mfs.capacity"), ({"prior": "x"}, "finetune.mfs.prior"),
-                     ({"dtype": "int8"}, "finetune.mfs.dtype"), ({"nope": 1}, "finetune.mfs.nope"),
-                     ({"jitter": 0.7}, "finetune.mfs.jitter")):
+    cfg = config_from_dict({**base, "train": {"iterations": 2, "mfs": {"enabled": True, "capacity": 40}}})
+    assert cfg.train.mfs.capacity == 40 and cfg.train.mfs.classes_per_iter == 8
+    assert cfg.train.mfs.jitter == pytest.approx(1 / 6) and cfg.train.mfs.dtype == "float16"
+    assert config_from_dict(cfg.to_dict()).train.mfs == cfg.train.mfs
+    for bad, key in (({"capacity": 0}, "train.mfs.capacity"), ({"prior": "x"}, "train.mfs.prior"),
+                     ({"dtype": "int8"}, "train.mfs.dtype"), ({"nope": 1}, "train.mfs.nope"),
+                     ({"jitter": 0.7}, "train.mfs.jitter")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-            config_from_dict({**base, "finetune": {"mfs": bad}})
-    with pytest.raises(ConfigError, match=r"finetune\.mfs\.enabled"):
-        config_from_dict({**base, "model": {"arch": "retinanet"}, "finetune": {"mfs": {"enabled": True}}})
+            config_from_dict({**base, "train": {"iterations": 2, "mfs": bad}})
+    with pytest.raises(ConfigError, match=r"train\.mfs\.enabled"):
+        config_from_dict({**base, "model": {"arch": "retinanet"}, "train": {"iterations": 2, "mfs": {"enabled": True}}})
     for name in ("ebl", "mfs", "loce", "loce_prior"):
         load_config(os.path.join(REPO, "configs", f"demo_faster_tiny_{name}_ft.yaml"))
     lvis = load_config(os.path.join(REPO, "configs", "lvis_mask_r50_loce_ft.yaml"))
-    assert lvis.finetune.mfs.enabled and lvis.finetune.train["epochs"] == 6
+    assert lvis.train.mfs.enabled and lvis.train.epochs == 6
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -381,9 +381,9 @@ def _ft_cfg(tmp, name, extra=(), run="run"):
     cfg = load_config(os.path.join(REPO, "configs", name))
     return apply_overrides(cfg, [f"output_dir={tmp / run / name}", f"data.root={tmp / 'data'}",
                                  "data.synthetic.scale=0.05", "data.batch_size=2", "train.device=cpu",
-                                 "finetune.train.iterations=3", "finetune.train.warmup_iters=1",
-                                 "finetune.train.checkpoint_period=1", "eval.max_dets=20",
-                                 "finetune.mfs.capacity=16", *extra])
+                                 "train.iterations=3", "train.warmup_iters=1",
+                                 "train.checkpoint_period=1", "eval.max_dets=20",
+                                 "train.mfs.capacity=16", *extra])
 
 
 def test_loce_finetune_runs_resumes_and_evaluates(stage1):
@@ -423,7 +423,7 @@ def test_loce_finetune_runs_resumes_and_evaluates(stage1):
 
 def test_finetune_refuses_mfs_with_trainable_backbone(stage1):
     tmp, ckpt = stage1
-    cfg = _ft_cfg(tmp, "demo_faster_tiny_loce_ft.yaml", ["finetune.freeze=['^roi_heads\\.box_head\\.']",
+    cfg = _ft_cfg(tmp, "demo_faster_tiny_loce_ft.yaml", ["train.freeze=['^roi_heads\\.box_head\\.']",
                                                          "eval.enabled=false"], run="refuse")
     with pytest.raises(ConfigError, match="backbone"):
         finetune(cfg, ckpt, progress=False)
@@ -433,7 +433,7 @@ def test_ce_mean_score_observer_and_fig4_plot(stage1, tmp_path):
     from taildet.engine.train import build_datasets, build_model_from_cfg
 
     tmp, ckpt = stage1
-    cfg = _ft_cfg(tmp, "demo_faster_tiny_ebl_ft.yaml")
+    cfg = _ft_cfg(tmp, "demo_faster_tiny_ce.yaml")  # the stage-1 (CE) model the observer watches
     train_set, _, _ = build_datasets(cfg)
     model = build_model_from_cfg(cfg, train_set.num_classes)
     model.load_state_dict(load_checkpoint(ckpt)["model"])
@@ -451,7 +451,7 @@ def test_ce_mean_score_observer_and_fig4_plot(stage1, tmp_path):
                                   "demo_faster_tiny_loce_prior_ft.yaml"])
 def test_other_loce_recipes_fine_tune(stage1, name):
     tmp, ckpt = stage1
-    cfg = _ft_cfg(tmp, name, ["finetune.train.iterations=2", "eval.enabled=false"], run="recipes")
+    cfg = _ft_cfg(tmp, name, ["train.iterations=2", "eval.enabled=false"], run="recipes")
     seen = {}
     out = finetune(cfg, ckpt, progress=False, hooks=[lambda it, st: seen.setdefault("mfs", st["model"].roi_heads.mfs)])
     assert load_checkpoint(out["checkpoint"])["iteration"] == 2

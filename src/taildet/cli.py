@@ -234,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_train)
 
     f = sub.add_parser("finetune", help="decoupled stage-2 fine-tune from a stage-1 checkpoint")
-    f.add_argument("config", help="YAML config with a finetune: section")
+    f.add_argument("config", help="stage-2 YAML config (_base_: stage 1, train.freeze, ...); "
+                   "the same as `train` with model.init_from set to --from")
     f.add_argument("--from", dest="from_checkpoint", required=True, help="stage-1 checkpoint (.pth)")
     f.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
     f.add_argument("--output-dir", help="run directory (overrides output_dir)")

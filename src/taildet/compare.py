@@ -336,9 +336,7 @@ def _last_iteration(metrics_jsonl: Path) -> int:
 
 
 def _planned_iterations(kind: str, cfg) -> int:
-    if kind == "finetune" and cfg.finetune.train.get("iterations"):
-        return int(cfg.finetune.train["iterations"])
-    return int(cfg.train.iterations or 0)
+    return int(cfg.train.iterations or 0)  # a stage-2 config's own (kind: either)
 
 
 def _train_recipes(runs: list[tuple], jobs: int, progress: bool) -> dict[str, tuple[dict, float]]:

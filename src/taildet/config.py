@@ -1,16 +1,24 @@
 """Run configuration: nested dataclasses loaded from YAML, validated, with ``_base_`` inheritance.
 
-A config file has up to six sections (every key optional, defaults below)::
+A config file has up to five sections (every key optional, defaults below)::
 
     _base_: demo_faster_tiny_ce.yaml      # optional; path relative to this file
-    model:    {arch, num_classes, <builder kwargs: backbone, loss, min_size, ...>}
+    model:    {arch, num_classes, init_from, reset_classifier, <builder kwargs: backbone, loss, ...>}
     data:     {synthetic: {seed, scale} | train_json/val_json/image_root/val_image_root, sampler, ...}
-    train:    {iterations | epochs, lr, schedule, steps, warmup_iters, grad_clip, amp, seed, ...}
-    finetune: {freeze, reset_classifier, loss, loss_kwargs, train: {<train overrides>}, sampler,
+    train:    {iterations | epochs, lr, schedule, steps, warmup_iters, grad_clip, amp, seed, ...,
+               freeze: [regexes] | preset name,
                mfs: {enabled, capacity, classes_per_iter, samples_per_class, boxes_per_gt, jitter,
                      dtype, device, prior, allow_stale_features, prefill_images_per_class}}
     eval:     {enabled, max_dets, score_thresh, iou_types, fixed, fixed_dets_per_img, batch_size}
     output_dir: runs/my_run
+
+A decoupled stage 2 (cRT, Balanced Softmax, LOCE, ...) is an ordinary config: ``_base_:`` its
+stage-1 config, ``model.init_from:`` the stage-1 checkpoint (``taildet finetune CONFIG --from
+CKPT`` sets it), ``train.freeze:`` what stays fixed, and its loss, schedule and sampler in
+``model:``, ``train:`` and ``data:``. The ``finetune:`` section of earlier versions is gone: a
+file that has one is a ConfigError that shows the same settings written the new way
+(:func:`stage2_from_finetune_section`); run directories written with one still resume
+(:func:`upgrade_saved_config`).
 
 A derived file is merged onto its base key by key (dicts recursively, everything else replaced),
 then validated as a whole. Every problem is a :class:`taildet.errors.ConfigError` that names the
@@ -26,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import math
 import os
 import re
@@ -42,7 +51,6 @@ __all__ = [
     "DataConfig",
     "SyntheticConfig",
     "TrainConfig",
-    "FinetuneConfig",
     "MFSConfig",
     "EvalConfig",
     "load_config",
@@ -50,6 +58,9 @@ __all__ = [
     "apply_overrides",
     "save_config",
     "DEFAULT_FREEZE",
+    "FREEZE_PRESETS",
+    "stage2_from_finetune_section",
+    "upgrade_saved_config",
 ]
 
 # ----------------------------------------------------------------------------- validators
@@ -366,6 +377,8 @@ class ModelConfig:
 
     arch: str = _f("faster_rcnn", v_enum("faster_rcnn", "mask_rcnn", "retinanet", "fcos", "atss"))
     num_classes: int | None = _f(None, v_opt(v_pos_int), "default: the training set's")
+    init_from: str | None = _f(None, v_opt(v_path), "checkpoint whose weights start the run (stage 2)")
+    reset_classifier: bool = _f(False, v_bool, "with init_from: re-initialise the classifier")
     kwargs: dict = field(default_factory=dict)
 
 
@@ -403,6 +416,53 @@ class DataConfig:
     skip_invalid: bool = _f(False, v_bool)
 
 
+#: Named ``train.freeze`` values. ``loce``: LOCE's fine-tuning policy, freeze the backbone (incl.
+#: FPN, ``backbone.fpn``) and the shared box FCs; train the RPN, box regressor and classifier.
+#: ``classifier_only``: everything but the box classifier (cRT, Balanced Sigmoid).
+FREEZE_PRESETS = {
+    "loce": [r"^backbone\.", r"^roi_heads\.box_head\."],
+    "classifier_only": [r"^(?!roi_heads\.box_predictor\.cls_score\.)"],
+}
+
+#: LOCE's policy (``train.freeze: loce``), the freeze list of the former ``finetune:`` section.
+DEFAULT_FREEZE = list(FREEZE_PRESETS["loce"])
+
+
+def v_freeze(v):
+    """Regular expressions of frozen parameter names; an item that is a key of
+    :data:`FREEZE_PRESETS` (or the whole value) stands for that preset's patterns."""
+    out = []
+    for item in v_list(lambda x: x)(v):
+        if isinstance(item, str) and item in FREEZE_PRESETS:
+            out.extend(FREEZE_PRESETS[item])
+        else:
+            out.append(item)
+    return v_list(v_regex)(out)
+
+
+def v_jitter(v):
+    if not _is_num(v) or not 0 < v < 0.5:
+        raise _Invalid(f"expected a number in (0, 0.5), got {_fmt(v)}")
+    return float(v)
+
+
+@dataclass
+class MFSConfig:
+    """``train.mfs:`` -- LOCE's memory-augmented feature sampling (taildet.sampling)."""
+
+    enabled: bool = _f(False, v_bool)
+    capacity: int = _f(80, v_pos_int, "M: entries per class (LVIS, 256x7x7 fp16: ~2.4 GB at 80)")
+    classes_per_iter: int = _f(8, v_pos_int, "k: classes drawn per iteration")
+    samples_per_class: int = _f(4, v_pos_int, "m: entries drawn per drawn class")
+    boxes_per_gt: int = _f(16, v_pos_int, "jittered boxes per GT (16 = one per sign pattern)")
+    jitter: float = _f(1.0 / 6.0, v_jitter, "offset scale, fraction of the box size")
+    dtype: str = _f("float16", v_enum("float16", "bfloat16", "float32"), "memory storage")
+    device: str = _f("auto", v_enum("auto", "cpu"), "auto = the training device")
+    prior: str = _f("mean_score", v_enum("mean_score", "instance_counts"), "sampler: 1/s_c or 1/n_c")
+    allow_stale_features: bool = _f(False, v_bool, "allow trainable backbone/FPN/box FCs")
+    prefill_images_per_class: int | None = _f(None, v_opt(v_pos_int), "null = ceil(capacity / 16)")
+
+
 @dataclass
 class TrainConfig:
     """``train:`` -- optimisation. Exactly one of ``iterations`` / ``epochs``."""
@@ -425,46 +485,7 @@ class TrainConfig:
     checkpoint_period: int | None = _f(None, v_opt(v_pos_int), "iterations; null = every epoch")
     device: str = _f("auto", v_enum("auto", "cpu", "cuda"))
     find_unused_parameters: bool = _f(False, v_bool, "DDP only")
-
-
-#: LOCE's fine-tuning policy: freeze the backbone (incl. FPN, ``backbone.fpn``) and the shared
-#: box FCs; train the RPN, box regressor and the classifier.
-DEFAULT_FREEZE = [r"^backbone\.", r"^roi_heads\.box_head\."]
-
-
-def v_jitter(v):
-    if not _is_num(v) or not 0 < v < 0.5:
-        raise _Invalid(f"expected a number in (0, 0.5), got {_fmt(v)}")
-    return float(v)
-
-
-@dataclass
-class MFSConfig:
-    """``finetune.mfs:`` -- LOCE's memory-augmented feature sampling (taildet.sampling)."""
-
-    enabled: bool = _f(False, v_bool)
-    capacity: int = _f(80, v_pos_int, "M: entries per class (LVIS, 256x7x7 fp16: ~2.4 GB at 80)")
-    classes_per_iter: int = _f(8, v_pos_int, "k: classes drawn per iteration")
-    samples_per_class: int = _f(4, v_pos_int, "m: entries drawn per drawn class")
-    boxes_per_gt: int = _f(16, v_pos_int, "jittered boxes per GT (16 = one per sign pattern)")
-    jitter: float = _f(1.0 / 6.0, v_jitter, "offset scale, fraction of the box size")
-    dtype: str = _f("float16", v_enum("float16", "bfloat16", "float32"), "memory storage")
-    device: str = _f("auto", v_enum("auto", "cpu"), "auto = the training device")
-    prior: str = _f("mean_score", v_enum("mean_score", "instance_counts"), "sampler: 1/s_c or 1/n_c")
-    allow_stale_features: bool = _f(False, v_bool, "allow trainable backbone/FPN/box FCs")
-    prefill_images_per_class: int | None = _f(None, v_opt(v_pos_int), "null = ceil(capacity / 16)")
-
-
-@dataclass
-class FinetuneConfig:
-    """``finetune:`` -- decoupled stage-2 training (see taildet.engine.finetune)."""
-
-    freeze: list = _f(list(DEFAULT_FREEZE), v_list(v_regex))
-    reset_classifier: bool = _f(False, v_bool)
-    loss: str | None = _f(None, v_opt(v_str), "null = the model's loss")
-    loss_kwargs: dict | None = _f(None, v_opt(v_dict))
-    sampler: str | None = _f(None, v_opt(v_enum("random", "rfs", "class_balanced")))
-    train: dict = _f({}, v_dict, "overrides of train: keys for stage 2")
+    freeze: list = _f([], v_freeze, "regexes of parameter names kept fixed, or a FREEZE_PRESETS name")
     mfs: MFSConfig = field(default_factory=MFSConfig)
 
 
@@ -487,7 +508,6 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = _f("runs/default", v_path)
     #: the file it was loaded from (not serialised)
@@ -503,13 +523,13 @@ class Config:
         return ["bbox", "segm"] if (self.data.with_masks or self.model.arch == "mask_rcnn") else ["bbox"]
 
 
-_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
-             "finetune": FinetuneConfig, "eval": EvalConfig}
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
 
 
 def _to_dict(obj) -> Any:
     if isinstance(obj, ModelConfig):
-        d = {"arch": obj.arch, "num_classes": obj.num_classes}
+        d = {"arch": obj.arch, "num_classes": obj.num_classes, "init_from": obj.init_from,
+             "reset_classifier": obj.reset_classifier}
         d.update(copy.deepcopy(obj.kwargs))
         return d
     if dataclasses.is_dataclass(obj):
@@ -544,10 +564,7 @@ def _build_section(cls, raw: Any, prefix: str, file: str | None):
             kwargs[key] = None if value is None or value is False else _build_section(
                 SyntheticConfig, {} if value is True else value, dotted, file)
             continue
-        if cls is FinetuneConfig and key == "train":
-            kwargs[key] = _check_train_overrides(value, dotted, file)
-            continue
-        if cls is FinetuneConfig and key == "mfs":
+        if cls is TrainConfig and key == "mfs":
             kwargs[key] = _build_section(MFSConfig, value, dotted, file)
             continue
         try:
@@ -557,16 +574,6 @@ def _build_section(cls, raw: Any, prefix: str, file: str | None):
     return cls(**kwargs)
 
 
-def _check_train_overrides(value, dotted, file) -> dict:
-    value = {} if value is None else value
-    if not isinstance(value, dict):
-        raise _err(file, dotted, f"expected a mapping, got {_fmt(value)}")
-    # validate each key as a train: key
-    _build_section(TrainConfig, value, dotted, file)
-    checks = {f.name: f.metadata["check"] for f in dataclasses.fields(TrainConfig)}
-    return {k: checks[k](v) for k, v in value.items()}
-
-
 def _build_model(raw: dict, prefix: str, file: str | None) -> ModelConfig:
     out = ModelConfig()
     for key, value in raw.items():
@@ -574,10 +581,8 @@ def _build_model(raw: dict, prefix: str, file: str | None) -> ModelConfig:
         if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
             raise _err(file, dotted, "not a valid keyword name")
         try:
-            if key == "arch":
-                out.arch = ModelConfig.__dataclass_fields__["arch"].metadata["check"](value)
-            elif key == "num_classes":
-                out.num_classes = ModelConfig.__dataclass_fields__["num_classes"].metadata["check"](value)
+            if key in ("arch", "num_classes", "init_from", "reset_classifier"):
+                setattr(out, key, ModelConfig.__dataclass_fields__[key].metadata["check"](value))
             elif key == "kwargs":
                 raise _Invalid("put builder keywords directly under model:, not under model.kwargs")
             else:
@@ -610,8 +615,8 @@ def _check_whole(cfg: Config, file: str | None) -> Config:
         if "logit_bn_momentum" in mk and not mk.get("logit_bn"):
             raise _err(file, "model.logit_bn_momentum", "set model.logit_bn: true too (it is the momentum of "
                                                         "that BatchNorm's running statistics)")
-        if mk.get("logit_bn") and cfg.finetune.mfs.enabled:
-            raise _err(file, "finetune.mfs.enabled", "memory-augmented feature sampling runs the memory samples "
+        if mk.get("logit_bn") and cfg.train.mfs.enabled:
+            raise _err(file, "train.mfs.enabled", "memory-augmented feature sampling runs the memory samples "
                                                      "through the classifier in a call of their own, which would "
                                                      "batch-normalise them apart: not supported with model.logit_bn")
     if cfg.model.arch == "mask_rcnn" and not d.with_masks:
@@ -630,19 +635,10 @@ def _check_whole(cfg: Config, file: str | None) -> Config:
     if tbl is not None and btl is not None:
         raise _err(file, "model.trainable_backbone_layers",
                    "set model.trainable_backbone_layers or model.backbone_kwargs.trainable_layers, not both")
-    if cfg.finetune.mfs.enabled and cfg.model.arch not in ("faster_rcnn", "mask_rcnn"):
-        raise _err(file, "finetune.mfs.enabled",
+    if cfg.train.mfs.enabled and cfg.model.arch not in ("faster_rcnn", "mask_rcnn"):
+        raise _err(file, "train.mfs.enabled",
                    f"memory-augmented feature sampling needs a two-stage detector (faster_rcnn or "
                    f"mask_rcnn), got model.arch {cfg.model.arch!r}")
-    if cfg.finetune.train:
-        merged = {**_to_dict(cfg.train), **cfg.finetune.train}
-        if "iterations" in cfg.finetune.train and "epochs" not in cfg.finetune.train:
-            merged["epochs"] = None
-        if "epochs" in cfg.finetune.train and "iterations" not in cfg.finetune.train:
-            merged["iterations"] = None
-        if (merged["iterations"] is None) == (merged["epochs"] is None):
-            raise _err(file, "finetune.train.iterations",
-                       "stage 2 needs exactly one of iterations and epochs")
     return cfg
 
 
@@ -755,10 +751,99 @@ def _read_yaml(path: str, chain: tuple[str, ...] = ()) -> dict:
     return _merge(_exclusive_fix(merged, raw), raw)
 
 
+# ----------------------------------------------------------------------------- the former finetune: section
+
+
+def _old_finetune_defaults() -> dict:
+    """The ``finetune:`` section as earlier versions saved it into every run's config.yaml (all
+    defaults; ``taildet train`` never read it)."""
+    return {"freeze": list(DEFAULT_FREEZE), "reset_classifier": False, "loss": None, "loss_kwargs": None,
+            "sampler": None, "train": {}, "mfs": _to_dict(MFSConfig())}
+
+
+def stage2_from_finetune_section(ft: dict | None) -> dict:
+    """The settings of a former ``finetune:`` section written in the normal sections, as
+    ``taildet finetune`` ran them: ``finetune.{loss, loss_kwargs, reset_classifier}`` ->
+    ``model.*`` (``finetune.from_checkpoint``, which checkpoints recorded, -> ``model.init_from``),
+    ``finetune.freeze`` (default: LOCE's policy) -> ``train.freeze``, ``finetune.train.*`` ->
+    ``train.*``, ``finetune.mfs`` -> ``train.mfs``, ``finetune.sampler`` -> ``data.sampler``.
+    Merged onto the stage-1 sections like a derived file onto its ``_base_``."""
+    ft = dict(ft or {})
+    model: dict = {"init_from": ft.get("from_checkpoint")}
+    if ft.get("loss") is not None:
+        model["loss"] = ft["loss"]
+    if ft.get("loss_kwargs") is not None:
+        model["loss_kwargs"] = ft["loss_kwargs"]
+    if ft.get("reset_classifier"):
+        model["reset_classifier"] = True
+    freeze = ft["freeze"] if ft.get("freeze") is not None else list(DEFAULT_FREEZE)
+    freeze = next((name for name, pats in FREEZE_PRESETS.items() if list(freeze) == pats), freeze)
+    train = {"freeze": freeze, **(ft.get("train") or {})}
+    if ft.get("mfs"):
+        train["mfs"] = ft["mfs"]
+    out = {"model": model, "train": train}
+    if ft.get("sampler") is not None:
+        out["data"] = {"sampler": ft["sampler"]}
+    return out
+
+
+def _with_stage2(raw: dict, ft: dict | None) -> dict:
+    rest = {k: v for k, v in raw.items() if k != "finetune"}
+    new = stage2_from_finetune_section(ft)
+    return _merge(_exclusive_fix(rest, new), new)
+
+
+def _finetune_section(raw: dict, file: str | None) -> dict:
+    """A config with a ``finetune:`` section: the unused default section of an earlier run's
+    config.yaml is dropped (with a warning); any other is a ConfigError showing the new spelling."""
+    ft = raw["finetune"]
+    if isinstance(ft, dict) and {k: v for k, v in ft.items() if k != "from_checkpoint"} == _old_finetune_defaults() \
+            and not ft.get("from_checkpoint"):
+        logging.getLogger("taildet.config").warning(
+            "%s: ignoring its finetune: section (all defaults, as earlier versions saved it into every run's "
+            "config; the section is gone: a stage 2 is an ordinary config with model.init_from)", file or "config")
+        return {k: v for k, v in raw.items() if k != "finetune"}
+    if not isinstance(ft, (dict, type(None))):
+        raise _err(file, "finetune", f"expected a mapping, got {_fmt(ft)}")
+    new = stage2_from_finetune_section(ft)
+    new["model"]["init_from"] = new["model"]["init_from"] or "<the stage-1 model_final.pth>"
+    text = yaml.safe_dump(new, sort_keys=False, default_flow_style=None, width=100)
+    raise _err(file, "finetune", "the finetune: section is gone: a stage 2 is an ordinary config now. Keep "
+               "_base_: <the stage-1 config> and write the finetune: settings in the normal sections "
+               "(finetune.loss/loss_kwargs/reset_classifier -> model.*, finetune.train.* -> train.*, "
+               "finetune.freeze -> train.freeze, finetune.mfs -> train.mfs, finetune.sampler -> data.sampler) "
+               "with model.init_from, the stage-1 checkpoint (`taildet finetune CONFIG --from CKPT` sets it). "
+               "This section (of the file or one of its _base_ files) becomes:\n" + text.rstrip())
+
+
+def upgrade_saved_config(saved: dict, stage2: bool = False) -> dict:
+    """A run's saved config (its config.yaml, a checkpoint's ``config``) in the current shape, for
+    comparisons (the resume check). A ``finetune:`` section of an earlier version is merged into
+    the normal sections when the run was a stage 2 (``stage2``, or the section names its
+    ``from_checkpoint``), else dropped (the unused default every run saved). The result is
+    validated and written back out, so keys added since compare equal to their defaults; a dict
+    that does not validate any more is returned unchanged."""
+    raw = copy.deepcopy(saved)
+    if not isinstance(raw, dict):
+        return raw
+    if "finetune" in raw:
+        ft = raw["finetune"] if isinstance(raw["finetune"], dict) else {}
+        if stage2 or ft.get("from_checkpoint"):
+            raw = _with_stage2(raw, ft)
+        else:
+            raw = {k: v for k, v in raw.items() if k != "finetune"}
+    try:
+        return config_from_dict(raw).to_dict()
+    except ConfigError:
+        return raw
+
+
 def config_from_dict(raw: dict, file: str | None = None) -> Config:
     """Validate a nested dict (as in a YAML file, no ``_base_``) into a :class:`Config`."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{file or 'config'}: expected a mapping at the top level")
+    if "finetune" in raw:
+        raw = _finetune_section(raw, file)
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         if key in _SECTIONS:

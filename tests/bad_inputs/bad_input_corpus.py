@@ -77,7 +77,6 @@ def config_dict(root: Path) -> dict:
                  "batch_size": 2, "num_workers": 0, "flip_prob": 0.0},
         "train": {"iterations": 2, "lr": 0.01, "warmup_iters": 1, "device": "cpu", "checkpoint_period": 2,
                   "log_period": 1},
-        "finetune": {"train": {"iterations": 2}},
         "eval": {"max_dets": 20},
         "output_dir": str(root / "run"),
     }

@@ -39,13 +39,10 @@ STATS_SOURCES = ("pass", "running")
 
 
 def build_model_for_checkpoint(cfg, num_classes: int, train_set=None):
-    """The model a checkpoint of ``cfg`` holds: a fine-tune config's stage-2 loss when it has one."""
+    """The model a checkpoint of ``cfg`` holds (a stage-2 config's loss is its ``model.loss``)."""
     from taildet.engine.train import build_model_from_cfg
 
-    ft = getattr(cfg, "finetune", None)
-    loss = getattr(ft, "loss", None)
-    loss_kwargs = getattr(ft, "loss_kwargs", None) if loss else None
-    return build_model_from_cfg(cfg, num_classes, loss=loss, loss_kwargs=loss_kwargs, train_dataset=train_set)
+    return build_model_from_cfg(cfg, num_classes, train_dataset=train_set)
 
 
 def calibrate_checkpoint(cfg, checkpoint_path: str, out: str | None = None, *, stats: str = "pass",

@@ -281,11 +281,9 @@ def evaluate_checkpoint(cfg, checkpoint_path: str, calibration: Any = None, prog
                       "calibration file": calibration if isinstance(calibration, (str, os.PathLike)) else None})
     from taildet.engine.calibrate import build_model_for_checkpoint
 
-    # a fine-tune config's checkpoints have its stage-2 loss (and classifier width); a loss built
-    # from training-set statistics needs the training annotations (not its images)
-    ft_loss = getattr(getattr(cfg, "finetune", None), "loss", None)
+    # a loss built from training-set statistics needs the training annotations (not its images)
     train_set, val_set, val_json = build_datasets(
-        cfg, need_train="annotations" if loss_needs_train_statistics(cfg, ft_loss) else False)
+        cfg, need_train="annotations" if loss_needs_train_statistics(cfg) else False)
     from taildet.engine.train import check_val_gt
 
     check_val_gt(cfg, val_json)  # before the inference pass, not after it

@@ -1,7 +1,8 @@
 """Training: data, model, optimiser, schedule and one iteration-based loop shared with fine-tuning.
 
 ``train(cfg)`` builds everything from a :class:`taildet.config.Config` and calls
-:func:`run_training`, the one loop (``finetune`` calls it too). The loop
+:func:`run_training`, the one loop. A stage-2 config (``model.init_from``, ``train.freeze``,
+``train.mfs``) starts from the stage-1 weights (:mod:`taildet.engine.stage2`). The loop
 
 * counts iterations; epochs come from the sampler (``len(sampler) // batch_size`` batches per
   epoch, last partial batch dropped; ``sampler.set_epoch(e)`` before each epoch);
@@ -41,6 +42,7 @@ from taildet.engine.distributed import (all_gather_object, barrier, broadcast_ob
                                         sync_loss_state, unwrap_model)
 from taildet.engine.inference import eval_caps, evaluate_results, inference, list_collate, resolve_device
 from taildet.engine.schedule import build_scheduler
+from taildet.engine.stage2 import init_from_checkpoint, setup_mfs
 from taildet.errors import ConfigError, OutputError, TaildetError
 from taildet.losses.base import ClassificationLoss
 from taildet.fileio import atomic_write_text
@@ -189,10 +191,7 @@ def loss_needs_train_statistics(cfg, loss: str | None = None) -> bool:
     from taildet.losses import dataset_statistics_needed
 
     name = loss or cfg.model.kwargs.get("loss")
-    if loss is None:
-        given = cfg.model.kwargs.get("loss_kwargs") or {}
-    else:
-        given = getattr(getattr(cfg, "finetune", None), "loss_kwargs", None) or {}
+    given = (cfg.model.kwargs.get("loss_kwargs") or {}) if name == cfg.model.kwargs.get("loss") else {}
     return isinstance(name, str) and any(k not in given for k in dataset_statistics_needed(name))
 
 
@@ -217,7 +216,7 @@ def build_optimizer(model: torch.nn.Module, tcfg) -> torch.optim.SGD:
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": wd_norm})
     if not decay and not no_decay:
-        raise ConfigError("no trainable parameters (check finetune.freeze)")
+        raise ConfigError("no trainable parameters (check train.freeze)")
     return torch.optim.SGD(groups, lr=tcfg.lr, momentum=tcfg.momentum)
 
 
@@ -359,7 +358,7 @@ def run_training(
     hooks: Sequence[Hook] = (),
     frozen_norms: Sequence[torch.nn.Module] | None = None,
 ) -> str:
-    """The training loop (shared by ``train`` and ``finetune``). Returns the final checkpoint path.
+    """The training loop of :func:`train`. Returns the final checkpoint path.
 
     ``model`` must already be on ``device`` and seeded identically on every rank; ``tcfg`` is a
     :class:`taildet.config.TrainConfig`. With ``resume`` the newest checkpoint of ``run_dir`` is
@@ -564,7 +563,7 @@ def run_training(
 #: Config keys that may differ between a run and its resume (where output goes, logging, data
 #: loading, paths, evaluation); any other difference makes ``--resume`` an error.
 RESUME_MAY_CHANGE = re.compile(
-    r"^(output_dir|eval\..*|(finetune\.)?train\.(log_period|checkpoint_period|device)|data\.num_workers"
+    r"^(output_dir|eval\..*|train\.(log_period|checkpoint_period|device)|data\.num_workers|model\.init_from"
     r"|.*(root|_json|_weights))$")
 
 
@@ -584,6 +583,10 @@ def check_resume_config(saved: dict, cfg, run_dir: str) -> None:
     new schedule length would change the run mid-way."""
     import yaml
 
+    from taildet.config import upgrade_saved_config
+
+    # a run directory of an earlier version (finetune: section) compares in the current shape
+    saved = yaml.safe_load(yaml.safe_dump(upgrade_saved_config(saved, stage2=cfg.model.init_from is not None)))
     old = _flatten(saved)
     new = _flatten(yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False)))  # as config.yaml has it
     changed = sorted(k for k in set(old) | set(new)
@@ -667,9 +670,10 @@ def check_run_dir(cfg, resume: bool, inputs: dict[str, str | None] | None = None
 def run_inputs(cfg) -> dict[str, str | None]:
     """The files a run of ``cfg`` reads (for :func:`check_run_dir`)."""
     d = cfg.data
+    init = {"--from checkpoint (model.init_from)": cfg.model.init_from} if cfg.model.init_from else {}
     if d.synthetic is not None:
-        return {}
-    return {"data.train_json": d.train_json, "data.val_json": d.val_json}
+        return init
+    return {"data.train_json": d.train_json, "data.val_json": d.val_json, **init}
 
 
 def prepare_run_dir(cfg, resume: bool) -> str:
@@ -739,13 +743,17 @@ def train(cfg, resume: bool = False, progress: bool = True, *, evaluate: bool | 
 
     ``model``/``train_dataset``/``val_dataset``/``val_json`` replace what ``cfg`` would build
     (for tests and custom setups); ``hooks`` are called as ``hook(iteration, state)``.
+
+    A stage 2 (``model.init_from``) starts from those weights (not re-read on a resume), with
+    ``train.freeze`` frozen and ``train.mfs``; it also returns ``trainable_parameters`` and
+    ``not_loaded`` (see :mod:`taildet.engine.stage2`).
     """
     init_distributed(cfg.train.device)
     setup_logging()
     device = resolve_device(cfg.train.device)
     # Nothing is written to the run directory before the output directory, the data and the
     # model have been checked: a run that fails on bad input leaves an earlier run intact.
-    check_run_dir(cfg, resume, run_inputs(cfg))
+    run_dir = check_run_dir(cfg, resume, run_inputs(cfg))
     if train_dataset is None:
         train_dataset, built_val, built_json = build_datasets(cfg)
         val_dataset = val_dataset if val_dataset is not None else built_val
@@ -753,6 +761,7 @@ def train(cfg, resume: bool = False, progress: bool = True, *, evaluate: bool | 
     _seed_all(cfg.train.seed)  # identical model init on every rank
     if model is None:
         model = build_model_from_cfg(cfg, train_dataset.num_classes, train_dataset=train_dataset)
+    stage2 = init_from_checkpoint(cfg, model, run_dir, resume)  # None unless model.init_from/train.freeze/mfs
     sampler = build_sampler(train_dataset, cfg.data.sampler, seed=cfg.train.seed,
                             rfs_threshold=cfg.data.rfs_threshold, rfs_rounding=cfg.data.rfs_rounding)
     do_eval = cfg.eval.enabled if evaluate is None else evaluate
@@ -760,6 +769,8 @@ def train(cfg, resume: bool = False, progress: bool = True, *, evaluate: bool | 
         check_val_gt(cfg, val_json)
     run_dir = prepare_run_dir(cfg, resume)
     model.to(device)
+    if cfg.train.mfs.enabled:
+        setup_mfs(cfg, model, train_dataset, device, run_dir if resume else None, cfg.train.seed, progress)
     log.info("training %s on %d images (%s sampler), %d process(es) x batch %d, device %s",
              cfg.model.arch, len(train_dataset), cfg.data.sampler, get_world_size(), cfg.data.batch_size, device)
     ckpt = run_training(model, train_dataset, cfg.train, run_dir, sampler=sampler, batch_size=cfg.data.batch_size,
@@ -768,4 +779,4 @@ def train(cfg, resume: bool = False, progress: bool = True, *, evaluate: bool | 
     metrics: dict = {}
     if do_eval and val_dataset is not None and val_json:
         metrics = _post_eval(cfg, model, val_dataset, val_json, run_dir, device, progress)
-    return {"run_dir": run_dir, "checkpoint": ckpt, "metrics": metrics}
+    return {"run_dir": run_dir, "checkpoint": ckpt, "metrics": metrics, **(stage2 or {})}

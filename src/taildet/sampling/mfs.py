@@ -128,7 +128,7 @@ class MemoryAugmentedSampling:
         """For a taildet Faster/Mask R-CNN: ``C`` from the RoI heads, ``(ch, h, w)`` from the
         backbone's ``out_channels`` and the box RoIAlign's output size."""
         if model.cls_head.stage != "roi_heads":  # the memory holds RoI features
-            raise ConfigError("finetune.mfs.enabled: MFS needs a taildet two-stage detector "
+            raise ConfigError("train.mfs.enabled: MFS needs a taildet two-stage detector "
                               "(model.arch faster_rcnn or mask_rcnn)")
         size = model.roi_heads.box_roi_pool.output_size
         size = (int(size), int(size)) if isinstance(size, int) else tuple(int(s) for s in size)
@@ -255,7 +255,7 @@ class MemoryAugmentedSampling:
         if self.observer is None:
             if logits.shape[1] != self.num_classes + 1:
                 raise ConfigError(
-                    f"finetune.mfs.prior: 'mean_score' needs a softmax head with a background column "
+                    f"train.mfs.prior: 'mean_score' needs a softmax head with a background column "
                     f"({self.num_classes + 1} outputs), got {logits.shape[1]}; use prior: instance_counts")
             self.observer = MeanScoreTracker(self.num_classes, alpha=self.alpha, bg_score=self.bg_score)
         self.observer.to(logits.device)
@@ -292,13 +292,13 @@ def check_frozen_features(model: torch.nn.Module, allow_stale_features: bool = F
     if trainable and not allow_stale_features:
         shown = ", ".join(trainable[:5]) + (f", ... ({len(trainable)} in all)" if len(trainable) > 5 else "")
         raise ConfigError(
-            "finetune.mfs: memory-augmented feature sampling stores RoI features and reuses them for many "
+            "train.mfs: memory-augmented feature sampling stores RoI features and reuses them for many "
             "iterations, so the backbone, FPN and shared box FCs (roi_heads.box_head) must be frozen; "
-            f"trainable: {shown}. Freeze them with finetune.freeze (e.g. ['^backbone\\\\.', "
-            "'^roi_heads\\\\.box_head\\\\.']) or set finetune.mfs.allow_stale_features: true")
+            f"trainable: {shown}. Freeze them with train.freeze (e.g. ['^backbone\\\\.', "
+            "'^roi_heads\\\\.box_head\\\\.']) or set train.mfs.allow_stale_features: true")
     if trainable:
-        log.warning("finetune.mfs: %d feature parameters are trainable; memory features go stale "
-                    "(finetune.mfs.allow_stale_features)", len(trainable))
+        log.warning("train.mfs: %d feature parameters are trainable; memory features go stale "
+                    "(train.mfs.allow_stale_features)", len(trainable))
     return trainable
 
 
@@ -317,7 +317,7 @@ def attach_mfs(model: torch.nn.Module, mfs: MemoryAugmentedSampling, *, allow_st
     if mfs.sampler.prior == "mean_score" and loss_tracker(loss) is None and mfs.observer is None:
         if loss.num_outputs() != mfs.num_classes + 1:
             raise ConfigError(
-                f"finetune.mfs.prior: 'mean_score' needs a softmax head with a background column "
+                f"train.mfs.prior: 'mean_score' needs a softmax head with a background column "
                 f"({mfs.num_classes + 1} outputs), got {loss.num_outputs()}; use prior: instance_counts")
         mfs.observer = MeanScoreTracker(mfs.num_classes, alpha=mfs.alpha, bg_score=mfs.bg_score)
         rh.mfs_observer = mfs.observer  # a submodule: checkpointed with the model
