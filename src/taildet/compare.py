@@ -167,7 +167,7 @@ def _statistics_input(cfg, checkpoint: str, out_dir: Path, method) -> str:
 
     from taildet.calibration import LogitNormalizer, plot_logit_statistics
     from taildet.engine import calibrate_checkpoint
-    from taildet.engine.train import build_datasets
+    from taildet.engine.builders import build_datasets
 
     pass_kw = method.pass_options
     tag = hashlib.sha1(json.dumps(pass_kw, sort_keys=True, default=str).encode()).hexdigest()[:8] if pass_kw else ""
@@ -189,7 +189,7 @@ def posthoc_calibration(name: str, cfg, checkpoint: str, out_dir: Path, **option
     function ``model -> model`` that fits the method on ``model.cls_head`` and installs the
     transform. The method's inputs (statistics pass, training set) are gathered here."""
     from taildet.calibration import apply_logit_normalization, build_calibrator
-    from taildet.engine.train import build_datasets
+    from taildet.engine.builders import build_datasets
 
     method = build_calibrator(name, **options)
     if method.identity:
@@ -408,8 +408,8 @@ def _plot_mean_scores(out: Path, ce: str, loce: str, specs: dict, run_opts, trai
     import torch
 
     from taildet.config import apply_overrides, load_config
-    from taildet.engine.calibrate import build_model_for_checkpoint
-    from taildet.engine.train import build_datasets
+    from taildet.engine.builders import build_model_for_checkpoint
+    from taildet.engine.builders import build_datasets
     from taildet.analysis.plots import plot_mean_score_vs_instances
     from taildet.sampling.prefill import observe_mean_score
 

@@ -26,10 +26,27 @@ import logging
 import re
 from collections.abc import Sequence
 
+import importlib
+
 import torch
 
+from taildet.engine.builders import (build_datasets, build_model_from_cfg, build_sampler, resolve_device,
+                                     seed_all as _seed_all, setup_logging)
+from taildet.engine.checkpoint import check_finite_weights, last_checkpoint, load_checkpoint
+from taildet.engine.distributed import init_distributed
+from taildet.engine.evaluate import post_eval as _post_eval
+from taildet.engine.rundir import check_run_dir, check_val_gt, prepare_run_dir, run_inputs
+from taildet.engine.train import frozen_norm_modules as _frozen_norm_modules
 from taildet.errors import ConfigError
+from taildet.losses.base import ClassificationLoss
 from taildet.models.heads import remap_legacy_keys
+from taildet.sampling.mfs import MemoryAugmentedSampling, attach_mfs, check_frozen_features
+from taildet.sampling.prefill import prefill_memory
+from taildet.utils.comm import get_rank, get_world_size
+
+#: The trainer module (not ``taildet.engine.train``, the function): its ``run_training`` is looked
+#: up when a fine-tune starts, so a replaced ``taildet.engine.train.run_training`` applies here too.
+_trainer = importlib.import_module("taildet.engine.train")
 
 __all__ = ["finetune", "load_stage1_weights", "freeze_parameters", "CLASSIFIER_PATTERNS"]
 
@@ -47,7 +64,6 @@ _LOSS_KEY = re.compile(r"(^|\.)\w*loss\w*\.", re.IGNORECASE)
 
 
 def _loss_prefixes(model: torch.nn.Module) -> list[str]:
-    from taildet.losses.base import ClassificationLoss
 
     return [name + "." for name, m in model.named_modules() if isinstance(m, ClassificationLoss) and name]
 
@@ -59,7 +75,6 @@ def load_stage1_weights(model: torch.nn.Module, state_dict: dict, *, reset_class
     Allowed gaps: classifier keys (when ``reset_classifier``) and loss buffers. Anything else
     missing, unexpected or of another shape raises ConfigError naming ``source`` and the keys.
     """
-    from taildet.engine.checkpoint import check_finite_weights
 
     check_finite_weights(state_dict, source)
     state_dict = dict(state_dict)
@@ -143,13 +158,6 @@ def finetune(cfg, from_checkpoint: str, resume: bool = False, progress: bool = T
     """Stage-2 fine-tune of the model in ``from_checkpoint``; returns ``{"run_dir", "checkpoint",
     "metrics", "trainable_parameters", "not_loaded"}``. ``resume`` continues an interrupted
     fine-tune from ``cfg.output_dir`` (the stage-1 weights are then not needed again)."""
-    from taildet.engine.checkpoint import load_checkpoint, last_checkpoint
-    from taildet.engine.distributed import get_world_size, init_distributed
-    from taildet.engine.inference import resolve_device
-    from taildet.engine.train import (_frozen_norm_modules, _post_eval, _seed_all, build_datasets,
-                                      build_model_from_cfg, build_sampler, check_run_dir, check_val_gt,
-                                      prepare_run_dir,
-                                      run_inputs, run_training, setup_logging)
 
     ft = cfg.finetune
     tcfg = _stage2_train_cfg(cfg)
@@ -182,7 +190,6 @@ def finetune(cfg, from_checkpoint: str, resume: bool = False, progress: bool = T
     sampler = build_sampler(train_dataset, sampler_name, seed=tcfg.seed, rfs_threshold=cfg.data.rfs_threshold,
                             rfs_rounding=cfg.data.rfs_rounding)
     if ft.mfs.enabled:
-        from taildet.sampling.mfs import check_frozen_features
 
         check_frozen_features(model, ft.mfs.allow_stale_features)
     do_eval = cfg.eval.enabled if evaluate is None else evaluate
@@ -196,7 +203,7 @@ def finetune(cfg, from_checkpoint: str, resume: bool = False, progress: bool = T
              get_world_size())
     cfg_dict = cfg.to_dict()
     cfg_dict["finetune"]["from_checkpoint"] = str(from_checkpoint)
-    ckpt = run_training(model, train_dataset, tcfg, run_dir, sampler=sampler, batch_size=cfg.data.batch_size,
+    ckpt = _trainer.run_training(model, train_dataset, tcfg, run_dir, sampler=sampler, batch_size=cfg.data.batch_size,
                         num_workers=cfg.data.num_workers, device=device, resume=resume, progress=progress,
                         config_dict=cfg_dict, hooks=hooks, frozen_norms=_frozen_norm_modules(model))
     metrics: dict = {}
@@ -209,7 +216,6 @@ def finetune(cfg, from_checkpoint: str, resume: bool = False, progress: bool = T
 def _reinit_classifier(model: torch.nn.Module) -> None:
     """Re-initialise classifier layers (normal(0, 0.01) weights; bias from the loss when it has
     ``init_bias``, else zeros)."""
-    from taildet.losses.base import ClassificationLoss
 
     losses = [m for m in model.modules() if isinstance(m, ClassificationLoss)]
     for name, m in model.named_modules():
@@ -234,10 +240,6 @@ def _setup_mfs(cfg, model: torch.nn.Module, train_dataset, device: torch.device,
     fine-tuned model (``run_training`` loads the same checkpoint again, which also restores the
     loss's mean score exactly as it was saved).
     """
-    from taildet.engine.checkpoint import last_checkpoint, load_checkpoint
-    from taildet.engine.distributed import get_rank
-    from taildet.sampling.mfs import MemoryAugmentedSampling, attach_mfs, check_frozen_features
-    from taildet.sampling.prefill import prefill_memory
 
     mc = cfg.finetune.mfs
     check_frozen_features(model, mc.allow_stale_features)  # before allocating the memory
