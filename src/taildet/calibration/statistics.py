@@ -173,7 +173,7 @@ def _progress_bar(data_loader: Any, max_batches: int | None, progress: bool, des
     )
     if not (progress and rank0) or total == 0:
         return None
-    from tqdm import tqdm
+    from tqdm import tqdm  # optional: tqdm, imported on use
 
     return tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True)
 

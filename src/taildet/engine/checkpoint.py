@@ -25,6 +25,7 @@ import torch
 from taildet.errors import TaildetError
 from taildet.fileio import atomic_write
 from taildet.models.heads import remap_legacy_keys
+from taildet import __version__
 
 __all__ = [
     "CheckpointError",
@@ -54,8 +55,6 @@ def save_checkpoint(path: str | os.PathLike, **state: Any) -> str:
     Returns the path. The pointer file ``last_checkpoint`` next to it is rewritten (atomically)
     only after the checkpoint itself is in place.
     """
-    from taildet import __version__
-
     path = os.fspath(path)
     state.setdefault("taildet_version", __version__)
     _atomic_write(path, lambda fh: torch.save(state, fh))

@@ -24,7 +24,7 @@ log = logging.getLogger("taildet.engine")
 
 
 def _encode_masks(masks: torch.Tensor) -> list[dict]:
-    import pycocotools.mask as mask_util
+    import pycocotools.mask as mask_util  # optional: pycocotools, imported on use
 
     arr = np.asfortranarray(masks.to(torch.uint8).cpu().numpy().transpose(1, 2, 0))
     rles = mask_util.encode(arr)
@@ -145,7 +145,7 @@ def inference(model: torch.nn.Module, dataset, batch_size: int = 8, device: str 
     results: list[dict] = []
     bar = None
     if progress and is_main_process():
-        from tqdm import tqdm
+        from tqdm import tqdm  # optional: tqdm, imported on use
 
         bar = tqdm(total=len(indices), desc="inference", unit="img", dynamic_ncols=True)
     t0 = time.perf_counter()

@@ -22,6 +22,7 @@ from taildet.losses.quality_focal import QualityFocalLoss
 from taildet.losses.seesaw import SeesawLoss
 from taildet.losses.sigmoid_bce import SigmoidBCELoss
 from taildet.losses.softmax_ce import SoftmaxCrossEntropyLoss
+from taildet.losses.focal import SigmoidFocalLoss
 
 __all__ = [
     "LOSSES", "build_loss", "ClassificationLoss", "DATASET_STATISTICS", "dataset_statistics_needed",
@@ -34,8 +35,6 @@ __all__ = [
 
 def _sigmoid_focal(num_classes: int, **kwargs: Any) -> ClassificationLoss:
     """Lazy entry: :class:`taildet.losses.focal.SigmoidFocalLoss`."""
-    from taildet.losses.focal import SigmoidFocalLoss
-
     return _construct(SigmoidFocalLoss, "sigmoid_focal", num_classes, kwargs)
 
 
