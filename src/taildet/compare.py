@@ -17,35 +17,37 @@ LVIS metrics path and shows what a classifier that knows only the label distribu
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import multiprocessing as mp
 import os
+import platform
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
-import hashlib
 import torch
-import multiprocessing as mp
-import platform
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from taildet import evidence
+
+from taildet import engine, evidence
 from taildet.analysis.plots import plot_mean_score_vs_instances
-from taildet.calibration import (LogitNormalizer, plot_logit_statistics, apply_logit_normalization, build_calibrator, CALIBRATORS)
+from taildet.calibration import (CALIBRATORS, LogitNormalizer, apply_logit_normalization, build_calibrator,
+                                 plot_logit_statistics)
 from taildet.calibration.calibrators import LogN
 from taildet.config import apply_overrides, load_config
 from taildet.data.stats import dataset_stats, format_stats, plot_long_tail
 from taildet.data.synthetic import make_dataset
-from taildet.engine import calibrate_checkpoint, finetune, train, evaluate_checkpoint
+from taildet.engine import finetune, train
 from taildet.engine.builders import build_datasets, build_model_for_checkpoint
 from taildet.engine.pretrain import REGIMES
 from taildet.errors import ConfigError
-from taildet.evaluation import evaluate_lvis, save_metrics
-from taildet.evaluation.report import per_class_table, plot_per_class_ap
-from taildet.fileio import check_not_inputs, check_output_path, atomic_write_text
-from taildet.results_docs import (format_claims_table, format_paired_table, format_recipe_table, plot_claims_forest, plot_recipe_metrics)
+from taildet.evaluation import evaluate_lvis, report, save_metrics
+from taildet.fileio import atomic_write_text, check_not_inputs, check_output_path
+from taildet.results_docs import (format_claims_table, format_paired_table, format_recipe_table, plot_claims_forest,
+                                  plot_recipe_metrics)
 from taildet.sampling.prefill import observe_mean_score
 
 @dataclass(frozen=True)
@@ -188,7 +190,7 @@ def _statistics_input(cfg, checkpoint: str, out_dir: Path, method) -> str:
     tag = hashlib.sha1(json.dumps(pass_kw, sort_keys=True, default=str).encode()).hexdigest()[:8] if pass_kw else ""
     cached = Path(checkpoint).parent / f"logit_stats_pass{'-' + tag if tag else ''}.json"
     if not cached.exists():
-        calibrate_checkpoint(cfg, checkpoint, str(cached), progress=False, **pass_kw)
+        engine.calibrate_checkpoint(cfg, checkpoint, str(cached), progress=False, **pass_kw)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = method.write_statistics(cached, out_dir / "logit_stats.json")
     # the paper's Fig. 2: per-class logit mean and std against training instance count
@@ -352,9 +354,7 @@ def _train_recipes(runs: list[tuple], jobs: int, progress: bool) -> dict[str, tu
             out[name] = (metrics, seconds)
         return out
 
-
     from tqdm import tqdm  # optional: tqdm, imported on use
-
 
     threads = max(1, default_jobs() // jobs)
     totals, logs = {}, {}
@@ -391,7 +391,7 @@ def _run_posthoc(name: str, recipe: Recipe, stage1_cfg_path: Path, opts: list[st
                           f"(known: {', '.join(CALIBRATORS) or 'none'})")
     cfg = apply_overrides(load_config(stage1_cfg_path), opts)
     calibration = posthoc_calibration(recipe.posthoc, cfg, checkpoint, out_dir, **dict(recipe.posthoc_kwargs))
-    return _bbox(evaluate_checkpoint(cfg, checkpoint, calibration=calibration, out_dir=str(out_dir)))
+    return _bbox(engine.evaluate_checkpoint(cfg, checkpoint, calibration=calibration, out_dir=str(out_dir)))
 
 
 def _plot_mean_scores(out: Path, ce: str, loce: str, specs: dict, run_opts, train_json: Path) -> None:
@@ -625,8 +625,8 @@ def run_compare(recipes: Iterable[str] | None, out_dir: str | Path, seeds: Itera
     for d, s, rep in reps:
         counts = _train_counts(data[d]["train"])
         for n in names:
-            table_rows = per_class_table(done[f"{rep}/{n}"][0], data[d]["val"])
-            plot_per_class_ap(table_rows, out / rep / f"per_class_ap_{n}.png", image_counts=counts)
+            table_rows = report.per_class_table(done[f"{rep}/{n}"][0], data[d]["val"])
+            report.plot_per_class_ap(table_rows, out / rep / f"per_class_ap_{n}.png", image_counts=counts)
             for r in table_rows:
                 classes.setdefault(str(r["id"]), {"name": r["name"], "group": r["frequency"],
                                                   "train_images": counts.get(r["id"])})

@@ -28,6 +28,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import yaml
+
 from taildet.errors import ConfigError
 
 #: Metrics summarised over seeds, in the order tables show them.

@@ -19,15 +19,16 @@ by :func:`write_table_summary`, with the machine and command it was measured wit
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import re
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from taildet.errors import ConfigError, DataError
 import numpy as np
-import datetime
+
+from taildet.errors import ConfigError, DataError
 from taildet.fileio import atomic_write_text
 
 METRICS = ("AP", "APr", "APc", "APf", "AP50")

@@ -15,12 +15,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+from torchvision.models.detection.roi_heads import RoIHeads
 
 from taildet.calibration.logit_norm import DEFAULT_STAGE, LogitNormalizer
 from taildet.errors import ConfigError, DataError
 from taildet.models.heads import ClassificationHead, SampledLogits
-from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
-from torchvision.models.detection.roi_heads import RoIHeads
 
 __all__ = ["TorchvisionRoIHead", "Head", "classification_head", "select_stage"]
 

@@ -94,8 +94,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-from taildet.errors import ConfigError
-from taildet.errors import OutputError
+from taildet.errors import ConfigError, OutputError
 from taildet.fileio import check_output_path
 
 __all__ = [

@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from taildet import __version__
 from taildet.errors import TaildetError
 from taildet.fileio import atomic_write
 from taildet.models.heads import remap_legacy_keys
-from taildet import __version__
 
 __all__ = [
     "CheckpointError",

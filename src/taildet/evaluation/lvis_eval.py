@@ -37,9 +37,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from taildet.data.lvis import _check_segmentation, federated_ids_problem, id_problem
 from taildet.errors import DataError
 from taildet.evaluation.results_io import _is_int, _is_real, cap_per_image, load_results, top_k_per_class
-from taildet.data.lvis import id_problem, federated_ids_problem, _check_segmentation
 
 __all__ = [
     "AP_FIXED_DETS_PER_CLASS",

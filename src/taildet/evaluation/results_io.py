@@ -31,9 +31,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from taildet.data.lvis import rle_counts_problem
 from taildet.errors import DataError
 from taildet.fileio import atomic_write_text
-from taildet.data.lvis import rle_counts_problem
 
 __all__ = [
     "load_results",

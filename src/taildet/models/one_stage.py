@@ -61,11 +61,11 @@ from torchvision.models.detection.retinanet import (
 from torchvision.ops import boxes as box_ops
 
 from taildet.errors import ConfigError
+from taildet.losses import build_loss
 from taildet.losses.base import ClassificationLoss
 from taildet.losses.focal import mean_over_ranks
-from taildet.models.heads import ClassificationHead, register_legacy_key_hook
-from taildet.losses import build_loss
 from taildet.models.backbones import build_backbone
+from taildet.models.heads import ClassificationHead, register_legacy_key_hook
 
 __all__ = [
     "build_retinanet",
