@@ -182,7 +182,7 @@ def test_posthoc_logit_adjustment_fits_softmax_and_sigmoid_heads(tmp_path):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cfg = apply_overrides(load_config(os.path.join(repo, "configs", "demo_faster_tiny_ce.yaml")),
                           [f"data.root={tmp_path / 'data'}", "data.synthetic.scale=0.05"])
-    from taildet.engine.train import build_datasets
+    from taildet.engine.builders import build_datasets
 
     num_classes = len(build_datasets(cfg, need_train=True)[0].class_names)
     adjust = posthoc_calibration("loga", cfg, "unused.pth", tmp_path)

@@ -205,7 +205,7 @@ class _LVISStats:
 def test_lvis_presets_build_their_detector_and_stage_2_loss(path):
     """Every LVIS preset's model (and its stage-2 loss, if any) builds for 1,203 classes with the
     classifier width its loss needs; the backbone is swapped for the tiny one to keep this fast."""
-    from taildet.engine.train import build_model_from_cfg
+    from taildet.engine.builders import build_model_from_cfg
 
     cfg = load_config(path)
     cfg.model.kwargs.update(backbone="tiny", backbone_weights=None)

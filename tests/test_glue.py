@@ -112,7 +112,7 @@ def _untrained_checkpoint(cfg, path: Path) -> Path:
     """The model of ``cfg`` as initialised (seeded), saved as a checkpoint; no training needed:
     an untrained softmax head scores every class about 1 / (C + 1), so every class has detections."""
     from taildet.engine.checkpoint import save_checkpoint
-    from taildet.engine.train import _seed_all, build_datasets, build_model_from_cfg
+    from taildet.engine.builders import build_datasets, build_model_from_cfg, seed_all as _seed_all
 
     train_set, _, _ = build_datasets(cfg)
     _seed_all(0)
@@ -521,7 +521,7 @@ def test_train_config_reaches_the_optimizer_and_the_gradient_clip(tiny_ckpt, mon
     and ``train.grad_clip`` bounds the first update: with a clip of 1e-6 (no momentum history, no
     weight decay) no parameter moves by more than lr * 1e-6, where unclipped ones move by far more."""
     from taildet.engine import train
-    from taildet.engine.train import build_model_from_cfg
+    from taildet.engine.builders import build_model_from_cfg
 
     engine_train = importlib.import_module("taildet.engine.train")
     root, _, _ = tiny_ckpt

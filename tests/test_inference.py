@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from taildet.config import apply_overrides, load_config
-from taildet.engine.inference import eval_caps, inference
+from taildet.engine.evaluate import eval_caps
+from taildet.engine.inference import inference
 
 
 class _Heads(nn.Module):

@@ -430,7 +430,7 @@ def test_finetune_refuses_mfs_with_trainable_backbone(stage1):
 
 
 def test_ce_mean_score_observer_and_fig4_plot(stage1, tmp_path):
-    from taildet.engine.train import build_datasets, build_model_from_cfg
+    from taildet.engine.builders import build_datasets, build_model_from_cfg
 
     tmp, ckpt = stage1
     cfg = _ft_cfg(tmp, "demo_faster_tiny_ce.yaml")  # the stage-1 (CE) model the observer watches

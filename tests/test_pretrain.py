@@ -233,7 +233,7 @@ def test_config_validation_of_the_new_keys():
 
 
 def test_synthetic_pretrained_resolves_under_the_data_roots_parent(tmp_path, tiny_weights, monkeypatch):
-    from taildet.engine.train import build_model_from_cfg
+    from taildet.engine.builders import build_model_from_cfg
 
     path, info = tiny_weights
     cache = tmp_path / "pretrained"

@@ -13,11 +13,15 @@ import sys
 from pathlib import Path
 
 from taildet.errors import ConfigError, TaildetError
+from taildet.fileio import check_not_inputs, check_output_path
+
+# The sub-commands import what they run when they run (``# start-up:`` below): ``taildet --help``
+# and argument errors must not wait for torch, torchvision and the models to load.
 
 
 def _cmd_data_synth(args: argparse.Namespace) -> int:
-    from taildet.data.stats import dataset_stats, format_stats, plot_long_tail
-    from taildet.data.synthetic import make_dataset
+    from taildet.data.stats import dataset_stats, format_stats, plot_long_tail  # start-up: lazy, keeps --help fast
+    from taildet.data.synthetic import make_dataset  # start-up: lazy, keeps --help fast
 
     info = make_dataset(args.out_dir, seed=args.seed, scale=args.scale, vocabulary=args.vocabulary)
     stats = dataset_stats(info["train_json"])
@@ -28,8 +32,7 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_stats(args: argparse.Namespace) -> int:
-    from taildet.data.stats import dataset_stats, format_stats, plot_long_tail
-    from taildet.fileio import check_not_inputs, check_output_path
+    from taildet.data.stats import dataset_stats, format_stats, plot_long_tail  # start-up: lazy, keeps --help fast
 
     out = Path(args.out) if args.out else Path(args.ann).with_suffix(".long_tail.png")
     check_not_inputs({"--out plot": out}, {"annotation file": args.ann})
@@ -41,7 +44,7 @@ def _cmd_data_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_pretrain_backbone(args: argparse.Namespace) -> int:
-    from taildet.engine.pretrain import PretrainRecipe, pretrain_backbone, read_record
+    from taildet.engine.pretrain import PretrainRecipe, pretrain_backbone, read_record  # start-up: lazy, keeps --help fast
 
     given = {k: v for k, v in (("per_class", args.per_class), ("heldout_per_class", args.heldout_per_class))
              if v is not None}
@@ -62,14 +65,14 @@ def _cmd_pretrain_backbone(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval_results(args: argparse.Namespace) -> int:
-    from taildet.evaluation import eval_results_main
+    from taildet.evaluation import eval_results_main  # start-up: lazy, keeps --help fast
 
     eval_results_main(args.gt, args.results, iou_type=args.iou_type, fixed=args.fixed, out=args.out)
     return 0
 
 
 def _load_cfg(args: argparse.Namespace):
-    from taildet.config import apply_overrides, load_config
+    from taildet.config import apply_overrides, load_config  # start-up: lazy, keeps --help fast
 
     cfg = load_config(args.config)
     if getattr(args, "opts", None):
@@ -80,7 +83,7 @@ def _load_cfg(args: argparse.Namespace):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from taildet.engine import train
+    from taildet.engine import train  # start-up: lazy, keeps --help fast
 
     out = train(_load_cfg(args), resume=args.resume)
     print(json.dumps({k: v for k, v in out.items() if k != "metrics"}, default=str, indent=1))
@@ -88,7 +91,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from taildet.engine import finetune
+    from taildet.engine import finetune  # start-up: lazy, keeps --help fast
 
     out = finetune(_load_cfg(args), args.from_checkpoint, resume=args.resume)
     print(json.dumps({k: v for k, v in out.items() if k != "metrics"}, default=str, indent=1))
@@ -96,9 +99,9 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from taildet.engine import evaluate_checkpoint
+    from taildet.engine import evaluate_checkpoint  # start-up: lazy, keeps --help fast
 
-    from taildet.evaluation import format_metrics_table
+    from taildet.evaluation import format_metrics_table  # start-up: lazy, keeps --help fast
 
     metrics = evaluate_checkpoint(_load_cfg(args), args.checkpoint, calibration=args.calibration,
                                   out_dir=args.output_dir)
@@ -109,7 +112,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from taildet.engine import calibrate_checkpoint
+    from taildet.engine import calibrate_checkpoint  # start-up: lazy, keeps --help fast
 
     kwargs = {}
     if args.mode:
@@ -131,7 +134,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     path = calibrate_checkpoint(_load_cfg(args), args.checkpoint, args.out, stats=args.stats,
                                 running_momentum=args.running_momentum, momentum=args.momentum,
                                 max_batches=args.max_batches, **kwargs)
-    from taildet.calibration.diagnostics import format_background_argmax_share
+    from taildet.calibration.diagnostics import format_background_argmax_share  # start-up: lazy, keeps --help fast
 
     with open(path, encoding="utf-8") as fh:
         report = (json.load(fh).get("extra") or {}).get("background_argmax_share")
@@ -143,19 +146,19 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from taildet.compare import run_demo
+    from taildet.compare import run_demo  # start-up: lazy, keeps --help fast
 
     run_demo(args.out, seed=args.seed, jobs=args.jobs)
     return 0
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from taildet.compare import run_compare
+    from taildet.compare import run_compare  # start-up: lazy, keeps --help fast
 
     claims = True if args.claims == "" else args.claims
     recipes = args.recipes
     if claims and not recipes:  # every recipe a claim names, with its baselines
-        from taildet.evidence import load_claims
+        from taildet.evidence import load_claims  # start-up: lazy, keeps --help fast
 
         loaded = load_claims(None if claims is True else claims)
         recipes = list(dict.fromkeys([n for c in loaded for n in (c.baseline, c.recipe)]))
@@ -166,7 +169,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_docs(args: argparse.Namespace) -> int:
-    from taildet.results_docs import update_docs
+    from taildet.results_docs import update_docs  # start-up: lazy, keeps --help fast
 
     stale = update_docs(args.files or None, check=args.check)
     if args.check and stale:

@@ -17,15 +17,39 @@ LVIS metrics path and shows what a classifier that knows only the label distribu
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import multiprocessing as mp
 import os
+import platform
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
+import torch
+
+from taildet import engine, evidence
+from taildet.analysis.gradient_ratio import gradient_ratio_report
+from taildet.analysis.plots import plot_mean_score_vs_instances
+from taildet.calibration import (CALIBRATORS, LogitNormalizer, apply_logit_normalization, build_calibrator,
+                                 plot_logit_statistics)
+from taildet.calibration.calibrators import LogN
+from taildet.config import apply_overrides, load_config
+from taildet.data.stats import dataset_stats, format_stats, plot_long_tail
+from taildet.data.synthetic import make_dataset
+from taildet.engine import finetune, train
+from taildet.engine.builders import build_datasets, build_model_for_checkpoint
+from taildet.engine.pretrain import REGIMES
+from taildet.errors import ConfigError
+from taildet.evaluation import evaluate_lvis, report, save_metrics
+from taildet.fileio import atomic_write_text, check_not_inputs, check_output_path
+from taildet.results_docs import (format_claims_table, format_paired_table, format_recipe_table, plot_claims_forest,
+                                  plot_recipe_metrics)
+from taildet.sampling.prefill import observe_mean_score
 
 @dataclass(frozen=True)
 class Recipe:
@@ -171,17 +195,11 @@ def _statistics_input(cfg, checkpoint: str, out_dir: Path, method) -> str:
     ``logit_stats_pass*.json``); rows that differ only in how the statistics are applied (the
     ablations' ``mode``, ``beta``) reuse it.
     """
-    import hashlib
-
-    from taildet.calibration import LogitNormalizer, plot_logit_statistics
-    from taildet.engine import calibrate_checkpoint
-    from taildet.engine.train import build_datasets
-
     pass_kw = method.pass_options
     tag = hashlib.sha1(json.dumps(pass_kw, sort_keys=True, default=str).encode()).hexdigest()[:8] if pass_kw else ""
     cached = Path(checkpoint).parent / f"logit_stats_pass{'-' + tag if tag else ''}.json"
     if not cached.exists():
-        calibrate_checkpoint(cfg, checkpoint, str(cached), progress=False, **pass_kw)
+        engine.calibrate_checkpoint(cfg, checkpoint, str(cached), progress=False, **pass_kw)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = method.write_statistics(cached, out_dir / "logit_stats.json")
     # the paper's Fig. 2: per-class logit mean and std against training instance count
@@ -196,9 +214,6 @@ def posthoc_calibration(name: str, cfg, checkpoint: str, out_dir: Path, **option
     of :data:`taildet.calibration.CALIBRATORS`) with ``options``: None for the identity, else a
     function ``model -> model`` that fits the method on ``model.cls_head`` and installs the
     transform. The method's inputs (statistics pass, training set) are gathered here."""
-    from taildet.calibration import apply_logit_normalization, build_calibrator
-    from taildet.engine.train import build_datasets
-
     method = build_calibrator(name, **options)
     if method.identity:
         return None
@@ -227,8 +242,6 @@ def configs_dir() -> Path:
 
 def resolve_recipe(name: str) -> Recipe:
     """The :class:`Recipe` of a recipe name, or a ``train`` recipe for a YAML path."""
-    from taildet.errors import ConfigError
-
     if name in RECIPES:
         return RECIPES[name]
     path = Path(name)
@@ -290,8 +303,6 @@ def _percent(metrics: dict) -> dict:
 
 
 def _train_counts(train_json: Path) -> dict[int, int]:
-    from taildet.data.stats import dataset_stats
-
     return {c["id"]: c["image_count"] for c in dataset_stats(train_json)["classes"]}
 
 
@@ -310,11 +321,6 @@ def _bbox(metrics: dict) -> dict:
 def _run_one(name: str, kind: str, cfg_path: str, opts: list[str], from_checkpoint: str | None,
              threads: int, progress: bool = False) -> tuple[str, dict, float]:
     """Train or fine-tune one recipe (in this process or a worker); returns (name, bbox metrics, s)."""
-    import torch
-
-    from taildet.config import apply_overrides, load_config
-    from taildet.engine import finetune, train
-
     if threads > 0:
         torch.set_num_threads(threads)
     t0 = time.time()
@@ -355,12 +361,7 @@ def _train_recipes(runs: list[tuple], jobs: int, progress: bool) -> dict[str, tu
             out[name] = (metrics, seconds)
         return out
 
-    import multiprocessing as mp
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-
-    from tqdm import tqdm
-
-    from taildet.config import apply_overrides, load_config
+    from tqdm import tqdm  # optional: tqdm, imported on use
 
     threads = max(1, default_jobs() // jobs)
     totals, logs = {}, {}
@@ -392,17 +393,12 @@ def _run_posthoc(name: str, recipe: Recipe, stage1_cfg_path: Path, opts: list[st
                  out_dir: Path) -> dict:
     """Apply a training-free method (:data:`taildet.calibration.CALIBRATORS`) to a checkpoint and
     evaluate it."""
-    from taildet.calibration import CALIBRATORS
-    from taildet.config import apply_overrides, load_config
-    from taildet.engine import evaluate_checkpoint
-    from taildet.errors import ConfigError
-
     if recipe.posthoc not in CALIBRATORS:
         raise ConfigError(f"recipe {name}: unknown post-hoc method {recipe.posthoc!r} "
                           f"(known: {', '.join(CALIBRATORS) or 'none'})")
     cfg = apply_overrides(load_config(stage1_cfg_path), opts)
     calibration = posthoc_calibration(recipe.posthoc, cfg, checkpoint, out_dir, **dict(recipe.posthoc_kwargs))
-    return _bbox(evaluate_checkpoint(cfg, checkpoint, calibration=calibration, out_dir=str(out_dir)))
+    return _bbox(engine.evaluate_checkpoint(cfg, checkpoint, calibration=calibration, out_dir=str(out_dir)))
 
 
 def _plot_mean_scores(out: Path, ce: str, loce: str, specs: dict, run_opts, train_json: Path) -> None:
@@ -411,14 +407,6 @@ def _plot_mean_scores(out: Path, ce: str, loce: str, specs: dict, run_opts, trai
     LOCE's scores are its Equilibrium Loss buffer; the CE model's are observed with the same EMA
     rule over the training set (no training).
     """
-    import torch
-
-    from taildet.config import apply_overrides, load_config
-    from taildet.engine.calibrate import build_model_for_checkpoint
-    from taildet.engine.train import build_datasets
-    from taildet.analysis.plots import plot_mean_score_vs_instances
-    from taildet.sampling.prefill import observe_mean_score
-
     state = torch.load(out / loce / "model_final.pth", map_location="cpu", weights_only=False)["model"]
     loce_score = next((v for k, v in state.items() if k.endswith("mean_score")), None)
     if loce_score is None:
@@ -447,8 +435,6 @@ def expand_recipes(names: Iterable[str], with_baselines: bool = False) -> tuple[
     Returns ``(rows, specs)``: ``rows`` are the table rows in order (requested first, then added
     baselines), ``specs`` also holds stage-1 recipes that are trained but not shown.
     """
-    from taildet.errors import ConfigError
-
     rows = list(dict.fromkeys(names))
     specs = {n: resolve_recipe(n) for n in rows}  # fail fast on a bad name
     if with_baselines:
@@ -531,15 +517,6 @@ def run_compare(recipes: Iterable[str] | None, out_dir: str | Path, seeds: Itera
     Returns the summary (see ``summary.json``: ``recipes[name]["runs"][replicate]``,
     ``recipes[name]["stats"][metric]``, ``paired``, ``claims``).
     """
-    from taildet.calibration.calibrators import LogN
-    from taildet.analysis.gradient_ratio import gradient_ratio_report
-    from taildet.data.stats import dataset_stats, format_stats, plot_long_tail
-    from taildet.data.synthetic import make_dataset
-    from taildet.errors import ConfigError
-    from taildet.evaluation import evaluate_lvis, save_metrics
-    from taildet.evaluation.report import per_class_table, plot_per_class_ap
-    from taildet import evidence
-
     start = time.time()
     out = Path(out_dir)
     seeds, data_seeds = [int(s) for s in seeds], [int(d) for d in data_seeds]
@@ -551,8 +528,6 @@ def run_compare(recipes: Iterable[str] | None, out_dir: str | Path, seeds: Itera
     claim_list = None
     if claims:
         claim_list = evidence.load_claims(None if claims is True else claims)
-    from taildet.engine.pretrain import REGIMES
-
     if regime not in REGIMES:
         raise ConfigError(f"compare: unknown regime {regime!r}: expected one of {', '.join(REGIMES)}")
     reg = REGIMES[regime]
@@ -573,9 +548,6 @@ def run_compare(recipes: Iterable[str] | None, out_dir: str | Path, seeds: Itera
 
     # Before anything is written: every recipe's config with the options it will run with, and
     # the output folder (a bad --opts or a recipe YAML the report would overwrite fails at once).
-    from taildet.config import apply_overrides, load_config
-    from taildet.fileio import check_not_inputs, check_output_path
-
     d0, s0 = data_seeds[0], seeds[0]
     for n in specs:
         if specs[n].kind in ("train", "finetune"):
@@ -592,8 +564,6 @@ def run_compare(recipes: Iterable[str] | None, out_dir: str | Path, seeds: Itera
                           f"(--reuse would mix them): use another --out")
     out.mkdir(parents=True, exist_ok=True)
     if not marker.exists():
-        from taildet.fileio import atomic_write_text
-
         atomic_write_text(regime + "\n", marker)
 
     # the data of every data seed (deterministic, cached by make_dataset)
@@ -662,8 +632,8 @@ def run_compare(recipes: Iterable[str] | None, out_dir: str | Path, seeds: Itera
     for d, s, rep in reps:
         counts = _train_counts(data[d]["train"])
         for n in names:
-            table_rows = per_class_table(done[f"{rep}/{n}"][0], data[d]["val"])
-            plot_per_class_ap(table_rows, out / rep / f"per_class_ap_{n}.png", image_counts=counts)
+            table_rows = report.per_class_table(done[f"{rep}/{n}"][0], data[d]["val"])
+            report.plot_per_class_ap(table_rows, out / rep / f"per_class_ap_{n}.png", image_counts=counts)
             for r in table_rows:
                 classes.setdefault(str(r["id"]), {"name": r["name"], "group": r["frequency"],
                                                   "train_images": counts.get(r["id"])})
@@ -697,10 +667,6 @@ def run_compare(recipes: Iterable[str] | None, out_dir: str | Path, seeds: Itera
                     "dataset": {k: stats[k] for k in ("num_images", "num_classes", "groups") if k in stats}})
     summary = {k: summary[k] for k in ("title", "regime", "seeds", "data_seeds", "machine", "scale", "extra_opts",
                                        "dataset", "classes", "recipes", "paired", "claims")}
-    from taildet.fileio import atomic_write_text
-    from taildet.results_docs import format_claims_table, format_paired_table, format_recipe_table
-    from taildet.results_docs import plot_claims_forest, plot_recipe_metrics
-
     atomic_write_text(json.dumps(summary, indent=1) + "\n", out / "summary.json")
     plot_recipe_metrics(summary, out / "metrics_by_recipe.png")
     recipe_table = format_recipe_table(summary)
@@ -731,10 +697,6 @@ def machine_info() -> dict:
     (e.g. AVX2 vs AVX512) round differently and a long training diverges from there, so single
     runs on two machine types differ by about as much as two seeds.
     """
-    import platform
-
-    import torch
-
     return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "machine": platform.machine(), "cpus": default_jobs()}
 
@@ -747,8 +709,6 @@ def summarize(runs: dict[str, dict[str, dict]], specs: dict[str, Recipe], classe
     "recipes": {name: {"about", "kind", "baselines", "runs", "stats": {metric: seed_statistics}}},
     "paired": [...], "claims": [...]}``.
     """
-    from taildet import evidence
-
     resamples = resamples or evidence.BOOTSTRAP_RESAMPLES
     groups = {c: v.get("group") for c, v in classes.items()}
     out_recipes = {}

@@ -44,6 +44,7 @@ from typing import Any, Callable
 import yaml
 
 from taildet.errors import ConfigError
+from taildet.fileio import atomic_write_text
 
 __all__ = [
     "Config",
@@ -912,6 +913,4 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Conf
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write ``cfg.to_dict()`` as YAML (atomically: temp file + rename)."""
-    from taildet.fileio import atomic_write_text
-
     atomic_write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), path)

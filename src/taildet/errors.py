@@ -48,3 +48,15 @@ class OutputError(TaildetError):
 
 class ConfigError(TaildetError, ValueError):
     """Invalid configuration: names the key and what is wrong."""
+
+
+class TrainingDivergedError(TaildetError, RuntimeError):
+    """Training stopped on a non-finite loss / gradients / parameters: names the iteration and the
+    loss terms; the checkpoints written before are kept (``last good`` is ``checkpoint``)."""
+
+    def __init__(self, message: str, iteration: int, loss_terms: dict[str, float] | None = None,
+                 checkpoint: str | None = None):
+        super().__init__(message)
+        self.iteration = iteration
+        self.loss_terms = dict(loss_terms or {})
+        self.checkpoint = checkpoint

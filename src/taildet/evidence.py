@@ -27,6 +27,9 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+import yaml
+
+from taildet.errors import ConfigError
 
 #: Metrics summarised over seeds, in the order tables show them.
 METRICS = ("AP", "APr", "APc", "APf", "AP50")
@@ -42,7 +45,7 @@ VERDICTS = ("holds", "contradicted", "inconclusive")
 
 def t_quantile(df: int, level: float = LEVEL) -> float:
     """Two-sided Student-t critical value ``t_{(1 + level) / 2, df}`` (``scipy.stats.t``)."""
-    from scipy.stats import t
+    from scipy.stats import t  # optional: scipy, imported on use
 
     return float(t.ppf(0.5 + level / 2.0, df))
 
@@ -207,10 +210,6 @@ def load_claims(path: str | Path | None = None) -> list[Claim]:
     Errors are :class:`taildet.errors.ConfigError` naming the file, the entry and the problem.
     Recipe names are checked against ``taildet.compare.RECIPES``.
     """
-    import yaml
-
-    from taildet.errors import ConfigError
-
     path = Path(path) if path is not None else CLAIMS_FILE
     try:
         data = yaml.safe_load(path.read_text())

@@ -20,13 +20,17 @@ by :func:`write_table_summary`, with the machine and command it was measured wit
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import re
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import numpy as np
+
 from taildet.errors import ConfigError, DataError
+from taildet.fileio import atomic_write_text
 
 METRICS = ("AP", "APr", "APc", "APf", "AP50")
 VERDICT_COLOURS = {"holds": "tab:green", "contradicted": "tab:red", "inconclusive": "tab:gray",
@@ -171,10 +175,10 @@ def format_gradient_ratio_table(summary: Mapping, recipes: Sequence[str] | None 
 # ------------------------------------------------------------------------------------------------
 
 def _figure(width: float, height: float):
-    import matplotlib
+    import matplotlib  # optional: matplotlib, imported on use
 
     matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # optional: matplotlib, imported on use
 
     return Figure(figsize=(width, height))
 
@@ -182,8 +186,6 @@ def _figure(width: float, height: float):
 def plot_recipe_metrics(summary: Mapping, out_png: str | Path, metrics: Sequence[str] = ("AP", "APr", "APc", "APf"),
                         recipes: Sequence[str] | None = None) -> Path:
     """Grouped bars: each recipe's mean per metric, error bars = the 95 % t interval."""
-    import numpy as np
-
     names = list(recipes or summary["recipes"])
     fig = _figure(max(6.0, 0.9 * len(names) + 2), 4.5)
     ax = fig.subplots()
@@ -317,11 +319,7 @@ def write_table_summary(path: str | Path, title: str, tables: Mapping[str, Mappi
     the machine (:func:`taildet.compare.machine_info`) and ``command``, and the generated block
     shows them above the table, so a number in the docs always says where it was measured.
     """
-    import datetime
-
     from taildet.compare import machine_info
-    from taildet.fileio import atomic_write_text
-
     for name, t in tables.items():
         cols, fmts = list(t["columns"]), list(t["formats"])
         if len(cols) != len(fmts) or any(len(r) != len(cols) for r in t["rows"]):
@@ -397,8 +395,6 @@ def update_docs(files: Sequence[str | Path] | None = None, root: str | Path | No
     Returns the files whose blocks differ from their summaries (with ``check``: nothing is
     written; otherwise those files were rewritten).
     """
-    from taildet.fileio import atomic_write_text
-
     root = Path(root) if root is not None else repo_root()
     stale = []
     for f in files or DOC_FILES:

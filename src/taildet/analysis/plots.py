@@ -37,10 +37,10 @@ def plot_mean_score_vs_instances(
     over log-spaced instance-count bins. Classes with 0 instances are drawn at x = 0.5.
     Returns the path written.
     """
-    import matplotlib  # optional heavy dependency: imported on use
+    import matplotlib  # optional: matplotlib, a heavy dependency imported on use
 
     matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional: matplotlib, imported on use
 
     counts = np.asarray(instance_counts, dtype=np.float64).reshape(-1)
     C = counts.size

@@ -52,12 +52,11 @@ from taildet.calibration.statistics import (
     remove_logit_normalization,
     training_sampling_mode,
 )
+from taildet.calibration.plots import plot_logit_statistics as _plot
 
 
 def plot_logit_statistics(*args, **kwargs):
     """See :func:`taildet.calibration.plots.plot_logit_statistics` (imports matplotlib on use)."""
-    from taildet.calibration.plots import plot_logit_statistics as _plot
-
     return _plot(*args, **kwargs)
 
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+from torchvision.models.detection.roi_heads import RoIHeads
 
 from taildet.calibration.logit_norm import DEFAULT_STAGE, LogitNormalizer
 from taildet.errors import ConfigError, DataError
@@ -91,9 +93,6 @@ Head = ClassificationHead | TorchvisionRoIHead
 def classification_head(model: nn.Module) -> Head:
     """The classification head of ``model`` (DDP unwrapped): a taildet detector's ``cls_head``, or
     a :class:`TorchvisionRoIHead` over a plain torchvision Faster/Mask R-CNN."""
-    from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
-    from torchvision.models.detection.roi_heads import RoIHeads
-
     model = _unwrap(model)
     head = dict(model.named_children()).get("cls_head")
     if isinstance(head, ClassificationHead):

@@ -34,10 +34,10 @@ def plot_logit_statistics(
         class_names: names for the labels of the ``annotate`` rarest and most frequent classes
             (default: the normalizer's, if any; ``annotate=0`` labels nothing).
     """
-    import matplotlib
+    import matplotlib  # optional: matplotlib, imported on use
 
     matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional: matplotlib, imported on use
 
     counts = np.asarray(instance_counts, dtype=np.float64).reshape(-1)
     c = normalizer.num_classes

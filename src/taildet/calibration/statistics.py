@@ -65,6 +65,7 @@ from taildet.calibration.logit_norm import LogitNormalizer, load_normalizers
 from taildet.errors import ConfigError
 from taildet.calibration.heads import Head, TorchvisionRoIHead, classification_head, select_stage
 from taildet.models.heads import ClassificationHead, SampledLogits
+from taildet.utils.comm import is_main_process
 
 __all__ = [
     "collect_logit_statistics",
@@ -168,12 +169,10 @@ def _progress_bar(data_loader: Any, max_batches: int | None, progress: bool, des
         total = len(data_loader)  # type: ignore[arg-type]
     if max_batches is not None:
         total = max_batches if total is None else min(total, max_batches)
-    rank0 = not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
-        torch.distributed.get_rank() == 0
-    )
+    rank0 = is_main_process()
     if not (progress and rank0) or total == 0:
         return None
-    from tqdm import tqdm
+    from tqdm import tqdm  # optional: tqdm, imported on use
 
     return tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True)
 

@@ -76,7 +76,7 @@ def make_balanced_crops(seed: int, per_class: int, split: str = "train", *, crop
     boxes = np.empty((n, 4), dtype=np.float64)
     it = range(n)
     if progress:
-        from tqdm import tqdm
+        from tqdm import tqdm  # optional: tqdm, imported on use
 
         it = tqdm(it, desc=f"balanced crops ({split})", unit="crop", leave=False)
     for i in it:

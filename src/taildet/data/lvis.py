@@ -205,7 +205,7 @@ def _decode_mask(seg: Any, height: int, width: int, box_xyxy: np.ndarray) -> np.
     A polygon too thin to cover any pixel centre decodes to nothing in pycocotools; rather than
     return an empty mask for an object that exists, the pixel under the box centre is set.
     """
-    from pycocotools import mask as mask_utils
+    from pycocotools import mask as mask_utils  # optional: pycocotools, imported on use
 
     if isinstance(seg, list):
         rles = mask_utils.frPyObjects(seg, height, width)

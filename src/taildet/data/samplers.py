@@ -44,6 +44,7 @@ import torch
 from torch.utils.data import Sampler
 
 from taildet.errors import DataError
+from taildet.utils.comm import get_rank, get_world_size
 
 __all__ = [
     "TrainingSampler",
@@ -74,11 +75,10 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
 
 
 def _resolve_replicas(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
-    dist_on = torch.distributed.is_available() and torch.distributed.is_initialized()
     if num_replicas is None:
-        num_replicas = torch.distributed.get_world_size() if dist_on else 1
+        num_replicas = get_world_size()
     if rank is None:
-        rank = torch.distributed.get_rank() if dist_on else 0
+        rank = get_rank()
     num_replicas = _check_int("num_replicas", num_replicas, 1)
     rank = _check_int("rank", rank, 0)
     if rank >= num_replicas:

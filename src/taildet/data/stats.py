@@ -251,9 +251,9 @@ def plot_long_tail(
     with no image are kept at the right end (no visible bar). Uses the Agg canvas directly, so the
     global matplotlib backend is left alone. Returns the written path.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # optional: matplotlib, imported on use
+    from matplotlib.figure import Figure  # optional: matplotlib, imported on use
+    from matplotlib.patches import Patch  # optional: matplotlib, imported on use
 
     if count not in ("image_count", "declared_image_count"):
         raise ValueError(f"count must be 'image_count' or 'declared_image_count', got {count!r}")

@@ -94,7 +94,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-from taildet.errors import ConfigError
+from taildet.errors import ConfigError, OutputError
+from taildet.fileio import check_output_path
 
 __all__ = [
     "COLOURS",
@@ -540,8 +541,6 @@ def _reusable(out: Path, record: dict[str, Any]) -> dict[str, Any] | None:
 def _check_ours(path: Path) -> None:
     """OutputError unless ``path`` is missing or an annotation file this generator wrote (its
     ``info.description`` opens the file): regenerating would overwrite someone's dataset."""
-    from taildet.errors import OutputError
-
     if not os.path.lexists(path):
         return
     try:
@@ -605,8 +604,6 @@ def make_dataset(out_dir: str | os.PathLike, seed: int = 0, scale: float = 1.0, 
     # Never overwrite a dataset this generator did not write (a folder with the same layout).
     for split in ("train", "val"):
         _check_ours(ann_dir / f"{split}.json")
-    from taildet.fileio import check_output_path
-
     check_output_path(out, directory=True, what="dataset")
     # Regenerate: drop the old record first, so an interrupted run is never reused, and clear
     # only files this generator writes.

@@ -30,19 +30,27 @@ from typing import Any
 
 import torch
 
+from taildet.calibration import collect_logit_statistics, collect_running_statistics
+from taildet.calibration.diagnostics import (PositiveLogitSample, background_argmax_report,
+                                             format_background_argmax_share)
+from taildet.calibration.statistics import RUNNING_MOMENTUM, find_logit_batchnorm
+from taildet.data.loading import list_collate
+from taildet.data.samplers import TrainingSampler
+from taildet.engine.builders import (build_datasets, build_model_for_checkpoint, build_sampler, resolve_device,
+                                     seed_all, setup_logging)
+from taildet.engine.checkpoint import load_checkpoint, load_model_weights
+from taildet.engine.distributed import init_distributed
+from taildet.engine.rundir import run_inputs
+from taildet.errors import ConfigError
+from taildet.fileio import check_not_inputs, check_output_path
+from taildet.utils.comm import barrier, get_rank, get_world_size, is_main_process, main_process_check
+
 log = logging.getLogger("taildet")
 
-__all__ = ["calibrate_checkpoint", "build_model_for_checkpoint", "STATS_SOURCES"]
+__all__ = ["calibrate_checkpoint", "STATS_SOURCES"]
 
 #: ``stats`` values of :func:`calibrate_checkpoint` (``taildet calibrate --stats``).
 STATS_SOURCES = ("pass", "running")
-
-
-def build_model_for_checkpoint(cfg, num_classes: int, train_set=None):
-    """The model a checkpoint of ``cfg`` holds (a stage-2 config's loss is its ``model.loss``)."""
-    from taildet.engine.train import build_model_from_cfg
-
-    return build_model_from_cfg(cfg, num_classes, train_dataset=train_set)
 
 
 def calibrate_checkpoint(cfg, checkpoint_path: str, out: str | None = None, *, stats: str = "pass",
@@ -59,17 +67,6 @@ def calibrate_checkpoint(cfg, checkpoint_path: str, out: str | None = None, *, s
     ``beta``; they are saved with the statistics and used when the file is applied).
     ``diagnostic_rows``: positive RoIs kept for the background-argmax diagnostic (0 = none).
     """
-    from taildet.calibration import collect_logit_statistics, collect_running_statistics
-    from taildet.calibration.diagnostics import PositiveLogitSample, background_argmax_report
-    from taildet.calibration.statistics import RUNNING_MOMENTUM, find_logit_batchnorm
-    from taildet.data.samplers import TrainingSampler
-    from taildet.errors import ConfigError
-    from taildet.engine.checkpoint import load_checkpoint, load_model_weights
-    from taildet.engine.distributed import (barrier, get_rank, get_world_size, init_distributed, is_main_process,
-                                            main_process_check)
-    from taildet.engine.inference import list_collate, resolve_device
-    from taildet.engine.train import _seed_all, build_datasets, setup_logging
-
     if stats not in STATS_SOURCES:
         raise ConfigError(f"calibrate: stats must be one of {', '.join(STATS_SOURCES)}, got {stats!r}")
     if stats == "running":
@@ -79,9 +76,6 @@ def calibrate_checkpoint(cfg, checkpoint_path: str, out: str | None = None, *, s
         running_momentum = RUNNING_MOMENTUM if running_momentum is None else running_momentum
     elif running_momentum is not None:
         raise ConfigError("calibrate: --running-momentum applies to --stats running")
-    from taildet.engine.train import run_inputs
-    from taildet.fileio import check_not_inputs, check_output_path
-
     init_distributed(cfg.train.device)
     setup_logging()
     device = resolve_device(cfg.train.device)
@@ -98,10 +92,8 @@ def calibrate_checkpoint(cfg, checkpoint_path: str, out: str | None = None, *, s
     if stats == "running" and find_logit_batchnorm(model) is None:
         raise ConfigError(f"calibrate --stats running: {checkpoint_path} has no BatchNorm on its class logits "
                           "(train with model.logit_bn: true, LogN's released recipe), or use --stats pass")
-    _seed_all(cfg.train.seed)
+    seed_all(cfg.train.seed)
     if stats == "running":  # the reference's fine-tune samples as stage 1 did
-        from taildet.engine.train import build_sampler
-
         sampler = build_sampler(train_set, cfg.data.sampler, seed=cfg.train.seed,
                                 rfs_threshold=cfg.data.rfs_threshold, rfs_rounding=cfg.data.rfs_rounding)
     else:
@@ -123,7 +115,6 @@ def calibrate_checkpoint(cfg, checkpoint_path: str, out: str | None = None, *, s
                                               max_batches=max_batches, class_names=train_set.class_names,
                                               positives=positives, **normalizer_kwargs)
     if is_main_process():
-        from taildet.calibration.diagnostics import format_background_argmax_share
         stage = model.cls_head.stage
         extra: dict[str, Any] = {"checkpoint": os.path.abspath(checkpoint_path), "stats": stats}
         if stats == "running":

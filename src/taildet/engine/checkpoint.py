@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from taildet import __version__
 from taildet.errors import TaildetError
 from taildet.fileio import atomic_write
 from taildet.models.heads import remap_legacy_keys
@@ -54,8 +55,6 @@ def save_checkpoint(path: str | os.PathLike, **state: Any) -> str:
     Returns the path. The pointer file ``last_checkpoint`` next to it is rewritten (atomically)
     only after the checkpoint itself is in place.
     """
-    from taildet import __version__
-
     path = os.fspath(path)
     state.setdefault("taildet_version", __version__)
     _atomic_write(path, lambda fh: torch.save(state, fh))

@@ -51,7 +51,12 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from taildet.errors import ConfigError
+from taildet.data.balanced_crops import make_balanced_crops
+from taildet.data.synthetic import GENERATOR_VERSION, _vocabulary
+from taildet.errors import ConfigError, TrainingDivergedError
+from taildet.fileio import atomic_write, atomic_write_text
+from taildet.models.backbones import TinyBackbone
+from taildet.utils.comm import broadcast_object, is_main_process
 
 log = logging.getLogger("taildet")
 
@@ -137,8 +142,6 @@ class PretrainRecipe:
     def for_vocabulary(cls, vocabulary: str = "default", **kwargs: Any) -> "PretrainRecipe":
         """The default recipe over ``vocabulary``'s classes with the default's numbers of crops
         (9,600 training, 2,400 held-out: 200 / 50 per class for 48 classes, 64 / 16 for 150)."""
-        from taildet.data.synthetic import _vocabulary
-
         n = _vocabulary(vocabulary).num_classes
         base = {"per_class": max(1, round(9600 / n)), "heldout_per_class": max(1, round(2400 / n))}
         return cls(**{**base, **kwargs, "vocabulary": vocabulary})
@@ -154,14 +157,10 @@ class PretrainRecipe:
                 raise ConfigError(f"pretrain {name}: expected an integer >= 1, got {v!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"pretrain lr: expected a positive number, got {self.lr!r}")
-        from taildet.data.synthetic import _vocabulary
-
         _vocabulary(self.vocabulary)
 
     def record(self) -> dict[str, Any]:
         """The cache key: the recipe, the generator version and the training-code version."""
-        from taildet.data.synthetic import GENERATOR_VERSION
-
         return {"kind": "taildet tiny backbone, balanced synthetic crops",
                 "generator_version": GENERATOR_VERSION, "pretrain_version": PRETRAIN_VERSION,
                 **dataclasses.asdict(self)}
@@ -194,8 +193,6 @@ def _to_tensor(images) -> torch.Tensor:
 class _Classifier(nn.Module):
     def __init__(self, num_classes: int):
         super().__init__()
-        from taildet.models.backbones import TinyBackbone
-
         self.backbone = TinyBackbone()
         self.fc = nn.Linear(self.backbone.out_channels, num_classes)
 
@@ -221,10 +218,7 @@ def pretrain_backbone(out: str | os.PathLike, recipe: PretrainRecipe | None = No
     ``threads`` (default 1) is set for the duration, so the bytes do not depend on the machine's
     core count; ``None`` keeps torch's setting.
     """
-    from tqdm import tqdm
-
-    from taildet.data.balanced_crops import make_balanced_crops
-    from taildet.fileio import atomic_write, atomic_write_text
+    from tqdm import tqdm  # optional: tqdm, imported on use (progress bars only)
 
     recipe = recipe or PretrainRecipe()
     out = Path(out)
@@ -274,8 +268,6 @@ def pretrain_backbone(out: str | os.PathLike, recipe: PretrainRecipe | None = No
                 logits = model(xb)
                 loss = nn.functional.cross_entropy(logits, yb)
                 if not torch.isfinite(loss):
-                    from taildet.engine.train import TrainingDivergedError
-
                     raise TrainingDivergedError(f"pretraining diverged at step {step} (loss {loss.item()})")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -331,7 +323,7 @@ def _matches(path: Path, recipe: PretrainRecipe) -> dict[str, Any] | None:
 def _file_lock(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        import fcntl
+        import fcntl  # optional: fcntl is POSIX-only (no lock elsewhere)
     except ImportError:  # pragma: no cover - non-POSIX: no lock, an atomic write still protects readers
         yield
         return
@@ -383,8 +375,6 @@ def resolve_backbone_weights(cfg, kwargs: dict[str, Any]) -> dict[str, Any]:
     if kwargs.get("backbone", "tiny") != "tiny":
         raise ConfigError(f"model.backbone_weights: {SYNTHETIC_PRETRAINED!r} is a tiny backbone; "
                           f"model.backbone is {kwargs.get('backbone')!r}")
-    from taildet.engine.distributed import broadcast_object, is_main_process
-
     synthetic = getattr(cfg.data, "synthetic", None)
     vocabulary = getattr(synthetic, "vocabulary", "default") if synthetic is not None else "default"
     path = None

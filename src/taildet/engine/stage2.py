@@ -26,8 +26,13 @@ from collections.abc import Sequence
 
 import torch
 
+from taildet.engine.checkpoint import check_finite_weights, last_checkpoint, load_checkpoint
 from taildet.errors import ConfigError
+from taildet.losses.base import ClassificationLoss
 from taildet.models.heads import remap_legacy_keys
+from taildet.sampling.mfs import MemoryAugmentedSampling, attach_mfs, check_frozen_features
+from taildet.sampling.prefill import prefill_memory
+from taildet.utils.comm import get_rank
 
 __all__ = ["init_from_checkpoint", "setup_mfs", "load_stage1_weights", "freeze_parameters", "CLASSIFIER_PATTERNS"]
 
@@ -45,7 +50,6 @@ _LOSS_KEY = re.compile(r"(^|\.)\w*loss\w*\.", re.IGNORECASE)
 
 
 def _loss_prefixes(model: torch.nn.Module) -> list[str]:
-    from taildet.losses.base import ClassificationLoss
 
     return [name + "." for name, m in model.named_modules() if isinstance(m, ClassificationLoss) and name]
 
@@ -57,7 +61,6 @@ def load_stage1_weights(model: torch.nn.Module, state_dict: dict, *, reset_class
     Allowed gaps: classifier keys (when ``reset_classifier``) and loss buffers. Anything else
     missing, unexpected or of another shape raises ConfigError naming ``source`` and the keys.
     """
-    from taildet.engine.checkpoint import check_finite_weights
 
     check_finite_weights(state_dict, source)
     state_dict = dict(state_dict)
@@ -130,7 +133,6 @@ def init_from_checkpoint(cfg, model: torch.nn.Module, run_dir: str, resume: bool
     resume continues from a checkpoint of ``run_dir``), re-initialise the classifier
     (``model.reset_classifier``), freeze ``train.freeze``, check MFS's frozen features. Returns
     ``{"not_loaded", "trainable_parameters"}``, or None when the config asks for none of it."""
-    from taildet.engine.checkpoint import last_checkpoint, load_checkpoint
 
     mc, tc = cfg.model, cfg.train
     if mc.init_from is None and not (tc.freeze or tc.mfs.enabled or mc.reset_classifier):
@@ -151,8 +153,6 @@ def init_from_checkpoint(cfg, model: torch.nn.Module, run_dir: str, resume: bool
     log.info("finetune: %d of %d parameters trainable (%d tensors frozen by %s)", trainable, total,
              len(frozen), tc.freeze)
     if tc.mfs.enabled:
-        from taildet.sampling.mfs import check_frozen_features
-
         check_frozen_features(model, tc.mfs.allow_stale_features)
     return {"not_loaded": report["not_loaded"], "trainable_parameters": trainable}
 
@@ -161,7 +161,6 @@ def init_from_checkpoint(cfg, model: torch.nn.Module, run_dir: str, resume: bool
 def _reinit_classifier(model: torch.nn.Module) -> None:
     """Re-initialise classifier layers (normal(0, 0.01) weights; bias from the loss when it has
     ``init_bias``, else zeros)."""
-    from taildet.losses.base import ClassificationLoss
 
     losses = [m for m in model.modules() if isinstance(m, ClassificationLoss)]
     for name, m in model.named_modules():
@@ -186,10 +185,6 @@ def setup_mfs(cfg, model: torch.nn.Module, train_dataset, device: torch.device, 
     fine-tuned model (``run_training`` loads the same checkpoint again, which also restores the
     loss's mean score exactly as it was saved).
     """
-    from taildet.engine.checkpoint import last_checkpoint, load_checkpoint
-    from taildet.engine.distributed import get_rank
-    from taildet.sampling.mfs import MemoryAugmentedSampling, attach_mfs, check_frozen_features
-    from taildet.sampling.prefill import prefill_memory
 
     mc = cfg.train.mfs
     check_frozen_features(model, mc.allow_stale_features)  # before allocating the memory

@@ -37,6 +37,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from taildet.data.lvis import _check_segmentation, federated_ids_problem, id_problem
 from taildet.errors import DataError
 from taildet.evaluation.results_io import _is_int, _is_real, cap_per_image, load_results, top_k_per_class
 
@@ -118,8 +119,6 @@ def load_gt(gt: str | os.PathLike | Mapping, name: str | None = None) -> tuple[d
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
             raise DataError(file, "", f"missing or non-list top-level key '{key}'")
-    from taildet.data.lvis import id_problem
-
     images_by_id: dict = {}
     for i, im in enumerate(data["images"]):
         if not isinstance(im, Mapping) or "id" not in im:
@@ -147,8 +146,6 @@ def load_gt(gt: str | os.PathLike | Mapping, name: str | None = None) -> tuple[d
         if c.get("frequency") not in _FREQS and c.get("image_count") is not None and not _is_int(c["image_count"]):
             raise DataError(file, f"categories[{i}] (id {c['id']})",
                             f"image_count must be an integer, got {c['image_count']!r}")
-    from taildet.data.lvis import federated_ids_problem
-
     for i, im in enumerate(data["images"]):
         problem = federated_ids_problem(im, cat_ids)
         if problem is not None:
@@ -255,8 +252,6 @@ def _prepare_gt(gt: Mapping, lvis: bool, iou_type: str, file: str) -> dict:
             where = f"annotations[{i}] (id {a['id']})"
             if "segmentation" not in a:
                 raise DataError(file, where, "missing 'segmentation' (needed for iou_type='segm')")
-            from taildet.data.lvis import _check_segmentation
-
             problem = _check_segmentation(a["segmentation"], *sizes[a["image_id"]])
             if problem is not None:
                 raise DataError(file, where, problem)
@@ -277,7 +272,7 @@ def _prepare_gt(gt: Mapping, lvis: bool, iou_type: str, file: str) -> dict:
 def _result_area(r: Mapping, use_bbox: bool) -> float:
     if use_bbox:
         return r["bbox"][2] * r["bbox"][3]
-    from faster_coco_eval.core import mask as mask_utils
+    from faster_coco_eval.core import mask as mask_utils  # optional: faster_coco_eval, imported on use
 
     return float(mask_utils.area(r["segmentation"]))
 
@@ -290,13 +285,13 @@ def _prepare_dets(results: list[dict], iou_type: str, drop_empty: bool) -> list[
         return []
     use_bbox = "bbox" in results[0]
     if iou_type == "segm" and use_bbox and any("bbox" not in r for r in results):
-        from faster_coco_eval.core import mask as mask_utils
+        from faster_coco_eval.core import mask as mask_utils  # optional: faster_coco_eval, imported on use
 
         for r in results:
             if "bbox" not in r:
                 r["bbox"] = [float(v) for v in mask_utils.toBbox(r["segmentation"])]
     if iou_type == "segm" and any(isinstance(r["segmentation"]["counts"], list) for r in results):
-        from faster_coco_eval.core import mask as mask_utils
+        from faster_coco_eval.core import mask as mask_utils  # optional: faster_coco_eval, imported on use
 
         for r in results:  # uncompressed RLE -> compressed
             seg = r["segmentation"]
@@ -311,7 +306,7 @@ def _prepare_dets(results: list[dict], iou_type: str, drop_empty: bool) -> list[
             continue
         out.append(r)
     if iou_type == "segm" and not use_bbox:
-        from faster_coco_eval.core import mask as mask_utils
+        from faster_coco_eval.core import mask as mask_utils  # optional: faster_coco_eval, imported on use
 
         for r in out:
             r["bbox"] = [float(v) for v in mask_utils.toBbox(r["segmentation"])]
@@ -338,7 +333,7 @@ def _check_rle_sizes(results: list[dict], gt_prep: Mapping, file: str) -> None:
 
 
 def _coco_objects(gt_prep: dict, dets: list[dict]):
-    from faster_coco_eval import COCO
+    from faster_coco_eval import COCO  # optional: faster_coco_eval, imported on use
 
     quiet = lambda *a, **k: None  # noqa: E731
     coco_gt = COCO(gt_prep, print_function=quiet)
@@ -350,7 +345,7 @@ def _coco_objects(gt_prep: dict, dets: list[dict]):
 
 
 def _run(coco_gt, coco_dt, iou_type: str, lvis_style: bool, max_dets: list[int]):
-    from faster_coco_eval import COCOeval_faster
+    from faster_coco_eval import COCOeval_faster  # optional: faster_coco_eval, imported on use
 
     quiet = lambda *a, **k: None  # noqa: E731
     ev = COCOeval_faster(coco_gt, coco_dt, iou_type, lvis_style=lvis_style, print_function=quiet)

@@ -27,6 +27,7 @@ from taildet.evaluation.lvis_eval import (
     load_gt,
 )
 from taildet.evaluation.results_io import _atomic_write_text, save_metrics
+from taildet.fileio import atomic_write, check_not_inputs, check_output_path
 
 __all__ = [
     "eval_results_main",
@@ -116,11 +117,11 @@ def plot_per_class_ap(rows: Sequence[Mapping], out_png: str | os.PathLike,
     rows' ``train_image_count`` (which, read from a val JSON, counts val images). Classes with
     undefined AP or a count of 0 (not placeable on a log axis) are left out.
     """
-    import matplotlib
+    import matplotlib  # optional: matplotlib, imported on use
 
     matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    from matplotlib.figure import Figure
+    import matplotlib.pyplot as plt  # optional: matplotlib, imported on use
+    from matplotlib.figure import Figure  # optional: matplotlib, imported on use
 
     pts: dict[Any, list[tuple[float, float]]] = defaultdict(list)
     for r in rows:
@@ -150,8 +151,6 @@ def plot_per_class_ap(rows: Sequence[Mapping], out_png: str | os.PathLike,
     ax.set_title(title or "per-class AP vs training images")
     fig.tight_layout()
     out_png = Path(out_png)
-    from taildet.fileio import atomic_write
-
     atomic_write(out_png, lambda fh: fig.savefig(fh, dpi=120, format="png"))
     plt.close("all")
     return out_png
@@ -191,8 +190,6 @@ def eval_results_main(gt: str | os.PathLike, results: str | os.PathLike | list,
     ``per_class_ap.png``. Returns the metrics dict.
     """
     if out is not None:  # before any work: a bad --out is named before minutes of evaluation
-        from taildet.fileio import check_not_inputs, check_output_path
-
         out = Path(out)
         check_output_path(out, directory=True, what="--out")
         inputs = {"ground truth": gt if not isinstance(gt, Mapping) else None,

@@ -31,6 +31,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from taildet.data.lvis import rle_counts_problem
 from taildet.errors import DataError
 from taildet.fileio import atomic_write_text
 
@@ -76,8 +77,6 @@ def _check_rle(seg: Any, file: str, item: str) -> None:
     if (not isinstance(size, (list, tuple)) or len(size) != 2
             or not all(_is_int(v) and v >= 0 for v in size)):
         raise DataError(file, item, f"segmentation 'size' must be [height, width], got {size!r}")
-    from taildet.data.lvis import rle_counts_problem
-
     problem = rle_counts_problem(seg["counts"], int(size[0]), int(size[1]))
     if problem is not None:
         raise DataError(file, item, f"segmentation: {problem}")

@@ -16,6 +16,7 @@ from taildet.losses.base import ClassificationLoss
 from taildet.losses.eql import EQLLoss, EQLv2Loss
 from taildet.losses.equalized_focal import EqualizedFocalLoss, EqualizedQualityFocalLoss
 from taildet.losses.equilibrium import EquilibriumLoss
+from taildet.losses.focal import SigmoidFocalLoss
 from taildet.losses.mean_score import MeanScoreTracker
 from taildet.losses.online_logn import OnlineLogitNormalization, OnlineLogNLoss
 from taildet.losses.quality_focal import QualityFocalLoss
@@ -33,9 +34,7 @@ __all__ = [
 
 
 def _sigmoid_focal(num_classes: int, **kwargs: Any) -> ClassificationLoss:
-    """Lazy entry: :class:`taildet.losses.focal.SigmoidFocalLoss`."""
-    from taildet.losses.focal import SigmoidFocalLoss
-
+    """Entry of :class:`taildet.losses.focal.SigmoidFocalLoss`."""
     return _construct(SigmoidFocalLoss, "sigmoid_focal", num_classes, kwargs)
 
 

@@ -1,6 +1,7 @@
 """Small helpers shared by the long-tail losses: DDP reductions of loss state, input checks.
 
-DDP helpers (all no-ops in one process, so the losses run unchanged without a process group):
+DDP helpers (all no-ops in one process, so the losses run unchanged without a process group;
+defined in :mod:`taildet.utils.comm`, re-exported here for the losses):
 
 * :func:`is_distributed` -- ``torch.distributed`` is available and initialised;
 * :func:`all_reduce_sum_` -- in-place sum over processes (accumulators, counts);
@@ -22,8 +23,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor
+
+from taildet.utils.comm import all_gather_cat, all_reduce_sum_, is_distributed, world_size
 
 __all__ = [
     "is_distributed",
@@ -36,64 +38,6 @@ __all__ = [
     "as_class_vector",
     "cached",
 ]
-
-
-def is_distributed() -> bool:
-    """True when ``torch.distributed`` is available and its default process group initialised."""
-    return dist.is_available() and dist.is_initialized()
-
-
-def world_size() -> int:
-    """Number of processes (1 without a process group)."""
-    return dist.get_world_size() if is_distributed() else 1
-
-
-def _comm_device(t: Tensor) -> torch.device:
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def all_reduce_sum_(tensor: Tensor) -> Tensor:
-    """Sum ``tensor`` over all processes, in place; returns it. No-op in one process."""
-    if not is_distributed() or world_size() == 1:
-        return tensor
-    dev = _comm_device(tensor)
-    if tensor.device == dev and tensor.is_contiguous():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        return tensor
-    buf = tensor.detach().to(dev).contiguous()
-    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-    with torch.no_grad():
-        tensor.copy_(buf)
-    return tensor
-
-
-def all_gather_cat(tensor: Tensor) -> Tensor:
-    """Concatenate ``tensor`` ([n_r, ...], ``n_r`` may differ per process) over processes, rank order.
-
-    The trailing dimensions and the dtype must agree on every process. Returns ``tensor`` itself in
-    one process.
-    """
-    if not is_distributed() or world_size() == 1:
-        return tensor
-    ws = world_size()
-    dev = _comm_device(tensor)
-    local = tensor.detach().to(dev).contiguous()
-    n = torch.tensor([local.shape[0]], dtype=torch.int64, device=dev)
-    sizes = [torch.zeros_like(n) for _ in range(ws)]
-    dist.all_gather(sizes, n)
-    counts = [int(s.item()) for s in sizes]
-    top = max(counts)
-    if top == 0:
-        return tensor[:0]
-    if local.shape[0] < top:
-        pad = local.new_zeros((top - local.shape[0],) + tuple(local.shape[1:]))
-        local = torch.cat([local, pad])
-    parts = [torch.empty_like(local) for _ in range(ws)]
-    dist.all_gather(parts, local)
-    out = torch.cat([p[:c] for p, c in zip(parts, counts)])
-    return out.to(tensor.device)
 
 
 # --------------------------------------------------------------------------------------------

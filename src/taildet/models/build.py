@@ -13,22 +13,19 @@ from torch import nn
 
 from taildet.errors import ConfigError
 from taildet.models.atss import build_atss
+from taildet.models.one_stage import build_fcos, build_retinanet
 from taildet.models.two_stage import build_faster_rcnn, build_mask_rcnn
 
 __all__ = ["ARCHITECTURES", "build_model"]
 
 
 def _retinanet(num_classes: int, **kwargs: Any) -> nn.Module:
-    """Lazy entry: ``taildet.models.one_stage.build_retinanet``."""
-    from taildet.models.one_stage import build_retinanet
-
+    """Entry of ``taildet.models.one_stage.build_retinanet``."""
     return _call_checked(build_retinanet, "retinanet", num_classes, kwargs)
 
 
 def _fcos(num_classes: int, **kwargs: Any) -> nn.Module:
-    """Lazy entry: ``taildet.models.one_stage.build_fcos``."""
-    from taildet.models.one_stage import build_fcos
-
+    """Entry of ``taildet.models.one_stage.build_fcos``."""
     return _call_checked(build_fcos, "fcos", num_classes, kwargs)
 
 

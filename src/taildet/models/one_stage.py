@@ -61,8 +61,10 @@ from torchvision.models.detection.retinanet import (
 from torchvision.ops import boxes as box_ops
 
 from taildet.errors import ConfigError
+from taildet.losses import build_loss
 from taildet.losses.base import ClassificationLoss
 from taildet.losses.focal import mean_over_ranks
+from taildet.models.backbones import build_backbone
 from taildet.models.heads import ClassificationHead, register_legacy_key_hook
 
 __all__ = [
@@ -184,8 +186,6 @@ def _anchor_generator(
 
 def _resolve_loss(loss: str | ClassificationLoss, num_classes: int, loss_kwargs: dict | None) -> ClassificationLoss:
     if isinstance(loss, str):
-        from taildet.losses import build_loss
-
         loss = build_loss(loss, num_classes, **(loss_kwargs or {}))
     elif isinstance(loss, ClassificationLoss):
         if loss_kwargs:
@@ -207,8 +207,6 @@ def _resolve_backbone(
     trainable_backbone_layers: int | None = None,
 ) -> nn.Module:
     if isinstance(backbone, str):
-        from taildet.models.backbones import build_backbone
-
         kwargs = dict(backbone_kwargs or {})
         if trainable_backbone_layers is not None:
             if "trainable_layers" in kwargs:

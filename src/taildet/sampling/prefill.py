@@ -23,9 +23,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from taildet.data.loading import SeededDataset, list_collate, sample_seed, to_device
 from taildet.data.samplers import labels_to_arrays
 from taildet.losses.mean_score import MeanScoreTracker
 from taildet.sampling.mfs import last_sampled_logits
+from taildet.utils.comm import get_rank, get_world_size
 
 __all__ = ["prefill_image_indices", "prefill_memory", "observe_mean_score"]
 
@@ -95,16 +97,12 @@ class _TrainForwardNoGrad:
 
 
 def _batches(dataset, indices: list[int], batch_size: int, seed: int, device: torch.device, num_workers: int):
-    # engine imports sampling (finetune): imported here until the data loop moves below engine
-    from taildet.engine.inference import list_collate
-    from taildet.engine.train import _SeededDataset, _sample_seed, _to_device
-
-    keys = [(int(i), _sample_seed(seed, 0, 0, p)) for p, i in enumerate(indices)]
+    keys = [(int(i), sample_seed(seed, 0, 0, p)) for p, i in enumerate(indices)]
     batches = [keys[b: b + batch_size] for b in range(0, len(keys), batch_size)]
-    loader = torch.utils.data.DataLoader(_SeededDataset(dataset), batch_sampler=batches, collate_fn=list_collate,
+    loader = torch.utils.data.DataLoader(SeededDataset(dataset), batch_sampler=batches, collate_fn=list_collate,
                                          num_workers=num_workers)
     for images, targets in loader:
-        yield [im.to(device) for im in images], _to_device(targets, device)
+        yield [im.to(device) for im in images], to_device(targets, device)
 
 
 def prefill_memory(model: torch.nn.Module, dataset, *, images_per_class: int | None = None, batch_size: int = 2,
@@ -121,8 +119,6 @@ def prefill_memory(model: torch.nn.Module, dataset, *, images_per_class: int | N
     where the class has enough), lists padded to equal length so every process runs the same
     number of forwards. Returns ``{"images", "entries", "seconds"}``.
     """
-    from taildet.engine.distributed import get_rank, get_world_size  # engine imports sampling
-
     mfs = getattr(model.roi_heads, "mfs", None)
     if mfs is None:
         raise ValueError("prefill_memory: attach MFS first (model.roi_heads.mfs)")
@@ -141,7 +137,7 @@ def prefill_memory(model: torch.nn.Module, dataset, *, images_per_class: int | N
     before = len(mfs.memory)
     bar = None
     if progress and rank == 0:
-        from tqdm import tqdm
+        from tqdm import tqdm  # optional: tqdm, imported on use (progress bars only)
 
         bar = tqdm(total=len(indices), desc="MFS pre-fill", unit="img", dynamic_ncols=True)
     devices = [device.index if device.index is not None else torch.cuda.current_device()] \
@@ -185,7 +181,7 @@ def observe_mean_score(model: torch.nn.Module, dataset, *, device: torch.device 
     rh.mfs = None
     bar = None
     if progress:
-        from tqdm import tqdm
+        from tqdm import tqdm  # optional: tqdm, imported on use (progress bars only)
 
         bar = tqdm(total=n, desc="mean score", unit="img", dynamic_ncols=True)
     devices = [device.index if device.index is not None else torch.cuda.current_device()] \
