@@ -61,17 +61,14 @@ from taildet.losses.base import ClassificationLoss
 from taildet.losses.equalized_focal import mean_over_ranks
 from taildet.models.heads import ClassificationHead
 from taildet.models.one_stage import (
-    _attach_cls_head,
     _drop_crowd,
-    _elementwise_iou,
-    _new_cls_head,
     _one_stage_detector,
     _resolve_backbone,
     _resolve_loss,
     _TailOneStage,
-    anchor_labels,
     feature_strides,
 )
+from taildet.models.one_stage_heads import _attach_cls_head, _elementwise_iou, _new_cls_head, anchor_labels
 
 __all__ = ["build_atss", "TailATSS", "TailATSSHead", "atss_assign"]
 
