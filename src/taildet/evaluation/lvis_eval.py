@@ -255,7 +255,7 @@ def _prepare_gt(gt: Mapping, lvis: bool, iou_type: str, file: str) -> dict:
             where = f"annotations[{i}] (id {a['id']})"
             if "segmentation" not in a:
                 raise DataError(file, where, "missing 'segmentation' (needed for iou_type='segm')")
-            from taildet.data.lvis import _check_segmentation
+            from taildet.data.lvis_validate import _check_segmentation
 
             problem = _check_segmentation(a["segmentation"], *sizes[a["image_id"]])
             if problem is not None:
