@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from taildet.losses.base import ClassificationLoss, SigmoidClassificationLoss, check_prior
+from taildet.losses.base import ClassificationLoss, SigmoidClassificationLoss, check_prior, reduce_loss
 from taildet.losses.state import label_range
 
 __all__ = ["SigmoidFocalLoss", "focal_loss", "dense_targets", "check_dense_inputs"]
@@ -149,5 +149,4 @@ class SigmoidFocalLoss(SigmoidClassificationLoss):
         valid, targets = dense_targets(labels, self.num_classes, x.dtype)
         num_pos = ((labels >= 0) & (labels < self.num_classes)).sum()
         normalizer = default_normalizer(num_pos, normalizer, x.dtype)
-        loss = focal_loss(x[valid], targets, self.alpha, self.gamma).sum()
-        return loss / normalizer
+        return reduce_loss(focal_loss(x[valid], targets, self.alpha, self.gamma), normalizer)
