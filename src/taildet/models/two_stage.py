@@ -168,6 +168,10 @@ def default_anchor_sizes(backbone_name: str, num_maps: int) -> tuple[tuple[int, 
     return tuple((32 * 2**i,) for i in range(num_maps))
 
 
+# --------------------------------------------------------------------------------------------
+# Builders
+
+
 @dataclass(frozen=True)
 class TwoStageOptions:
     """Every option of :func:`build_faster_rcnn` / :func:`build_mask_rcnn` (their keyword arguments,
