@@ -45,6 +45,7 @@ import math
 from typing import Protocol, runtime_checkable
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 #: The per-class training-set statistics a loss may declare in ``needs`` (each a ``[C]`` vector of
@@ -65,13 +66,31 @@ def reduce_loss(values: Tensor, normalizer: Tensor | float, weight: Tensor | Non
     * the Equilibrium Loss with a weight: the rows with ``w_i > 0``, at least 1 (the mean over the
       RoIs that count);
     * one-stage losses: the positive anchors averaged over DDP ranks, at least 1
-      (:func:`taildet.losses.focal.default_normalizer`).
+      (:func:`default_normalizer`).
     """
     if weight is None:
         total = values.sum()
     else:
         total = (values * (weight if values.dim() <= 1 else weight.view(-1, *([1] * (values.dim() - 1))))).sum()
     return total / normalizer
+
+
+def mean_over_ranks(value: Tensor) -> Tensor:
+    """``value`` averaged over DDP ranks when ``torch.distributed`` is initialised (else itself)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        value = value.detach().clone()
+        dist.all_reduce(value)
+        value = value / dist.get_world_size()
+    return value
+
+
+def default_normalizer(num_pos: Tensor, normalizer: float | Tensor | None, dtype: torch.dtype) -> Tensor | float:
+    """``normalizer`` if given, else the positive count averaged over DDP ranks; at least 1."""
+    if normalizer is None:
+        return mean_over_ranks(num_pos.to(dtype)).clamp(min=1.0)
+    if isinstance(normalizer, Tensor):
+        return normalizer.detach().to(dtype).clamp(min=1.0)
+    return max(float(normalizer), 1.0)
 
 
 class ClassificationLoss(nn.Module):

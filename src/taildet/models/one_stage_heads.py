@@ -21,8 +21,7 @@ from torchvision.models.detection.retinanet import (
 from torchvision.ops import boxes as box_ops
 
 from taildet.errors import ConfigError
-from taildet.losses.base import ClassificationLoss
-from taildet.losses.focal import mean_over_ranks
+from taildet.losses.base import ClassificationLoss, default_normalizer
 from taildet.models.heads import ClassificationHead
 
 __all__ = [
@@ -100,7 +99,7 @@ def _cls_loss_call(
     logits = cls_logits.reshape(-1, cls_logits.shape[-1])
     num_pos = ((labels >= 0) & (labels < cls_head.num_classes)).sum()
     # number of positive anchors averaged over DDP ranks, at least 1 (the same on every rank)
-    normalizer = mean_over_ranks(num_pos.to(torch.float32)).clamp(min=1.0)
+    normalizer = default_normalizer(num_pos, None, torch.float32)
     cls_head.observe(logits, labels)
     if quality is None:
         return cls_head(logits, labels, normalizer)
