@@ -252,7 +252,7 @@ def test_logn_ablation_rows_share_one_statistics_pass(tmp_path, monkeypatch):
 def test_compare_regime_reaches_every_run_and_one_out_holds_one_regime(tmp_path, monkeypatch):
     """A regime's data (vocabulary) and overrides reach each training's options; an output folder
     of one regime refuses another (``--reuse`` would mix them)."""
-    import taildet.compare as compare
+    import taildet.compare.runner as compare
     from taildet.engine.pretrain import PRETRAINED_REGIME_OVERRIDES
 
     seen = []

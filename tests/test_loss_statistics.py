@@ -29,6 +29,32 @@ def test_needed_statistics_by_name():
     assert dataset_statistics_needed("eql") == ("image_frequency",)
 
 
+def test_declared_statistics_are_constructor_keywords_of_every_loss_class():
+    """``needs`` is data on the class; it names exactly the constructor's statistic keywords."""
+    import inspect
+
+    from taildet.losses import DATASET_STATISTICS, LOSSES
+    from taildet.losses.base import ClassificationLoss
+
+    for name, factory in LOSSES.items():
+        if not inspect.isclass(factory):
+            continue
+        params = inspect.signature(factory).parameters
+        assert factory.needs == tuple(k for k in DATASET_STATISTICS if k in params), name
+    with pytest.raises(TypeError, match="not in DATASET_STATISTICS"):
+        type("Bad", (ClassificationLoss,), {"needs": ("class_prior",)})
+
+
+def test_reduce_loss_weights_rows_and_divides_by_the_normalizer():
+    from taildet.losses.base import reduce_loss
+
+    values = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    assert float(reduce_loss(values, 3)) == pytest.approx(7.0)
+    w = torch.tensor([1.0, 0.0, 0.5])
+    assert float(reduce_loss(values, 2.0, w)) == pytest.approx((3.0 + 5.5) / 2.0)
+    assert float(reduce_loss(values[:, 0], torch.tensor(2.0), w)) == pytest.approx(3.5 / 2.0)
+
+
 def test_fill_keeps_explicit_values_and_errors_without_dataset():
     filled = fill_dataset_statistics("balanced_softmax", None, Stats())
     assert filled["instance_counts"] == [5.0, 1.0, 2.0]

@@ -298,3 +298,23 @@ def test_resnet18_fpn_faster_rcnn_runs():
     model.eval()
     with torch.no_grad():
         assert model(images)[0]["labels"].max() < C
+
+
+def test_builders_take_the_options_of_one_dataclass():
+    """build_faster_rcnn / build_mask_rcnn: keyword options validated by TwoStageOptions; their
+    signatures list every option (what ARCHITECTURES' checks and the config read)."""
+    import dataclasses
+    import inspect
+
+    from taildet.models.two_stage import TwoStageOptions, build_faster_rcnn, build_mask_rcnn
+
+    names = [f.name for f in dataclasses.fields(TwoStageOptions)]
+    assert list(inspect.signature(build_mask_rcnn).parameters) == ["num_classes"] + names
+    assert list(inspect.signature(build_faster_rcnn).parameters) == ["num_classes"] + [
+        n for n in names if n != "mask_layers"]
+    with pytest.raises(TypeError, match="unexpected keyword argument 'mask_layers'"):
+        build_faster_rcnn(3, mask_layers=(8,))
+    with pytest.raises(TypeError, match="unexpected keyword argument 'bogus'"):
+        build_mask_rcnn(3, bogus=1)
+    model = build_faster_rcnn(num_classes=3, representation_size=16, box_detections_per_img=7)
+    assert model.num_classes == 3 and model.cls_head.detections_per_img == 7

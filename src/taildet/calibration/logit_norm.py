@@ -13,8 +13,8 @@ Statistics
 * Exact (default, ``momentum=None``): one pass of streaming mean / population variance (divide by
   ``n``, not ``n - 1``) with float64 accumulators -- buffers ``count`` (scalar), ``mean`` ``[K]``
   and ``m2`` ``[K]`` (sum of squared deviations). Each batch's moments are merged into the
-  running ones with Chan et al.'s parallel formula (:func:`merge_moments`), so the result does
-  not depend on how the rows were split into batches (up to float64 rounding). :meth:`sync`
+  running ones with Chan et al.'s parallel formula (:func:`~taildet.calibration.moments.merge_moments`),
+  so the result does not depend on how the rows were split into batches (up to float64 rounding). :meth:`sync`
   merges the ranks' moments with the same function under DDP.
 * EMA (``momentum=m``, the authors' reference): BatchNorm-style running statistics,
   ``mean <- (1 - m) mean + m mean_batch``, ``var <- (1 - m) var + m var_batch`` with the batch's
@@ -68,6 +68,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from taildet.calibration.moments import batch_moments, merge_moments
 from taildet.calibration.stats_file import FILE_FORMAT, read_statistics_file, write_statistics_file
 from taildet.errors import DataError
 from taildet.losses.online_logn import BETAS, EPS, check_beta
@@ -88,44 +89,6 @@ __all__ = [
 #: cascades would use one key per stage (``"roi_heads.0"``, ``"roi_heads.1"``, ...).
 DEFAULT_STAGE = "roi_heads"
 MODES = ("all", "mean_only", "std_only", "no_beta")
-
-
-def batch_moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(count, mean [K], m2 [K])`` of the rows of ``x [N, K]`` in float64 (``m2`` = sum of squared
-    deviations from the mean). ``N = 0`` gives zeros."""
-    x = x.detach().to(torch.float64)
-    n = x.shape[0]
-    count = torch.tensor(float(n), dtype=torch.float64, device=x.device)
-    if n == 0:
-        z = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
-        return count, z, z.clone()
-    mean = x.mean(dim=0)
-    m2 = ((x - mean) ** 2).sum(dim=0)
-    return count, mean, m2
-
-
-def merge_moments(counts: Tensor, means: Tensor, m2s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Merge the moments of ``R`` disjoint parts (Chan et al.'s parallel formula, all parts at once).
-
-    Args:
-        counts: ``[R]`` row counts (0 allowed). means: ``[R, K]``. m2s: ``[R, K]`` sums of squared
-            deviations from each part's mean.
-    Returns:
-        ``(count [], mean [K], m2 [K])`` of the union, float64:
-        ``n = sum n_r``, ``mean = sum n_r mean_r / n``, ``m2 = sum m2_r + sum n_r (mean_r - mean)^2``.
-    This is the one function both :meth:`LogitNormalizer.update` and :meth:`LogitNormalizer.sync`
-    use, so the multi-rank merge is tested without a process group.
-    """
-    counts = counts.to(torch.float64).reshape(-1)
-    means = means.to(torch.float64)
-    m2s = m2s.to(torch.float64)
-    n = counts.sum()
-    if float(n) == 0.0:
-        return n, torch.zeros_like(means[0]), torch.zeros_like(m2s[0])
-    w = (counts / n)[:, None]
-    mean = (w * means).sum(dim=0)
-    m2 = m2s.sum(dim=0) + (counts[:, None] * (means - mean) ** 2).sum(dim=0)
-    return n, mean, m2
 
 
 class LogitNormalizer(nn.Module):

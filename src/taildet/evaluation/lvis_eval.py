@@ -37,7 +37,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from taildet.data.lvis import _check_segmentation, federated_ids_problem, id_problem
+from taildet.data.lvis_validate import _check_segmentation, federated_ids_problem, id_problem
 from taildet.errors import DataError
 from taildet.evaluation.results_io import _is_int, _is_real, cap_per_image, load_results, top_k_per_class
 

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from taildet.errors import ConfigError
 from taildet.losses.balanced import BalancedSigmoidLoss, BalancedSoftmaxLoss
-from taildet.losses.base import ClassificationLoss
+from taildet.losses.base import DATASET_STATISTICS, ClassificationLoss
 from taildet.losses.eql import EQLLoss, EQLv2Loss
 from taildet.losses.equalized_focal import EqualizedFocalLoss, EqualizedQualityFocalLoss
 from taildet.losses.equilibrium import EquilibriumLoss
@@ -94,17 +94,14 @@ def build_loss(name: str, num_classes: int, **kwargs: Any) -> ClassificationLoss
     return factory(num_classes, **kwargs)
 
 
-#: Constructor arguments the engine fills from the training set when a config does not give them.
-DATASET_STATISTICS = ("instance_counts", "image_counts", "image_frequency")
-
-
 def dataset_statistics_needed(name: str) -> tuple[str, ...]:
-    """Which of :data:`DATASET_STATISTICS` the loss ``name``'s constructor takes."""
+    """The training-set statistics the loss ``name`` declares it needs (its class's
+    :attr:`~taildet.losses.base.ClassificationLoss.needs`, names in :data:`DATASET_STATISTICS`);
+    ``()`` for an unknown name and for the factories that are not a loss class."""
     factory = LOSSES.get(name)
     if factory is None or not inspect.isclass(factory):
         return ()
-    params = inspect.signature(factory).parameters
-    return tuple(k for k in DATASET_STATISTICS if k in params)
+    return tuple(factory.needs)
 
 
 def fill_dataset_statistics(name: str, loss_kwargs: dict[str, Any] | None, dataset: Any) -> dict[str, Any]:

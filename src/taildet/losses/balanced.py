@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from taildet.losses.base import ClassificationLoss, SigmoidClassificationLoss, check_prior
+from taildet.losses.base import ClassificationLoss, SigmoidClassificationLoss, check_prior, reduce_loss
 from taildet.ops import use_fast_path
 from taildet.ops.rowwise import SigmoidBCEKernel, SoftmaxOffsetKernel, compute_dtype, rowwise_loss
 from taildet.losses.state import _short, as_class_vector, cached, check_finite_loss, check_inputs
@@ -57,6 +57,7 @@ class BalancedSoftmaxLoss(ClassificationLoss):
     """
 
     kind = "two_stage"
+    needs = ("instance_counts",)
 
     def __init__(
         self,
@@ -132,6 +133,7 @@ class BalancedSigmoidLoss(SigmoidClassificationLoss):
     """
 
     kind = "two_stage"
+    needs = ("image_frequency",)
     repr_fields = ("exact", "prior")
 
     def __init__(self, num_classes: int, image_frequency: Any = None, exact: bool = False, prior: float = 0.001):
@@ -179,7 +181,7 @@ def balanced_softmax_loss(logits: Tensor, labels: Tensor, log_adjustment: Tensor
     """Balanced Softmax (eq. 14/47) written plainly: ``sum_i w_i CE(z_i + a, y_i) / N`` with the
     ``[K]`` adjustment ``a`` (``log n``, or ``log(n / max n)`` and 0 on the background column)."""
     ce = F.cross_entropy(logits + log_adjustment, labels, reduction="none")
-    return (ce.sum() if weight is None else (ce * weight).sum()) / logits.shape[0]
+    return reduce_loss(ce, logits.shape[0], weight)
 
 
 def balanced_sigmoid_loss(logits: Tensor, labels: Tensor, shift: Tensor, weight: Tensor | None) -> Tensor:
@@ -190,4 +192,4 @@ def balanced_sigmoid_loss(logits: Tensor, labels: Tensor, shift: Tensor, weight:
     fg = (labels < C).to(logits.dtype)[:, None]
     t = F.one_hot(labels, C + 1)[:, :C].to(logits.dtype)
     bce = F.binary_cross_entropy_with_logits(logits + fg * shift, t, reduction="none").sum(1)
-    return (bce.sum() if weight is None else (bce * weight).sum()) / logits.shape[0]
+    return reduce_loss(bce, logits.shape[0], weight)

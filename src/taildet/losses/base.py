@@ -29,6 +29,12 @@ Hooks (all declared here with a no-op default, so callers never probe for them):
 * ``observe_memory(logits, labels)`` -- memory-sampled rows (MFS) seen as observations only;
 * ``uses_quality`` -- True when ``forward`` takes ``quality=`` (one-stage quality losses).
 
+Training statistics are declared as data: ``needs`` names the per-class statistics of the
+training set (a subset of :data:`DATASET_STATISTICS`) the constructor takes as keyword arguments;
+the engine fills the ones a config leaves out (:func:`taildet.losses.fill_dataset_statistics`).
+
+Every loss reduces its per-row terms with :func:`reduce_loss` (``sum_i w_i l_i / normalizer``).
+
 :class:`SigmoidClassificationLoss` is the common base of the losses of either kind whose
 classifier has ``C`` sigmoid outputs and no background column (``K = C``).
 """
@@ -39,7 +45,52 @@ import math
 from typing import Protocol, runtime_checkable
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+
+#: The per-class training-set statistics a loss may declare in ``needs`` (each a ``[C]`` vector of
+#: the training set: instances per class, images per class, images per class / images).
+DATASET_STATISTICS = ("instance_counts", "image_counts", "image_frequency")
+
+
+def reduce_loss(values: Tensor, normalizer: Tensor | float, weight: Tensor | None = None) -> Tensor:
+    """The one reduction of taildet's losses: ``sum_i w_i * values_i / normalizer``.
+
+    ``values``: the loss terms of ``N`` rows, ``[N]`` or ``[N, ...]`` (every term of row ``i`` is
+    multiplied by ``w_i``). ``weight``: ``[N]`` per-row weights, or None for ``w_i = 1`` (a plain
+    sum: no multiplication). ``normalizer``, what the weighted sum is divided by, is the loss's
+    choice:
+
+    * two-stage losses: the number of RoIs ``N``, not ``sum(w)`` -- an all-ones weight gives the
+      plain mean and a zero weight drops a row without re-weighting the others;
+    * the Equilibrium Loss with a weight: the rows with ``w_i > 0``, at least 1 (the mean over the
+      RoIs that count);
+    * one-stage losses: the positive anchors averaged over DDP ranks, at least 1
+      (:func:`default_normalizer`).
+    """
+    if weight is None:
+        total = values.sum()
+    else:
+        total = (values * (weight if values.dim() <= 1 else weight.view(-1, *([1] * (values.dim() - 1))))).sum()
+    return total / normalizer
+
+
+def mean_over_ranks(value: Tensor) -> Tensor:
+    """``value`` averaged over DDP ranks when ``torch.distributed`` is initialised (else itself)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        value = value.detach().clone()
+        dist.all_reduce(value)
+        value = value / dist.get_world_size()
+    return value
+
+
+def default_normalizer(num_pos: Tensor, normalizer: float | Tensor | None, dtype: torch.dtype) -> Tensor | float:
+    """``normalizer`` if given, else the positive count averaged over DDP ranks; at least 1."""
+    if normalizer is None:
+        return mean_over_ranks(num_pos.to(dtype)).clamp(min=1.0)
+    if isinstance(normalizer, Tensor):
+        return normalizer.detach().to(dtype).clamp(min=1.0)
+    return max(float(normalizer), 1.0)
 
 
 class ClassificationLoss(nn.Module):
@@ -50,6 +101,15 @@ class ClassificationLoss(nn.Module):
     has_background: bool = True
     #: True when ``forward`` takes ``quality=[N]`` (IoU of positive anchors; one-stage QFL/EQFL).
     uses_quality: bool = False
+    #: The training-set statistics (names in :data:`DATASET_STATISTICS`) the constructor takes as
+    #: keyword arguments of the same names; the engine fills those a config does not give.
+    needs: tuple[str, ...] = ()
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        unknown = [n for n in cls.needs if n not in DATASET_STATISTICS]
+        if unknown:
+            raise TypeError(f"{cls.__name__}.needs: {unknown} not in DATASET_STATISTICS {DATASET_STATISTICS}")
 
     def __init__(self, num_classes: int):
         super().__init__()

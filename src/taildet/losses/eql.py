@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from taildet.losses.base import ClassificationLoss, SigmoidClassificationLoss, check_prior
+from taildet.losses.base import ClassificationLoss, SigmoidClassificationLoss, check_prior, reduce_loss
 from taildet.losses.state import all_reduce_sum_, as_class_vector, cached, check_finite_loss, check_inputs
 from taildet.ops import use_fast_path
 from taildet.ops.eqlv2_kernel import EQLv2Kernel
@@ -54,6 +54,7 @@ class EQLLoss(SigmoidClassificationLoss):
     """
 
     kind = "two_stage"
+    needs = ("image_frequency",)
     repr_fields = ("lambda_",)
 
     def __init__(self, num_classes: int, image_frequency: Any = None, lambda_: float = 0.0011, prior: float = 0.01):
@@ -92,7 +93,7 @@ def eql_loss(logits: Tensor, labels: Tensor, rare: Tensor, weight: Tensor | None
     fg = (labels < C).to(logits.dtype)[:, None]
     w_ij = 1.0 - fg * rare * (1.0 - t)
     bce = (F.binary_cross_entropy_with_logits(logits, t, reduction="none") * w_ij).sum(1)
-    return (bce.sum() if weight is None else (bce * weight).sum()) / logits.shape[0]
+    return reduce_loss(bce, logits.shape[0], weight)
 
 
 class EQLv2Loss(ClassificationLoss):
@@ -186,7 +187,7 @@ def eqlv2_loss(logits: Tensor, labels: Tensor, pos_w: Tensor, neg_w: Tensor, wei
     w_ij = pos_w * t + neg_w * (1.0 - t)
     if weight is not None:
         w_ij = w_ij * weight[:, None]
-    value = F.binary_cross_entropy_with_logits(logits, t, weight=w_ij, reduction="sum") / logits.shape[0]
+    value = reduce_loss(F.binary_cross_entropy_with_logits(logits, t, weight=w_ij, reduction="none"), logits.shape[0])
     with torch.no_grad():
         g = (torch.sigmoid(logits.detach()) - t).abs() * w_ij
         pos_inc = (g * t).sum(0).to(torch.float64)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from taildet.losses.base import ClassificationLoss
+from taildet.losses.base import ClassificationLoss, reduce_loss
 from taildet.losses.mean_score import MeanScoreTracker
 from taildet.ops import use_fast_path
 from taildet.ops.rowwise import SoftmaxOffsetKernel, compute_dtype, rowwise_loss
@@ -135,7 +135,7 @@ def equilibrium_loss(logits: Tensor, labels: Tensor, log_s: Tensor, weight: Tens
     """Paper eq. 3-4 written plainly: ``sum_i w_i CE(z_i + log s, y_i) / denom`` (``w_i = 1``
     without ``weight``), the cross-entropy of the logits shifted by ``log s`` ``[C + 1]``."""
     ce = F.cross_entropy(logits + log_s, labels, reduction="none")
-    return (ce.sum() if weight is None else (ce * weight).sum()) / denom
+    return reduce_loss(ce, denom, weight)
 
 
 

@@ -22,11 +22,11 @@ The numeric reference is :func:`torchvision.ops.sigmoid_focal_loss`.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from taildet.losses.base import ClassificationLoss, SigmoidClassificationLoss, check_prior
+from taildet.losses.base import ClassificationLoss, SigmoidClassificationLoss, check_prior, default_normalizer, reduce_loss
+from taildet.losses.base import mean_over_ranks as mean_over_ranks  # re-exported
 from taildet.losses.state import label_range
 
 __all__ = ["SigmoidFocalLoss", "focal_loss", "dense_targets", "check_dense_inputs"]
@@ -89,25 +89,6 @@ def dense_targets(labels: Tensor, num_classes: int, dtype: torch.dtype) -> tuple
     return valid, targets[:, :num_classes]
 
 
-def mean_over_ranks(value: Tensor) -> Tensor:
-    """``value`` averaged over DDP ranks when ``torch.distributed`` is initialised (else itself)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        value = value.detach().clone()
-        dist.all_reduce(value)
-        value = value / dist.get_world_size()
-    return value
-
-
-def default_normalizer(num_pos: Tensor, normalizer: float | Tensor | None, dtype: torch.dtype) -> Tensor | float:
-    """``normalizer`` if given, else the positive count averaged over DDP ranks; at least 1."""
-    if normalizer is None:
-        return mean_over_ranks(num_pos.to(dtype)).clamp(min=1.0)
-    if isinstance(normalizer, Tensor):
-        return normalizer.detach().to(dtype).clamp(min=1.0)
-    return max(float(normalizer), 1.0)
-
-
-
 class SigmoidFocalLoss(SigmoidClassificationLoss):
     """Sigmoid focal loss over ``C`` outputs for dense one-stage heads (stateless).
 
@@ -149,5 +130,4 @@ class SigmoidFocalLoss(SigmoidClassificationLoss):
         valid, targets = dense_targets(labels, self.num_classes, x.dtype)
         num_pos = ((labels >= 0) & (labels < self.num_classes)).sum()
         normalizer = default_normalizer(num_pos, normalizer, x.dtype)
-        loss = focal_loss(x[valid], targets, self.alpha, self.gamma).sum()
-        return loss / normalizer
+        return reduce_loss(focal_loss(x[valid], targets, self.alpha, self.gamma), normalizer)

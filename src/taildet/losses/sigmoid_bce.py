@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from taildet.losses.base import SigmoidClassificationLoss, check_prior
+from taildet.losses.base import SigmoidClassificationLoss, check_prior, reduce_loss
 from taildet.losses.softmax_ce import check_logits
 
 __all__ = ["SigmoidBCELoss", "one_hot_targets"]
@@ -42,6 +42,4 @@ class SigmoidBCELoss(SigmoidClassificationLoss):
             return logits.sum() * 0.0
         targets = one_hot_targets(labels, self.num_classes, logits.dtype)
         bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-        if weight is not None:
-            bce = bce * weight.to(bce.dtype)[:, None]
-        return bce.sum() / n
+        return reduce_loss(bce, n, None if weight is None else weight.to(bce.dtype))

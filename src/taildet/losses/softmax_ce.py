@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from taildet.losses.base import ClassificationLoss
+from taildet.losses.base import ClassificationLoss, reduce_loss
 
 __all__ = ["SoftmaxCrossEntropyLoss", "check_logits"]
 
@@ -52,4 +52,4 @@ class SoftmaxCrossEntropyLoss(ClassificationLoss):
         if weight is None:
             return F.cross_entropy(logits, labels)
         ce = F.cross_entropy(logits, labels, reduction="none")
-        return (ce * weight.to(ce.dtype)).sum() / logits.shape[0]
+        return reduce_loss(ce, logits.shape[0], weight.to(ce.dtype))

@@ -57,21 +57,17 @@ from torchvision.ops import generalized_box_iou_loss
 from torchvision.ops.misc import Conv2dNormActivation
 
 from taildet.errors import ConfigError
-from taildet.losses.base import ClassificationLoss
-from taildet.losses.equalized_focal import mean_over_ranks
+from taildet.losses.base import ClassificationLoss, default_normalizer, mean_over_ranks
 from taildet.models.heads import ClassificationHead
 from taildet.models.one_stage import (
-    _attach_cls_head,
     _drop_crowd,
-    _elementwise_iou,
-    _new_cls_head,
     _one_stage_detector,
     _resolve_backbone,
     _resolve_loss,
     _TailOneStage,
-    anchor_labels,
     feature_strides,
 )
+from taildet.models.one_stage_heads import _attach_cls_head, _elementwise_iou, _new_cls_head, anchor_labels
 
 __all__ = ["build_atss", "TailATSS", "TailATSSHead", "atss_assign"]
 
@@ -234,7 +230,7 @@ class TailATSSHead(nn.Module):
         labels_all = torch.cat(labels)
         iou_all, giou_all = torch.cat(ious), torch.cat(gious)
         logits = head_outputs["cls_logits"].reshape(-1, self.num_outputs)
-        normalizer = mean_over_ranks(logits.new_tensor(float(iou_all.numel()))).clamp(min=1.0)
+        normalizer = default_normalizer(logits.new_tensor(float(iou_all.numel())), None, logits.dtype)
         cls_head.observe(logits, labels_all)
         if cls_head.uses_quality:
             loss_cls = cls_head(logits, labels_all, normalizer, quality=torch.cat(quality))
