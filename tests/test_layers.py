@@ -31,11 +31,7 @@ OPTIONAL = {"matplotlib", "scipy", "pycocotools", "faster_coco_eval", "tqdm", "f
 STARTUP_MODULES = {"taildet.cli", "taildet.__main__"}
 #: Function-level imports of taildet modules still needed to break a cycle, each with the change
 #: that removes it: ``(importing module, imported module)``.
-PENDING = {
-    # RECIPES and machine_info move below compare when compare.py is split (issue 14)
-    ("taildet.evidence", "taildet.compare"),
-    ("taildet.results_docs", "taildet.compare"),
-}
+PENDING: set[tuple[str, str]] = set()  # none left: RECIPES is taildet.recipes, machine_info taildet.utils.machine
 _TAG = re.compile(r"#\s*(optional|start-up):\s*\S")
 
 

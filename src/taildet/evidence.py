@@ -30,6 +30,7 @@ import numpy as np
 import yaml
 
 from taildet.errors import ConfigError
+from taildet.recipes import RECIPES
 
 #: Metrics summarised over seeds, in the order tables show them.
 METRICS = ("AP", "APr", "APc", "APf", "AP50")
@@ -219,8 +220,6 @@ def load_claims(path: str | Path | None = None) -> list[Claim]:
         raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(data, list):
         raise ConfigError(f"{path}: expected a list of claims, got {type(data).__name__}")
-    from taildet.compare import RECIPES
-
     fields = set(Claim.__dataclass_fields__)
     required = {"id", "paper", "claim", "recipe", "baseline", "metric"}
     claims, seen = [], set()

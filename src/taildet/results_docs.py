@@ -30,6 +30,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from taildet.errors import ConfigError, DataError
+from taildet.utils.machine import machine_info
 from taildet.fileio import atomic_write_text
 
 METRICS = ("AP", "APr", "APc", "APf", "AP50")
@@ -316,10 +317,9 @@ def write_table_summary(path: str | Path, title: str, tables: Mapping[str, Mappi
 
     ``tables[name] = {"columns": [str], "formats": [format spec per column, e.g. ".2f", "d", "s"],
     "rows": [[value per column]]}`` (``None`` renders as ``-``). The file also records the date,
-    the machine (:func:`taildet.compare.machine_info`) and ``command``, and the generated block
+    the machine (:func:`taildet.utils.machine.machine_info`) and ``command``, and the generated block
     shows them above the table, so a number in the docs always says where it was measured.
     """
-    from taildet.compare import machine_info
     for name, t in tables.items():
         cols, fmts = list(t["columns"]), list(t["formats"])
         if len(cols) != len(fmts) or any(len(r) != len(cols) for r in t["rows"]):

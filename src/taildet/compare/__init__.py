@@ -14,13 +14,13 @@ The recipe ``prior`` needs no training: it scores the validation ground-truth bo
 scores drawn from the training-set class prior. It exercises the whole data -> results JSON ->
 LVIS metrics path and shows what a classifier that knows only the label distribution scores.
 
-The package: :mod:`~taildet.compare.recipes` (the data), :mod:`~taildet.compare.runner` (trainings,
+The package: :mod:`~taildet.recipes` (the data), :mod:`~taildet.compare.runner` (trainings,
 post-hoc rows, reuse, the report), :mod:`~taildet.compare.posthoc` (training-free rows) and
 :mod:`~taildet.compare.summary` (rows, statistics, the machine).
 """
 
 from taildet.compare.posthoc import _plot_mean_scores, _run_posthoc, _statistics_input, posthoc_calibration
-from taildet.compare.recipes import (DEMO_RECIPES, RECIPES, Recipe, _config_path, configs_dir, expand_recipes,
+from taildet.recipes import (DEMO_RECIPES, RECIPES, Recipe, _config_path, configs_dir, expand_recipes,
                                      replicate_name, resolve_recipe)
 from taildet.compare.runner import _reusable, _run_one, _train_recipes, run_compare, run_demo
 from taildet.compare.summary import (SUMMARY_KEYS, _argmax_diagnostic, _bbox, _percent, _run_row, _train_counts,

@@ -14,7 +14,7 @@ from taildet import engine
 from taildet.analysis.plots import plot_mean_score_vs_instances
 from taildet.calibration import (CALIBRATORS, LogitNormalizer, apply_logit_normalization, build_calibrator,
                                  plot_logit_statistics)
-from taildet.compare.recipes import Recipe, _config_path
+from taildet.recipes import Recipe, _config_path
 from taildet.compare.summary import _bbox
 from taildet.config import apply_overrides, load_config
 from taildet.engine.builders import build_datasets, build_model_for_checkpoint

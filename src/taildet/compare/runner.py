@@ -26,7 +26,7 @@ from taildet.fileio import atomic_write_text, check_not_inputs, check_output_pat
 from taildet.results_docs import (format_claims_table, format_paired_table, format_recipe_table, plot_claims_forest,
                                   plot_recipe_metrics)
 from taildet.compare.posthoc import _plot_mean_scores, _run_posthoc
-from taildet.compare.recipes import DEMO_RECIPES, RECIPES, _config_path, expand_recipes, replicate_name
+from taildet.recipes import DEMO_RECIPES, RECIPES, _config_path, expand_recipes, replicate_name
 from taildet.compare.summary import (_argmax_diagnostic, _bbox, _run_row, _train_counts, default_jobs, machine_info,
                                      prior_baseline_results, summarize)
 

@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import platform
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from taildet import evidence
-from taildet.compare.recipes import Recipe
 from taildet.data.stats import dataset_stats
+from taildet.recipes import Recipe
+from taildet.utils.machine import default_jobs, machine_info  # noqa: F401  (re-exported by taildet.compare)
 
 
 SUMMARY_KEYS = ("AP", "APr", "APc", "APf", "AP50", "AP75", "APs", "APm", "APl", "AR@300")
@@ -96,25 +94,6 @@ def _argmax_diagnostic(stats_file: Path) -> dict | None:
     return {variant: {g: (None if v.get("share") is None else round(100.0 * v["share"], 2))
                       for g, v in groups.items()}
             for variant, groups in report.items() if isinstance(groups, dict)}
-
-
-def default_jobs() -> int:
-    """One training job per CPU core (``len(os.sched_getaffinity(0))`` where available)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def machine_info() -> dict:
-    """What a run's numbers depend on beyond seeds: torch, its CPU kernel level, threads.
-
-    Trainings are deterministic on one machine type, but CPU kernels of another instruction set
-    (e.g. AVX2 vs AVX512) round differently and a long training diverges from there, so single
-    runs on two machine types differ by about as much as two seeds.
-    """
-    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "machine": platform.machine(), "cpus": default_jobs()}
 
 
 def summarize(runs: dict[str, dict[str, dict]], specs: dict[str, Recipe], classes: dict[str, dict],

@@ -153,7 +153,7 @@ DEMO_RECIPES = ("prior", "faster_ce", "faster_ce_rfs", "faster_ce+logn")
 
 def configs_dir() -> Path:
     """The repository's ``configs/`` directory (taildet runs from a source checkout)."""
-    return Path(__file__).resolve().parents[3] / "configs"
+    return Path(__file__).resolve().parents[2] / "configs"
 
 
 def resolve_recipe(name: str) -> Recipe:
