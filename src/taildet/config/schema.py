@@ -8,6 +8,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from taildet.config.registries import arch_info, v_arch, v_classifier, v_loss, v_sampler
 from taildet.config.validators import (
     _f, _fmt, _Invalid, _is_num, v_anchor_sizes, v_aspect_ratios, v_bool, v_dict, v_enum, v_fraction,
     v_int_or_ints, v_list, v_lr, v_nonneg_int, v_nonneg_num, v_open_fraction, v_opt, v_path, v_pos_int,
@@ -16,15 +17,17 @@ from taildet.config.validators import (
 )
 
 
-#: Builder kwargs of ``taildet.models.build_model`` that the config knows and checks. Other keys
-#: under ``model:`` are passed on unchecked; ``build_model`` raises ConfigError for unknown ones.
+#: Value checks of builder options under ``model:``. Which options a ``model.arch`` takes is read
+#: from its builder's signature (:func:`taildet.models.build.architecture_info`): an option the
+#: builder does not take is a ConfigError; an option with no entry here is passed on as it is
+#: (the builder checks it). Names come from the registries (``v_loss``, ``v_classifier``).
 MODEL_KWARG_CHECKS: dict[str, Callable[[Any], Any]] = {
     "backbone": v_str,
     "backbone_weights": v_opt(v_str),
     "norm": v_opt(v_str),
-    "loss": v_str,
+    "loss": v_loss,
     "loss_kwargs": v_dict,
-    "classifier": v_enum("linear", "cosine"),
+    "classifier": v_classifier,
     "logit_bn": v_bool,
     "logit_bn_momentum": v_open_fraction,
     "min_size": v_int_or_ints,
@@ -72,7 +75,7 @@ MODEL_KWARG_CHECKS: dict[str, Callable[[Any], Any]] = {
 class ModelConfig:
     """``model:`` -- the detector. ``kwargs`` holds every builder keyword (flat in the YAML)."""
 
-    arch: str = _f("faster_rcnn", v_enum("faster_rcnn", "mask_rcnn", "retinanet", "fcos", "atss"))
+    arch: str = _f("faster_rcnn", v_arch, "a name in taildet.models.build.ARCHITECTURES")
     num_classes: int | None = _f(None, v_opt(v_pos_int), "default: the training set's")
     init_from: str | None = _f(None, v_opt(v_path), "checkpoint whose weights start the run (stage 2)")
     reset_classifier: bool = _f(False, v_bool, "with init_from: re-initialise the classifier")
@@ -99,7 +102,7 @@ class DataConfig:
     val_json: str | None = _f(None, v_opt(v_path))
     image_root: str | None = _f(None, v_opt(v_path))
     val_image_root: str | None = _f(None, v_opt(v_path))
-    sampler: str = _f("random", v_enum("random", "rfs", "class_balanced"))
+    sampler: str = _f("random", v_sampler, "a name in taildet.data.samplers.SAMPLERS")
     # "auto" = 100 / number of training images: LVIS's t = 0.001 on ~100k images means "classes
     # seen in fewer than ~100 images get repeated"; on a 1k-image set t = 0.001 repeats nothing.
     rfs_threshold: float | str = _f(0.001, v_rfs_threshold)
@@ -217,7 +220,7 @@ class Config:
     def iou_types(self) -> list[str]:
         if self.eval.iou_types:
             return list(self.eval.iou_types)
-        return ["bbox", "segm"] if (self.data.with_masks or self.model.arch == "mask_rcnn") else ["bbox"]
+        return ["bbox", "segm"] if (self.data.with_masks or arch_info(self.model.arch).masks) else ["bbox"]
 
 
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig}

@@ -7,6 +7,7 @@ import dataclasses
 import re
 from typing import Any
 
+from taildet.config.registries import arch_info, two_stage_architectures
 from taildet.config.schema import (
     _SECTIONS, MODEL_KWARG_CHECKS, Config, DataConfig, MFSConfig, ModelConfig, SyntheticConfig, TrainConfig,
 )
@@ -76,11 +77,12 @@ def _check_whole(cfg: Config, file: str | None) -> Config:
         smallest = min(mk["min_size"]) if isinstance(mk["min_size"], list) else mk["min_size"]
         if mk["max_size"] < smallest:
             raise _err(file, "model.max_size", f"must be >= model.min_size ({mk['min_size']}), got {mk['max_size']}")
+    arch = arch_info(cfg.model.arch)
     if "logit_bn" in mk or "logit_bn_momentum" in mk:
         key = "model.logit_bn" if "logit_bn" in mk else "model.logit_bn_momentum"
-        if cfg.model.arch not in ("faster_rcnn", "mask_rcnn"):
+        if arch.stage != "roi_heads":
             raise _err(file, key, f"the BatchNorm on the RoI classifier's logits needs a two-stage detector "
-                                  f"(faster_rcnn or mask_rcnn), got model.arch {cfg.model.arch!r}")
+                                  f"({_two_stage()}), got model.arch {cfg.model.arch!r}")
         if "logit_bn_momentum" in mk and not mk.get("logit_bn"):
             raise _err(file, "model.logit_bn_momentum", "set model.logit_bn: true too (it is the momentum of "
                                                         "that BatchNorm's running statistics)")
@@ -88,8 +90,8 @@ def _check_whole(cfg: Config, file: str | None) -> Config:
             raise _err(file, "train.mfs.enabled", "memory-augmented feature sampling runs the memory samples "
                                                      "through the classifier in a call of their own, which would "
                                                      "batch-normalise them apart: not supported with model.logit_bn")
-    if cfg.model.arch == "mask_rcnn" and not d.with_masks:
-        raise _err(file, "data.with_masks", "model.arch mask_rcnn trains on instance masks: set "
+    if arch.masks and not d.with_masks:
+        raise _err(file, "data.with_masks", f"model.arch {cfg.model.arch} trains on instance masks: set "
                    "data.with_masks: true (or use arch faster_rcnn for boxes only)")
     if mk.get("backbone_weights") == "synthetic-pretrained" and mk.get("backbone", "tiny") != "tiny":
         raise _err(file, "model.backbone_weights",
@@ -104,11 +106,19 @@ def _check_whole(cfg: Config, file: str | None) -> Config:
     if tbl is not None and btl is not None:
         raise _err(file, "model.trainable_backbone_layers",
                    "set model.trainable_backbone_layers or model.backbone_kwargs.trainable_layers, not both")
-    if cfg.train.mfs.enabled and cfg.model.arch not in ("faster_rcnn", "mask_rcnn"):
+    if cfg.train.mfs.enabled and arch.stage != "roi_heads":
         raise _err(file, "train.mfs.enabled",
-                   f"memory-augmented feature sampling needs a two-stage detector (faster_rcnn or "
-                   f"mask_rcnn), got model.arch {cfg.model.arch!r}")
+                   f"memory-augmented feature sampling needs a two-stage detector ({_two_stage()}), "
+                   f"got model.arch {cfg.model.arch!r}")
+    unknown = [k for k in mk if arch.options is not None and k not in arch.options]
+    if unknown:
+        raise _err(file, f"model.{unknown[0]}", f"not an option of model.arch {cfg.model.arch!r} (its builder, "
+                   f"ARCHITECTURES[{cfg.model.arch!r}], takes: {', '.join(sorted(arch.options or ()))})")
     return cfg
+
+
+def _two_stage() -> str:
+    return " or ".join(two_stage_architectures())
 
 
 def validate_sections(raw: dict, file: str | None = None) -> Config:
