@@ -49,10 +49,17 @@ def test_a_name_registered_at_run_time_is_accepted(what, monkeypatch):
 
 
 def test_model_options_and_traits_come_from_the_builder(monkeypatch):
-    with pytest.raises(ConfigError, match=r"model\.box_batch_size_per_image: not an option of model\.arch 'fcos' .*topk_candidates"):
-        _cfg({"arch": "fcos", "nms_thresh": 0.5, "box_batch_size_per_image": 64})
-    with pytest.raises(ConfigError, match=r"model\.box_batch_size_per_image: not an option of model\.arch 'retinanet'"):
-        _cfg({"arch": "retinanet", "box_batch_size_per_image": 64})
+    with pytest.raises(ConfigError, match=r"model\.my_option: not an option of any registered architecture "
+                                          r"\(the builders of ARCHITECTURES take: .*topk_candidates"):
+        _cfg({"arch": "fcos", "my_option": 3})
+
+    def with_my_option(num_classes, *, my_option: int = 0, backbone: str = "tiny"):  # no **kwargs: options listed
+        return build_faster_rcnn(num_classes, backbone=backbone)
+
+    monkeypatch.setitem(model_build.ARCHITECTURES, "with_my_option", with_my_option)
+    assert model_build.architecture_info("with_my_option").options == {"my_option", "backbone"}
+    assert _cfg({"arch": "fcos", "my_option": 3}).model.kwargs["my_option"] == 3  # build_model rejects it for fcos
+    monkeypatch.delitem(model_build.ARCHITECTURES, "with_my_option")
 
     @functools.wraps(build_faster_rcnn)  # keeps the signature and cls_stage ("roi_heads")
     def my_two_stage(num_classes, **options):
@@ -62,6 +69,7 @@ def test_model_options_and_traits_come_from_the_builder(monkeypatch):
         _cfg({"arch": "fcos", "logit_bn": True})
     monkeypatch.setitem(model_build.ARCHITECTURES, "my_two_stage", my_two_stage)
     cfg = _cfg({"arch": "my_two_stage", "logit_bn": True, "box_batch_size_per_image": 64})
+    assert model_build.architecture_info("my_two_stage").options == model_build.architecture_info("faster_rcnn").options
     assert cfg.model.kwargs["box_batch_size_per_image"] == 64
     with pytest.raises(ConfigError, match=r"needs a two-stage detector \(faster_rcnn or mask_rcnn or my_two_stage\)"):
         _cfg({"arch": "fcos", "logit_bn": True})

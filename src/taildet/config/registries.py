@@ -18,7 +18,7 @@ from taildet.losses import LOSSES
 from taildet.models.build import ARCHITECTURES, ArchitectureInfo, architecture_info
 from taildet.models.classifiers import CLASSIFIERS
 
-__all__ = ["v_arch", "v_loss", "v_classifier", "v_sampler", "arch_info", "two_stage_architectures"]
+__all__ = ["v_arch", "v_loss", "v_classifier", "v_sampler", "arch_info", "builder_options", "two_stage_architectures"]
 
 
 def _key_of(registry: dict[str, Any]) -> Callable[[Any], Any]:
@@ -52,3 +52,15 @@ def arch_info(arch: str) -> ArchitectureInfo:
 def two_stage_architectures() -> list[str]:
     """The registered architectures with RoI heads (``cls_stage == "roi_heads"``), for messages."""
     return [name for name in ARCHITECTURES if architecture_info(name).stage == "roi_heads"]
+
+
+def builder_options() -> frozenset[str] | None:
+    """The options some registered builder takes (None when one takes ``**kwargs``): the keys the
+    config accepts under ``model:``; ``build_model`` checks them against ``model.arch``'s builder."""
+    out: set[str] = set()
+    for name in ARCHITECTURES:
+        options = architecture_info(name).options
+        if options is None:
+            return None
+        out |= options
+    return frozenset(out)

@@ -7,7 +7,7 @@ import dataclasses
 import re
 from typing import Any
 
-from taildet.config.registries import arch_info, two_stage_architectures
+from taildet.config.registries import arch_info, builder_options, two_stage_architectures
 from taildet.config.schema import (
     _SECTIONS, MODEL_KWARG_CHECKS, Config, DataConfig, MFSConfig, ModelConfig, SyntheticConfig, TrainConfig,
 )
@@ -110,10 +110,11 @@ def _check_whole(cfg: Config, file: str | None) -> Config:
         raise _err(file, "train.mfs.enabled",
                    f"memory-augmented feature sampling needs a two-stage detector ({_two_stage()}), "
                    f"got model.arch {cfg.model.arch!r}")
-    unknown = [k for k in mk if arch.options is not None and k not in arch.options]
+    accepted = builder_options()  # per architecture, build_model checks again
+    unknown = [k for k in mk if accepted is not None and k not in accepted]
     if unknown:
-        raise _err(file, f"model.{unknown[0]}", f"not an option of model.arch {cfg.model.arch!r} (its builder, "
-                   f"ARCHITECTURES[{cfg.model.arch!r}], takes: {', '.join(sorted(arch.options or ()))})")
+        raise _err(file, f"model.{unknown[0]}", "not an option of any registered architecture (the builders of "
+                   f"ARCHITECTURES take: {', '.join(sorted(accepted or ()))})")
     return cfg
 
 
