@@ -35,24 +35,29 @@ repeated") on any dataset size; on LVIS v1 (about 100k images) it is the paper's
 from __future__ import annotations
 
 import abc
+import logging
 import math
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from taildet.errors import DataError
+from taildet.errors import ConfigError, DataError
 from taildet.utils.comm import get_rank, get_world_size
 
 __all__ = [
+    "SAMPLERS",
+    "build_sampler",
     "TrainingSampler",
     "RandomSampler",
     "RepeatFactorSampler",
     "ClassBalancedSampler",
     "labels_to_arrays",
 ]
+
+log = logging.getLogger(__name__)
 
 _LABELS_NAME = "labels_per_image"
 
@@ -422,3 +427,43 @@ class ClassBalancedSampler(_EpochShardedSampler):
         counts = self.image_counts[classes]
         pos = self._offsets[classes] + rng.integers(0, counts)
         return self._members[pos]
+
+
+# ----------------------------------------------------------------------------- the registry
+
+
+def _random(dataset: Any, *, seed: int, **_: Any) -> TrainingSampler:
+    return TrainingSampler(len(dataset), shuffle=True, seed=seed)
+
+
+def _rfs(dataset: Any, *, seed: int, rfs_threshold: float | str = 0.001, rfs_rounding: str = "stochastic",
+         **_: Any) -> RepeatFactorSampler:
+    t = rfs_threshold
+    if t == "auto":
+        # LVIS's t = 0.001 on ~100k images = "repeat classes seen in < ~100 images"; keep
+        # that meaning on any dataset size (t = 0.001 does nothing on a 1k-image set).
+        t = RepeatFactorSampler.threshold_for_dataset(len(dataset))
+        log.info("data.rfs_threshold auto: t = 100 / %d images = %.4g", len(dataset), t)
+    return RepeatFactorSampler.from_dataset(dataset, threshold=t, rounding=rfs_rounding, seed=seed)
+
+
+def _class_balanced(dataset: Any, *, seed: int, **_: Any) -> ClassBalancedSampler:
+    return ClassBalancedSampler.from_dataset(dataset, seed=seed)
+
+
+#: ``data.sampler`` names: ``factory(dataset, *, seed, rfs_threshold, rfs_rounding)`` -> sampler
+#: (a factory takes the keywords it uses and ignores the rest). The config validates
+#: ``data.sampler`` against this dict.
+SAMPLERS: dict[str, Callable[..., Sampler]] = {
+    "random": _random,
+    "rfs": _rfs,
+    "class_balanced": _class_balanced,
+}
+
+
+def build_sampler(dataset: Any, sampler: str, *, seed: int, rfs_threshold: float | str = 0.001,
+                  rfs_rounding: str = "stochastic") -> Sampler:
+    """The training sampler named by ``data.sampler`` (a key of :data:`SAMPLERS`; DDP sharding built in)."""
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"data.sampler: expected one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    return SAMPLERS[sampler](dataset, seed=seed, rfs_threshold=rfs_threshold, rfs_rounding=rfs_rounding)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from taildet.data.lvis import check_same_categories, load_lvis
-from taildet.data.samplers import ClassBalancedSampler, RepeatFactorSampler, TrainingSampler
+from taildet.data.samplers import build_sampler
 from taildet.data.synthetic import make_dataset
 from taildet.data.transforms import build_transforms
 from taildet.engine.pretrain import resolve_backbone_weights
@@ -111,24 +111,6 @@ def build_datasets(cfg, need_train: bool = True):
     elif not need_train:
         raise ConfigError("data.val_json: required for evaluation")
     return train_set, val_set, val_json
-
-
-def build_sampler(dataset, sampler: str, *, seed: int, rfs_threshold: float | str = 0.001,
-                  rfs_rounding: str = "stochastic"):
-    """The training sampler named by ``data.sampler`` (DDP sharding built in)."""
-    if sampler == "random":
-        return TrainingSampler(len(dataset), shuffle=True, seed=seed)
-    if sampler == "rfs":
-        t = rfs_threshold
-        if t == "auto":
-            # LVIS's t = 0.001 on ~100k images = "repeat classes seen in < ~100 images"; keep
-            # that meaning on any dataset size (t = 0.001 does nothing on a 1k-image set).
-            t = RepeatFactorSampler.threshold_for_dataset(len(dataset))
-            log.info("data.rfs_threshold auto: t = 100 / %d images = %.4g", len(dataset), t)
-        return RepeatFactorSampler.from_dataset(dataset, threshold=t, rounding=rfs_rounding, seed=seed)
-    if sampler == "class_balanced":
-        return ClassBalancedSampler.from_dataset(dataset, seed=seed)
-    raise ConfigError(f"data.sampler: expected random, rfs or class_balanced, got {sampler!r}")
 
 
 def build_model_from_cfg(cfg, num_classes: int, *, loss: str | None = None, loss_kwargs: dict | None = None,

@@ -1,12 +1,17 @@
 """One place that maps an architecture name to its builder: :data:`ARCHITECTURES`.
 
-Every builder is called as ``builder(num_classes, **kwargs)``. The one-stage builders live in
-``taildet.models.one_stage`` and are imported on first use.
+Every builder is called as ``builder(num_classes, **options)``; its signature lists the options
+(the config accepts exactly those under ``model:``, see :func:`architecture_info`). A builder
+declares what it builds with two attributes, read by the config checks: ``cls_stage`` -- the
+``model.cls_head.stage`` of its models (``"roi_heads"``: a two-stage detector with RoI features
+and a RoI box predictor; default ``"head"``, a dense one-stage head) and ``with_masks`` (it trains
+on instance masks; default False).
 """
 
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from torch import nn
@@ -16,28 +21,41 @@ from taildet.models.atss import build_atss
 from taildet.models.one_stage import build_fcos, build_retinanet
 from taildet.models.two_stage import build_faster_rcnn, build_mask_rcnn
 
-__all__ = ["ARCHITECTURES", "build_model"]
-
-
-def _retinanet(num_classes: int, **kwargs: Any) -> nn.Module:
-    """Entry of ``taildet.models.one_stage.build_retinanet``."""
-    return _call_checked(build_retinanet, "retinanet", num_classes, kwargs)
-
-
-def _fcos(num_classes: int, **kwargs: Any) -> nn.Module:
-    """Entry of ``taildet.models.one_stage.build_fcos``."""
-    return _call_checked(build_fcos, "fcos", num_classes, kwargs)
+__all__ = ["ARCHITECTURES", "ArchitectureInfo", "architecture_info", "build_model"]
 
 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "faster_rcnn": build_faster_rcnn,
     "mask_rcnn": build_mask_rcnn,
-    "retinanet": _retinanet,
-    "fcos": _fcos,
+    "retinanet": build_retinanet,
+    "fcos": build_fcos,
     "atss": build_atss,
 }
 
-_LAZY = {_retinanet, _fcos}
+
+@dataclass(frozen=True)
+class ArchitectureInfo:
+    """What the config needs to know of a registered architecture, read from its builder."""
+
+    name: str
+    #: ``model.cls_head.stage`` of its models: ``"roi_heads"`` (two-stage) or ``"head"``.
+    stage: str
+    #: it trains on instance masks (``data.with_masks`` required).
+    masks: bool
+    #: the options its builder takes (``None``: the builder takes ``**kwargs``, anything goes).
+    options: frozenset[str] | None
+
+
+def architecture_info(arch: str) -> ArchitectureInfo:
+    """The :class:`ArchitectureInfo` of ``ARCHITECTURES[arch]`` (a KeyError for an unknown name)."""
+    builder = ARCHITECTURES[arch]
+    params = inspect.signature(builder).parameters
+    options = None
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        options = frozenset(k for k, p in params.items()
+                            if k != "num_classes" and p.kind is not inspect.Parameter.VAR_POSITIONAL)
+    return ArchitectureInfo(arch, getattr(builder, "cls_stage", "head"), bool(getattr(builder, "with_masks", False)),
+                            options)
 
 
 def _call_checked(builder: Callable[..., nn.Module], arch: str, num_classes: int, kwargs: dict[str, Any]):
@@ -57,7 +75,4 @@ def build_model(arch: str, num_classes: int, **kwargs: Any) -> nn.Module:
     """Build the detector named ``arch`` (a key of :data:`ARCHITECTURES`) for ``num_classes`` classes."""
     if arch not in ARCHITECTURES:
         raise ConfigError(f"unknown architecture {arch!r}; valid names: {', '.join(sorted(ARCHITECTURES))}")
-    builder = ARCHITECTURES[arch]
-    if builder in _LAZY:
-        return builder(num_classes, **kwargs)
-    return _call_checked(builder, arch, num_classes, kwargs)
+    return _call_checked(ARCHITECTURES[arch], arch, num_classes, kwargs)

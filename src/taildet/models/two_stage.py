@@ -369,3 +369,6 @@ def build_mask_rcnn(num_classes: int, **options: Any) -> TailMaskRCNN:
 
 build_faster_rcnn.__signature__ = _builder_signature(False, "TailFasterRCNN")  # type: ignore[attr-defined]
 build_mask_rcnn.__signature__ = _builder_signature(True, "TailMaskRCNN")  # type: ignore[attr-defined]
+# What they build (read by taildet.models.build.architecture_info): RoI heads, and masks for Mask R-CNN.
+build_faster_rcnn.cls_stage = build_mask_rcnn.cls_stage = "roi_heads"  # type: ignore[attr-defined]
+build_mask_rcnn.with_masks = True  # type: ignore[attr-defined]
