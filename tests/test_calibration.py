@@ -407,3 +407,16 @@ def test_logit_adjuster_zero_counts_and_datasets():
         LogitAdjuster.from_dataset(DS(), prior_from="instance")
     inst = LogitAdjuster.from_dataset(DS(), prior_from="instance", smoothing=0.5)
     np.testing.assert_allclose(inst.prior.numpy(), np.array([50.5, 0.5, 1.5]) / 52.5)
+
+
+def test_a_calibrator_without_fit_cannot_be_built():
+    """Calibrator is abstract: a method that forgets ``fit`` fails at construction, not at use."""
+    from taildet.calibration.calibrators import CALIBRATORS, Calibrator
+
+    class NoFit(Calibrator):
+        inputs = ()
+
+    with pytest.raises(TypeError, match="fit"):
+        NoFit()
+    for name, cls in CALIBRATORS.items():       # every registered method defines it
+        assert "fit" not in getattr(cls, "__abstractmethods__", set()), name

@@ -102,7 +102,7 @@ def _old_run_dir(tmp, ckpt, name) -> tuple:
     """A run directory as the old code left it after 2 of 3 iterations: trained to iteration 2 by
     this code, then its config.yaml and the checkpoint's config replaced by the old code's."""
     class Stop(Exception):
-        pass
+        """Raised by a hook to end the run after iteration 2, as a killed run would."""
 
     def stop(it, st):
         if it == 2:

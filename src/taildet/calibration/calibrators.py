@@ -17,6 +17,7 @@ Adding a method: a subclass with ``inputs`` and ``fit``, and one entry in :data:
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 from pathlib import Path
@@ -33,8 +34,9 @@ from taildet.fileio import atomic_write_text
 __all__ = ["Calibrator", "LogN", "LogA", "NoCalibration", "CALIBRATORS", "build_calibrator"]
 
 
-class Calibrator:
-    """Base of the post-hoc methods: ``fit(head, **inputs) -> logit transform | None``."""
+class Calibrator(abc.ABC):
+    """Base of the post-hoc methods: ``fit(head, **inputs) -> logit transform | None`` (abstract:
+    every method defines its own ``fit``)."""
 
     #: what :meth:`fit` takes besides the head (see the module docstring).
     inputs: tuple[str, ...] = ()
@@ -53,9 +55,9 @@ class Calibrator:
         doc = json.loads(Path(pass_file).read_text())
         return str(atomic_write_text(json.dumps(doc, indent=1) + "\n", out))
 
+    @abc.abstractmethod
     def fit(self, head: Head, **inputs: Any) -> nn.Module | None:
         """The logit transform ``[N, K] -> [N, K]`` for ``head`` (None: no change)."""
-        raise NotImplementedError
 
 
 class NoCalibration(Calibrator):
