@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from taildet.data.lvis_validate import _is_int, frequency_group
 from taildet.errors import DataError
 from taildet.fileio import atomic_write
 
@@ -34,17 +35,9 @@ GROUP_NAMES = {"r": "rare", "c": "common", "f": "frequent"}
 GROUP_COLORS = {"r": "#d62728", "c": "#ff7f0e", "f": "#1f77b4"}
 
 
-def frequency_from_image_count(image_count: int) -> str:
-    """LVIS frequency group from a training image count: <= 10 'r', 11-100 'c', > 100 'f'."""
-    if image_count <= 10:
-        return "r"
-    if image_count <= 100:
-        return "c"
-    return "f"
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+#: LVIS frequency group from a training image count: <= 10 'r', 11-100 'c', > 100 'f' (the one
+#: definition, :func:`taildet.data.lvis_validate.frequency_group`).
+frequency_from_image_count = frequency_group
 
 
 def _load(ann: str | os.PathLike | Mapping[str, Any]) -> tuple[str, Mapping[str, Any]]:

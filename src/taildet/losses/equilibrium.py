@@ -98,15 +98,8 @@ class EquilibriumLoss(ClassificationLoss):
         extra_logits: Tensor | None = None,
         extra_labels: Tensor | None = None,
     ) -> None:
-        """One iteration's update of ``mean_score`` (:meth:`MeanScoreTracker.update`).
-
-        Args:
-            logits: ``[N, C + 1]`` logits of the sampled RoIs (detached inside).
-            labels: ``[N]`` ``0..C-1`` foreground, ``C`` background.
-            gt_index: ``[N]`` batch-unique id of the GT each positive RoI is assigned to (``-1``
-                for background). Required.
-            extra_logits, extra_labels: memory samples (MFS) ``[M, C + 1]`` / ``[M]`` foreground.
-        """
+        """One iteration's update of ``mean_score``: :meth:`MeanScoreTracker.update` (its
+        docstring gives the shapes; ``gt_index`` is required)."""
         self.tracker.update(logits, labels, gt_index, extra_logits, extra_labels)
 
     # -- loss --------------------------------------------------------------------------------------
