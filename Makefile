@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all lint bench bench-docs compare evidence docs clean-venv
+.PHONY: demo test test-all lint bench bench-docs bench-scale compare evidence docs clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,12 @@ bench-docs: $(STAMP)
 	cd benchmarks && ../$(PY) losses.py --json ../docs/results/bench_losses.json
 	cd benchmarks && ../$(PY) losses.py --retain-memory --json ../docs/results/bench_losses_retain.json
 	cd benchmarks && ../$(PY) mfs.py --json ../docs/results/bench_mfs.json
+	$(VENV)/bin/taildet docs
+
+# LVIS v1 at full size on this machine: memory and time of evaluation, load_lvis, data-loader workers
+# and data stats (generates ~5 GB of JSON under /tmp once; about 15 minutes; an idle machine).
+bench-scale: $(STAMP)
+	cd benchmarks && ../$(PY) lvis_scale.py --segm --json ../docs/results/bench_lvis_scale.json
 	$(VENV)/bin/taildet docs
 
 compare: $(STAMP)
