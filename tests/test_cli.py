@@ -136,6 +136,34 @@ def test_compare_finetune_and_posthoc_rows(tmp_path):
         assert again["recipes"][name]["runs"]["seed0"]["AP"] == summary["recipes"][name]["runs"]["seed0"]["AP"]
 
 
+def test_compare_reuse_continues_an_interrupted_run(tmp_path, capsys):
+    """--reuse continues a run that stopped after a checkpoint (same config: nothing set aside, the
+    result equals the uninterrupted run's); with another config the old files are set aside."""
+    tiny = ["train.iterations=4", "train.warmup_iters=1", "data.batch_size=2", "train.device=cpu",
+            "eval.max_dets=20", "train.checkpoint_period=2"]
+    whole = run_compare(["faster_ce"], tmp_path / "cmp", progress=False, scale=0.05, extra_opts=tiny, jobs=1)
+    run = tmp_path / "cmp" / "seed0" / "faster_ce"
+    # the state a kill after the iteration-2 checkpoint leaves behind
+    for name in ("metrics.json", "model_final.pth", "results_bbox.json", "checkpoint_0000004.pth"):
+        (run / name).unlink(missing_ok=True)
+    (run / "last_checkpoint").write_text("checkpoint_0000002.pth")
+    stamp = (run / "checkpoint_0000002.pth").stat().st_mtime_ns
+    capsys.readouterr()
+    again = run_compare(["faster_ce"], tmp_path / "cmp", progress=False, scale=0.05, extra_opts=tiny, jobs=1,
+                        reuse=True)
+    assert "continuing the interrupted run" in capsys.readouterr().out
+    assert (run / "checkpoint_0000002.pth").stat().st_mtime_ns == stamp
+    assert not list(run.glob("superseded-*"))
+    assert again["recipes"]["faster_ce"]["runs"]["seed0"]["AP"] == whole["recipes"]["faster_ce"]["runs"]["seed0"]["AP"]
+    # interrupted again, then rerun with a different config: started over, the old files set aside
+    (run / "metrics.json").unlink()
+    run_compare(["faster_ce"], tmp_path / "cmp", progress=False, scale=0.05,
+                extra_opts=[o for o in tiny if not o.startswith("train.warmup")] + ["train.warmup_iters=2"],
+                jobs=1, reuse=True)
+    assert "continuing" not in capsys.readouterr().out
+    assert list(run.glob("superseded-*"))
+
+
 def test_calibrate_then_eval_with_calibration(tmp_path, capsys):
     """The three-command LogN recipe: train, calibrate, eval --calibration."""
     import os
@@ -257,7 +285,7 @@ def test_compare_regime_reaches_every_run_and_one_out_holds_one_regime(tmp_path,
 
     seen = []
 
-    def fake_train(runs, jobs, progress):
+    def fake_train(runs, jobs, progress, resume=False):
         out = {}
         for key, kind, cfg_path, opts, ckpt in runs:
             seen.append(opts)

@@ -305,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--jobs", type=int, default=None,
                    help="trainings run at once, one process each (default: one per CPU core)")
     c.add_argument("--reuse", action="store_true",
-                   help="do not rerun a (replicate, recipe) whose run directory already has its results")
+                   help="do not rerun a (replicate, recipe) whose run directory already has its results; "
+                        "continue an interrupted one of the same config from its last checkpoint")
     c.add_argument("--with-baselines", action="store_true",
                    help="also run each recipe's baselines, so every row gets its paired comparison")
     c.add_argument("--claims", nargs="?", const="", default=None, metavar="FILE",

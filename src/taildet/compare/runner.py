@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
+import yaml
 
 from taildet import evidence
 from taildet.analysis.gradient_ratio import gradient_ratio_report
@@ -19,7 +20,9 @@ from taildet.config import apply_overrides, load_config
 from taildet.data.stats import dataset_stats, format_stats, plot_long_tail
 from taildet.data.synthetic import make_dataset
 from taildet.engine import finetune, train
+from taildet.engine.checkpoint import last_checkpoint
 from taildet.engine.pretrain import REGIMES
+from taildet.engine.rundir import check_resume_config
 from taildet.errors import ConfigError
 from taildet.evaluation import evaluate_lvis, report, save_metrics
 from taildet.fileio import atomic_write_text, check_not_inputs, check_output_path
@@ -31,17 +34,35 @@ from taildet.compare.summary import (_argmax_diagnostic, _bbox, _run_row, _train
                                      prior_baseline_results, summarize)
 
 
+def _resumable(run_dir: Path, cfg) -> bool:
+    """True when ``run_dir`` holds an interrupted run of exactly ``cfg`` (a checkpoint and the same
+    config): ``--reuse`` continues it instead of starting over."""
+    if (run_dir / "metrics.json").exists() or last_checkpoint(str(run_dir)) is None:
+        return False
+    try:
+        with open(run_dir / "config.yaml") as fh:
+            check_resume_config(yaml.safe_load(fh), cfg, str(run_dir))
+    except (OSError, yaml.YAMLError, ConfigError):
+        return False
+    return True
+
+
 def _run_one(name: str, kind: str, cfg_path: str, opts: list[str], from_checkpoint: str | None,
-             threads: int, progress: bool = False) -> tuple[str, dict, float]:
-    """Train or fine-tune one recipe (in this process or a worker); returns (name, bbox metrics, s)."""
+             threads: int, progress: bool = False, resume: bool = False) -> tuple[str, dict, float]:
+    """Train or fine-tune one recipe (in this process or a worker); returns (name, bbox metrics, s).
+    ``resume``: continue an interrupted run in the recipe's directory when it is one of this exact
+    config (:func:`_resumable`), else start it over."""
     if threads > 0:
         torch.set_num_threads(threads)
     t0 = time.time()
     cfg = apply_overrides(load_config(cfg_path), opts)
+    resume = resume and _resumable(Path(cfg.output_dir), cfg)
+    if resume:
+        print(f"recipe {name}: continuing the interrupted run in {cfg.output_dir}", flush=True)
     if kind == "finetune":
-        out = finetune(cfg, from_checkpoint, resume=False, progress=progress)
+        out = finetune(cfg, from_checkpoint, resume=resume, progress=progress)
     else:
-        out = train(cfg, resume=False, progress=progress)
+        out = train(cfg, resume=resume, progress=progress)
     return name, _bbox(out["metrics"]), time.time() - t0
 
 
@@ -58,8 +79,9 @@ def _planned_iterations(kind: str, cfg) -> int:
     return int(cfg.train.iterations or 0)  # a stage-2 config's own (kind: either)
 
 
-def _train_recipes(runs: list[tuple], jobs: int, progress: bool) -> dict[str, tuple[dict, float]]:
-    """Run ``runs`` ([(name, kind, config, overrides, from_checkpoint)]), ``jobs`` at once.
+def _train_recipes(runs: list[tuple], jobs: int, progress: bool, resume: bool = False) -> dict[str, tuple[dict, float]]:
+    """Run ``runs`` ([(name, kind, config, overrides, from_checkpoint)]), ``jobs`` at once;
+    ``resume``: interrupted runs of the same config continue (``--reuse``).
 
     With one job each run trains in this process with its own progress bar; with several, each
     in a worker process and one bar follows the iterations of all (read from ``metrics.jsonl``).
@@ -70,7 +92,7 @@ def _train_recipes(runs: list[tuple], jobs: int, progress: bool) -> dict[str, tu
     if jobs <= 1:
         for name, kind, cfg_path, opts, ckpt in runs:
             print(f"\n=== recipe {name} ===")
-            _, metrics, seconds = _run_one(name, kind, str(cfg_path), opts, ckpt, 0, progress)
+            _, metrics, seconds = _run_one(name, kind, str(cfg_path), opts, ckpt, 0, progress, resume)
             out[name] = (metrics, seconds)
         return out
 
@@ -82,12 +104,12 @@ def _train_recipes(runs: list[tuple], jobs: int, progress: bool) -> dict[str, tu
         cfg = apply_overrides(load_config(cfg_path), opts)
         totals[name] = _planned_iterations(kind, cfg)
         logs[name] = Path(cfg.output_dir) / "metrics.jsonl"
-        if logs[name].exists():
+        if logs[name].exists() and not (resume and _resumable(logs[name].parent, cfg)):
             logs[name].unlink()  # a fresh run: do not read an old run's progress
     bar = tqdm(total=sum(totals.values()) or None, desc=f"training {len(runs)} recipes", unit="it",
                disable=not progress)
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-        pending = {pool.submit(_run_one, n, k, str(c), o, ck, threads) for n, k, c, o, ck in runs}
+        pending = {pool.submit(_run_one, n, k, str(c), o, ck, threads, False, resume) for n, k, c, o, ck in runs}
         while pending:
             done, pending = wait(pending, timeout=2.0, return_when=FIRST_COMPLETED)
             for fut in done:
@@ -236,7 +258,7 @@ def run_compare(recipes: Iterable[str] | None, out_dir: str | Path, seeds: Itera
 
     for kind, kind_names in (("train", stage1), ("finetune", stage2)):
         runs = todo(kind_names, kind)
-        done.update(_train_recipes(runs, jobs=min(jobs, max(1, len(runs))), progress=progress))
+        done.update(_train_recipes(runs, jobs=min(jobs, max(1, len(runs))), progress=progress, resume=reuse))
 
     for d, s, rep in reps:
         for n in names:
