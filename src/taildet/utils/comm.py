@@ -31,6 +31,7 @@ __all__ = [
     "comm_device",
     "all_reduce_mean",
     "all_reduce_sum_",
+    "all_reduce_mean_",
     "all_gather_cat",
     "all_gather_object",
     "broadcast_object",
@@ -103,6 +104,17 @@ def all_reduce_sum_(tensor: Tensor) -> Tensor:
     dist.all_reduce(buf, op=dist.ReduceOp.SUM)
     with torch.no_grad():
         tensor.copy_(buf)
+    return tensor
+
+
+def all_reduce_mean_(tensor: Tensor) -> Tensor:
+    """Average ``tensor`` over all processes, in place (the sum divided by the world size);
+    returns it. No-op in one process."""
+    if not is_distributed() or get_world_size() == 1:
+        return tensor
+    all_reduce_sum_(tensor)
+    with torch.no_grad():
+        tensor /= get_world_size()
     return tensor
 
 
