@@ -8,11 +8,13 @@ import functools
 from pathlib import Path
 
 import pytest
+import yaml
 
-from taildet.config import config_from_dict
+from taildet.config import config_from_dict, load_config
 from taildet.data import samplers
 from taildet.errors import ConfigError
 from taildet.losses import LOSSES
+from taildet.models import backbones, one_stage_heads
 from taildet.models import build as model_build
 from taildet.models.classifiers import CLASSIFIERS
 from taildet.models.two_stage import build_faster_rcnn
@@ -82,3 +84,32 @@ def test_the_config_package_keeps_no_list_of_registered_names():
         text = path.read_text(encoding="utf-8")
         for name in ("retinanet", "fcos", "atss", "class_balanced", "eqlv2", "seesaw"):
             assert name not in text, f"{path.name} names {name}: read it from the registry instead"
+
+
+#: (config key under model:, the module holding its names, the attribute)
+NAME_LISTS = {
+    "backbone": (backbones, "BACKBONES"),
+    "norm": (backbones, "NORMS"),
+    "head_norm": (one_stage_heads, "HEAD_NORMS"),
+}
+
+
+@pytest.mark.parametrize("key", sorted(NAME_LISTS))
+def test_backbone_and_norm_names_are_checked_when_the_config_is_validated(key, tmp_path, monkeypatch):
+    """model.backbone / model.norm / model.head_norm are checked against the models' own name lists
+    by the config validation (not first when the model is built): the error names the file, the key
+    and every allowed value; a name the models module adds is accepted at once."""
+    module, attr = NAME_LISTS[key]
+    path = tmp_path / "stage.yaml"
+    path.write_text(yaml.safe_dump({"model": {key: "brand_new"}, "data": {"synthetic": {}},
+                                    "train": {"iterations": 1}}))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    names = getattr(module, attr)
+    assert str(err.value) == f"{path}: model.{key}: expected one of {', '.join(names)}, got 'brand_new'"
+    for name in names:
+        assert _cfg({key: name}).model.kwargs[key] == name
+    with pytest.raises(ConfigError, match=rf"model\.{key}: expected one of .*got 3"):
+        _cfg({key: 3})
+    monkeypatch.setattr(module, attr, (*names, "brand_new"))
+    assert load_config(path).model.kwargs[key] == "brand_new"

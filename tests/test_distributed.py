@@ -7,16 +7,23 @@ per-image mean losses), so 2 processes x batch 2 must match 1 process x batch 4.
 
 from __future__ import annotations
 
+import ast
 import os
 import socket
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import nn
 
+from taildet.calibration.logit_norm import LogitNormalizer
 from taildet.engine.distributed import init_distributed, sync_loss_state
+from taildet.losses.base import mean_over_ranks
+from taildet.losses.online_logn import OnlineLogitNormalization
 from taildet.utils import comm as D
 
 WORKER = textwrap.dedent('''
@@ -164,3 +171,74 @@ def test_single_process_helpers():
     m = nn.Sequential(nn.Linear(2, 2), _Synced(), nn.Sequential(_Synced()))
     assert sync_loss_state(m) == 2 and m[1].calls == 1
     assert D.unwrap_model(m) is m
+
+
+def test_single_process_reductions_are_no_ops():
+    t = torch.tensor([1.0, 3.0])
+    assert D.all_reduce_mean_(t) is t and t.tolist() == [1.0, 3.0]
+    assert D.all_true(True) is True and D.all_true(False) is False
+    assert mean_over_ranks(t) is t
+
+
+# ----------------------------------------------------------------------------- helpers, 2 processes
+
+
+def _helpers_worker(rank: int, world: int, init_method: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
+    try:
+        t = torch.tensor([float(rank), 10.0 * rank + 1.0], dtype=torch.float64)
+        got = {"mean_": D.all_reduce_mean_(t).clone(), "same_tensor": D.all_reduce_mean_(t) is t,
+               "all_true": D.all_true(True), "not_all_true": D.all_true(rank == 0),
+               "mean_over_ranks": mean_over_ranks(torch.tensor(float(rank + 1)))}
+        online = OnlineLogitNormalization(C_ONLINE, momentum=0.5)
+        online.running_mean.fill_(float(rank))
+        online.running_var.fill_(1.0 + 2.0 * rank)
+        online.sync_state()
+        got["online_mean"], got["online_var"] = online.running_mean.clone(), online.running_var.clone()
+        ema = LogitNormalizer(C_ONLINE, momentum=0.5)
+        ema.update(torch.full((4, C_ONLINE + 1), float(rank)))
+        ema.sync()
+        got["ema_count"], got["ema_mean"] = ema.count.clone(), ema.mean.clone()
+        torch.save(got, f"{out}.{rank}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+C_ONLINE = 3
+
+
+def test_comm_helpers_and_their_users_over_two_gloo_processes(tmp_path):
+    out = str(tmp_path / "rank")
+    mp.start_processes(_helpers_worker, args=(2, (tmp_path / "rendezvous").as_uri(), out), nprocs=2,
+                       start_method="spawn")
+    for rank in range(2):
+        got = torch.load(f"{out}.{rank}")
+        # the second all_reduce_mean_ of an averaged tensor changes nothing
+        assert got["mean_"].tolist() == [0.5, 6.0] and got["same_tensor"]
+        assert got["all_true"] is True and got["not_all_true"] is False
+        assert float(got["mean_over_ranks"]) == 1.5
+        assert torch.equal(got["online_mean"], torch.full((C_ONLINE + 1,), 0.5))
+        assert torch.equal(got["online_var"], torch.full((C_ONLINE + 1,), 2.0))
+        assert float(got["ema_count"]) == 8.0
+    assert torch.equal(torch.load(f"{out}.0")["ema_mean"], torch.load(f"{out}.1")["ema_mean"])
+
+
+def test_no_torch_distributed_outside_utils_comm():
+    """Every collective goes through taildet.utils.comm (issue 14): no other module of the
+    package imports torch.distributed."""
+    root = Path(__file__).resolve().parents[1] / "src" / "taildet"
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        if path == root / "utils" / "comm.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            if any(n == "torch.distributed" or n.startswith("torch.distributed.") for n in names):
+                offenders.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert offenders == []

@@ -65,13 +65,13 @@ import os
 from typing import Any, Mapping, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from taildet.calibration.moments import batch_moments, merge_moments
 from taildet.calibration.stats_file import FILE_FORMAT, read_statistics_file, write_statistics_file
 from taildet.errors import DataError
 from taildet.losses.online_logn import BETAS, EPS, check_beta
+from taildet.utils.comm import all_gather_cat, all_reduce_sum_, get_world_size
 
 __all__ = [
     "LogitNormalizer",
@@ -283,28 +283,19 @@ class LogitNormalizer(nn.Module):
         EMA mode: mean and variance are averaged over ranks. A second call without an
         :meth:`update` in between does nothing (so the counts are not multiplied).
         """
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        world = get_world_size()
+        if world == 1 or self._synced:
             return
-        if self._synced:
-            return
-        dev = self.mean.device
-        if dist.get_backend() == "nccl":
-            dev = torch.device("cuda", torch.cuda.current_device())
-        world = dist.get_world_size()
         if self.momentum is None:
-            packed = torch.cat([self.count.reshape(1), self.mean, self.m2]).to(dev)
-            parts = [torch.empty_like(packed) for _ in range(world)]
-            dist.all_gather(parts, packed)
-            allp = torch.stack(parts).to(self.mean.device)
+            packed = torch.cat([self.count.reshape(1), self.mean, self.m2])
+            allp = all_gather_cat(packed[None])  # [world, 1 + 2 K], rank order
             k = self.num_outputs
             c, mu, m2 = merge_moments(allp[:, 0], allp[:, 1 : 1 + k], allp[:, 1 + k :])
             self.count.copy_(c)
             self.mean.copy_(mu)
             self.m2.copy_(m2)
         else:
-            packed = torch.cat([self.count.reshape(1), self.mean, self.running_var]).to(dev)
-            dist.all_reduce(packed)
-            packed = packed.to(self.mean.device)
+            packed = all_reduce_sum_(torch.cat([self.count.reshape(1), self.mean, self.running_var]))
             k = self.num_outputs
             self.count.copy_(packed[0])  # total rows seen over ranks
             self.mean.copy_(packed[1 : 1 + k] / world)

@@ -2,9 +2,11 @@
 list of names): ``model.arch`` (:data:`taildet.models.build.ARCHITECTURES`, whose builders also
 give the options accepted under ``model:`` and what the cross-section checks need, see
 :func:`taildet.models.build.architecture_info`), ``model.loss`` (:data:`taildet.losses.LOSSES`),
-``model.classifier`` (:data:`taildet.models.classifiers.CLASSIFIERS`) and ``data.sampler``
-(:data:`taildet.data.samplers.SAMPLERS`). The dicts are read at validation time: a name registered
-at run time is accepted at once. (Post-hoc calibration methods are named by ``taildet compare``
+``model.classifier`` (:data:`taildet.models.classifiers.CLASSIFIERS`), ``model.backbone`` and
+``model.norm`` (:data:`taildet.models.backbones.BACKBONES` / :data:`~taildet.models.backbones.NORMS`),
+``model.head_norm`` (:data:`taildet.models.one_stage_heads.HEAD_NORMS`) and ``data.sampler``
+(:data:`taildet.data.samplers.SAMPLERS`). The registries are read at validation time: a name
+registered at run time is accepted at once (so is a name list the models module is given anew). (Post-hoc calibration methods are named by ``taildet compare``
 recipes, checked against :data:`taildet.calibration.CALIBRATORS` when a recipe runs.)
 """
 
@@ -15,17 +17,20 @@ from typing import Any, Callable
 from taildet.config.validators import _fmt, _Invalid, v_str
 from taildet.data.samplers import SAMPLERS
 from taildet.losses import LOSSES
+from taildet.models import backbones, one_stage_heads
 from taildet.models.build import ARCHITECTURES, ArchitectureInfo, architecture_info
 from taildet.models.classifiers import CLASSIFIERS
 
-__all__ = ["v_arch", "v_loss", "v_classifier", "v_sampler", "arch_info", "builder_options", "two_stage_architectures"]
+__all__ = ["v_arch", "v_loss", "v_classifier", "v_sampler", "v_backbone", "v_norm", "v_head_norm", "arch_info",
+           "builder_options", "two_stage_architectures"]
 
 
-def _key_of(registry: dict[str, Any]) -> Callable[[Any], Any]:
-    """A validator: a key of ``registry`` (read when called)."""
+def _key_of(registry: Callable[[], Any] | dict[str, Any]) -> Callable[[Any], Any]:
+    """A validator: a key of ``registry`` (a dict, or a function returning the names), read when called."""
     def check(v):
-        if not isinstance(v, str) or v not in registry:
-            raise _Invalid(f"expected one of {', '.join(map(str, registry))}, got {_fmt(v)}")
+        names = registry() if callable(registry) else registry
+        if not isinstance(v, str) or v not in names:
+            raise _Invalid(f"expected one of {', '.join(map(str, names))}, got {_fmt(v)}")
         return v
 
     return check
@@ -34,6 +39,11 @@ def _key_of(registry: dict[str, Any]) -> Callable[[Any], Any]:
 v_arch = _key_of(ARCHITECTURES)
 v_classifier = _key_of(CLASSIFIERS)
 v_sampler = _key_of(SAMPLERS)
+#: ``model.backbone`` / ``model.norm`` / ``model.head_norm``: the names the models module builds
+#: (looked up there when called, so a module that extends its tuple is followed).
+v_backbone = _key_of(lambda: backbones.BACKBONES)
+v_norm = _key_of(lambda: backbones.NORMS)
+v_head_norm = _key_of(lambda: one_stage_heads.HEAD_NORMS)
 
 
 def v_loss(v):

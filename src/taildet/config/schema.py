@@ -8,7 +8,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from taildet.config.registries import arch_info, v_arch, v_classifier, v_loss, v_sampler
+from taildet.config.registries import (
+    arch_info, v_arch, v_backbone, v_classifier, v_head_norm, v_loss, v_norm, v_sampler,
+)
 from taildet.config.validators import (
     _f, _fmt, _Invalid, _is_num, v_anchor_sizes, v_aspect_ratios, v_bool, v_dict, v_enum, v_fraction,
     v_int_or_ints, v_list, v_lr, v_nonneg_int, v_nonneg_num, v_open_fraction, v_opt, v_path, v_pos_int,
@@ -20,11 +22,12 @@ from taildet.config.validators import (
 #: Value checks of builder options under ``model:``. Which options a ``model.arch`` takes is read
 #: from its builder's signature (:func:`taildet.models.build.architecture_info`): an option the
 #: builder does not take is a ConfigError; an option with no entry here is passed on as it is
-#: (the builder checks it). Names come from the registries (``v_loss``, ``v_classifier``).
+#: (the builder checks it). Names come from the registries (``v_loss``, ``v_classifier``,
+#: ``v_backbone``, ``v_norm``, ``v_head_norm``).
 MODEL_KWARG_CHECKS: dict[str, Callable[[Any], Any]] = {
-    "backbone": v_str,
+    "backbone": v_backbone,
     "backbone_weights": v_opt(v_str),
-    "norm": v_opt(v_str),
+    "norm": v_norm,
     "loss": v_loss,
     "loss_kwargs": v_dict,
     "classifier": v_classifier,
@@ -57,7 +60,7 @@ MODEL_KWARG_CHECKS: dict[str, Callable[[Any], Any]] = {
     "backbone_kwargs": v_opt(v_dict),
     "image_mean": v_rgb_mean,
     "image_std": v_rgb,
-    "head_norm": v_opt(v_enum("none", "gn", "bn")),
+    "head_norm": v_opt(v_head_norm),
     "topk_candidates": v_pos_int,
     "fg_iou_thresh": v_fraction,
     "bg_iou_thresh": v_fraction,

@@ -1,4 +1,4 @@
-"""torch.distributed helpers for torchrun launches (also correct, as no-ops, in one process).
+"""The engine's DDP set-up for torchrun launches (also correct, as no-ops, in one process).
 
 Launch: ``torchrun --nproc_per_node=N -m taildet train cfg.yaml``. torchrun sets ``RANK``,
 ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; :func:`init_distributed`
@@ -15,11 +15,10 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.distributed as dist
 
 from taildet.losses.base import sync_states
 from taildet.models.heads import ClassificationHead
-from taildet.utils.comm import is_distributed, unwrap_model
+from taildet.utils.comm import init_process_group, is_distributed, unwrap_model
 
 __all__ = ["init_distributed", "sync_loss_state"]
 
@@ -43,7 +42,7 @@ def init_distributed(device: str = "auto") -> bool:
         torch.cuda.set_device(local_rank)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
-    dist.init_process_group(backend=backend, rank=rank, world_size=world)
+    init_process_group(backend, rank, world)
     return True
 
 

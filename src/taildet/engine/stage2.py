@@ -96,14 +96,14 @@ def load_stage1_weights(model: torch.nn.Module, state_dict: dict, *, reset_class
             problems.append(f"missing key {k}")
     if problems:
         shown = "; ".join(problems[:10]) + (f"; ... ({len(problems)} in all)" if len(problems) > 10 else "")
-        raise ConfigError(f"{source}: stage-1 weights do not fit the fine-tuning model: {shown}. "
+        raise ConfigError(f"{source}: the weights of model.init_from do not fit the model: {shown}. "
                           "Use the same model.arch/backbone/num_classes (model.reset_classifier "
                           "re-initialises only the classifier)")
     model.load_state_dict(to_load, strict=False)
     if not_loaded:
-        log.info("finetune: not loaded from %s (kept as initialised): %s", source, ", ".join(not_loaded))
+        log.info("model.init_from: not loaded from %s (kept as initialised): %s", source, ", ".join(not_loaded))
     if ignored:
-        log.info("finetune: ignored from %s: %s", source, ", ".join(ignored))
+        log.info("model.init_from: ignored from %s: %s", source, ", ".join(ignored))
     return {"not_loaded": not_loaded, "ignored": ignored}
 
 
@@ -150,7 +150,7 @@ def init_from_checkpoint(cfg, model: torch.nn.Module, run_dir: str, resume: bool
     frozen = freeze_parameters(model, tc.freeze)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    log.info("finetune: %d of %d parameters trainable (%d tensors frozen by %s)", trainable, total,
+    log.info("train.freeze: %d of %d parameters trainable (%d tensors frozen by %s)", trainable, total,
              len(frozen), tc.freeze)
     if tc.mfs.enabled:
         check_frozen_features(model, tc.mfs.allow_stale_features)
@@ -202,7 +202,7 @@ def setup_mfs(cfg, model: torch.nn.Module, train_dataset, device: torch.device, 
     ckpt = last_checkpoint(resume_dir) if resume_dir is not None else None
     if ckpt is not None:
         model.load_state_dict(load_checkpoint(ckpt)["model"])
-    log.info("finetune: %r", mfs)
+    log.info("train.mfs: %r", mfs)
     prefill_memory(model, train_dataset, images_per_class=mc.prefill_images_per_class,
                    batch_size=cfg.data.batch_size, device=device, seed=seed, num_workers=cfg.data.num_workers,
                    progress=progress)

@@ -27,7 +27,6 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.distributed as dist
 
 from taildet.data.loading import EpochBatches, SeededDataset, list_collate, sample_seed, to_device
 from taildet.engine.builders import (build_datasets, build_model_from_cfg, build_optimizer, build_sampler,
@@ -42,7 +41,7 @@ from taildet.engine.stage2 import init_from_checkpoint, setup_mfs
 from taildet.errors import ConfigError, TrainingDivergedError
 from taildet.fileio import atomic_write_text
 from taildet.losses.base import ClassificationLoss
-from taildet.utils.comm import (all_gather_object, barrier, broadcast_object, get_rank, get_world_size,
+from taildet.utils.comm import (all_gather_object, all_true, barrier, broadcast_object, get_rank, get_world_size,
                                 is_main_process, reduce_loss_dict, unwrap_model)
 
 __all__ = ["TrainingDivergedError", "train", "run_training", "amp_setup", "frozen_norm_modules", "Hook"]
@@ -79,12 +78,8 @@ def _set_train_mode(model: torch.nn.Module, frozen_norms: list[torch.nn.Module])
 
 
 def _all_finite(values: Sequence[torch.Tensor]) -> bool:
-    flag = torch.tensor(float(all(bool(torch.isfinite(v).all()) for v in values)))
-    if get_world_size() > 1:
-        dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        flag = flag.to(dev)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item() > 0)
+    """Whether every value is finite on every process (the same answer on all of them)."""
+    return all_true(all(bool(torch.isfinite(v).all()) for v in values))
 
 
 def _truncate_metrics(path: str, iteration: int) -> None:

@@ -45,8 +45,9 @@ import math
 from typing import Protocol, runtime_checkable
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
+
+from taildet.utils.comm import all_reduce_mean, get_world_size
 
 #: The per-class training-set statistics a loss may declare in ``needs`` (each a ``[C]`` vector of
 #: the training set: instances per class, images per class, images per class / images).
@@ -76,12 +77,9 @@ def reduce_loss(values: Tensor, normalizer: Tensor | float, weight: Tensor | Non
 
 
 def mean_over_ranks(value: Tensor) -> Tensor:
-    """``value`` averaged over DDP ranks when ``torch.distributed`` is initialised (else itself)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        value = value.detach().clone()
-        dist.all_reduce(value)
-        value = value / dist.get_world_size()
-    return value
+    """``value`` averaged over DDP ranks (a new, detached tensor) when running distributed, else
+    ``value`` itself (:func:`taildet.utils.comm.all_reduce_mean`)."""
+    return all_reduce_mean(value) if get_world_size() > 1 else value
 
 
 def default_normalizer(num_pos: Tensor, normalizer: float | Tensor | None, dtype: torch.dtype) -> Tensor | float:

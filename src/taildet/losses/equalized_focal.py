@@ -1,9 +1,10 @@
 """Equalized Focal Loss (EFL) and Equalized Quality Focal Loss (EQFL) for one-stage detectors
-(Li et al., "Equalized Focal Loss for Dense Long-Tailed Object Detection", seed 003).
+(Li et al., "Equalized Focal Loss for Dense Long-Tailed Object Detection", seed 003;
+``shared/spec/methods.md`` section 4).
 
 ``K = C`` sigmoid outputs per anchor, no background column. With ``p = sigmoid(x)``, a binary
 target ``t``, ``p_t = p t + (1 - p)(1 - t)``, ``alpha_t = alpha t + (1 - alpha)(1 - t)`` and, per
-class ``j``::
+class ``j`` (methods.md section 4)::
 
     r_j     = clamp(G+_j / (G-_j + 1e-10), 0, 1)      (pos_neg_ratio)
     gamma_j = gamma_b + s (1 - r_j)                     (focusing factor)
@@ -17,8 +18,8 @@ never ``log(sigmoid(x))``, so saturated logits (``|x| = 100``) give finite losse
 For EQFL, ``q_ij`` is the localisation quality (IoU of the detached decoded box with its GT) on
 the positive entry ``j = label`` of a positive anchor and 0 everywhere else; EQFL has no alpha.
 
-Gradient (derived once, used by the custom backward; ``CE = -log p_t``, ``u = 1 - p_t``,
-``p(1 - p) = p_t u``)::
+Gradient (the paper's appendix eq. 6, derived once and used by the custom backward;
+``CE = -log p_t``, ``u = 1 - p_t``, ``p(1 - p) = p_t u``)::
 
     d/dx [c u^g CE]  for t = 1:  -c u^g (g p CE + u)        (u = 1 - p)
                      for t = 0:  +c p^g (g (1 - p) CE + p)   (u = p, CE = -log(1 - p))
@@ -29,6 +30,11 @@ with ``c = alpha_t w_j / normalizer`` (EFL) or ``w_j / normalizer`` (EQFL); ``ga
 ``w_j`` come from the state and get no gradient. A negative EQFL entry (``q = 0``) is exactly the
 ``t = 0`` EFL formula without alpha.
 
+The loss is written plainly in :func:`equalized_focal_loss` (a dense target matrix, both formulas
+on every entry). Its fast path, :func:`taildet.ops.efl_kernel.sparse_focal_loss_and_grad`
+(the negative formula on every entry, the few positive entries corrected: no target matrix), is
+chosen per device by :func:`taildet.ops.use_fast_path`, as for the other losses, and tested equal.
+
 State and when it changes
 -------------------------
 Buffers (so ``state_dict``/checkpoints keep them): ``pos_grad`` = G+ and ``neg_grad`` = G-
@@ -36,8 +42,8 @@ Buffers (so ``state_dict``/checkpoints keep them): ``pos_grad`` = G+ and ``neg_g
 as plain focal loss). The loss is a custom :class:`torch.autograd.Function`: its forward computes
 the loss *and* the analytic gradient in one pass, its backward multiplies that gradient by the
 incoming ``grad_output`` (chain rule: any loss weight, the sum with other losses, AMP's GradScaler
-scale) and calls :meth:`EqualizedFocalLoss._accumulate` with it -- no module hooks. So, for one
-iteration:
+scale) and calls :meth:`EqualizedFocalLoss._accumulate` -- the one place the state changes -- with
+it; no module hooks. So, for one iteration:
 
 1. ``forward`` reads ``r`` as left by the previous backward (``gamma_j``, ``w_j`` of iteration
    ``t`` use the gradients of iterations ``< t``);
@@ -48,12 +54,12 @@ iteration:
 Details:
 
 * Accumulation is in float32 (or float64 for a float64 module) whatever the logits' dtype (AMP).
-* DDP: when ``torch.distributed`` is initialised, the per-class sums are ``all_reduce``-d (sum)
-  inside the backward and divided by the world size. DDP averages gradients, so the objective it
-  optimises is the mean of the ranks' losses; ``g_rank / world_size`` is that objective's gradient
-  w.r.t. the rank's logits, and the state equals that of one process seeing all ranks' anchors
-  when the normalizer is the rank-averaged positive count (the default). Every rank must run the
-  backward of this loss (it always does under DDP).
+* DDP: the per-class sums are averaged over processes inside the backward
+  (:func:`taildet.utils.comm.all_reduce_mean_`: the sum divided by the world size). DDP averages
+  gradients, so the objective it optimises is the mean of the ranks' losses; ``g_rank /
+  world_size`` is that objective's gradient w.r.t. the rank's logits, and the state equals that
+  of one process seeing all ranks' anchors when the normalizer is the rank-averaged positive
+  count (the default). Every rank must run the backward of this loss (it always does under DDP).
 * GradScaler: the incoming gradient of a scaled backward is ``S`` times the true one. The
   accumulated ``g`` is divided by ``loss.grad_scale`` (1 by default), which the trainer sets to
   the scaler's current scale before every AMP backward (:func:`set_grad_scale`; a custom loop
@@ -61,13 +67,10 @@ Details:
   (without it, iterations run with a larger ``S`` would weigh more in the cumulative sums). A
   contribution that is not finite (after the DDP reduction, so every rank agrees) is dropped, so
   an overflowing iteration that GradScaler skips cannot poison the state.
-* Set ``loss.update_state = False`` to freeze the state (e.g. a fine-tune with fixed ratios).
+* Set ``loss.update_state = False`` to freeze the state (e.g. a stage 2 with fixed ratios).
 
 Also usable outside detection (any ``[N, C]`` multi-label logits with a ``{0, 1}`` target
 matrix): :meth:`EqualizedFocalLoss.forward_multilabel`.
-
-Implementation note: the negative formula is evaluated on the whole ``[N, C]`` matrix and the few
-positive entries (one per positive anchor) are then corrected, so no dense target matrix is built.
 """
 
 from __future__ import annotations
@@ -75,17 +78,20 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from taildet.losses.base import SigmoidClassificationLoss, check_prior
-from taildet.losses.focal import check_dense_inputs, default_normalizer, mean_over_ranks  # noqa: F401
+from taildet.losses.focal import check_dense_inputs, default_normalizer, mean_over_ranks, sparse_positives  # noqa: F401
+from taildet.ops import use_fast_path
+from taildet.ops.efl_kernel import sparse_focal_loss_and_grad
+from taildet.utils.comm import all_reduce_mean_
 
 __all__ = [
     "EqualizedFocalLoss",
     "EqualizedQualityFocalLoss",
+    "equalized_focal_loss",
     "equalized_focal_loss_terms",
     "equalized_focal_loss_grad",
     "equalized_quality_focal_loss_terms",
@@ -99,13 +105,61 @@ _EPS = 1e-10
 
 
 # ----------------------------------------------------------------------------------------------
-# pure maths
+# the loss, written plainly (methods.md section 4)
 
 
 def focusing_factors(ratio: Tensor, gamma_b: float, scale: float) -> tuple[Tensor, Tensor]:
-    """``(gamma_j, w_j)`` from the positive/negative gradient ratio ``r_j`` (``[C]``)."""
+    """``(gamma_j, w_j)`` from the positive/negative gradient ratio ``r_j`` (``[C]``):
+    ``gamma_j = gamma_b + s (1 - r_j)``, ``w_j = gamma_j / gamma_b`` (methods.md section 4)."""
     gamma = gamma_b + scale * (1.0 - ratio)
     return gamma, gamma / gamma_b
+
+
+def equalized_focal_loss(
+    x: Tensor,
+    rows: Tensor,
+    cols: Tensor,
+    gamma: Tensor,
+    weight: Tensor,
+    normalizer: Tensor | float,
+    *,
+    alpha: float = 0.25,
+    quality: Tensor | None = None,
+    need_grad: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """EFL (``quality is None``) or EQFL of logits ``x`` ``[N, C]`` and its gradient, as methods.md
+    section 4 writes them: ``(sum_ij l_ij / normalizer, d/dx of it)`` (the gradient None unless
+    ``need_grad``).
+
+    The targets: ``t_ij = 1`` on the positive entries ``x[rows, cols]`` (each at most once), 0
+    elsewhere; for EQFL ``q_ij`` = ``quality`` ``[P]`` on them, 0 elsewhere. ``l_ij`` is
+    ``alpha_t w_j (1 - p_t)^gamma_j (-log p_t)`` (EFL; ``alpha < 0``: no alpha) or
+    ``w_j |q_ij - p|^gamma_j BCE(x_ij, q_ij)`` (EQFL), with ``gamma``, ``weight`` the ``[C]``
+    vectors ``gamma_j``, ``w_j``; its derivative is the paper's appendix eq. 6 (module docstring).
+    """
+    t = torch.zeros_like(x)
+    t[rows, cols] = 1.0
+    if quality is None:
+        terms, grad = _efl_terms(x, t, gamma, weight, alpha)
+    else:
+        q = torch.zeros_like(x)
+        q[rows, cols] = quality.to(x.dtype)
+        terms, grad = _quality_terms(x, q, gamma, weight)
+    return terms.sum() / normalizer, (grad / normalizer if need_grad else None)
+
+
+def _efl_terms(x: Tensor, targets: Tensor, gamma: Tensor, weight: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
+    """Element-wise EFL ``alpha_t w_j (1 - p_t)^gamma_j (-log p_t)`` and its derivative."""
+    a_pos, a_neg = _alphas(alpha)
+    loss_p, grad_p = _positive_terms(x, gamma, a_pos * weight)
+    loss_n, grad_n = _negative_terms(x, gamma, a_neg * weight)
+    pos = targets > 0
+    return torch.where(pos, loss_p, loss_n), torch.where(pos, grad_p, grad_n)
+
+
+def _alphas(alpha: float) -> tuple[float, float]:
+    """``(alpha_t for t = 1, alpha_t for t = 0)``; ``alpha < 0`` disables it (both 1)."""
+    return (alpha, 1.0 - alpha) if alpha >= 0 else (1.0, 1.0)
 
 
 def _negative_terms(x: Tensor, gamma: Tensor | float, coef: Tensor | float) -> tuple[Tensor, Tensor]:
@@ -143,40 +197,29 @@ def _quality_terms(x: Tensor, q: Tensor, gamma: Tensor | float, coef: Tensor | f
     return loss, grad
 
 
-def _efl_dense(x: Tensor, targets: Tensor, gamma: Tensor, weight: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
-    t = targets.to(x.dtype)
-    if t.numel() and not bool(((t == 0) | (t == 1)).all()):
+def _check_binary(targets: Tensor) -> None:
+    if targets.numel() and not bool(((targets == 0) | (targets == 1)).all()):
         raise ValueError("equalized focal loss: targets must be 0 or 1")
-    a_pos, a_neg = (alpha, 1.0 - alpha) if alpha >= 0 else (1.0, 1.0)
-    loss_p, grad_p = _positive_terms(x, gamma, a_pos * weight)
-    loss_n, grad_n = _negative_terms(x, gamma, a_neg * weight)
-    pos = t > 0
-    return torch.where(pos, loss_p, loss_n), torch.where(pos, grad_p, grad_n)
 
 
 def equalized_focal_loss_terms(
     logits: Tensor, targets: Tensor, gamma: Tensor | float, weight: Tensor | float = 1.0, alpha: float = 0.25
 ) -> Tensor:
-    """Element-wise EFL ``alpha_t w_j (1 - p_t)^gamma_j (-log p_t)``, same shape as ``logits``.
-
-    Args:
-        logits: ``[N, C]`` raw logits.
-        targets: ``[N, C]`` binary targets (0 or 1).
-        gamma: per-class focusing factors ``[C]`` (or a scalar).
-        weight: per-class weighting factors ``[C]`` (or a scalar).
-        alpha: positive weight (``1 - alpha`` for negatives); ``< 0`` disables it.
-    No reduction, no normalizer.
-    """
+    """Element-wise EFL ``alpha_t w_j (1 - p_t)^gamma_j (-log p_t)`` of ``logits`` ``[N, C]`` with
+    binary ``targets`` ``[N, C]``, per-class ``gamma`` and ``weight`` (``[C]`` or scalars) and
+    ``alpha`` (``< 0`` disables it); same shape as ``logits``, no reduction, no normalizer."""
+    _check_binary(targets)
     gamma, weight = _as_class_vector(gamma, logits), _as_class_vector(weight, logits)
-    return _efl_dense(logits, targets, gamma, weight, alpha)[0]
+    return _efl_terms(logits, targets.to(logits.dtype), gamma, weight, alpha)[0]
 
 
 def equalized_focal_loss_grad(
     logits: Tensor, targets: Tensor, gamma: Tensor | float, weight: Tensor | float = 1.0, alpha: float = 0.25
 ) -> Tensor:
     """Element-wise derivative of :func:`equalized_focal_loss_terms` w.r.t. ``logits`` (analytic)."""
+    _check_binary(targets)
     gamma, weight = _as_class_vector(gamma, logits), _as_class_vector(weight, logits)
-    return _efl_dense(logits, targets, gamma, weight, alpha)[1]
+    return _efl_terms(logits, targets.to(logits.dtype), gamma, weight, alpha)[1]
 
 
 def equalized_quality_focal_loss_terms(
@@ -200,7 +243,11 @@ def _as_class_vector(value: Tensor | float, like: Tensor) -> Tensor:
     return torch.as_tensor(value, dtype=like.dtype, device=like.device)
 
 
-def sparse_loss_and_grad(
+# ----------------------------------------------------------------------------------------------
+# the fast path (taildet.ops.efl_kernel)
+
+
+def _sparse_loss_and_grad(
     x: Tensor,
     rows: Tensor,
     cols: Tensor,
@@ -212,58 +259,19 @@ def sparse_loss_and_grad(
     quality: Tensor | None = None,
     need_grad: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
-    """Summed, normalised EFL (``quality is None``) or EQFL, and its gradient w.r.t. ``x``.
-
-    The targets are given sparsely: ``x[rows, cols]`` are the positive entries (each at most once),
-    every other entry of ``x`` ``[N, C]`` is a negative. ``quality`` ``[P]`` gives EQFL's ``q`` of
-    each positive entry. Returns ``(loss, grad)`` with ``grad = d loss / d x`` ``[N, C]``
-    (None when ``need_grad`` is false). ``alpha`` is ignored for EQFL.
-    """
-    if quality is None:
-        a_pos, a_neg = (alpha, 1.0 - alpha) if alpha >= 0 else (1.0, 1.0)
-    else:
-        a_pos, a_neg = 1.0, 1.0
+    """:func:`equalized_focal_loss` without a target matrix: every entry as a negative, then the
+    positive entries corrected with this file's terms (:func:`sparse_focal_loss_and_grad`)."""
+    a_pos, a_neg = _alphas(alpha) if quality is None else (1.0, 1.0)
     coef = weight / normalizer  # [C]
-    # negatives everywhere ...
-    ce = -F.logsigmoid(-x)
-    p = torch.sigmoid(x)
-    p_gamma = p.pow(gamma)
-    loss = (p_gamma * ce).sum(0).mul_(coef).sum() * a_neg
-    grad = None
-    if need_grad:
-        grad = torch.sigmoid(-x).mul_(gamma).mul_(ce).add_(p).mul_(p_gamma).mul_(coef * a_neg)
-    del ce, p, p_gamma
-    # ... then the positive entries corrected
-    if rows.numel() > 0:
-        xs = x[rows, cols]
-        g_s, c_s = gamma[cols], coef[cols]
-        wrong, _ = _negative_terms(xs, g_s, c_s * a_neg)
-        if quality is None:
-            right, right_grad = _positive_terms(xs, g_s, c_s * a_pos)
-        else:
-            right, right_grad = _quality_terms(xs, quality.to(xs.dtype), g_s, c_s)
-        loss = loss + (right.sum() - wrong.sum())
-        if grad is not None:
-            grad[rows, cols] = right_grad
-    return loss, grad
-
-
-def sparse_positives(
-    logits: Tensor, labels: Tensor, quality: Tensor | None, num_classes: int
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor]:
-    """Drop the ignored anchors (label ``-1``) and locate the positive entries.
-
-    Returns ``(logits, labels, quality, rows, cols)`` restricted to the non-ignored anchors
-    (``quality`` stays None when None), with ``logits[rows, cols]`` the positive entries (one per
-    positive anchor, ``cols`` its label). The inputs are returned as they are when nothing is ignored.
-    """
-    valid = labels >= 0
-    if not bool(valid.all()):
-        logits, labels = logits[valid], labels[valid]
-        if quality is not None:
-            quality = quality[valid]
-    rows = torch.where(labels < num_classes)[0]
-    return logits, labels, quality, rows, labels[rows]
+    g_s, c_s = gamma[cols], coef[cols]
+    if quality is None:
+        def positive_terms(xs: Tensor) -> tuple[Tensor, Tensor]:
+            return _positive_terms(xs, g_s, c_s * a_pos)
+    else:
+        def positive_terms(xs: Tensor) -> tuple[Tensor, Tensor]:
+            return _quality_terms(xs, quality.to(xs.dtype), g_s, c_s)
+    return sparse_focal_loss_and_grad(x, rows, cols, gamma, coef, positive_terms, negative_scale=a_neg,
+                                      need_grad=need_grad)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,18 +279,18 @@ def sparse_positives(
 
 
 class _EqualizedFunction(torch.autograd.Function):
-    """Forward returns the loss and keeps its analytic gradient; backward scales it by the
-    incoming gradient and hands it to ``on_backward`` (the module's ``_accumulate``)."""
+    """Forward returns the loss and keeps its analytic gradient (``compute``: the plain
+    :func:`equalized_focal_loss` or its fast path); backward scales it by the incoming gradient
+    and hands it to ``on_backward`` (the module's ``_accumulate``)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, logits, rows, cols, gamma, weight, normalizer, alpha, quality, on_backward
+        ctx, logits, rows, cols, gamma, weight, normalizer, alpha, quality, compute, on_backward
     ):
         x = logits.detach().to(torch.promote_types(logits.dtype, torch.float32))
         with torch.autocast(device_type=x.device.type, enabled=False):
-            loss, grad = sparse_loss_and_grad(
-                x, rows, cols, gamma.to(x.dtype), weight.to(x.dtype), normalizer, alpha=alpha, quality=quality
-            )
+            loss, grad = compute(x, rows, cols, gamma.to(x.dtype), weight.to(x.dtype), normalizer, alpha=alpha,
+                                 quality=quality)
         ctx.save_for_backward(grad, rows, cols)
         ctx.on_backward = on_backward
         ctx.logits_dtype = logits.dtype
@@ -295,7 +303,7 @@ class _EqualizedFunction(torch.autograd.Function):
         g = grad * grad_output.to(grad.dtype)
         if ctx.on_backward is not None:
             ctx.on_backward(g, (rows, cols))
-        return g.to(ctx.logits_dtype), None, None, None, None, None, None, None, None
+        return g.to(ctx.logits_dtype), None, None, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -380,9 +388,7 @@ class EqualizedFocalLoss(SigmoidClassificationLoss):
         pos = torch.zeros_like(self.pos_grad).index_add_(0, cols, g[rows, cols])
         g[rows, cols] = 0
         delta = torch.stack([pos, g.sum(0)])
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(delta)
-            delta /= dist.get_world_size()
+        all_reduce_mean_(delta)  # over DDP processes (the module docstring says why the mean)
         delta = torch.where(torch.isfinite(delta).all(), delta, torch.zeros_like(delta))
         self.pos_grad += delta[0]
         self.neg_grad += delta[1]
@@ -399,14 +405,16 @@ class EqualizedFocalLoss(SigmoidClassificationLoss):
     ) -> Tensor:
         gamma, weight = self.focusing_factors()
         alpha = self.alpha
+        if use_fast_path(logits.device):  # no dense target matrix (taildet.ops.efl_kernel)
+            compute: Callable = _sparse_loss_and_grad
+        else:
+            compute = equalized_focal_loss
         if torch.is_grad_enabled() and logits.requires_grad:
-            on_backward: Callable | None = self._accumulate
-            return _EqualizedFunction.apply(logits, rows, cols, gamma, weight, normalizer, alpha, quality, on_backward)
+            return _EqualizedFunction.apply(logits, rows, cols, gamma, weight, normalizer, alpha, quality, compute,
+                                            self._accumulate)
         x = logits.to(torch.promote_types(logits.dtype, torch.float32))
         gamma, weight = gamma.to(x.dtype), weight.to(x.dtype)
-        return sparse_loss_and_grad(
-            x, rows, cols, gamma, weight, normalizer, alpha=alpha, quality=quality, need_grad=False
-        )[0]
+        return compute(x, rows, cols, gamma, weight, normalizer, alpha=alpha, quality=quality, need_grad=False)[0]
 
     def _quality_of(self, quality: Tensor | None, labels: Tensor, rows: Tensor) -> Tensor | None:
         return None

@@ -29,7 +29,7 @@ from taildet.losses.base import ClassificationLoss, SigmoidClassificationLoss, c
 from taildet.losses.base import mean_over_ranks as mean_over_ranks  # re-exported
 from taildet.losses.state import label_range
 
-__all__ = ["SigmoidFocalLoss", "focal_loss", "dense_targets", "check_dense_inputs"]
+__all__ = ["SigmoidFocalLoss", "focal_loss", "dense_targets", "sparse_positives", "check_dense_inputs"]
 
 
 def focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
@@ -87,6 +87,24 @@ def dense_targets(labels: Tensor, num_classes: int, dtype: torch.dtype) -> tuple
     targets = torch.zeros(kept.shape[0], num_classes + 1, dtype=dtype, device=labels.device)
     targets[torch.arange(kept.shape[0], device=labels.device), kept] = 1.0
     return valid, targets[:, :num_classes]
+
+
+def sparse_positives(
+    logits: Tensor, labels: Tensor, quality: Tensor | None, num_classes: int
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor]:
+    """Drop the ignored anchors (label ``-1``) and locate the positive entries.
+
+    Returns ``(logits, labels, quality, rows, cols)`` restricted to the non-ignored anchors
+    (``quality`` stays None when None), with ``logits[rows, cols]`` the positive entries (one per
+    positive anchor, ``cols`` its label). The inputs are returned as they are when nothing is ignored.
+    """
+    valid = labels >= 0
+    if not bool(valid.all()):
+        logits, labels = logits[valid], labels[valid]
+        if quality is not None:
+            quality = quality[valid]
+    rows = torch.where(labels < num_classes)[0]
+    return logits, labels, quality, rows, labels[rows]
 
 
 class SigmoidFocalLoss(SigmoidClassificationLoss):

@@ -15,10 +15,10 @@ import math
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from taildet.losses.base import ClassificationLoss
+from taildet.utils.comm import all_reduce_mean_, get_world_size
 
 __all__ = ["BETAS", "EPS", "check_beta", "OnlineLogitNormalization", "OnlineLogNLoss"]
 
@@ -146,14 +146,9 @@ class OnlineLogitNormalization(nn.Module):
     def sync_state(self) -> None:
         """Average the EMA statistics over DDP ranks (no-op in one process). The trainer calls
         ``sync_state`` of every submodule after each optimizer step."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if get_world_size() == 1:
             return
-        dev = self.running_mean.device
-        if dist.get_backend() == "nccl":
-            dev = torch.device("cuda", torch.cuda.current_device())
-        packed = torch.cat([self.running_mean, self.running_var]).to(dev)
-        dist.all_reduce(packed)
-        packed = (packed / dist.get_world_size()).to(self.running_mean.device)
+        packed = all_reduce_mean_(torch.cat([self.running_mean, self.running_var]))
         k = self.num_outputs
         self.running_mean.copy_(packed[:k])
         self.running_var.copy_(packed[k:])

@@ -8,6 +8,10 @@ class, 0 on every other entry and on every entry of negative anchors)::
 
 summed over non-ignored anchors and all ``C`` classes and divided by the normalizer (default: the
 number of positive anchors, averaged over DDP ranks, at least 1). Stateless; plain autograd.
+Written plainly on the dense target ``q`` (:func:`quality_focal_loss` of every entry); the fast
+path :func:`taildet.ops.efl_kernel.sparse_focal_loss_and_grad` (no target matrix: every entry as a
+negative, the positive entries corrected) is chosen per device by
+:func:`taildet.ops.use_fast_path` and tested equal.
 :class:`~taildet.losses.equalized_focal.EqualizedQualityFocalLoss` with every gradient ratio
 equal to 1 is exactly this loss with ``beta = gamma_b``.
 """
@@ -18,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from taildet.losses.base import SigmoidClassificationLoss, check_prior
-from taildet.losses.equalized_focal import default_normalizer, sparse_positives
-from taildet.losses.focal import check_dense_inputs
+from taildet.losses.base import SigmoidClassificationLoss, check_prior, default_normalizer
+from taildet.losses.focal import check_dense_inputs, sparse_positives
+from taildet.ops import use_fast_path
+from taildet.ops.efl_kernel import sparse_focal_loss_and_grad
 
 __all__ = ["QualityFocalLoss", "quality_focal_loss"]
 
@@ -72,12 +77,14 @@ class QualityFocalLoss(SigmoidClassificationLoss):
         logits, labels, quality, rows, cols = sparse_positives(logits, labels, quality, self.num_classes)
         normalizer = default_normalizer(rows.new_tensor(rows.numel()), normalizer, torch.float32)
         x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-        # every entry as a negative (q = 0), then the positive entries corrected: no dense targets
-        p = torch.sigmoid(x)
-        loss = (p.pow(self.beta) * -F.logsigmoid(-x)).sum()
-        if rows.numel() > 0:
-            xs = x[rows, cols]
-            q = quality[rows].detach().to(xs.dtype).clamp(0.0, 1.0)
-            loss = loss - quality_focal_loss(xs, torch.zeros_like(xs), self.beta).sum()
-            loss = loss + quality_focal_loss(xs, q, self.beta).sum()
+        q = quality[rows].detach().to(x.dtype).clamp(0.0, 1.0)  # the positive entries' targets
+        if use_fast_path(logits.device):  # no dense target matrix (taildet.ops.efl_kernel)
+            def positive_terms(xs: Tensor) -> tuple[Tensor, None]:
+                return quality_focal_loss(xs, q, self.beta), None
+
+            loss = sparse_focal_loss_and_grad(x, rows, cols, self.beta, 1.0, positive_terms, need_grad=False)[0]
+        else:
+            soft = torch.zeros_like(x)
+            soft[rows, cols] = q
+            loss = quality_focal_loss(x, soft, self.beta).sum()
         return loss / normalizer

@@ -30,7 +30,11 @@ __all__ = [
     "TailFCOSHead",
     "anchor_labels",
     "anchor_quality",
+    "HEAD_NORMS",
 ]
+
+#: The ``head_norm`` names of the dense heads' towers: none (torchvision's v1 head), GroupNorm, BatchNorm.
+HEAD_NORMS = ("none", "gn", "bn")
 
 
 def _head_norm(head_norm: str | None, channels: int) -> Callable[[int], nn.Module] | None:
@@ -41,7 +45,7 @@ def _head_norm(head_norm: str | None, channels: int) -> Callable[[int], nn.Modul
         return partial(nn.GroupNorm, groups)
     if head_norm == "bn":
         return nn.BatchNorm2d
-    raise ConfigError(f"head_norm must be None, 'none', 'gn' or 'bn', got {head_norm!r}")
+    raise ConfigError(f"head_norm must be None or one of {', '.join(HEAD_NORMS)}, got {head_norm!r}")
 
 
 def _new_cls_head(loss: ClassificationLoss, logit_transform: nn.Module | None, detector_kwargs: dict) -> ClassificationHead:

@@ -1,10 +1,13 @@
 """Fast paths of the classification losses, kept apart from the methods.
 
 Every loss in :mod:`taildet.losses` is written plainly first (its paper's formula with torch ops,
-differentiated by autograd). Some also have a *fast path* here: a row-blocked kernel with its
-closed-form gradient (:mod:`taildet.ops.rowwise`) that on CPU never allocates a ``[N, K]``
-temporary besides the gradient (work buffers come from a keyed per-thread pool,
-:mod:`taildet.ops.pool`). The fast path is tested equal to the plain form (values and gradients).
+differentiated by autograd, or by its closed-form gradient where the method needs that gradient:
+EFL / EQFL). Some also have a *fast path* here: a row-blocked kernel with its closed-form
+gradient (:mod:`taildet.ops.rowwise`) that on CPU never allocates a ``[N, K]`` temporary besides
+the gradient (work buffers come from a keyed per-thread pool, :mod:`taildet.ops.pool`), or, for
+the dense one-stage losses EFL / EQFL / QFL, an evaluation without a target matrix
+(:mod:`taildet.ops.efl_kernel`). The fast path is tested equal to the plain form (values and
+gradients).
 
 Which path runs is chosen per device type with :func:`use_fast_path` / :func:`set_fast_path`.
 Default: on for ``cpu`` and ``cuda`` (the numbers every result so far was made with), off for any

@@ -28,9 +28,12 @@ __all__ = [
     "world_size",
     "is_main_process",
     "barrier",
+    "init_process_group",
     "comm_device",
     "all_reduce_mean",
     "all_reduce_sum_",
+    "all_reduce_mean_",
+    "all_true",
     "all_gather_cat",
     "all_gather_object",
     "broadcast_object",
@@ -71,6 +74,13 @@ def barrier() -> None:
         dist.barrier()
 
 
+def init_process_group(backend: str, rank: int, world_size: int) -> None:
+    """Initialise the default process group (``env://``: ``MASTER_ADDR`` / ``MASTER_PORT`` from
+    the environment). :func:`taildet.engine.distributed.init_distributed` calls it with
+    torchrun's ``RANK`` / ``WORLD_SIZE``."""
+    dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+
+
 def comm_device() -> torch.device:
     """The device collectives go through: the current CUDA device under ``nccl``, else the host."""
     if is_distributed() and dist.get_backend() == "nccl":
@@ -104,6 +114,27 @@ def all_reduce_sum_(tensor: Tensor) -> Tensor:
     with torch.no_grad():
         tensor.copy_(buf)
     return tensor
+
+
+def all_reduce_mean_(tensor: Tensor) -> Tensor:
+    """Average ``tensor`` over all processes, in place (the sum divided by the world size);
+    returns it. No-op in one process."""
+    if not is_distributed() or get_world_size() == 1:
+        return tensor
+    all_reduce_sum_(tensor)
+    with torch.no_grad():
+        tensor /= get_world_size()
+    return tensor
+
+
+def all_true(flag: bool) -> bool:
+    """True when ``flag`` is true on every process (a MIN reduction: the same answer everywhere);
+    ``flag`` itself in one process."""
+    if not is_distributed() or get_world_size() == 1:
+        return bool(flag)
+    t = torch.tensor(1.0 if flag else 0.0, device=comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item() > 0)
 
 
 def all_gather_cat(tensor: Tensor) -> Tensor:
