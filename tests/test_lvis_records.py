@@ -254,6 +254,10 @@ def test_dataset_from_dict_identical(tmp_path):
     for with_masks in (False, True):
         new = LVISDataset(path, str(tmp_path), copy.deepcopy(data), with_masks=with_masks)
         assert_same_dataset(new, reference_load(path, with_masks=with_masks))
+    assert _outcome(lambda: dataset_stats(copy.deepcopy(data))) == _outcome(lambda: reference_stats(data))
+    for seed in range(10):
+        broken = mutated(seed)
+        assert _outcome(lambda b=broken: dataset_stats(copy.deepcopy(b))) == _outcome(lambda b=broken: reference_stats(b))
 
 
 def test_views_are_read_only_sequences(tmp_path):
