@@ -260,6 +260,15 @@ def test_dataset_from_dict_identical(tmp_path):
         assert _outcome(lambda b=broken: dataset_stats(copy.deepcopy(b))) == _outcome(lambda b=broken: reference_stats(b))
 
 
+def test_dataset_pickles(tmp_path):
+    """A spawn-started worker gets the dataset pickled: the records travel as they are."""
+    import pickle
+
+    path = write(tmp_path, generated(3))
+    ds = load_lvis(path, with_masks=True)
+    assert_same_dataset(pickle.loads(pickle.dumps(ds)), reference_load(path, with_masks=True))
+
+
 def test_views_are_read_only_sequences(tmp_path):
     ds = load_lvis(write(tmp_path, generated(1)))
     k = next(i for i, a in enumerate(ds.annotations_per_image) if a)
