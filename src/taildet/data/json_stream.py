@@ -36,9 +36,13 @@ class ArrayConsumer(Protocol):
 
     wants_text: bool
 
-    def add_batch(self, items: list, texts: list[str] | None) -> None: ...
+    def add_batch(self, items: list, texts: list[str] | None) -> None:
+        """Take the next elements (in order)."""
+        ...
 
-    def finish(self) -> Any: ...
+    def finish(self) -> Any:
+        """The array's value in the result, once every element was given."""
+        ...
 
 
 class _Fallback(Exception):
