@@ -1,13 +1,14 @@
 """Validation of LVIS / COCO instance annotations: the id, RLE and segmentation checks (shared with
-the evaluation's results reader), the frequency groups, and :func:`parse_lvis`, which checks a whole
-instances JSON and indexes it into an :class:`~taildet.data.lvis.LVISDataset`. The policy (what is
-an error, what ``skip_invalid`` drops) is in :mod:`taildet.data.lvis`'s docstring."""
+the evaluation's results reader), the frequency groups, and the checks of an instances file's
+sections -- categories, images, and one annotation at a time (:func:`check_annotation`, the
+definition of what is kept, skipped or an error). :func:`taildet.data.lvis_index.parse_lvis` runs
+them over a whole file. The policy (what is an error, what ``skip_invalid`` drops) is in
+:mod:`taildet.data.lvis`'s docstring."""
 
 from __future__ import annotations
 
 import math
 import re
-import warnings
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
@@ -18,8 +19,7 @@ from taildet.errors import DataError
 if TYPE_CHECKING:  # the dataset class imports this module
     from taildet.data.lvis import LVISDataset
 
-__all__ = ["BOX_TOLERANCE", "MAX_SAFE_ID", "federated_ids_problem", "frequency_group", "id_problem", "parse_lvis",
-           "rle_counts_problem"]
+__all__ = ["BOX_TOLERANCE", "MAX_SAFE_ID", "federated_ids_problem", "frequency_group", "id_problem", "rle_counts_problem"]
 
 
 #: Largest id magnitude accepted for images, categories and annotations: evaluation (faster-coco-eval)
@@ -154,20 +154,21 @@ def _check_segmentation(seg: Any, height: int, width: int) -> str | None:
 
 
 
-def parse_lvis(ds: LVISDataset, data: dict) -> None:
-    """Check ``data`` (an LVIS / COCO instances JSON object read from ``ds.path``) and set the
-    index attributes of ``ds`` (categories, images, per-image boxes and labels, counts, frequency
-    groups, skipped / clipped annotations); the policy is the module docstring's of
-    :mod:`taildet.data.lvis`."""
-    path = ds.path
+def check_sections(path: str, data: dict, annotation_types: tuple = (list,)) -> None:
+    """The three lists an instances file needs (``annotations`` may also be one of
+    ``annotation_types``: the reader's packed form)."""
     for key in ("images", "annotations", "categories"):
         if key not in data:
             raise DataError(path, "top level", f"missing required key '{key}'")
-        if not isinstance(data[key], list):
+        types = annotation_types if key == "annotations" else (list,)
+        if not isinstance(data[key], types):
             raise DataError(path, key, f"expected a list, got {type(data[key]).__name__}")
 
-    # ---- categories
-    cats_raw = data["categories"]
+
+def index_categories(ds: LVISDataset, cats_raw: list) -> dict[int, int]:
+    """Check the categories and set ``ds.categories`` / ``cat_ids`` / ``cat_id_to_label`` /
+    ``class_names`` / ``num_classes``; returns category id -> position in the file."""
+    path = ds.path
     if not cats_raw:
         raise DataError(path, "categories", "no categories: the dataset is empty")
     seen_cat: dict[int, int] = {}
@@ -202,9 +203,11 @@ def parse_lvis(ds: LVISDataset, data: dict) -> None:
     ds.cat_id_to_label: dict[int, int] = {cid: i for i, cid in enumerate(ds.cat_ids)}
     ds.class_names: list[str] = [str(c["name"]) for c in ds.categories]
     ds.num_classes: int = len(ds.categories)
+    return seen_cat
 
-    # ---- images
-    imgs_raw = data["images"]
+
+def check_images(path: str, imgs_raw: list, seen_cat: dict) -> list[dict]:
+    """Check the image dicts; returns them sorted by id."""
     if not imgs_raw:
         raise DataError(path, "images", "no images: the dataset is empty")
     seen_img: dict[int, int] = {}
@@ -240,131 +243,101 @@ def parse_lvis(ds: LVISDataset, data: dict) -> None:
         problem = federated_ids_problem(im, seen_cat)
         if problem is not None:
             raise DataError(path, f"image id {im['id']}", problem)
-    ds.images: list[dict] = sorted(imgs_raw, key=lambda im: im["id"])
-    ds.image_ids: list[int] = [im["id"] for im in ds.images]
-    ds.num_images: int = len(ds.images)
-    index_of = {iid: i for i, iid in enumerate(ds.image_ids)}
+    return sorted(imgs_raw, key=lambda im: im["id"])
 
-    # ---- annotations
-    skip = _Skipper(path, ds.skip_invalid)
-    anns_per_image: list[list[dict]] = [[] for _ in ds.images]
-    boxes_per_image: list[list[list[float]]] = [[] for _ in ds.images]
-    seen_ann: dict[Any, int] = {}
-    clipped = 0
+
+class AnnotationContext:
+    """What :func:`check_annotation` needs to know besides the annotation: the file, the skip
+    policy, the images (sorted ids, float widths / heights) and the categories."""
+
+    def __init__(self, ds: LVISDataset, skip: _Skipper, image_ids: np.ndarray, widths: np.ndarray,
+                 heights: np.ndarray):
+        self.path, self.skip, self.with_masks = ds.path, skip, ds.with_masks
+        self.cat_id_to_label = ds.cat_id_to_label
+        self.image_ids, self.widths, self.heights = image_ids, widths, heights
+
+    def image_index(self, image_id: Any) -> int | None:
+        """Position of ``image_id`` among the sorted images, or None."""
+        if not _is_int(image_id) or abs(image_id) > MAX_SAFE_ID:
+            return None
+        i = int(np.searchsorted(self.image_ids, image_id))
+        return i if i < len(self.image_ids) and int(self.image_ids[i]) == image_id else None
+
+
+def check_annotation(ctx: AnnotationContext, k: int, a: Any, first_index: int):
+    """Check ``annotations[k]`` = ``a``, in the policy's order; ``first_index``: the position of
+    the first annotation with ``a``'s id (any earlier one makes ``a`` a duplicate).
+
+    Structural problems raise; the others go to ``ctx.skip`` (which raises unless skipping) and
+    give ``(None, clipped)``. A kept annotation gives ``((image index, label, [x1, y1, x2, y2]
+    clipped to the image, area or None, iscrowd), clipped)``. ``clipped``: the box stuck out by
+    at most the tolerance (counted even when a later check skips the annotation).
+    """
+    path, skip = ctx.path, ctx.skip
+    if not isinstance(a, dict):
+        raise DataError(path, f"annotations[{k}]", f"expected an object, got {type(a).__name__}")
+    if "id" not in a:
+        raise DataError(path, f"annotations[{k}]", "missing required key 'id'")
+    aid = a["id"]
+    problem = id_problem(aid, "annotation")
+    if problem is not None:
+        raise DataError(path, f"annotations[{k}]", problem)
+    item = f"annotation id {aid}"
+    for key in ("image_id", "category_id", "bbox"):
+        if key not in a:
+            raise DataError(path, item, f"missing required key '{key}'")
+    if first_index != k:
+        raise DataError(path, item, f"duplicate annotation id (annotations[{first_index}] and annotations[{k}])")
+
+    idx = ctx.image_index(a["image_id"])
+    if idx is None:
+        skip(item, "unknown image id", f"image_id {a['image_id']!r} is not in 'images'")
+        return None, False
+    cid = a["category_id"]
+    if not _is_int(cid) or cid not in ctx.cat_id_to_label:
+        skip(item, "unknown category id", f"category_id {cid!r} is not in 'categories'")
+        return None, False
+    bbox = a["bbox"]
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+        skip(item, "malformed bbox", f"bbox must be a list of 4 numbers [x, y, w, h], got {bbox!r}")
+        return None, False
+    if not all(math.isfinite(v) for v in bbox):
+        skip(item, "non-finite bbox", f"bbox {bbox} has NaN or infinite values")
+        return None, False
+    x, y, w, h = (float(v) for v in bbox)
+    if w <= 0 or h <= 0:
+        skip(item, "non-positive box size", f"bbox {bbox} has width {w:g} and height {h:g}")
+        return None, False
+    image_id = int(ctx.image_ids[idx])
+    W, H = float(ctx.widths[idx]), float(ctx.heights[idx])
+    x1, y1, x2, y2 = x, y, x + w, y + h
     tol = BOX_TOLERANCE
-    for k, a in enumerate(data["annotations"]):
-        if not isinstance(a, dict):
-            raise DataError(path, f"annotations[{k}]", f"expected an object, got {type(a).__name__}")
-        if "id" not in a:
-            raise DataError(path, f"annotations[{k}]", "missing required key 'id'")
-        aid = a["id"]
-        problem = id_problem(aid, "annotation")
-        if problem is not None:
-            raise DataError(path, f"annotations[{k}]", problem)
-        item = f"annotation id {aid}"
-        for key in ("image_id", "category_id", "bbox"):
-            if key not in a:
-                raise DataError(path, item, f"missing required key '{key}'")
-        if aid in seen_ann:
-            raise DataError(
-                path, item, f"duplicate annotation id (annotations[{seen_ann[aid]}] and annotations[{k}])"
-            )
-        seen_ann[aid] = k
-
-        idx = index_of.get(a["image_id"]) if _is_int(a["image_id"]) else None
-        if idx is None:
-            skip(item, "unknown image id", f"image_id {a['image_id']!r} is not in 'images'")
-            continue
-        cid = a["category_id"]
-        if not _is_int(cid) or cid not in ds.cat_id_to_label:
-            skip(item, "unknown category id", f"category_id {cid!r} is not in 'categories'")
-            continue
-        bbox = a["bbox"]
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
-            skip(item, "malformed bbox", f"bbox must be a list of 4 numbers [x, y, w, h], got {bbox!r}")
-            continue
-        if not all(math.isfinite(v) for v in bbox):
-            skip(item, "non-finite bbox", f"bbox {bbox} has NaN or infinite values")
-            continue
-        x, y, w, h = (float(v) for v in bbox)
-        if w <= 0 or h <= 0:
-            skip(item, "non-positive box size", f"bbox {bbox} has width {w:g} and height {h:g}")
-            continue
-        im = ds.images[idx]
-        W, H = float(im["width"]), float(im["height"])
-        x1, y1, x2, y2 = x, y, x + w, y + h
-        if x1 < -tol or y1 < -tol or x2 > W + tol or y2 > H + tol:
-            skip(
-                item, "box outside image",
-                f"bbox {bbox} (xyxy [{x1:g}, {y1:g}, {x2:g}, {y2:g}]) extends more than "
-                f"{tol:g} px beyond image id {im['id']} of size {W:g}x{H:g} (WxH)",
-            )
-            continue
-        cx1, cy1 = min(max(x1, 0.0), W), min(max(y1, 0.0), H)
-        cx2, cy2 = min(max(x2, 0.0), W), min(max(y2, 0.0), H)
-        if cx2 <= cx1 or cy2 <= cy1:
-            skip(
-                item, "box outside image",
-                f"bbox {bbox} has no area inside image id {im['id']} of size {W:g}x{H:g} (WxH)",
-            )
-            continue
-        if (cx1, cy1, cx2, cy2) != (x1, y1, x2, y2):
-            clipped += 1
-        if "area" in a and not (_is_number(a["area"]) and math.isfinite(a["area"]) and a["area"] >= 0):
-            skip(item, "bad area", f"area must be a finite number >= 0, got {a['area']!r}")
-            continue
-        if "iscrowd" in a and a["iscrowd"] not in (0, 1):
-            skip(item, "bad iscrowd", f"iscrowd must be 0 or 1, got {a['iscrowd']!r}")
-            continue
-        if ds.with_masks:
-            if "segmentation" not in a:
-                skip(item, "bad segmentation", "no 'segmentation' but masks were requested")
-                continue
-            problem = _check_segmentation(a["segmentation"], int(H), int(W))
-            if problem is not None:
-                skip(item, "bad segmentation", problem)
-                continue
-        anns_per_image[idx].append(a)
-        boxes_per_image[idx].append([cx1, cy1, cx2, cy2])
-
-    ds.annotations_per_image: list[list[dict]] = anns_per_image
-    ds._boxes: list[np.ndarray] = [
-        np.asarray(b, dtype=np.float32).reshape(-1, 4) for b in boxes_per_image
-    ]
-    ds._labels: list[np.ndarray] = [
-        np.asarray([ds.cat_id_to_label[a["category_id"]] for a in anns], dtype=np.int64)
-        for anns in anns_per_image
-    ]
-    ds.labels_per_image: list[np.ndarray] = [np.unique(lab) for lab in ds._labels]
-    ds.num_annotations: int = sum(len(a) for a in anns_per_image)
-    ds.clipped_boxes: int = clipped
-    ds.skipped: dict[str, int] = dict(skip.counts)
-    ds.skipped_examples: list[str] = list(skip.examples)
-
-    C = ds.num_classes
-    ds.instance_counts = np.bincount(
-        np.concatenate(ds._labels) if ds._labels else np.zeros(0, np.int64), minlength=C
-    ).astype(np.int64)
-    ds.image_counts = np.bincount(
-        np.concatenate(ds.labels_per_image), minlength=C
-    ).astype(np.int64)
-    ds.image_frequency = ds.image_counts.astype(np.float64) / float(ds.num_images)
-
-    groups = []
-    for label, c in enumerate(ds.categories):
-        if "frequency" in c:
-            groups.append(c["frequency"])
-        elif "image_count" in c:
-            groups.append(frequency_group(int(c["image_count"])))
-        else:
-            groups.append(frequency_group(int(ds.image_counts[label])))
-    ds.frequency_groups: list[str] = groups
-
-    if ds.skipped:
-        total = sum(ds.skipped.values())
-        by_reason = ", ".join(f"{r}: {n}" for r, n in sorted(ds.skipped.items()))
-        warnings.warn(
-            f"{path}: skipped {total} invalid annotation(s) ({by_reason}); "
-            f"e.g. {ds.skipped_examples[0]}",
-            stacklevel=4,
+    if x1 < -tol or y1 < -tol or x2 > W + tol or y2 > H + tol:
+        skip(
+            item, "box outside image",
+            f"bbox {bbox} (xyxy [{x1:g}, {y1:g}, {x2:g}, {y2:g}]) extends more than "
+            f"{tol:g} px beyond image id {image_id} of size {W:g}x{H:g} (WxH)",
         )
+        return None, False
+    cx1, cy1 = min(max(x1, 0.0), W), min(max(y1, 0.0), H)
+    cx2, cy2 = min(max(x2, 0.0), W), min(max(y2, 0.0), H)
+    if cx2 <= cx1 or cy2 <= cy1:
+        skip(item, "box outside image", f"bbox {bbox} has no area inside image id {image_id} of size {W:g}x{H:g} (WxH)")
+        return None, False
+    clipped = (cx1, cy1, cx2, cy2) != (x1, y1, x2, y2)
+    if "area" in a and not (_is_number(a["area"]) and math.isfinite(a["area"]) and a["area"] >= 0):
+        skip(item, "bad area", f"area must be a finite number >= 0, got {a['area']!r}")
+        return None, clipped
+    if "iscrowd" in a and a["iscrowd"] not in (0, 1):
+        skip(item, "bad iscrowd", f"iscrowd must be 0 or 1, got {a['iscrowd']!r}")
+        return None, clipped
+    if ctx.with_masks:
+        if "segmentation" not in a:
+            skip(item, "bad segmentation", "no 'segmentation' but masks were requested")
+            return None, clipped
+        problem = _check_segmentation(a["segmentation"], int(H), int(W))
+        if problem is not None:
+            skip(item, "bad segmentation", problem)
+            return None, clipped
+    area = float(a["area"]) if _is_number(a.get("area")) else None
+    return (idx, ctx.cat_id_to_label[cid], (cx1, cy1, cx2, cy2), area, int(a.get("iscrowd", 0))), clipped

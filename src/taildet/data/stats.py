@@ -1,6 +1,7 @@
 """Dataset statistics of a LVIS/COCO annotation JSON: frequency groups, counts, long-tail plot.
 
-Works from the JSON directly (``json`` + ``numpy``), independent of the dataset reader, so it can
+Works from the JSON directly (``json`` + ``numpy``; the annotations streamed, a batch at a time,
+so a full LVIS train file takes little memory), independent of the dataset reader, so it can
 describe any LVIS v0.5 / v1 or COCO-format file::
 
     stats = dataset_stats("lvis_v1_train.json")
@@ -24,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from taildet.data.json_stream import read_json_object
 from taildet.data.lvis_validate import _is_int, frequency_group
 from taildet.errors import DataError
 from taildet.fileio import atomic_write
@@ -40,10 +42,8 @@ GROUP_COLORS = {"r": "#d62728", "c": "#ff7f0e", "f": "#1f77b4"}
 frequency_from_image_count = frequency_group
 
 
-def _load(ann: str | os.PathLike | Mapping[str, Any]) -> tuple[str, Mapping[str, Any]]:
-    if isinstance(ann, Mapping):
-        return "<dict>", ann
-    path = str(ann)
+def _load_whole(path: str) -> Mapping[str, Any]:
+    """The file as ``json.load`` reads it (text mode, UTF-8), with this module's errors."""
     try:
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
@@ -60,7 +60,121 @@ def _load(ann: str | os.PathLike | Mapping[str, Any]) -> tuple[str, Mapping[str,
         raise DataError(path, f"line {exc.lineno} column {exc.colno}", f"not valid JSON: {exc.msg}") from None
     if not isinstance(data, dict):
         raise DataError(path, "", f"top level must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _load(ann: str | os.PathLike | Mapping[str, Any]) -> tuple[str, Mapping[str, Any]]:
+    """The path (or ``"<dict>"``) and the data, its annotations read as :class:`_AnnotationIds`
+    a batch at a time (:mod:`taildet.data.json_stream`): LVIS train's 1.3 M annotation objects,
+    with their polygons, never exist at once."""
+    if isinstance(ann, Mapping):
+        return "<dict>", ann
+    path = str(ann)
+    try:
+        data = read_json_object(path, {"annotations": _AnnotationIds}, lambda: _load_whole(path),
+                                translate_newlines=True)
+    except FileNotFoundError:
+        raise DataError(path, "", "file not found") from None
+    except IsADirectoryError:
+        raise DataError(path, "", "is a directory, not an annotation JSON file") from None
+    except OSError as exc:
+        raise DataError(path, "", f"cannot read the file: {exc.strerror or exc}") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(path, f"line {exc.lineno} column {exc.colno}", f"not valid JSON: {exc.msg}") from None
     return path, data
+
+
+_I64 = 2**63 - 1
+
+
+def _id_row(a: Any) -> tuple | None:
+    """(category_id, image_id, id, has id) of a plain annotation, None for any other."""
+    if type(a) is not dict:
+        return None
+    cid, iid, aid = a.get("category_id"), a.get("image_id"), a.get("id", _NO_ID)
+    if type(cid) is not int or type(iid) is not int or not (-_I64 <= cid <= _I64 and -_I64 <= iid <= _I64):
+        return None
+    if aid is _NO_ID:
+        return (cid, iid, 0, 0)
+    if type(aid) is not int or not -_I64 <= aid <= _I64:
+        return None
+    return (cid, iid, aid, 1)
+
+
+_NO_ID = object()
+
+
+class _AnnotationIds:
+    """An annotations list as int64 rows (category_id, image_id, id, has id) for the plain ones;
+    the others are kept as they are (``odd``: position -> object) for the exact checks."""
+
+    wants_text = False
+
+    def __init__(self) -> None:
+        self._rows: list[np.ndarray] = []
+        self.odd: dict[int, Any] = {}
+        self.n = 0
+
+    def add_batch(self, items: list, texts: list[str] | None = None) -> None:
+        rows = [_id_row(a) for a in items]
+        for j, r in enumerate(rows):
+            if r is None:
+                self.odd[self.n + j] = items[j]
+                rows[j] = (0, 0, 0, 0)
+        self._rows.append(np.array(rows, dtype=np.int64).reshape(-1, 4))
+        self.n += len(items)
+
+    def finish(self) -> _AnnotationIds:
+        self.rows = np.concatenate(self._rows) if self._rows else np.zeros((0, 4), dtype=np.int64)
+        self._rows = []
+        return self
+
+    @classmethod
+    def of(cls, anns: list) -> _AnnotationIds:
+        out = cls()
+        for s in range(0, len(anns), 4096):
+            out.add_batch(anns[s:s + 4096])
+        return out.finish()
+
+
+def _lookup(index: dict[Any, int], values: np.ndarray) -> np.ndarray:
+    """``index[v]`` for each int64 ``v`` (``index``: int id -> position), -1 where absent."""
+    keys = np.array([k for k in index if -_I64 <= k <= _I64], dtype=np.int64)
+    if not keys.size:
+        return np.full(len(values), -1, dtype=np.int64)
+    pos = np.array([index[k] for k in keys.tolist()], dtype=np.int64)
+    order = np.argsort(keys)
+    keys, pos = keys[order], pos[order]
+    at = np.minimum(np.searchsorted(keys, values), len(keys) - 1)
+    return np.where(keys[at] == values, pos[at], -1)
+
+
+def _annotation_index(path: str, anns: _AnnotationIds, cat_index: dict, image_index: dict):
+    """(category position, image position) per annotation; the first problem (in file order) raises."""
+    rows = anns.rows
+    ann_cat, ann_img = _lookup(cat_index, rows[:, 0]), _lookup(image_index, rows[:, 1])
+    odd = np.zeros(len(rows), dtype=bool)
+    odd[list(anns.odd)] = True
+    for i in np.flatnonzero(odd | (ann_cat < 0) | (ann_img < 0)).tolist():
+        if i not in anns.odd:  # a plain annotation with an unknown id
+            cid, iid, aid, has_id = rows[i].tolist()
+            item = f"annotation id {aid if has_id else '?'}"
+            if ann_cat[i] < 0:
+                raise DataError(path, item, f"category_id {cid!r} is not in 'categories'")
+            raise DataError(path, item, f"image_id {iid!r} is not in 'images'")
+        a = anns.odd[i]
+        item = f"annotation id {a.get('id', '?')}" if isinstance(a, Mapping) else f"annotations[{i}]"
+        if not isinstance(a, Mapping):
+            raise DataError(path, item, "annotation must be an object")
+        try:
+            ann_cat[i] = cat_index[a["category_id"]]
+        except KeyError:
+            raise DataError(path, item, f"category_id {a.get('category_id')!r} is not in 'categories'") from None
+        try:
+            ann_img[i] = image_index[a["image_id"]]
+        except KeyError:
+            raise DataError(path, item, f"image_id {a.get('image_id')!r} is not in 'images'") from None
+    return ann_cat, ann_img
 
 
 def dataset_stats(ann_path: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
@@ -88,7 +202,7 @@ def dataset_stats(ann_path: str | os.PathLike | Mapping[str, Any]) -> dict[str, 
     for key in ("images", "annotations", "categories"):
         if key not in data:
             raise DataError(path, key, f"missing the '{key}' list")
-        if not isinstance(data[key], list):
+        if not isinstance(data[key], (list, _AnnotationIds) if key == "annotations" else list):
             raise DataError(path, key, f"'{key}' must be a list, got {type(data[key]).__name__}")
     images, anns, cats = data["images"], data["annotations"], data["categories"]
 
@@ -118,23 +232,13 @@ def dataset_stats(ann_path: str | os.PathLike | Mapping[str, Any]) -> dict[str, 
         cat_index[cat["id"]] = k
     num_classes = len(cats_sorted)
 
-    ann_cat = np.empty(len(anns), dtype=np.int64)
-    ann_img = np.empty(len(anns), dtype=np.int64)
-    for i, a in enumerate(anns):
-        item = f"annotation id {a.get('id', '?')}" if isinstance(a, Mapping) else f"annotations[{i}]"
-        if not isinstance(a, Mapping):
-            raise DataError(path, item, "annotation must be an object")
-        try:
-            ann_cat[i] = cat_index[a["category_id"]]
-        except KeyError:
-            raise DataError(path, item, f"category_id {a.get('category_id')!r} is not in 'categories'") from None
-        try:
-            ann_img[i] = image_index[a["image_id"]]
-        except KeyError:
-            raise DataError(path, item, f"image_id {a.get('image_id')!r} is not in 'images'") from None
+    if not isinstance(anns, _AnnotationIds):
+        anns = _AnnotationIds.of(anns)
+    n_anns = anns.n
+    ann_cat, ann_img = _annotation_index(path, anns, cat_index, image_index)
 
     instance_count = np.bincount(ann_cat, minlength=num_classes).astype(np.int64)
-    if len(anns):
+    if n_anns:
         pairs = np.unique(ann_cat * max(len(images), 1) + ann_img)
         pair_cat, pair_img = pairs // max(len(images), 1), pairs % max(len(images), 1)
     else:
@@ -177,7 +281,7 @@ def dataset_stats(ann_path: str | os.PathLike | Mapping[str, Any]) -> dict[str, 
     return {
         "file": path,
         "num_images": len(images),
-        "num_annotations": len(anns),
+        "num_annotations": n_anns,
         "num_classes": num_classes,
         "num_images_with_annotations": int(np.unique(ann_img).size),
         "groups": groups,
