@@ -106,11 +106,15 @@ def _mean_defined(x: np.ndarray) -> float:
 
 
 def _summaries(ev, cat_groups: Mapping[str, list[int]] | None) -> dict[str, Any]:
-    """AP/AR numbers from the accumulated arrays, the way the lvis-api's ``_summarize`` reads them
+    """AP/AR numbers of an evaluator run at its largest maxDets (:func:`summaries`)."""
+    return summaries(np.asarray(ev.eval["precision"])[..., -1], np.asarray(ev.eval["recall"])[..., -1],
+                     ev.params, cat_groups)
+
+
+def summaries(prec: np.ndarray, rec: np.ndarray, p, cat_groups: Mapping[str, list[int]] | None) -> dict[str, Any]:
+    """AP/AR numbers from accumulated arrays (precision [T, R, K, A], recall [T, K, A]; ``p`` gives
+    ``iouThrs``, ``areaRngLbl`` and ``catIds``), the way the lvis-api's ``_summarize`` reads them
     (mean over entries > -1), with NaN for 'undefined' instead of -1."""
-    p = ev.params
-    prec = np.asarray(ev.eval["precision"])[..., -1]  # [T, R, K, A] at the largest maxDets
-    rec = np.asarray(ev.eval["recall"])[..., -1]  # [T, K, A]
     t50 = int(np.argmin(np.abs(p.iouThrs - 0.5)))
     t75 = int(np.argmin(np.abs(p.iouThrs - 0.75)))
     area = {lbl: i for i, lbl in enumerate(p.areaRngLbl)}

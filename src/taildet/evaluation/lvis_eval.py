@@ -33,6 +33,10 @@ import os
 from collections import Counter
 from typing import Any, Mapping
 
+import numpy as np
+
+from taildet.errors import DataError
+
 from taildet.evaluation.eval_backend import (
     _all_recalls,
     _check_rle_sizes,
@@ -53,6 +57,8 @@ from taildet.evaluation.lvis_gt import (  # noqa: F401  (_box_problem, _frequenc
     is_lvis,
     load_gt,
 )
+from taildet.evaluation.federated import PairIndex, evaluate_federated
+from taildet.evaluation.result_columns import ResultColumns, read_result_columns
 from taildet.evaluation.results_io import cap_per_image, load_results, top_k_per_class
 
 __all__ = [
@@ -98,6 +104,59 @@ def evaluate_lvis(gt_json_path: str | os.PathLike | Mapping, results: str | os.P
         without those the federated rule never looks at), ``iou_type``, ``fixed``,
         ``max_dets`` (``None`` when fixed).
     """
+    if iou_type not in ("bbox", "segm"):
+        raise ValueError(f"iou_type must be 'bbox' or 'segm', not {iou_type!r}")
+    gt, gt_file = load_gt(gt_json_path, name=gt_name)
+    return _evaluate_lvis(gt, gt_file, results, iou_type, fixed, max_dets)
+
+
+def _evaluate_lvis(gt: Mapping, gt_file: str, results: str | os.PathLike | list, iou_type: str, fixed: bool,
+                   max_dets: int) -> dict[str, Any]:
+    """:func:`evaluate_lvis` of a GT that passed :func:`load_gt` (read from ``gt_file``)."""
+    res_file = str(results) if isinstance(results, (str, os.PathLike)) else "<results list>"
+    pairs = PairIndex(gt)
+    cols = read_result_columns(results, pairs, iou_type, keep_segm=pairs.known if iou_type == "segm" else None)
+    gt_prep = _prepare_gt(gt, lvis=True, iou_type=iou_type, file=gt_file)
+    if iou_type == "segm":
+        _check_rle_size_columns(cols, gt_prep, res_file)
+    if not fixed and max_dets < 1:
+        raise ValueError(f"max_dets must be >= 1, got {max_dets}")
+    s, num_detections = evaluate_federated(gt_prep, cols, pairs, iou_type, fixed, LVIS_MAX_DETS if fixed else max_dets,
+                                           AP_FIXED_DETS_PER_CLASS)
+    return _lvis_metrics(s, gt_prep, len(cols), num_detections, iou_type, fixed, max_dets)
+
+
+def _lvis_metrics(s: dict, gt_prep: Mapping, num_results: int, num_detections: int, iou_type: str, fixed: bool,
+                  max_dets: int) -> dict[str, Any]:
+    ar = s.pop("_AR")
+    metrics = {k: s[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")}
+    metrics["AR@300"] = ar
+    metrics["per_class_AP"] = s["per_class_AP"]
+    metrics.update(num_images=len(gt_prep["images"]), num_results=num_results, num_detections=num_detections,
+                   iou_type=iou_type, fixed=bool(fixed), max_dets=None if fixed else int(max_dets))
+    return metrics
+
+
+def _check_rle_size_columns(cols: ResultColumns, gt_prep: Mapping, file: str) -> None:
+    """``_check_rle_sizes`` on columns: the first result whose RLE size is not its image's."""
+    ids = np.array([im["id"] for im in gt_prep["images"]], dtype=np.int64)
+    hw = np.array([(int(im["height"]), int(im["width"])) for im in gt_prep["images"]], dtype=np.int64).reshape(-1, 2)
+    order = np.argsort(ids)
+    want = hw[order[np.searchsorted(ids, cols.image_id, sorter=order)]]
+    bad = np.flatnonzero((cols.rle_size != want).any(axis=1))
+    if len(bad):
+        i = int(bad[0])
+        h, w = want[i].tolist()
+        raise DataError(file, f"results[{i}]", f"RLE size {cols.rle_size[i].tolist()} != "
+                        f"image {int(cols.image_id[i])} size [{h}, {w}]")
+
+
+def _evaluate_lvis_dicts(gt_json_path: str | os.PathLike | Mapping, results: str | os.PathLike | list,
+                  iou_type: str = "bbox", fixed: bool = False,
+                  max_dets: int = LVIS_MAX_DETS, gt_name: str | None = None) -> dict[str, Any]:
+    """:func:`evaluate_lvis` the way taildet did it before issue 13: results as a list of dicts, one
+    faster-coco-eval run over every image and category. Kept as the reference the columnar path is
+    tested against (the same numbers to the bit); small inputs only."""
     if iou_type not in ("bbox", "segm"):
         raise ValueError(f"iou_type must be 'bbox' or 'segm', not {iou_type!r}")
     gt, gt_file = load_gt(gt_json_path, name=gt_name)
