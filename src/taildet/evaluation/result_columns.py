@@ -109,7 +109,7 @@ def _fast_batch(recs: list, iou_type: str, gt: GtIds) -> dict | None:
     boxes = need if iou_type == "bbox" else [r.get("bbox") for r in recs]
     has = np.array([b is not None for b in boxes], dtype=bool)
     given = [b for b in boxes if b is not None] if iou_type == "segm" else boxes
-    if not _types(given) <= {list} or (given and _types(map(len, given)) != {4}):
+    if not _types(given) <= {list} or (given and set(map(len, given)) != {4}):
         return None
     flat = _numbers(list(chain.from_iterable(given)), 4 * len(given))
     if flat is None:
@@ -127,7 +127,7 @@ def _fast_batch(recs: list, iou_type: str, gt: GtIds) -> dict | None:
             sizes, counts = [s["size"] for s in need], [s["counts"] for s in need]
         except KeyError:
             return None
-        if _types(sizes) != {list} or _types(map(len, sizes)) != {2} or _types(counts) != {str}:
+        if _types(sizes) != {list} or set(map(len, sizes)) != {2} or _types(counts) != {str}:
             return None
         if _types(chain.from_iterable(sizes)) != {int} or min(map(len, counts)) == 0:
             return None

@@ -140,13 +140,21 @@ def _flat_piece(piece: bytes, lay: _Layout, prefix: bytes) -> dict[str, np.ndarr
     if len(vals) != 7 * n:
         return None
     vals = vals.reshape(n, 7)
-    out = {}
     frac = np.flatnonzero(np.frombuffer(piece.translate(_FRAC), np.uint8))  # '.', 'e', 'E'
+
+    def is_int(s: np.ndarray, e: np.ndarray) -> np.ndarray:  # no '.' and no exponent in [s, e)
+        return frac[np.minimum(np.searchsorted(frac, s), len(frac) - 1)] >= e
+
+    zero = np.flatnonzero((vals == 0) & np.signbit(vals))  # "-0" is the integer 0 to JSON, "-0.0" is -0.0
+    if len(zero):
+        r, j = np.divmod(zero, 7)
+        vals[r[is_int(starts[r, j], ends[r, j])], j[is_int(starts[r, j], ends[r, j])]] = 0.0
+    out = {}
     for key in ("image_id", "category_id"):
         j = lay.slot[key]
         s, e = starts[:, j], ends[:, j]
         # an integer (no '.', no exponent) of at most 15 digits, exact in float64
-        if (e - s).max() > 15 or (frac[np.minimum(np.searchsorted(frac, s), len(frac) - 1)] < e).any():
+        if (e - s).max() > 15 or not is_int(s, e).all():
             return None
         out[key] = vals[:, j].astype(np.int64)
     out["score"] = np.ascontiguousarray(vals[:, lay.slot["score"]])
@@ -174,14 +182,17 @@ def read_flat_bbox(f: IO[bytes], chunk_bytes: int = CHUNK_BYTES) -> dict[str, np
             carry = buf
             continue
         piece, carry = buf[:cut], buf[cut:]
-        try:
-            if lay is None:
+        if lay is None:
+            if piece.count(b"}") < 2:  # the layout needs two records
+                carry = buf
+                continue
+            try:
                 lay = _Layout(piece)
-                prefix = lay.lead
-            else:
-                prefix = lay.sep
-        except NotStreamable:
-            return None
+            except NotStreamable:
+                return None
+            prefix = lay.lead
+        else:
+            prefix = lay.sep
         cols = _flat_piece(piece, lay, prefix)
         if cols is None:
             return None
