@@ -4,7 +4,8 @@
 inputs, 3x faster, by running faster-coco-eval's C++ evaluator in ``lvis_style`` mode after doing
 the steps faster-coco-eval leaves out:
 
-1. results are validated (:func:`taildet.evaluation.results_io.load_results`);
+1. results are validated (with :func:`taildet.evaluation.results_io.load_results`'s checks and
+   errors);
 2. each image keeps its ``max_dets`` (300) highest-scoring detections, as ``LVISResults`` does
    (faster-coco-eval only caps per image *and category*); with ``fixed=True`` (AP-fixed,
    Dave et al. 2021, the lvis-api's ``challenge2021`` result handling) there is no per-image cap
@@ -17,6 +18,13 @@ on image I is evaluated only when c is annotated on I or is in I's ``neg_categor
 unmatched detection of a class in I's ``not_exhaustive_category_ids`` is ignored. AP is the
 101-point interpolated precision averaged over IoU 0.50:0.95 and over categories with at least one
 ground-truth instance.
+
+The work is done on numpy columns rather than a dict per detection, and faster-coco-eval runs
+over a few categories at a time (:mod:`taildet.evaluation.federated`): the full LVIS v1 val
+(5.9 M detections) fits in a few GB. The numbers are those of one run over everything to the bit
+(``_evaluate_lvis_dicts``, kept as the reference), and equal the lvis-api's up to the last bit or
+two of a float (faster-coco-eval computes precision as tp / (tp + fp), the lvis-api as
+tp / (tp + fp + eps)).
 
 Undefined numbers are ``NaN`` (the lvis-api says -1): AP of a category without ground truth,
 APr when no rare category has ground truth, APs when there is no small object, and so on.
@@ -36,7 +44,6 @@ from typing import Any, Mapping
 import numpy as np
 
 from taildet.errors import DataError
-
 from taildet.evaluation.eval_backend import (
     _all_recalls,
     _check_rle_sizes,
@@ -46,6 +53,7 @@ from taildet.evaluation.eval_backend import (
     _run,
     _summaries,
 )
+from taildet.evaluation.federated import PairIndex, evaluate_federated
 from taildet.evaluation.lvis_gt import (  # noqa: F401  (_box_problem, _frequencies: used by report and tests)
     _FREQS,
     MAX_BOX_COORD,
@@ -57,7 +65,6 @@ from taildet.evaluation.lvis_gt import (  # noqa: F401  (_box_problem, _frequenc
     is_lvis,
     load_gt,
 )
-from taildet.evaluation.federated import PairIndex, evaluate_federated
 from taildet.evaluation.result_columns import ResultColumns, read_result_columns
 from taildet.evaluation.results_io import cap_per_image, load_results, top_k_per_class
 
@@ -152,8 +159,8 @@ def _check_rle_size_columns(cols: ResultColumns, gt_prep: Mapping, file: str) ->
 
 
 def _evaluate_lvis_dicts(gt_json_path: str | os.PathLike | Mapping, results: str | os.PathLike | list,
-                  iou_type: str = "bbox", fixed: bool = False,
-                  max_dets: int = LVIS_MAX_DETS, gt_name: str | None = None) -> dict[str, Any]:
+                         iou_type: str = "bbox", fixed: bool = False,
+                         max_dets: int = LVIS_MAX_DETS, gt_name: str | None = None) -> dict[str, Any]:
     """:func:`evaluate_lvis` the way taildet did it before issue 13: results as a list of dicts, one
     faster-coco-eval run over every image and category. Kept as the reference the columnar path is
     tested against (the same numbers to the bit); small inputs only."""
@@ -188,14 +195,7 @@ def _evaluate_lvis_dicts(gt_json_path: str | os.PathLike | Mapping, results: str
     freqs = {c["id"]: c["frequency"] for c in gt_prep["categories"]}
     groups = {g: [k for k, cid in enumerate(ev.params.catIds) if freqs[int(cid)] == g]
               for g in _FREQS}
-    s = _summaries(ev, groups)
-    ar = s.pop("_AR")
-    metrics = {k: s[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")}
-    metrics["AR@300"] = ar
-    metrics["per_class_AP"] = s["per_class_AP"]
-    metrics.update(num_images=len(gt_prep["images"]), num_results=num_results,
-                   num_detections=len(dets), iou_type=iou_type, fixed=bool(fixed), max_dets=None if fixed else int(max_dets))
-    return metrics
+    return _lvis_metrics(_summaries(ev, groups), gt_prep, num_results, len(dets), iou_type, fixed, max_dets)
 
 
 def evaluate_coco(gt_json_path: str | os.PathLike | Mapping, results: str | os.PathLike | list,
