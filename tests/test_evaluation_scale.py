@@ -86,6 +86,36 @@ def test_generated_set_files_match_the_list_of_dicts_path(generated, kind):
     assert_same(new, _evaluate_lvis_dicts(generated["val"], res, **kw))
 
 
+def test_segm_with_some_boxes_and_uncompressed_rles_matches(sample):
+    """segm areas come from the boxes when the first result has one (missing ones from the masks),
+    and uncompressed RLEs are compressed first, as the list-of-dicts path does."""
+    from faster_coco_eval.core import mask as mask_utils
+
+    _, _, segm = sample
+    res = []
+    for i, r in enumerate(segm):
+        r = dict(r)
+        if i % 3 == 0:
+            x, y, w, h = mask_utils.toBbox(r["segmentation"]).tolist()
+            r["bbox"] = [x, y, w * 1.5, h] if i % 2 else [x, y, w, h]
+        if i % 21 == 0:  # (the list-of-dicts path fails on an uncompressed RLE without a box here)
+            h, w = r["segmentation"]["size"]
+            flat = mask_utils.decode(r["segmentation"]).ravel(order="F")
+            r["segmentation"] = {"size": [h, w], "counts": _uncompressed(flat)}
+        res.append(r)
+    new = evaluate_lvis(LVIS_VAL_100, res, iou_type="segm")
+    assert_same(new, _evaluate_lvis_dicts(LVIS_VAL_100, res, iou_type="segm"))
+    plain = evaluate_lvis(LVIS_VAL_100, segm, iou_type="segm")
+    assert [new[k] for k in ("APs", "APm", "APl")] != [plain[k] for k in ("APs", "APm", "APl")]  # box areas count
+
+
+def _uncompressed(flat: np.ndarray) -> list[int]:
+    """COCO's uncompressed RLE counts of a column-major 0/1 mask: run lengths, zeros first."""
+    change = np.flatnonzero(np.diff(flat)) + 1
+    runs = np.diff(np.concatenate([[0], change, [len(flat)]])).tolist()
+    return ([0] + runs) if len(flat) and flat[0] else runs
+
+
 @pytest.fixture(scope="module")
 def sample_metrics(sample):
     return evaluate_lvis(LVIS_VAL_100, sample[1])

@@ -78,17 +78,20 @@ def _detections(cols: ResultColumns, pairs: PairIndex, iou_type: str, fixed: boo
         from faster_coco_eval.core import mask as mask_utils  # optional: faster_coco_eval, imported on use
 
         segm = [None] * len(order)
-        for j in np.flatnonzero(known).tolist():
+        todo = np.flatnonzero(known)
+        for j in todo.tolist():
             seg = cols.segm[order[j]]
             if isinstance(seg["counts"], list):  # uncompressed RLE -> compressed
                 seg = mask_utils.frPyObjects(seg, *seg["size"])
             segm[j] = seg
-            if not has_bbox[j] or not use_bbox:  # as _prepare_dets: the mask's box
-                bbox[j] = [float(v) for v in mask_utils.toBbox(seg)]
+        if len(todo):
+            boxed = todo if not use_bbox else todo[~has_bbox[todo]]  # as _prepare_dets: the masks' boxes
+            if len(boxed):
+                bbox[boxed] = np.asarray(mask_utils.toBbox([segm[j] for j in boxed.tolist()]), dtype=np.float64)
         if not use_bbox:
             area = np.zeros(len(order))
-            for j in np.flatnonzero(known).tolist():
-                area[j] = float(mask_utils.area(segm[j]))
+            if len(todo):
+                area[todo] = np.asarray(mask_utils.area([segm[j] for j in todo.tolist()]), dtype=np.float64)
     if iou_type == "bbox" or use_bbox:
         area = bbox[:, 2] * bbox[:, 3]
     keep = np.flatnonzero(known & (area > 0))
