@@ -30,8 +30,6 @@ __all__ = ["CHUNK_BYTES", "NotStreamable", "iter_json_list", "read_flat_bbox"]
 #: Bytes read from the file at a time.
 CHUNK_BYTES = 32 << 20
 
-_NUMCH = np.zeros(256, np.bool_)
-_NUMCH[np.frombuffer(b"0123456789.-+eE", np.uint8)] = True
 _WS = b" \t\n\r"
 _BBOX_KEYS = {b"image_id", b"category_id", b"bbox", b"score"}
 
@@ -204,6 +202,28 @@ def read_flat_bbox(f: IO[bytes], chunk_bytes: int = CHUNK_BYTES) -> dict[str, np
 
 # ------------------------------------------------------------------------------ any JSON list
 _WS_RE = re.compile(r"[ \t\n\r]*")
+_BOUNDARY = re.compile(r"\}[ \t\n\r]*,[ \t\n\r]*\{")
+
+
+def _bulk(text: str, pos: int) -> tuple[list, int] | None:
+    """The elements from ``pos`` (an element's start) to the last ``}, {`` of ``text`` in one
+    ``json.loads``, and where the next element starts; None when there is no such boundary or
+    the text up to it does not parse (a ``}, {`` inside an element or a string: a proper prefix of
+    a JSON value never parses, so a text that parses ends where an element ends)."""
+    end = len(text)
+    for _ in range(64):
+        end = text.rfind("}", pos, end)
+        if end < 0:
+            return None
+        m = _BOUNDARY.match(text, end)
+        if m:
+            break
+    else:
+        return None
+    try:
+        return json.loads("[" + text[pos:end + 1] + "]"), m.end() - 1
+    except json.JSONDecodeError:
+        return None
 
 
 def iter_json_list(f: IO[bytes], batch: int = 50_000,
@@ -241,6 +261,14 @@ def iter_json_list(f: IO[bytes], batch: int = 50_000,
         pos += 1
     else:
         while True:
+            bulk = _bulk(text, pos)
+            if bulk is not None:  # most of the piece at once: json.loads is faster than raw_decode
+                out += bulk[0]
+                pos = bulk[1]
+                while len(out) >= batch:
+                    yield out[:batch]
+                    out = out[batch:]
+                continue
             while True:
                 try:
                     obj, end = scan(text, pos)
