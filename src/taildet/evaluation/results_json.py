@@ -9,10 +9,11 @@ Two readers, both exact (the values are the ones ``json.load`` gives):
   correctly rounded conversion ``float()`` does), a piece of the file at a time. It returns
   ``None`` as soon as the file is anything else (another layout, a key more or less, an id
   written ``1.0``, an escape), and the caller falls back to the general reader.
-* :func:`iter_json_list` -- any JSON list, one element at a time with ``json.JSONDecoder``'s
-  ``raw_decode``, a piece of the file at a time (UTF-8). It raises :class:`NotStreamable` on
-  anything it cannot read (a syntax error, no top-level list, bad UTF-8); the caller then reads
-  the file with ``json.load`` to give the usual error message.
+* :func:`iter_json_list` -- any JSON list, a piece of the file at a time (UTF-8): the elements of
+  most of a piece with one ``json.loads``, those around the piece's ends one at a time with
+  ``json.JSONDecoder.raw_decode``. It raises :class:`NotStreamable` on anything it cannot read (a
+  syntax error, no top-level list, bad UTF-8); the caller then reads the file with ``json.load``
+  to give the usual error message.
 """
 
 from __future__ import annotations
