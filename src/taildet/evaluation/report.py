@@ -20,9 +20,10 @@ from typing import Any, Mapping, Sequence
 
 from taildet.errors import DataError
 from taildet.evaluation.lvis_eval import (
+    LVIS_MAX_DETS,
+    _evaluate_lvis,
     _frequencies,
     evaluate_coco,
-    evaluate_lvis,
     is_lvis,
     load_gt,
 )
@@ -61,6 +62,11 @@ def per_class_table(metrics: Mapping, gt_json_path: str | os.PathLike | Mapping,
     else the number of images of this GT holding the category), ``AP`` (NaN without GT).
     """
     gt, _ = load_gt(gt_json_path)
+    return _per_class_rows(metrics, gt, image_counts)
+
+
+def _per_class_rows(metrics: Mapping, gt: Mapping, image_counts: Mapping[int, int] | None) -> list[dict]:
+    """:func:`per_class_table` of a GT that passed ``load_gt``."""
     per_class = {int(k): v for k, v in (metrics.get("per_class_AP") or {}).items()}
     freqs = _frequencies(gt) if is_lvis(gt) else {}
     counted: dict[int, int] | None = None
@@ -199,7 +205,9 @@ def eval_results_main(gt: str | os.PathLike, results: str | os.PathLike | list,
     gt_data, gt_name = load_gt(gt)
     lvis = is_lvis(gt_data)
     if lvis:
-        metrics = evaluate_lvis(gt_data, results, iou_type=iou_type, fixed=fixed, gt_name=gt_name)
+        if iou_type not in ("bbox", "segm"):
+            raise ValueError(f"iou_type must be 'bbox' or 'segm', not {iou_type!r}")
+        metrics = _evaluate_lvis(gt_data, gt_name, results, iou_type=iou_type, fixed=fixed, max_dets=LVIS_MAX_DETS)
         keys = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf", "AR@300")
         name = f"{iou_type} AP-fixed" if fixed else iou_type
     else:
@@ -213,7 +221,7 @@ def eval_results_main(gt: str | os.PathLike, results: str | os.PathLike | list,
     metrics["protocol"] = "lvis" if lvis else "coco"
     print_fn(format_metrics_table({name: metrics}, keys=keys))
     print_fn(f"{metrics['num_detections']} detections evaluated on {metrics['num_images']} images")
-    rows = per_class_table(metrics, gt_data, image_counts=image_counts)
+    rows = _per_class_rows(metrics, gt_data, image_counts)
     for line in _summary_lines(rows):
         print_fn(line)
     if out is not None:

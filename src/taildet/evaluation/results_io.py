@@ -105,69 +105,82 @@ def load_results(path_or_list: str | os.PathLike | list, gt: Any = None,
     """
     if isinstance(path_or_list, (str, os.PathLike)):
         file = str(path_or_list)
-        try:
-            with open(file, encoding="utf-8") as f:
-                data = json.load(f)
-        except (IsADirectoryError, UnicodeDecodeError) as e:
-            raise DataError(file, "", f"not a JSON text file ({type(e).__name__})") from None
-        except FileNotFoundError:
-            raise DataError(file, "", "results file not found") from None
-        except json.JSONDecodeError as e:
-            raise DataError(file, "", f"not valid JSON ({e})") from None
+        data = read_json(file)
     else:
         file = _LIST_NAME
         data = path_or_list
+    check_results_list(data, file, iou_type)
+    ids = _gt_ids(gt)
+    return [check_result(r, i, file, iou_type, ids) for i, r in enumerate(data)]
+
+
+def read_json(file: str) -> Any:
+    """The parsed JSON of a results file; DataError naming the file when it cannot be read."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            return json.load(f)
+    except (IsADirectoryError, UnicodeDecodeError) as e:
+        raise DataError(file, "", f"not a JSON text file ({type(e).__name__})") from None
+    except FileNotFoundError:
+        raise DataError(file, "", "results file not found") from None
+    except json.JSONDecodeError as e:
+        raise DataError(file, "", f"not valid JSON ({e})") from None
+
+
+def check_results_list(data: Any, file: str, iou_type: str | None) -> None:
+    """DataError unless ``data`` is a list (or tuple); ValueError for an unknown ``iou_type``."""
     if not isinstance(data, (list, tuple)):
         raise DataError(file, "", f"results must be a JSON list of detections, got {type(data).__name__}")
     if iou_type not in (None, "bbox", "segm"):
         raise ValueError(f"iou_type must be 'bbox', 'segm' or None, not {iou_type!r}")
-    ids = _gt_ids(gt)
 
-    out: list[dict] = []
-    for i, r in enumerate(data):
-        item = f"results[{i}]"
-        if not isinstance(r, Mapping):
-            raise DataError(file, item, f"a result must be a dict, got {type(r).__name__}")
-        for key in ("image_id", "category_id", "score"):
-            if key not in r:
-                raise DataError(file, item, f"missing key '{key}'")
-        need = {"bbox": ("bbox",), "segm": ("segmentation",), None: ()}[iou_type]
-        for key in need:
-            if key not in r:
-                raise DataError(file, item, f"missing key '{key}' (needed for iou_type={iou_type!r})")
-        if "bbox" not in r and "segmentation" not in r:
-            raise DataError(file, item, "a result needs a 'bbox' or a 'segmentation'")
-        img, cat, score = r["image_id"], r["category_id"], r["score"]
-        if not _is_int(img):
-            raise DataError(file, item, f"image_id must be an integer, got {img!r}")
-        if not _is_int(cat):
-            raise DataError(file, item, f"category_id must be an integer, got {cat!r}")
-        if not _is_real(score) or not math.isfinite(score):
-            raise DataError(file, item, f"score must be a finite number, got {score!r}")
-        img, cat = int(img), int(cat)
-        if ids is not None:
-            if img not in ids[0]:
-                raise DataError(file, item, f"unknown image_id {img} (not an image of the GT)")
-            if cat not in ids[1]:
-                raise DataError(file, item, f"unknown category_id {cat} (not a category of the GT; "
-                                "results use the original dataset category ids)")
-        new = {"image_id": img, "category_id": cat, "score": float(score)}
-        if "bbox" in r and (iou_type != "segm" or r["bbox"] is not None):
-            bb = r["bbox"]
-            if (not isinstance(bb, (list, tuple)) or len(bb) != 4
-                    or not all(_is_real(v) for v in bb)):
-                raise DataError(file, item, f"bbox must be [x, y, w, h] (4 numbers), got {bb!r}")
-            bb = [float(v) for v in bb]
-            if not all(math.isfinite(v) for v in bb):
-                raise DataError(file, item, f"bbox has a non-finite value: {bb!r}")
-            if bb[2] < 0 or bb[3] < 0:
-                raise DataError(file, item, f"bbox width and height must be >= 0 (xywh), got {bb!r}")
-            new["bbox"] = bb
-        if "segmentation" in r and iou_type != "bbox":
-            _check_rle(r["segmentation"], file, item)
-            new["segmentation"] = r["segmentation"]
-        out.append(new)
-    return out
+
+def check_result(r: Any, i: int, file: str, iou_type: str | None,
+                 ids: tuple[set[int], set[int]] | None) -> dict:
+    """Result ``i`` checked and normalised as :func:`load_results` returns it (DataError naming
+    ``results[i]`` for the first thing wrong with it); ``ids``: the GT's (image ids, category ids)."""
+    item = f"results[{i}]"
+    if not isinstance(r, Mapping):
+        raise DataError(file, item, f"a result must be a dict, got {type(r).__name__}")
+    for key in ("image_id", "category_id", "score"):
+        if key not in r:
+            raise DataError(file, item, f"missing key '{key}'")
+    need = {"bbox": ("bbox",), "segm": ("segmentation",), None: ()}[iou_type]
+    for key in need:
+        if key not in r:
+            raise DataError(file, item, f"missing key '{key}' (needed for iou_type={iou_type!r})")
+    if "bbox" not in r and "segmentation" not in r:
+        raise DataError(file, item, "a result needs a 'bbox' or a 'segmentation'")
+    img, cat, score = r["image_id"], r["category_id"], r["score"]
+    if not _is_int(img):
+        raise DataError(file, item, f"image_id must be an integer, got {img!r}")
+    if not _is_int(cat):
+        raise DataError(file, item, f"category_id must be an integer, got {cat!r}")
+    if not _is_real(score) or not math.isfinite(score):
+        raise DataError(file, item, f"score must be a finite number, got {score!r}")
+    img, cat = int(img), int(cat)
+    if ids is not None:
+        if img not in ids[0]:
+            raise DataError(file, item, f"unknown image_id {img} (not an image of the GT)")
+        if cat not in ids[1]:
+            raise DataError(file, item, f"unknown category_id {cat} (not a category of the GT; "
+                            "results use the original dataset category ids)")
+    new = {"image_id": img, "category_id": cat, "score": float(score)}
+    if "bbox" in r and (iou_type != "segm" or r["bbox"] is not None):
+        bb = r["bbox"]
+        if (not isinstance(bb, (list, tuple)) or len(bb) != 4
+                or not all(_is_real(v) for v in bb)):
+            raise DataError(file, item, f"bbox must be [x, y, w, h] (4 numbers), got {bb!r}")
+        bb = [float(v) for v in bb]
+        if not all(math.isfinite(v) for v in bb):
+            raise DataError(file, item, f"bbox has a non-finite value: {bb!r}")
+        if bb[2] < 0 or bb[3] < 0:
+            raise DataError(file, item, f"bbox width and height must be >= 0 (xywh), got {bb!r}")
+        new["bbox"] = bb
+    if "segmentation" in r and iou_type != "bbox":
+        _check_rle(r["segmentation"], file, item)
+        new["segmentation"] = r["segmentation"]
+    return new
 
 
 _atomic_write_text = atomic_write_text  # kept for taildet.evaluation.report
