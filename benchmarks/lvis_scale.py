@@ -88,6 +88,9 @@ print(json.dumps({"images": n, "worker_uss_start": start, "worker_uss_end": end}
 
 _LVIS_API = r"""
 import sys
+import numpy as np
+if not hasattr(np, "float"):
+    np.float = float  # lvis 0.5.3 uses np.float, which numpy 2 removed
 from lvis import LVIS, LVISEval, LVISResults
 gt = LVIS(sys.argv[1])
 ev = LVISEval(gt, LVISResults(gt, sys.argv[2]), "bbox")
