@@ -151,6 +151,10 @@ def main(argv=None) -> int:
                    help="default: every step (lvis_api only when the lvis package imports)")
     p.add_argument("--json", metavar="PATH", default=None, help="write the table as a measured-tables summary")
     args = p.parse_args(argv)
+    if not 0 < args.fraction <= 1:
+        p.error(f"--fraction must be in (0, 1], got {args.fraction}")
+    if args.points < 3 or args.dets < 1:
+        p.error(f"--points must be >= 3 and --dets >= 1, got {args.points} and {args.dets}")
 
     data = Path(args.data) / f"f{args.fraction:g}_p{args.points}_d{args.dets}{'_segm' if args.segm else ''}"
     done = data / "done.json"

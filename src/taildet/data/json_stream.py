@@ -261,5 +261,6 @@ def read_json_object(
         try:
             return reader.document(streamed, batch_size)
         except _Fallback:
-            pass
-    return fallback()
+            # not an object at the top (or not plain UTF-8): the whole-file reader gives the
+            # value, or exactly its own errors
+            return fallback()

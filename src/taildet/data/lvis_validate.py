@@ -173,21 +173,7 @@ def index_categories(ds: LVISDataset, cats_raw: list) -> dict[int, int]:
         raise DataError(path, "categories", "no categories: the dataset is empty")
     seen_cat: dict[int, int] = {}
     for k, c in enumerate(cats_raw):
-        item = f"categories[{k}]"
-        if not isinstance(c, dict):
-            raise DataError(path, item, f"expected an object, got {type(c).__name__}")
-        for key in ("id", "name"):
-            if key not in c:
-                raise DataError(path, item, f"missing required key '{key}'")
-        problem = id_problem(c["id"], "category")
-        if problem is not None:
-            raise DataError(path, item, problem)
-        if c["id"] in seen_cat:
-            raise DataError(
-                path, f"category id {c['id']}",
-                f"duplicate category id (categories[{seen_cat[c['id']]}] and categories[{k}])",
-            )
-        seen_cat[c["id"]] = k
+        _check_entry(path, "categories", "category", k, c, ("id", "name"), seen_cat)
         if "frequency" in c and c["frequency"] not in ("r", "c", "f"):
             raise DataError(
                 path, f"category id {c['id']}",
@@ -206,27 +192,32 @@ def index_categories(ds: LVISDataset, cats_raw: list) -> dict[int, int]:
     return seen_cat
 
 
+def _check_entry(path: str, section: str, kind: str, k: int, entry: Any, keys: tuple[str, ...],
+                 seen: dict[int, int]) -> None:
+    """``section[k]`` (a category or image dict): an object with ``keys``, a valid id not seen
+    before; records its position in ``seen``."""
+    item = f"{section}[{k}]"
+    if not isinstance(entry, dict):
+        raise DataError(path, item, f"expected an object, got {type(entry).__name__}")
+    for key in keys:
+        if key not in entry:
+            raise DataError(path, item, f"missing required key '{key}'")
+    problem = id_problem(entry["id"], kind)
+    if problem is not None:
+        raise DataError(path, item, problem)
+    if entry["id"] in seen:
+        raise DataError(path, f"{kind} id {entry['id']}",
+                        f"duplicate {kind} id ({section}[{seen[entry['id']]}] and {section}[{k}])")
+    seen[entry["id"]] = k
+
+
 def check_images(path: str, imgs_raw: list, seen_cat: dict) -> list[dict]:
     """Check the image dicts; returns them sorted by id."""
     if not imgs_raw:
         raise DataError(path, "images", "no images: the dataset is empty")
     seen_img: dict[int, int] = {}
     for k, im in enumerate(imgs_raw):
-        item = f"images[{k}]"
-        if not isinstance(im, dict):
-            raise DataError(path, item, f"expected an object, got {type(im).__name__}")
-        for key in ("id", "width", "height"):
-            if key not in im:
-                raise DataError(path, item, f"missing required key '{key}'")
-        problem = id_problem(im["id"], "image")
-        if problem is not None:
-            raise DataError(path, item, problem)
-        if im["id"] in seen_img:
-            raise DataError(
-                path, f"image id {im['id']}",
-                f"duplicate image id (images[{seen_img[im['id']]}] and images[{k}])",
-            )
-        seen_img[im["id"]] = k
+        _check_entry(path, "images", "image", k, im, ("id", "width", "height"), seen_img)
         for key in ("width", "height"):
             v = im[key]
             if not (_is_number(v) and math.isfinite(v) and v > 0 and float(v).is_integer()):
