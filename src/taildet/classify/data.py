@@ -126,7 +126,7 @@ class ClassificationDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, idx: int):
         a = self._raw(int(idx))
-        x = torch.from_numpy(np.ascontiguousarray(a)).float().div_(255.0)
+        x = torch.from_numpy(np.array(a, dtype=np.float32)).div_(255.0)
         if x.dim() == 2:
             x = x[..., None]
         x = x.permute(2, 0, 1)

@@ -6,7 +6,8 @@ No loss is re-implemented: :class:`ClassifierLoss` builds the loss registered in
 * softmax losses with a background column (``softmax_ce``, ``seesaw``, ``eqlv2``,
   ``equilibrium``; ``K = C + 1``): a constant background logit of ``-1e4`` is appended, so the
   softmax over ``C + 1`` equals the softmax over the ``C`` classes (``exp(-1e4 - max) = 0`` in
-  float32) and no sample is background;
+  float32) and no sample is background; Seesaw (``K = C + 2``) gets its objectness pair as
+  ``[0, -1e4]`` (the objectness term is 0: every sample is foreground);
 * ``balanced_softmax``: its classification form (``background=False``, ``CE(z + log n, y)``);
 * sigmoid losses (``sigmoid_bce``, ``eql``, ``sigmoid_focal``, ``efl``): ``K = C``, every sample a
   positive; one-stage losses (focal, EFL) get ``normalizer = N`` (all samples positive).
@@ -63,9 +64,12 @@ class ClassifierLoss(nn.Module):
         self.num_classes = int(num_classes)
         self.loss: ClassificationLoss = build_loss(name, num_classes, **kwargs)
         k = self.loss.num_outputs()
-        if k not in (num_classes, num_classes + 1):
+        if k not in (num_classes, num_classes + 1, num_classes + 2):
             raise ConfigError(f"model.loss: {name!r} has {k} outputs for {num_classes} classes")
-        self.pad_background = k == num_classes + 1
+        self.pad_background = k > num_classes
+        #: the constant columns appended: a background logit, or Seesaw's objectness pair [fg, bg]
+        self.pad_values = [] if k == num_classes else [BACKGROUND_LOGIT] if k == num_classes + 1 \
+            else [0.0, BACKGROUND_LOGIT]
 
     @property
     def sigmoid(self) -> bool:
@@ -82,8 +86,8 @@ class ClassifierLoss(nn.Module):
     def _full(self, logits: Tensor) -> Tensor:
         if not self.pad_background:
             return logits
-        bg = logits.new_full((logits.shape[0], 1), BACKGROUND_LOGIT)
-        return torch.cat([logits, bg], dim=1)
+        pad = logits.new_tensor(self.pad_values).expand(logits.shape[0], -1)
+        return torch.cat([logits, pad], dim=1)
 
     def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
         z = self._full(logits)
