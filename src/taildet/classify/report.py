@@ -48,7 +48,7 @@ def plot_per_class(per_class: Mapping[str, Sequence[float]], train_counts: Seque
     ax.set_ylim(-2, 102)
     ax.set_title(title or "per-class accuracy vs training count")
     ax.legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.1, right=0.97, bottom=0.13, top=0.92)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     atomic_write(out_png, lambda fh: fh.write(buf.getvalue()))
