@@ -152,6 +152,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _classify_recipes(recipes: list[str]) -> bool:
+    """True when every recipe is a ``taildet classify`` config; a mix is a ConfigError."""
+    from taildet.classify.compare import is_classify_recipe  # start-up: lazy, keeps --help fast
+
+    kinds = [is_classify_recipe(r) for r in recipes]
+    if any(kinds) and not all(kinds):
+        raise ConfigError("compare: --recipes mixes classification configs (data.manifest) with detection "
+                          "recipes; compare them separately")
+    return all(kinds)
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     from taildet.compare import run_compare  # start-up: lazy, keeps --help fast
 
@@ -162,6 +173,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
         loaded = load_claims(None if claims is True else claims)
         recipes = list(dict.fromkeys([n for c in loaded for n in (c.baseline, c.recipe)]))
+    if recipes and _classify_recipes(recipes):  # taildet classify configs: their own runner and table
+        from taildet.classify.compare import run_classify_compare  # start-up: lazy, keeps --help fast
+
+        run_classify_compare(recipes, args.out, seeds=args.seeds, opts=args.opts)
+        return 0
     run_compare(recipes, args.out, seeds=args.seeds, data_seeds=args.data_seeds, jobs=args.jobs,
                 reuse=args.reuse, with_baselines=args.with_baselines, claims=claims,
                 regime=args.regime, extra_opts=args.opts, scale=args.scale)
@@ -339,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compare", help="run several recipes on the embedded dataset, one table")
     c.add_argument("--recipes", nargs="*", default=None,
-                   help="recipe names or YAML paths (default: every built-in recipe)")
+                   help="recipe names or YAML paths (default: every built-in recipe); taildet classify "
+                        "configs (data.manifest) are compared as classification recipes")
     c.add_argument("--out", default="runs/compare", help="run directory (default runs/compare)")
     c.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="training seeds (train.seed); statistics are over seeds (default: 0)")
