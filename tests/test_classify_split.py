@@ -95,3 +95,12 @@ def test_digits_source_at_imbalance_100(tmp_path):
     assert out["n_max"] == 114 and out["counts"] == lt_counts(114, 10, 100) == [114, 68, 40, 24, 14, 8, 5, 3, 1, 1]
     ds = load_split(read_manifest(out["manifest"]), "test")
     assert np.bincount(ds.labels).tolist() == [40] * 10 and ds[0][0].shape == (3, 8, 8)
+
+
+def test_synthetic_crops_source(tmp_path):
+    out = make_split("synthetic", tmp_path / "s", 10, per_class=6, test_per_class=2, val_per_class=0)
+    assert out["counts"] == lt_counts(4, 48, 10) and out["counts"][0] == 4 and out["counts"][-1] == 1
+    m = read_manifest(out["manifest"])
+    assert len(m["classes"]) == 48 and m["source"]["kind"] == "npz"
+    x, t = load_split(m, "test")[0]
+    assert x.shape == (3, 32, 32) and 0 <= int(t["label"]) < 48

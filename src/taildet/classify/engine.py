@@ -33,7 +33,7 @@ from taildet.engine.rundir import check_run_dir, prepare_run_dir
 from taildet.engine.train import run_training
 from taildet.data.samplers import build_sampler
 from taildet.errors import ConfigError
-from taildet.utils.comm import get_world_size
+from taildet.utils.comm import get_world_size, is_main_process
 
 __all__ = ["train_classifier", "build_for_config", "load_data", "evaluate_classifier"]
 
@@ -94,7 +94,7 @@ def train_classifier(cfg: ClassifyConfig, resume: bool = False, progress: bool =
                         num_workers=cfg.data.num_workers, device=device, resume=resume, progress=progress,
                         config_dict=cfg.to_dict(), hooks=hooks)
     metrics: dict = {}
-    if evaluate:
+    if evaluate and is_main_process():  # one process evaluates and writes (the model is the same on all)
         metrics = evaluate_classifier(cfg, ckpt, model=model, out_dir=run_dir, progress=progress)
     return {"run_dir": run_dir, "checkpoint": ckpt, "metrics": metrics}
 
