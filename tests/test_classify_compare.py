@@ -16,7 +16,6 @@ from taildet.cli import main
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.mark.slow
 def test_compare_classification_recipes(tmp_path, capsys):
     rng = np.random.default_rng(1)
     labels = np.repeat(np.arange(3), 12)

@@ -124,3 +124,39 @@ def test_config_errors_name_the_key(tmp_path, manifest):
     p.write_text(yaml.safe_dump({"data": {"manifest": manifest}, "train": {"epochs": 2}}))
     cfg = load_classify_config(p, ["train.iterations=5", "data.sampler=class_balanced"])
     assert cfg.train.iterations == 5 and cfg.train.epochs is None and cfg.data.sampler == "class_balanced"
+
+
+@pytest.mark.slow
+def test_two_process_gloo_training(manifest, tmp_path):
+    """torchrun-style 2-process run: both ranks train (the sampler shards the epoch), rank 0 alone
+    writes the checkpoints and metrics."""
+    import socket
+    import subprocess
+    import sys
+
+    cfg = _cfg(manifest, tmp_path / "ddp", train={"iterations": 4, "checkpoint_period": 2, "device": "cpu"})
+    path = _write(cfg, tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
+                   PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        procs.append(subprocess.Popen([sys.executable, "-m", "taildet", "classify", "train", path], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=240)
+            assert p.returncode == 0, out
+    finally:
+        for q in procs:
+            if q.poll() is None:
+                q.kill()
+                q.wait()
+    run = tmp_path / "ddp"
+    state = torch.load(run / "model_final.pth", weights_only=False)
+    assert state["world_size"] == 2 and state["iteration"] == 4
+    assert json.loads((run / "metrics.json").read_text())["methods"]["raw"]["num_samples"] == 12
