@@ -20,7 +20,8 @@ demo: $(STAMP)
 # Long-tailed classification: digits at imbalance 100, CE vs Balanced Softmax vs CE + LogN vs cRT over
 # 3 seeds (a few minutes on 2 cores); the table is also written to docs/results/classify_digits.json
 demo-classify: $(STAMP)
-	$(VENV)/bin/taildet classify demo --out runs/demo_classify --summary docs/results/classify_digits.json
+	$(VENV)/bin/taildet classify demo --out runs/demo_classify --summary docs/results/classify_digits.json \
+		--figure docs/img/classify_digits_per_class.png
 	$(VENV)/bin/taildet docs
 
 # Lint first (ruff, the rules in pyproject.toml [tool.ruff.lint]), then the fast tests

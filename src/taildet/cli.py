@@ -238,6 +238,7 @@ def _add_classify_parser(sub) -> None:
     dm.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default 0 1 2)")
     dm.add_argument("--epochs", type=int, default=None, help="epochs of each training (default: the demo's)")
     dm.add_argument("--summary", default=None, help="also write the summary JSON here (e.g. docs/results/...)")
+    dm.add_argument("--figure", default=None, help="also write the per-class accuracy figure here (e.g. docs/img/...)")
     cl.set_defaults(func=_cmd_classify)
 
 

@@ -47,7 +47,8 @@ def run_classify_command(args: argparse.Namespace) -> int:
     if cmd == "demo":
         from taildet.classify.demo import run_demo
 
-        out = run_demo(args.out, data=args.data, seeds=args.seeds, epochs=args.epochs, summary=args.summary)
+        out = run_demo(args.out, data=args.data, seeds=args.seeds, epochs=args.epochs, summary=args.summary,
+                       figure=args.figure)
         print(out["table"])
         return 0
     raise AssertionError(cmd)

@@ -124,8 +124,10 @@ COLUMNS = ["method", "top-1", "many", "medium", "few", "mean per-class", "few - 
 
 
 def run_demo(out: str | os.PathLike = "runs/demo_classify", *, data: str = "digits", seeds=(0, 1, 2),
-             epochs: int | None = None, summary: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """Run (or reuse) every run of the demo and write its table, figure and summaries."""
+             epochs: int | None = None, summary: str | None = None, figure: str | None = None,
+             progress: bool = True) -> dict[str, Any]:
+    """Run (or reuse) every run of the demo and write its table, figure and summaries (``summary``,
+    ``figure``: extra copies, e.g. under docs/)."""
     from taildet.classify.report import plot_per_class
     from taildet.classify.splits import make_split, read_manifest
     from taildet.errors import ConfigError
@@ -136,13 +138,14 @@ def run_demo(out: str | os.PathLike = "runs/demo_classify", *, data: str = "digi
         raise ConfigError(f"--data: expected digits or synthetic, got {data!r}")
     out = Path(out)
     check_output_path(out, directory=True, what="demo")
-    if summary is not None:
-        check_output_path(summary, what="summary")
+    for extra, what in ((summary, "summary"), (figure, "figure")):
+        if extra is not None:
+            check_output_path(extra, what=what)
     epochs = int(epochs or RECIPE["epochs"])
     manifest = out / f"{data}_lt100" / "manifest.json"
     if not manifest.is_file():
         make_split(data, manifest.parent, 100.0, seed=0, test_per_class=40, val_per_class=20,
-                   per_class=100 if data == "synthetic" else None)
+                   per_class=180 if data == "synthetic" else None)
     counts = read_manifest(manifest)["protocol"]["train_counts"]
     runs: dict[int, dict[str, dict]] = {}
     for seed in seeds:
@@ -157,20 +160,22 @@ def run_demo(out: str | os.PathLike = "runs/demo_classify", *, data: str = "digi
     table = {"columns": COLUMNS, "formats": ["s"] * len(COLUMNS), "rows": table_rows(summ)}
     command = "taildet classify demo " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["classify", "demo"] else \
         f"taildet classify demo --data {data} --seeds {' '.join(map(str, seeds))}"
-    title = (f"{data} at imbalance 100, ResNet-32, {len(list(seeds))} seeds: accuracy (%) on the balanced test "
+    caption = (f"{data} at imbalance 100, ResNet-32, {len(list(seeds))} seeds: accuracy (%) on the balanced test "
              "split, mean ± 95% t-interval half-width over seeds")
-    write_table_summary(out / "summary.json", title, {data: table}, command)
+    write_table_summary(out / "summary.json", caption, {data: table}, command)
     if summary is not None:
-        write_table_summary(summary, title, {data: table}, command)
+        write_table_summary(summary, caption, {data: table}, command)
     from taildet.classify.report import format_table
 
     md = format_table({n: {k: (r[k]["mean"], _half(r[k])) for k in _KEYS} for n, r in summ["methods"].items()})
     atomic_write_text(md + "\n", out / "table.md")
-    png = plot_per_class({n: r["per_class_mean"] for n, r in summ["methods"].items()
-                          if n in ("CE", "Balanced Softmax", "CE + LogN", "cRT")}, counts,
-                         out / "per_class_accuracy.png", title=f"{data}, imbalance 100: mean of "
-                         f"{len(list(seeds))} seeds",
-                         errors={n: r["per_class_half"] for n, r in summ["methods"].items()})
+    shown = {n: r["per_class_mean"] for n, r in summ["methods"].items()
+             if n in ("CE", "Balanced Softmax", "CE + LogN", "cRT")}
+    title = f"{data}, imbalance 100: mean of {len(list(seeds))} seeds (bands: 95% t-interval)"
+    halves = {n: r["per_class_half"] for n, r in summ["methods"].items()}
+    png = plot_per_class(shown, counts, out / "per_class_accuracy.png", title=title, errors=halves)
+    if figure is not None:
+        plot_per_class(shown, counts, figure, title=title, errors=halves)
     return {"table": md, "summary": str(out / "summary.json"), "png": png, "runs": str(out / "runs.json")}
 
 
