@@ -6,7 +6,7 @@
 * An import inside a function (or class body) says why on its line or the comment line above it:
 
   - ``# optional: <why>`` -- an optional or heavy third-party dependency imported on use
-    (:data:`OPTIONAL`: matplotlib, scipy, pycocotools, faster_coco_eval, tqdm, fcntl, the
+    (:data:`OPTIONAL`: matplotlib, scipy, pycocotools, faster_coco_eval, tqdm, fcntl, sklearn, the
     ``torch.distributed`` launcher); never a taildet module;
   - ``# start-up: <why>`` -- the CLI's lazy imports, so that ``taildet --help`` stays fast (only in
     the CLI's own modules).
@@ -26,7 +26,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "taildet"
 
 #: Third-party (or platform) modules that may be imported on use, with ``# optional:``.
-OPTIONAL = {"matplotlib", "scipy", "pycocotools", "faster_coco_eval", "tqdm", "fcntl", "torch.distributed"}
+OPTIONAL = {"matplotlib", "scipy", "pycocotools", "faster_coco_eval", "tqdm", "fcntl", "torch.distributed",
+            "sklearn"}
 #: Modules whose function-level imports may be lazy for start-up time (``# start-up:``).
 STARTUP_MODULES = {"taildet.cli", "taildet.__main__"}
 #: Function-level imports of taildet modules still needed to break a cycle, each with the change

@@ -5,9 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
+from taildet.classify.config import load_classify_config
+from taildet.classify.demo import run_demo
+from taildet.classify.engine import evaluate_classifier, train_classifier
+from taildet.classify.report import format_table
+from taildet.classify.splits import make_split
+
 
 def _cfg(args: argparse.Namespace):
-    from taildet.classify.config import load_classify_config
 
     opts = list(args.opts or [])
     if getattr(args, "output_dir", None) and args.classify_command == "train":
@@ -16,7 +21,6 @@ def _cfg(args: argparse.Namespace):
 
 
 def _print_metrics(metrics: dict) -> None:
-    from taildet.classify.report import format_table
 
     print(format_table(metrics["methods"]))
 
@@ -24,7 +28,6 @@ def _print_metrics(metrics: dict) -> None:
 def run_classify_command(args: argparse.Namespace) -> int:
     cmd = args.classify_command
     if cmd == "split":
-        from taildet.classify.splits import make_split
 
         out = make_split(args.src, args.out, args.imbalance, seed=args.seed, n_max=args.n_max,
                          test_per_class=args.test_per_class, val_per_class=args.val_per_class,
@@ -32,7 +35,6 @@ def run_classify_command(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=1))
         return 0
     if cmd == "train":
-        from taildet.classify.engine import train_classifier
 
         out = train_classifier(_cfg(args), resume=args.resume)
         if out["metrics"]:
@@ -40,12 +42,10 @@ def run_classify_command(args: argparse.Namespace) -> int:
         print(json.dumps({k: v for k, v in out.items() if k != "metrics"}, indent=1))
         return 0
     if cmd == "eval":
-        from taildet.classify.engine import evaluate_classifier
 
         _print_metrics(evaluate_classifier(_cfg(args), args.checkpoint, out_dir=args.output_dir))
         return 0
     if cmd == "demo":
-        from taildet.classify.demo import run_demo
 
         out = run_demo(args.out, data=args.data, seeds=args.seeds, epochs=args.epochs, summary=args.summary,
                        figure=args.figure)

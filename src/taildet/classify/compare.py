@@ -20,7 +20,13 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
+from taildet.classify.config import load_classify_config
+from taildet.classify.demo import _fmt, _run
+from taildet.config.loading import _read_yaml
 from taildet.errors import ConfigError
+from taildet.evidence import paired_difference, seed_statistics
+from taildet.fileio import atomic_write_text, check_output_path
+from taildet.results_docs import write_table_summary
 
 __all__ = ["is_classify_recipe", "run_classify_compare"]
 
@@ -33,8 +39,6 @@ def is_classify_recipe(recipe: str) -> bool:
     """True for a YAML file whose ``data:`` has a ``manifest`` (a ``taildet classify`` config)."""
     if not str(recipe).endswith((".yaml", ".yml")) or not os.path.isfile(recipe):
         return False
-    from taildet.config.loading import _read_yaml
-
     try:
         raw = _read_yaml(recipe)
     except ConfigError:
@@ -45,12 +49,6 @@ def is_classify_recipe(recipe: str) -> bool:
 def run_classify_compare(recipes: Iterable[str], out_dir: str | os.PathLike, seeds: Iterable[int] = (0,),
                          opts: Iterable[str] = (), progress: bool = True) -> dict[str, Any]:
     """Train / evaluate every classification recipe over ``seeds``; returns the written files and table."""
-    from taildet.classify.config import load_classify_config
-    from taildet.classify.demo import _fmt, _run
-    from taildet.evidence import paired_difference, seed_statistics
-    from taildet.fileio import atomic_write_text, check_output_path
-    from taildet.results_docs import write_table_summary
-
     recipes, seeds, out = list(recipes), list(seeds), Path(out_dir)
     if not recipes:
         raise ConfigError("compare: no classification recipe given")

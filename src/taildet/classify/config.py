@@ -24,7 +24,7 @@ import yaml
 
 from taildet.classify.data import AUGMENTATIONS
 from taildet.classify.losses import CLASSIFY_LOSSES
-from taildet.config.loading import _read_yaml
+from taildet.config.loading import _parse_override, _read_yaml
 from taildet.config.schema import TrainConfig
 from taildet.config.validate import _build_section
 from taildet.config.validators import (_err, _f, _Invalid, v_dict, v_enum, v_list, v_nonneg_int, v_nonneg_num, v_opt, v_path,
@@ -148,8 +148,6 @@ def classify_config_from_dict(raw: dict, file: str | None = None) -> ClassifyCon
 
 def load_classify_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> ClassifyConfig:
     """Read a YAML classify config (``_base_`` allowed) and apply ``KEY=VALUE`` overrides."""
-    from taildet.config.loading import _parse_override
-
     path = os.fspath(path)
     raw = _read_yaml(path)
     for item in overrides or ():

@@ -23,7 +23,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 
+from taildet.data.balanced_crops import make_balanced_crops
+from taildet.data.synthetic import _vocabulary
 from taildet.errors import DataError
 
 __all__ = ["load_digits", "synthetic_crops", "list_image_folder", "ClassificationDataset", "load_split",
@@ -48,9 +51,6 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
 
 def synthetic_crops(seed: int = 0, per_class: int = 60, crop_size: int = 32, image_size: int = 64) -> dict:
     """``per_class`` crops of each of the generator's 48 classes (``images``, ``labels``, ``classes``)."""
-    from taildet.data.balanced_crops import make_balanced_crops
-    from taildet.data.synthetic import _vocabulary
-
     d = make_balanced_crops(seed, per_class, "train", crop_size=crop_size, image_size=image_size)
     return {"images": d["images"], "labels": d["labels"], "classes": list(_vocabulary("default").class_names())}
 
@@ -115,8 +115,6 @@ class ClassificationDataset(torch.utils.data.Dataset):
     def _raw(self, idx: int) -> np.ndarray:
         if self.images is not None:
             return self.images[idx]
-        from PIL import Image, UnidentifiedImageError
-
         path = self.files[idx]
         try:
             with Image.open(path) as im:

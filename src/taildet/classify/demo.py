@@ -25,9 +25,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from taildet.classify.config import classify_config_from_dict
-from taildet.fileio import atomic_write_text
+from taildet.classify.engine import evaluate_classifier, train_classifier
+from taildet.classify.report import format_table, plot_per_class
+from taildet.classify.splits import make_split, read_manifest
+from taildet.errors import ConfigError
+from taildet.evidence import paired_difference, seed_statistics
+from taildet.fileio import atomic_write_text, check_output_path
+from taildet.results_docs import write_table_summary
 
 __all__ = ["RECIPE", "DEMO_METHODS", "run_demo", "summarise"]
 
@@ -60,14 +67,10 @@ def _config(manifest: str, out: str, seed: int, loss: str, epochs: int, crt_from
 
 
 def _run(cfg, progress: bool) -> dict:
-    from taildet.classify.engine import evaluate_classifier, train_classifier
-
     final = os.path.join(cfg.output_dir, "model_final.pth")
     metrics = os.path.join(cfg.output_dir, "metrics.json")
     if os.path.isfile(metrics) and os.path.isfile(final):  # reuse a finished run of the same config
         with open(os.path.join(cfg.output_dir, "config.yaml"), encoding="utf-8") as fh:
-            import yaml
-
             if yaml.safe_load(fh) == yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False)):
                 with open(metrics, encoding="utf-8") as mf:
                     return {"checkpoint": final, "metrics": json.load(mf)}
@@ -79,8 +82,6 @@ def _run(cfg, progress: bool) -> dict:
 def summarise(runs: dict[int, dict[str, dict]], train_counts: list[int]) -> dict[str, Any]:
     """Per method: mean / 95 % interval of each metric over seeds, the paired difference to CE and
     the mean per-class accuracy. ``runs[seed][run]`` is a run's ``metrics.json``."""
-    from taildet.evidence import paired_difference, seed_statistics
-
     def values(name: str, key: str) -> dict[str, float]:
         run, method = DEMO_METHODS[name]
         return {f"seed{s}": r[run]["methods"][method][key] for s, r in sorted(runs.items())}
@@ -128,12 +129,6 @@ def run_demo(out: str | os.PathLike = "runs/demo_classify", *, data: str = "digi
              progress: bool = True) -> dict[str, Any]:
     """Run (or reuse) every run of the demo and write its table, figure and summaries (``summary``,
     ``figure``: extra copies, e.g. under docs/)."""
-    from taildet.classify.report import plot_per_class
-    from taildet.classify.splits import make_split, read_manifest
-    from taildet.errors import ConfigError
-    from taildet.fileio import check_output_path
-    from taildet.results_docs import write_table_summary
-
     if data not in ("digits", "synthetic"):
         raise ConfigError(f"--data: expected digits or synthetic, got {data!r}")
     out = Path(out)
@@ -165,8 +160,6 @@ def run_demo(out: str | os.PathLike = "runs/demo_classify", *, data: str = "digi
     write_table_summary(out / "summary.json", caption, {data: table}, command)
     if summary is not None:
         write_table_summary(summary, caption, {data: table}, command)
-    from taildet.classify.report import format_table
-
     md = format_table({n: {k: (r[k]["mean"], _half(r[k])) for k in _KEYS} for n, r in summ["methods"].items()})
     atomic_write_text(md + "\n", out / "table.md")
     shown = {n: r["per_class_mean"] for n, r in summ["methods"].items()

@@ -25,6 +25,7 @@ import torch
 from taildet.classify.config import ClassifyConfig
 from taildet.classify.data import ClassificationDataset, load_split
 from taildet.classify.models import Classifier, build_classifier
+from taildet.classify.posthoc import evaluate_model
 from taildet.classify.splits import read_manifest
 from taildet.engine.builders import resolve_device, seed_all, setup_logging
 from taildet.engine.checkpoint import load_checkpoint, load_model_weights
@@ -113,8 +114,6 @@ def evaluate_classifier(cfg: ClassifyConfig, checkpoint: str, *, model: Classifi
     """Evaluate ``checkpoint`` (raw logits and the post-hoc methods of ``eval.posthoc``); writes
     ``metrics.json`` and ``per_class_accuracy.png`` to ``out_dir`` (default: the checkpoint's
     directory). See :func:`taildet.classify.posthoc.evaluate_features`."""
-    from taildet.classify.posthoc import evaluate_model  # the post-hoc maths, its own file
-
     device = resolve_device(cfg.train.device)
     manifest, train_set = load_data(cfg, augment=False)
     if model is None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torchvision
 from torch import Tensor, nn
 
 from taildet.classify.losses import ClassifierLoss
@@ -68,8 +69,6 @@ class ResNet32Features(nn.Module):
 
 
 def _torchvision_features(name: str, **kwargs: Any) -> tuple[nn.Module, int]:
-    import torchvision
-
     names = torchvision.models.list_models(torchvision.models)
     if name not in names:
         raise ConfigError(f"model.arch: {name!r} is neither 'resnet32' nor a torchvision classifier "

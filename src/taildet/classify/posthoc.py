@@ -33,6 +33,7 @@ from torch import Tensor
 from taildet.calibration.logit_adjust import LogitAdjuster
 from taildet.calibration.logit_norm import LogitNormalizer
 from taildet.classify.data import ClassificationDataset, load_split
+from taildet.classify.report import plot_per_class
 from taildet.evaluation.classification import long_tail_accuracy
 from taildet.fileio import atomic_write_text
 
@@ -96,8 +97,6 @@ def evaluate_model(cfg, model, manifest: dict, train_set: ClassificationDataset,
                    device: torch.device, checkpoint: str | None = None) -> dict[str, Any]:
     """Raw and post-hoc metrics of ``model`` on ``cfg.eval.split``; writes ``metrics.json`` and
     ``per_class_accuracy.png`` to ``out_dir``. Returns the ``metrics.json`` content."""
-    from taildet.classify.report import plot_per_class  # matplotlib, imported on use
-
     ecfg = cfg.eval
     counts = train_set.counts
     test = load_split(manifest, ecfg.split)

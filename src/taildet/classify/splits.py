@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from taildet.classify.data import list_image_folder, load_digits, synthetic_crops
 from taildet.errors import ConfigError, DataError
 from taildet.fileio import atomic_write, atomic_write_text, check_not_inputs, check_output_path
 
@@ -152,8 +153,6 @@ def read_manifest(path: str | os.PathLike) -> dict:
 def _source_arrays(src: str, seed: int, per_class: int | None) -> tuple[dict, list[str], Any, str | None]:
     """``(payload, classes, labels, folder_root)`` of a split source: ``digits``, ``synthetic``, an
     ``.npz`` file (``images``, ``labels``, optional ``classes``) or an image folder."""
-    from taildet.classify.data import load_digits, list_image_folder, synthetic_crops
-
     if src == "digits":
         images, labels = load_digits()
         return {"images": images, "labels": labels}, [str(i) for i in range(10)], labels, None
