@@ -104,3 +104,24 @@ def test_synthetic_crops_source(tmp_path):
     assert len(m["classes"]) == 48 and m["source"]["kind"] == "npz"
     x, t = load_split(m, "test")[0]
     assert x.shape == (3, 32, 32) and 0 <= int(t["label"]) < 48
+
+
+def test_separate_test_source_cifar_lt_protocol(tmp_path):
+    """CIFAR-LT keeps the official test set: --test-src's images are the whole test split."""
+    rng = np.random.default_rng(2)
+    tr = rng.integers(0, 255, (40, 4, 4, 3), dtype=np.uint8)
+    te = rng.integers(0, 255, (9, 4, 4, 3), dtype=np.uint8)
+    np.savez(tmp_path / "train.npz", images=tr, labels=np.repeat(np.arange(2), 20), classes=np.array(["a", "b"]))
+    np.savez(tmp_path / "test.npz", images=te, labels=np.array([0, 1] * 4 + [1]), classes=np.array(["a", "b"]))
+    out = make_split(str(tmp_path / "train.npz"), tmp_path / "lt", 10, test_per_class=0, val_per_class=0,
+                     test_src=str(tmp_path / "test.npz"))
+    assert out["counts"] == [20, 2] and out["sizes"] == {"train": 22, "val": 0, "test": 9}
+    test = load_split(read_manifest(out["manifest"]), "test")
+    assert test.labels.tolist() == [0, 1] * 4 + [1]
+    assert np.allclose(test[8][0][0].numpy(), (te[8, :, :, 0] / 255.0 - 0.5) / 0.25, atol=1e-6)
+    with pytest.raises(ConfigError, match="--test-per-class: must be 0"):
+        make_split(str(tmp_path / "train.npz"), tmp_path / "x", 10, test_src=str(tmp_path / "test.npz"))
+    np.savez(tmp_path / "other.npz", images=te, labels=np.zeros(9, dtype=np.int64), classes=np.array(["a", "c"]))
+    with pytest.raises(DataError, match="other.npz: classes: differ"):
+        make_split(str(tmp_path / "train.npz"), tmp_path / "y", 10, test_per_class=0, val_per_class=0,
+                   test_src=str(tmp_path / "other.npz"))

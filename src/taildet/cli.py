@@ -221,6 +221,9 @@ def _add_classify_parser(sub) -> None:
     sp.add_argument("--per-class", type=int, default=None,
                     help="synthetic: crops rendered per class before the split (default 60)")
     sp.add_argument("--seed", type=int, default=0, help="which images each split takes (and the synthetic crops)")
+    sp.add_argument("--test-src", default=None,
+                    help="a separate test set of the same kind and classes (e.g. CIFAR's official test set); "
+                         "all of it is the test split (use with --test-per-class 0)")
     for name, text in (("train", "train a classifier from a YAML config (works under torchrun)"),
                        ("eval", "evaluate a checkpoint: raw, LogN, logit adjustment, tau-normalisation")):
         c = csub.add_parser(name, help=text)

@@ -31,7 +31,7 @@ def run_classify_command(args: argparse.Namespace) -> int:
 
         out = make_split(args.src, args.out, args.imbalance, seed=args.seed, n_max=args.n_max,
                          test_per_class=args.test_per_class, val_per_class=args.val_per_class,
-                         per_class=args.per_class)
+                         per_class=args.per_class, test_src=args.test_src)
         print(json.dumps(out, indent=1))
         return 0
     if cmd == "train":

@@ -174,33 +174,60 @@ def _source_arrays(src: str, seed: int, per_class: int | None) -> tuple[dict, li
 
 def make_split(src: str, out: str | os.PathLike, imbalance: float = 100.0, *, seed: int = 0,
                n_max: int | None = None, test_per_class: int = 40, val_per_class: int = 20,
-               per_class: int | None = None) -> dict:
+               per_class: int | None = None, test_src: str | None = None) -> dict:
     """``taildet classify split``: write ``OUT/manifest.json`` (and ``OUT/images.npz`` for array
     sources) with the long-tailed train split and the balanced val/test splits of ``src``.
+
+    ``test_src``: a separate test set (the CIFAR-LT protocol keeps the official test set), every
+    image of which is the test split; ``test_per_class`` must then be 0. It must have the same
+    classes (names, order) and be of the same kind (array / folder) as ``src``.
 
     Returns ``{"manifest", "counts", "n_max", "sizes"}``."""
     out = Path(out)
     check_output_path(out, directory=True, what="split")
     manifest = out / "manifest.json"
+    if test_src is not None and test_per_class:
+        raise ConfigError("--test-per-class: must be 0 with --test-src (the test split is all of --test-src)")
     payload, classes, labels, root = _source_arrays(src, seed, per_class)
     split = build_lt_split(labels, len(classes), imbalance, seed=seed, n_max=n_max, test_per_class=test_per_class,
                            val_per_class=val_per_class, source=src)
+    test_entries: list = []
+    if test_src is not None:
+        t_payload, t_classes, t_labels, t_root = _source_arrays(test_src, seed + 1, per_class)
+        if t_classes != classes:
+            raise DataError(test_src, "classes", f"differ from {src}'s ({len(t_classes)} vs {len(classes)}: "
+                            f"{t_classes[:3]} vs {classes[:3]} ...)")
+        if (t_root is None) != (root is None):
+            raise DataError(test_src, "", f"must be of the same kind as {src} (both image folders or both arrays)")
     out.mkdir(parents=True, exist_ok=True)
     if root is None:
         npz = out / "images.npz"
-        check_not_inputs({"images.npz": npz}, {"source": src})
+        check_not_inputs({"images.npz": npz}, {"source": src, "test source": test_src})
         images = np.ascontiguousarray(payload["images"])
-        atomic_write(npz, lambda fh: np.savez_compressed(fh, images=images, labels=labels))
+        all_labels = labels
+        if test_src is not None:
+            if t_payload["images"].shape[1:] != images.shape[1:]:
+                raise DataError(test_src, "images", f"shape {t_payload['images'].shape[1:]} differs from {src}'s "
+                                f"{images.shape[1:]}")
+            test_entries = [[len(images) + i, int(y)] for i, y in enumerate(t_labels)]
+            images = np.concatenate([images, t_payload["images"]])
+            all_labels = np.concatenate([labels, t_labels])
+        atomic_write(npz, lambda fh: np.savez_compressed(fh, images=images, labels=all_labels))
         source = {"kind": "npz", "file": "images.npz"}
         ref = (lambda i: int(i))  # noqa: E731
     else:
         source = {"kind": "folder", "root": os.path.relpath(os.path.abspath(root), out.resolve())}
         items = payload["items"]
         ref = (lambda i: items[i][0])  # noqa: E731
+        if test_src is not None:
+            test_entries = [[os.path.relpath(os.path.join(os.path.abspath(t_root), rel), os.path.abspath(root)), y]
+                            for rel, y in t_payload["items"]]
     splits = {k: [[ref(i), int(labels[i])] for i in split[k]] for k in ("train", "val", "test")}
+    if test_src is not None:
+        splits["test"] = test_entries
     protocol = {"imbalance": float(imbalance), "n_max": split["n_max"], "seed": int(seed),
                 "test_per_class": int(test_per_class), "val_per_class": int(val_per_class),
-                "train_counts": split["counts"], "source": src}
+                "train_counts": split["counts"], "source": src, "test_source": test_src}
     write_manifest(manifest, source, classes, splits, protocol)
     return {"manifest": str(manifest), "counts": split["counts"], "n_max": split["n_max"],
             "sizes": {k: len(v) for k, v in splits.items()}}
