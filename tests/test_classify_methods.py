@@ -128,3 +128,18 @@ def test_tau_normalisation_by_hand_and_tau_choice():
     # [1.73, 2] -> 1, [3.46, 1] -> 0, [1.73, 1.5] -> 0 (100, 50: 75); tau 1: 1, 0, 1 (100)
     tau, curve = choose_tau(f, w, np.array([1, 0, 1]), [0.0, 0.5, 1.0])
     assert tau == 1.0 and curve == [pytest.approx(50.0), pytest.approx(75.0), pytest.approx(100.0)]
+
+
+@pytest.mark.parametrize("name", CLASSIFY_LOSSES)
+def test_every_classification_loss_trains_a_step(name):
+    """Each loss name builds, gives a finite loss with a gradient on the C logits only, and its
+    scores are [N, C] probabilities (sigmoid for the sigmoid losses)."""
+    z = torch.randn(8, 4, requires_grad=True)
+    y = torch.tensor([0, 0, 0, 1, 1, 2, 3, 0])
+    loss = ClassifierLoss(name, 4, {}, _Stats(COUNTS)).train()
+    value = loss(z, y)
+    value.backward()
+    assert torch.isfinite(value) and z.grad is not None and torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+    s = loss.scores(z.detach())
+    assert s.shape == (8, 4) and bool(((s >= 0) & (s <= 1)).all())
+    assert torch.allclose(s.sum(1), torch.ones(8)) != loss.sigmoid

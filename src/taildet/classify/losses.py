@@ -3,17 +3,19 @@
 No loss is re-implemented: :class:`ClassifierLoss` builds the loss registered in
 :data:`taildet.losses.LOSSES` and adapts shapes and labels:
 
-* softmax losses with a background column (``softmax_ce``, ``seesaw``, ``eqlv2``,
-  ``equilibrium``; ``K = C + 1``): a constant background logit of ``-1e4`` is appended, so the
+* losses with a background column (``softmax_ce``, ``seesaw``, ``equilibrium``/``ebl``, and the
+  sigmoid ``eqlv2``; ``K = C + 1``): a constant background logit of ``-1e4`` is appended, so a
   softmax over ``C + 1`` equals the softmax over the ``C`` classes (``exp(-1e4 - max) = 0`` in
-  float32) and no sample is background; Seesaw (``K = C + 2``) gets its objectness pair as
-  ``[0, -1e4]`` (the objectness term is 0: every sample is foreground);
+  float32), a sigmoid background output is 0 with a zero loss term, and no sample is background;
+  Seesaw (``K = C + 2``) gets its objectness pair as ``[0, -1e4]`` (the objectness term is 0:
+  every sample is foreground);
 * ``balanced_softmax``: its classification form (``background=False``, ``CE(z + log n, y)``);
-* sigmoid losses (``sigmoid_bce``, ``eql``, ``sigmoid_focal``, ``efl``): ``K = C``, every sample a
-  positive; one-stage losses (focal, EFL) get ``normalizer = N`` (all samples positive).
+* sigmoid losses without one (``sigmoid_bce``, ``eql``, ``sigmoid_focal``, ``efl``,
+  ``balanced_sigmoid``): ``K = C``, every sample a positive; one-stage losses (focal, EFL) get
+  ``normalizer = N`` (all samples positive).
 
-Test-time scores: ``softmax`` over the ``C`` logits for softmax losses, ``sigmoid`` for sigmoid
-losses (``scores``); top-1 is their argmax either way. Training-set statistics a loss needs
+Test-time scores: ``softmax`` over the ``C`` logits for softmax losses, ``sigmoid`` for the
+:data:`SIGMOID_LOSSES` (``scores``); top-1 is their argmax either way. Training-set statistics a loss needs
 (``instance_counts``, ``image_counts``, ``image_frequency``) come from the training split, one
 instance per image.
 """
@@ -29,7 +31,10 @@ from taildet.errors import ConfigError
 from taildet.losses import LOSSES, build_loss, fill_dataset_statistics
 from taildet.losses.base import ClassificationLoss
 
-__all__ = ["CLASSIFY_LOSSES", "ClassifierLoss", "BACKGROUND_LOGIT"]
+__all__ = ["CLASSIFY_LOSSES", "SIGMOID_LOSSES", "ClassifierLoss", "BACKGROUND_LOGIT"]
+
+#: The losses whose classifier outputs are independent sigmoids (test-time scores: ``sigmoid``).
+SIGMOID_LOSSES = ("sigmoid_bce", "eql", "eqlv2", "sigmoid_focal", "efl", "equalized_focal", "balanced_sigmoid")
 
 #: The constant background logit appended for losses that need a background column.
 BACKGROUND_LOGIT = -1e4
@@ -74,7 +79,7 @@ class ClassifierLoss(nn.Module):
     @property
     def sigmoid(self) -> bool:
         """True for sigmoid losses (scores are sigmoids; bias init from the loss's prior)."""
-        return not self.pad_background and self.name != "balanced_softmax"
+        return self.name in SIGMOID_LOSSES
 
     def init_bias(self, bias: Tensor) -> None:
         """The loss's bias initialisation on the ``C`` class columns."""
