@@ -160,3 +160,29 @@ def test_two_process_gloo_training(manifest, tmp_path):
     state = torch.load(run / "model_final.pth", weights_only=False)
     assert state["world_size"] == 2 and state["iteration"] == 4
     assert json.loads((run / "metrics.json").read_text())["methods"]["raw"]["num_samples"] == 12
+
+
+def test_crt_raises_the_few_shot_class(tmp_path):
+    """Constructed problem: 3 classes of 4 x 4 images (brightness by class, noisy), 40 / 8 / 2
+    training images. CE never predicts the 2-image class; cRT (frozen features, a classifier
+    re-trained with class-balanced sampling) does."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 60)
+    images = np.clip(rng.normal(0, 50, (180, 4, 4, 1)) + 60 * labels[:, None, None, None] + 40, 0, 255)
+    np.savez(tmp_path / "src.npz", images=images.astype(np.uint8), labels=labels)
+    man = make_split(str(tmp_path / "src.npz"), tmp_path / "lt", 20, test_per_class=20, val_per_class=0, n_max=40)
+    assert man["counts"] == [40, 8, 2]
+
+    def cfg(out, **over):
+        raw = {"data": {"manifest": man["manifest"], "batch_size": 8}, "model": {"loss": "softmax_ce"},
+               "train": {"iterations": 20, "lr": 0.05, "warmup_iters": 2, "device": "cpu", "log_period": 5},
+               "eval": {"posthoc": []}, "output_dir": str(tmp_path / out)}
+        for k, v in over.items():
+            raw[k] = {**raw[k], **v}
+        return classify_config_from_dict(raw)
+
+    ce = train_classifier(cfg("ce"), progress=False)["metrics"]["methods"]["raw"]
+    crt = train_classifier(cfg("crt", model={"stage": "crt", "init_from": str(tmp_path / "ce" / "model_final.pth")},
+                               data={"sampler": "class_balanced"}), progress=False)["metrics"]["methods"]["raw"]
+    assert ce["per_class"][2] == 0.0 and crt["per_class"][2] >= 50.0
+    assert crt["few"] > ce["few"]
