@@ -10,6 +10,7 @@ the layout the module docstring documents (tile origin, ``floor(scale * x)`` cor
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -234,3 +235,48 @@ def test_report_grids_baseline_and_best_on_the_same_images(fixture, tmp_path, mo
     assert "![detections faster_ce](detections_faster_ce.png)" in text
     assert "![detections faster_ce_rfs](detections_faster_ce_rfs.png)" in text and "logn" not in text
     assert _png(out / "detections_faster_ce.png").shape == _png(out / "detections_faster_ce_rfs.png").shape
+
+
+@pytest.mark.slow
+def test_compare_report_links_the_grids(tmp_path, monkeypatch):
+    """run_compare over finished (reused) runs: report.md shows the baseline's and the best-APr
+    recipe's grids, drawn from their own results on the same images."""
+    import torch
+
+    from taildet.compare import grids, run_compare
+    from taildet.data.synthetic import make_dataset
+    from taildet.evaluation import evaluate_lvis, save_metrics
+
+    out = tmp_path / "cmp"
+    val = Path(make_dataset(tmp_path / "data" / "synthetic_seed0_scale0.05", seed=0, scale=0.05,
+                            progress=False)["val_json"])
+    gt = json.loads(val.read_text())
+    rare = {c["id"] for c in gt["categories"] if c["frequency"] == "r"}
+    other = min(c["id"] for c in gt["categories"] if c["frequency"] == "f")
+    perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
+               for a in gt["annotations"]]
+    runs = {"faster_ce": [dict(r, category_id=other if r["category_id"] in rare else r["category_id"])
+                          for r in perfect],              # rare objects called a frequent class
+            "faster_ce_rfs": perfect}
+    for name, results in runs.items():
+        run = out / "seed0" / name
+        run.mkdir(parents=True)
+        (run / "results_bbox.json").write_text(json.dumps(results))
+        save_metrics(evaluate_lvis(val, results), run / "metrics.json")
+        torch.save({"model": {}}, run / "model_final.pth")
+    calls = []
+    real = grids.detection_grid
+    monkeypatch.setattr(grids, "detection_grid",
+                        lambda ds, res, png, **kw: calls.append((Path(res).parent.name, kw["image_ids"]))
+                        or real(ds, res, png, **kw))
+    summary = run_compare(["faster_ce", "faster_ce_rfs"], out, scale=0.05, reuse=True, progress=False, jobs=1)
+    assert summary["recipes"]["faster_ce_rfs"]["stats"]["APr"]["mean"] > summary["recipes"]["faster_ce"]["stats"]["APr"]["mean"]
+    assert [c[0] for c in calls] == ["faster_ce", "faster_ce_rfs"] and calls[0][1] == calls[1][1]
+    report = (out / "report.md").read_text()
+    assert "![detections faster_ce](detections_faster_ce.png)" in report
+    assert "![detections faster_ce_rfs](detections_faster_ce_rfs.png)" in report
+    # each grid drew its own results: the first images hold rare objects, which RFS's results call
+    # rare (magenta boxes) and the baseline's call a frequent class (none; the legend strip aside)
+    ce, rfs = (_png(out / f"detections_{n}.png")[:-LEGEND_PX] for n in ("faster_ce", "faster_ce_rfs"))
+    assert ce.shape == rfs.shape
+    assert (ce == RARE).all(axis=-1).sum() == 0 and (rfs == RARE).all(axis=-1).sum() > 100
