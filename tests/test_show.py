@@ -171,6 +171,8 @@ def test_bad_inputs_are_named(fixture, tmp_path):
         detection_grid(gt, tmp_path / "bad.json", tmp_path / "g.png")
     with pytest.raises(OutputError, match="would overwrite the results"):
         detection_grid(gt, res, res)
+    with pytest.raises(OutputError, match="would overwrite the image 2"):
+        detection_grid(gt, res, tmp_path / "images" / "img2.png")
     with pytest.raises(ConfigError, match="top_k"):
         detection_grid(gt, res, tmp_path / "g.png", top_k=0)
     (tmp_path / "images" / "img3.png").unlink()

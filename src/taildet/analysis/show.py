@@ -228,6 +228,7 @@ def detection_grid(gt: str | os.PathLike | LVISDataset, results: str | os.PathLi
             raise DataError(ds.path, f"image id {i}", "not an image of this ground truth (asked for by image_ids)")
     if not image_ids:
         raise DataError(ds.path, "images", "no image to show")
+    check_not_inputs({"output PNG": out_png}, {f"image {i}": ds.image_path(index[i]) for i in image_ids})
     check_output_path(out_png, what="output PNG")
 
     sizes = [(int(ds.images[index[i]]["height"]), int(ds.images[index[i]]["width"])) for i in image_ids]
