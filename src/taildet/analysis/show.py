@@ -47,13 +47,13 @@ from taildet.data.lvis import LVISDataset, load_lvis
 from taildet.errors import ConfigError, DataError
 from taildet.fileio import atomic_write, check_not_inputs, check_output_path
 
-__all__ = ["CAPTION_PX", "DEFAULT_SCORE_THRESH", "DEFAULT_TOP_K", "DET_WIDTH", "GROUP_COLORS", "GT_COLOR", "GT_WIDTH", "LEGEND_PX", "PADDING",
-           "default_image_ids", "default_scale", "detection_grid", "draw_detections", "grid_size",
+__all__ = ["CAPTION_PX", "DEFAULT_SCORE_THRESH", "DEFAULT_TOP_K", "DET_WIDTH", "GROUP_COLORS", "GT_COLOR", "GT_WIDTH",
+           "LEGEND_PX", "PADDING", "default_image_ids", "default_scale", "detection_grid", "draw_detections", "grid_size",
            "select_detections", "upscale"]
 
 #: Box colour of each frequency group of the predicted class (RGB): rare magenta, common orange,
-#: frequent cyan -- none of them white (the ground truth) or a colour of the embedded dataset's
-#: own shapes' palette at full saturation.
+#: frequent cyan -- saturated, apart from the ground truth's white and the grey backgrounds of the
+#: embedded dataset (its ``lvis`` vocabulary has shapes of similar colours: the label says the group).
 GROUP_COLORS: dict[str, tuple[int, int, int]] = {"r": (255, 0, 255), "c": (255, 160, 0), "f": (0, 230, 255)}
 GROUP_NAMES = {"r": "rare", "c": "common", "f": "frequent"}
 GT_COLOR = (255, 255, 255)
