@@ -235,3 +235,50 @@ def test_grouped_runs_give_the_appool_of_one_run(monkeypatch):
     assert len(runs) > 50  # many groups
     assert default["APpool"] == one["APpool"] == split["APpool"]
     assert split["AP"] == one["AP"]
+
+
+# ------------------------------------------------------------------ reports: eval-results, compare
+def test_eval_results_prints_appool(tmp_path):
+    from taildet.evaluation.report import eval_results_main
+
+    lines: list[str] = []
+    m = eval_results_main(_fixture(), _dets(), out=tmp_path / "out", print_fn=lines.append)
+    header, _, row = lines[0].splitlines()[:3]
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    vals = [c.strip() for c in row.strip("|").split("|")]
+    assert cols[-1] == "APpool" and vals[-1] == f"{100 * m['APpool']:.1f}" == "79.4"  # (26 + 50 * .75 + 25 * 2 / 3) / 101
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert saved["APpool"] == pytest.approx(m["APpool"])
+
+
+def test_compare_rows_and_report_table_carry_appool():
+    """A run's APpool (evaluate_lvis) reaches its compare row in percent, the summary's statistics
+    and the recipe table's APpool column; a row without it (a summary written before APpool) is
+    read with n = 0 and shown as '-'."""
+    from taildet import evidence
+    from taildet.compare import RECIPES, summarize
+    from taildet.compare.summary import _run_row
+    from taildet.results_docs import format_recipe_table
+
+    before = evaluate_lvis(_fixture(), _dets())
+    after = evaluate_lvis(_fixture(), _dets(s2_fp=0.35, s2_tp=0.3))
+    rows = {"seed0/faster_ce": (before, 1.0), "seed0/faster_ce+logn": (after, 1.0)}
+    runs = {n: {"seed0": _run_row(f"seed0/{n}", rows)} for n in ("faster_ce", "faster_ce+logn")}
+    assert runs["faster_ce+logn"]["seed0"]["APpool"] == round(100 * after["APpool"], 2)
+    old = dict(runs["faster_ce"]["seed0"])
+    del old["APpool"]
+    runs["faster_ce_rfs"] = {"seed0": old}
+    specs = {n: RECIPES[n] for n in runs}
+    classes = {"1": {"group": "f"}, "2": {"group": "f"}, "3": {"group": "f"}}
+    s = summarize(runs, specs, classes, resamples=50)
+    assert "APpool" in evidence.METRICS
+    assert s["recipes"]["faster_ce+logn"]["stats"]["APpool"]["mean"] == pytest.approx(100 * after["APpool"], abs=0.01)
+    assert s["recipes"]["faster_ce_rfs"]["stats"]["APpool"]["n"] == 0
+    paired = {(p["recipe"], p["metric"]): p for p in s["paired"]}
+    assert paired["faster_ce+logn", "APpool"]["mean"] == pytest.approx(100 * (after["APpool"] - before["APpool"]),
+                                                                       abs=0.02)
+    table = format_recipe_table(s, metrics=evidence.METRICS).splitlines()
+    assert table[0].rstrip().endswith("| APpool |")
+    cells = {ln.split("|")[1].strip(): ln.split("|")[-2].strip() for ln in table[2:]}
+    assert cells == {"faster_ce": f"{round(100 * before['APpool'], 2):.1f}",
+                     "faster_ce+logn": f"{round(100 * after['APpool'], 2):.1f}", "faster_ce_rfs": "-"}
