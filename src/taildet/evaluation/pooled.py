@@ -158,7 +158,7 @@ class PooledMatches:
         cat = np.array([int(ij[1]) for ij, _ in pairs], dtype=np.int64)
         where = np.searchsorted(ukeys, key_of(img, cat))
         mats = [np.asarray(m, dtype=np.float64).reshape(len(m), -1) for _, m in pairs]
-        for (pos, mat), bits in zip(zip(where.tolist(), mats), match_bits(mats, self.thresholds)):
+        for pos, bits in zip(where.tolist(), match_bits(mats, self.thresholds)):
             start = int(first[pos])
             self.bits[rows[start:start + len(bits)]] = bits
 
