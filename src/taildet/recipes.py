@@ -67,6 +67,8 @@ RECIPES: dict[str, Recipe] = {
                          baselines=("faster_cos_sigmoid", "faster_cos_ce")),
     "faster_eqlv2": Recipe("train", "demo_faster_tiny_eqlv2.yaml", about="EQLv2, cosine classifier",
                            baselines=("faster_cos_ce", "faster_cos_sigmoid")),
+    "faster_fed": Recipe("train", "demo_faster_tiny_fed.yaml", about="federated loss, cosine classifier",
+                         baselines=("faster_cos_sigmoid",)),
     "faster_seesaw": Recipe("train", "demo_faster_tiny_seesaw.yaml", about="Seesaw, cosine classifier",
                             baselines=("faster_cos_ce",)),
     "faster_ce+bsoftmax": Recipe("finetune", "demo_faster_tiny_bsoftmax_ft.yaml", "faster_ce",

@@ -322,15 +322,18 @@ def run_compare(recipes: Iterable[str] | None, out_dir: str | Path, seeds: Itera
 
     atomic_write_text(json.dumps(summary, indent=1) + "\n", out / "summary.json")
     plot_recipe_metrics(summary, out / "metrics_by_recipe.png")
-    recipe_table = format_recipe_table(summary)
+    recipe_table = format_recipe_table(summary, metrics=evidence.METRICS)  # with APpool (cross-class ranking)
     print("\n" + recipe_table)
     lines = [f"# {title}", "", f"Embedded long-tail dataset (data seeds {data_seeds}, training seeds {seeds}, "
              f"regime {regime}): `{data[data_seeds[0]]['train']}`", "",
              "```", stats_text, "```", "", "![long tail](long_tail.png)", "",
              "## Results (LVIS federated AP, percent; mean and 95 % t interval over replicates)", "",
-             recipe_table, "", "![metrics by recipe](metrics_by_recipe.png)", ""]
+             recipe_table, "", "APpool: every class's detections ranked together into one precision / recall "
+             "curve (Dave et al. 2021), so it also scores how comparable the scores are across classes.", "",
+             "![metrics by recipe](metrics_by_recipe.png)", ""]
     if summary["paired"]:
-        lines += ["## Paired differences to each recipe's baseline", "", format_paired_table(summary), ""]
+        lines += ["## Paired differences to each recipe's baseline", "",
+                  format_paired_table(summary, metrics=evidence.METRICS), ""]
     if summary["claims"]:
         plot_claims_forest(summary, out / "claims_forest.png")
         lines += ["## Claims", "", format_claims_table(summary), "", "![claims](claims_forest.png)", ""]
