@@ -274,3 +274,40 @@ def test_compare_report_gets_each_recipes_error_analysis(tmp_path, monkeypatch):
     text = (tmp_path / "cmp" / "report.md").read_text()
     assert "#### Error analysis: faster_ce" in text and "| Bkg | 1 |" in text
     assert (tmp_path / "cmp" / "seed0" / "errors_faster_ce" / "errors_dap.png").exists()
+
+
+def test_matching_agrees_with_the_evaluator_on_random_boxes():
+    """The true positives the analysis finds are the evaluator's: each class's AP50 rebuilt from
+    them (101-point, over its GT) equals the evaluator's, on random overlapping boxes with a
+    verified negative and a not-exhaustive class."""
+    from taildet.evaluation.error_analysis import _Analysis
+    from taildet.evaluation.federated import PairIndex, _detections
+    from taildet.evaluation.lvis_gt import _prepare_gt
+    from taildet.evaluation.result_columns import read_result_columns
+
+    rng = np.random.default_rng(0)
+    images = [_img(1, neg=[3]), _img(2, nel=[2]), _img(3)]
+    anns, dets = [], []
+    for k in range(12):
+        x, y = rng.integers(0, 60, size=2).tolist()
+        anns.append(_ann(k + 1, k % 3 + 1, k % 2 + 1, (x, y, 20, 20)))
+    for k in range(60):
+        a = anns[rng.integers(len(anns))]
+        dx, dy = rng.integers(-8, 9, size=2).tolist()
+        c = a["category_id"] if rng.uniform() < 0.7 else int(rng.integers(1, 4))
+        dets.append(_det(a["image_id"], c, (a["bbox"][0] + dx, a["bbox"][1] + dy, 20, 20), float(rng.uniform())))
+    gt = {"images": images, "categories": [_cat(1, "f"), _cat(2, "c"), _cat(3, "r")], "annotations": anns}
+    pairs = PairIndex(gt)
+    prep = _prepare_gt(gt, lvis=True, iou_type="bbox", file="gt")
+    d = _detections(read_result_columns(dets, pairs, "bbox"), pairs, "bbox", False, 300, 10_000)
+    a = _Analysis(d, prep, "bbox")
+    a.pairs = pairs
+    want = a._ap50(a._columns(np.ones(len(a.kind), bool)))
+    assert (a.kind == "TP").sum() > 5 and (a.kind == "Dupe").sum() > 0
+    for c in (1, 2):
+        mine = (d["category_id"] == c) & (a.kind != "ignored")
+        tp = (a.kind[mine] == "TP")[np.argsort(-d["score"][mine], kind="stable")]
+        hits = np.cumsum(tp)
+        prec = np.maximum.accumulate((hits / np.arange(1, len(tp) + 1))[::-1])[::-1]
+        at = np.searchsorted(hits / (a.gt_cat == c).sum(), np.linspace(0, 1, 101), side="left")
+        assert np.where(at < len(prec), prec[np.minimum(at, len(prec) - 1)], 0.0).mean() == pytest.approx(want[c])
