@@ -322,12 +322,11 @@ class _Analysis:
                 rounds.append(r := [])
             r.append(key)
         out = []
-        all_ = np.ones(len(self.kind), bool)
-        for r in rounds:
-            drop = np.zeros(len(self.kind), bool)
+        for r in rounds:  # classes are independent: only the round's predicted classes are evaluated
+            drop = ~np.isin(self.dets["category_id"], [p for p, _ in r])
             for p, t in r:
                 drop[conf[(pred == p) & (true == t)]] = True
-            after = self._ap50(self._columns(all_ & ~drop))
+            after = self._ap50(self._columns(~drop))
             for p, t in r:
                 gain = float(after[p] - base[p]) if not np.isnan(base[p]) else 0.0
                 out.append({"predicted": p, "true": t, "predicted_name": self.cats[p].get("name", str(p)),
