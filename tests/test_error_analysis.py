@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from taildet.analysis.error_report import ERROR_FILES, compare_error_section, format_error_tables
+from taildet.analysis.error_report import ERROR_FILES, compare_error_section, compare_error_sections, format_error_tables
 from taildet.cli import main
 from taildet.evaluation import evaluate_lvis
 from taildet.evaluation.error_analysis import _error_type, error_breakdown
@@ -246,6 +246,13 @@ def test_compare_report_section_from_a_run_dir(tmp_path):
     for f in ERROR_FILES:
         assert (tmp_path / "cmp" / "seed0" / "errors_faster_ce" / f).exists()
     assert compare_error_section(tmp_path / "cmp", "seed0", "prior", g) == []  # no results file: no section
+    # the whole section: one row per recipe with a results file, then each recipe's tables
+    text = "\n".join(compare_error_sections(tmp_path / "cmp", "seed0", ["prior", "faster_ce"], g))
+    dr = [71 / 101 - AP2, 0, 51 / 3 / 101 - AP2, 0, 51 / 2 / 101 - AP2, 0]  # Cls .. Missed on class 2 (rare)
+    row = (f"| faster_ce | {100 * (AP1 + AP2 + AP3) / 3:.2f} | {100 * AP2:.2f} | "
+           + " | ".join(f"{100 * v:.2f}" for v in dr) + " | 33.3 |")
+    assert row in text and "| prior |" not in text and "#### Error analysis: faster_ce" in text
+    assert compare_error_sections(tmp_path / "cmp", "seed0", ["prior"], g) == []
 
 
 @pytest.mark.slow  # generates the embedded dataset at scale 0.05 (about 8 s)

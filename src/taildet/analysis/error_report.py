@@ -1,6 +1,6 @@
 """Tables, figures and files of the error analysis (:func:`taildet.evaluation.error_analysis.error_breakdown`):
 ``taildet errors GT RESULTS`` (:func:`errors_main`) and the error-analysis section of compare's
-report (:func:`compare_error_section`). matplotlib is imported on use only (Agg backend)."""
+report (:func:`compare_error_sections`). matplotlib is imported on use only (Agg backend)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from taildet.evaluation.error_analysis import ERROR_TYPES, error_breakdown
 from taildet.evaluation.results_io import _atomic_write_text, save_metrics
 from taildet.fileio import check_not_inputs, check_output_path
 
-__all__ = ["ERROR_FILES", "compare_error_section", "errors_main", "format_error_tables", "plot_confusion_pairs",
-           "plot_error_breakdown"]
+__all__ = ["ERROR_FILES", "compare_error_section", "compare_error_sections", "errors_main", "format_error_tables",
+           "plot_confusion_pairs", "plot_error_breakdown", "write_error_files"]
 
 #: What ``taildet errors --out DIR`` writes into DIR.
 ERROR_FILES = ("errors.json", "errors.md", "errors_dap.png", "errors_pairs.png")
@@ -157,17 +157,54 @@ def errors_main(gt: str | os.PathLike, results: str | os.PathLike, out: str | os
     return report
 
 
+def _recipe_report(out_dir: Path, replicate: str, recipe: str, val_json: str | os.PathLike) -> dict | None:
+    """The error analysis of ``out_dir/replicate/recipe/results_bbox.json`` with its files written into
+    ``out_dir/replicate/errors_<recipe>/``; ``None`` when the run has no results file."""
+    results = out_dir / replicate / recipe / "results_bbox.json"
+    if not results.exists():
+        return None
+    report = error_breakdown(val_json, results, top_pairs=5)
+    write_error_files(report, out_dir / replicate / f"errors_{recipe}", title=f"Error analysis: {recipe} ({replicate})")
+    return report
+
+
+def _recipe_lines(report: Mapping, replicate: str, recipe: str) -> list[str]:
+    rel = f"{replicate}/errors_{recipe}"
+    return [f"#### Error analysis: {recipe}", "", format_error_tables(report, max_classes=5), "",
+            f"![dAP50 {recipe}]({rel}/errors_dap.png) ![confusions {recipe}]({rel}/errors_pairs.png)", ""]
+
+
 def compare_error_section(out_dir: str | os.PathLike, replicate: str, recipe: str,
                           val_json: str | os.PathLike) -> list[str]:
     """Report lines of one compare recipe: its error analysis (run on
     ``out_dir/replicate/recipe/results_bbox.json``, files in ``out_dir/replicate/errors_<recipe>/``),
-    the dAP50 table and links to the figures; no lines when the run has no results file."""
-    results = Path(out_dir) / replicate / recipe / "results_bbox.json"
-    if not results.exists():
+    the tables and links to the figures; no lines when the run has no results file."""
+    report = _recipe_report(Path(out_dir), replicate, recipe, val_json)
+    return [] if report is None else _recipe_lines(report, replicate, recipe)
+
+
+def compare_error_sections(out_dir: str | os.PathLike, replicate: str, recipes: Sequence[str],
+                           val_json: str | os.PathLike) -> list[str]:
+    """Compare's error-analysis section: one table of every recipe with a results file (AP50 and the
+    rare classes' dAP50 per error type, and the share of the rare classes' false positives that
+    are confusions with a frequent class), then each recipe's own tables and figures."""
+    reports = {}
+    for recipe in recipes:
+        report = _recipe_report(Path(out_dir), replicate, recipe, val_json)
+        if report is not None:
+            reports[recipe] = report
+    if not reports:
         return []
-    report = error_breakdown(val_json, results, top_pairs=5)
-    rel = f"{replicate}/errors_{recipe}"
-    write_error_files(report, Path(out_dir) / rel, title=f"Error analysis: {recipe} ({replicate})")
-    table = format_error_tables(report, max_classes=5)
-    return [f"#### Error analysis: {recipe}", "", table, "", f"![dAP50 {recipe}]({rel}/errors_dap.png) "
-            f"![confusions {recipe}]({rel}/errors_pairs.png)", ""]
+    lines = [f"## Error analysis ({replicate}; TIDE error types, AP50, `taildet errors`)", "",
+             "dAP50 on the rare classes per error type (points), and the share of the rare classes' false "
+             "positives that are confusions with a frequent class:", "",
+             "| recipe | AP50 | AP50 rare | " + " | ".join(ERROR_TYPES) + " | rare FP on frequent (%) |",
+             "|:---|---:|---:|" + "---:|" * len(ERROR_TYPES) + "---:|"]
+    for recipe, r in reports.items():
+        lines.append(f"| {recipe} | {_pts(r['AP50']['all'])} | {_pts(r['AP50']['r'])} | "
+                     + " | ".join(_pts(r["dAP50"][e]["r"]) for e in ERROR_TYPES)
+                     + f" | {_pts(r['confusions']['by_group']['r']['share']['f'], 1)} |")
+    lines.append("")
+    for recipe, r in reports.items():
+        lines += _recipe_lines(r, replicate, recipe)
+    return lines
