@@ -232,6 +232,8 @@ def test_cli_bad_input_is_the_evaluators_clear_error(tmp_path, capsys):
     assert str(r) in err and "results[10]" in err and "99" in err
     assert main(["errors", str(tmp_path / "missing.json"), str(r)]) == 2
     assert "GT file not found" in capsys.readouterr().err
+    assert main(["errors", str(g), str(r), "--top-pairs", "-1"]) == 2
+    assert "--top-pairs (top_pairs) must be an integer >= 0, got -1" in capsys.readouterr().err
 
 
 def test_compare_report_section_from_a_run_dir(tmp_path):

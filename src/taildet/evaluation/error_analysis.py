@@ -69,6 +69,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from taildet.errors import ConfigError
 from taildet.evaluation.eval_backend import _FREQS
 from taildet.evaluation.federated import PairIndex, _detections, evaluate_federated
 from taildet.evaluation.lvis_eval import AP_FIXED_DETS_PER_CLASS, LVIS_MAX_DETS, _check_rle_size_columns
@@ -112,8 +113,8 @@ def error_breakdown(gt: str | os.PathLike | Mapping, results: str | os.PathLike 
     """
     if iou_type not in ("bbox", "segm"):
         raise ValueError(f"iou_type must be 'bbox' or 'segm', not {iou_type!r}")
-    if top_pairs < 0:
-        raise ValueError(f"top_pairs must be >= 0, got {top_pairs}")
+    if not isinstance(top_pairs, int) or top_pairs < 0:
+        raise ConfigError(f"--top-pairs (top_pairs) must be an integer >= 0, got {top_pairs!r}")
     gt_data, gt_file = load_gt(gt, name=gt_name)
     res_file = str(results) if isinstance(results, (str, os.PathLike)) else "<results list>"
     pairs = PairIndex(gt_data)
