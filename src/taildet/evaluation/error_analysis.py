@@ -19,6 +19,10 @@ then tested in TIDE's order, the first test that holds gives its type:
 * ``Missed`` (a GT, not a detection): a GT no detection matched and no ``Cls`` / ``Loc`` error
   points at (a GT that such an error points at is that error's, as in TIDE).
 
+The boundaries are the paper's (``Loc`` and ``Both`` in ``[t_b, t_f)``, ``Bkg`` below ``t_b``); tidecv's
+code differs only on an IoU exactly at a threshold (it counts ``t_f`` itself as ``Loc`` and ``t_b``
+itself with another class as ``Bkg``).
+
 What fixing a type means (the oracle; TIDE's fixes): ``Cls`` -- the detection takes the class of
 the GT it overlaps; ``Loc`` -- the detection takes its GT's box; both only when that GT is unmatched
 and this detection is the highest-scoring ``Cls`` / ``Loc`` error pointing at it (any other such
