@@ -309,8 +309,7 @@ def test_matching_agrees_with_the_evaluator_on_random_boxes():
     pairs = PairIndex(gt)
     prep = _prepare_gt(gt, lvis=True, iou_type="bbox", file="gt")
     d = _detections(read_result_columns(dets, pairs, "bbox"), pairs, "bbox", False, 300, 10_000)
-    a = _Analysis(d, prep, "bbox")
-    a.pairs = pairs
+    a = _Analysis(d, prep, "bbox", pairs)
     want = a._ap50(a._columns(np.ones(len(a.kind), bool)))
     assert (a.kind == "TP").sum() > 5 and (a.kind == "Dupe").sum() > 0
     for c in (1, 2):

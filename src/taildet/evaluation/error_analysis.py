@@ -127,16 +127,15 @@ def error_breakdown(gt: str | os.PathLike | Mapping, results: str | os.PathLike 
     if iou_type == "segm":
         _check_rle_size_columns(cols, gt_prep, res_file)
     dets = _detections(cols, pairs, iou_type, False, LVIS_MAX_DETS, AP_FIXED_DETS_PER_CLASS)
-    a = _Analysis(dets, gt_prep, iou_type)
-    return a.report(pairs, top_pairs)
+    return _Analysis(dets, gt_prep, iou_type, pairs).report(top_pairs)
 
 
 class _Analysis:
     """The error types of the evaluated detections ``dets`` (columns, as ``_detections`` gives them)
     and the AP50 of the oracle-fixed lists."""
 
-    def __init__(self, dets: Mapping, gt_prep: Mapping, iou_type: str):
-        self.dets, self.gt, self.iou_type = dets, gt_prep, iou_type
+    def __init__(self, dets: Mapping, gt_prep: Mapping, iou_type: str, pairs: PairIndex):
+        self.dets, self.gt, self.iou_type, self.pairs = dets, gt_prep, iou_type, pairs
         self.anns = gt_prep["annotations"]
         self.cats = {c["id"]: c for c in gt_prep["categories"]}
         self.group = {cid: c["frequency"] for cid, c in self.cats.items()}
@@ -266,8 +265,7 @@ class _Analysis:
             out[g] = float(np.mean(vals)) if vals else float("nan")
         return out
 
-    def report(self, pairs: PairIndex, top_pairs: int) -> dict[str, Any]:
-        self.pairs = pairs
+    def report(self, top_pairs: int) -> dict[str, Any]:
         n = len(self.kind)
         base = self._ap50(self._columns(np.ones(n, bool)))
         classes = sorted(c for c, v in base.items() if not np.isnan(v))
