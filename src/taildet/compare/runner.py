@@ -30,6 +30,7 @@ from taildet.fileio import atomic_write_text, check_not_inputs, check_output_pat
 from taildet.results_docs import (format_claims_table, format_paired_table, format_recipe_table, plot_claims_forest,
                                   plot_recipe_metrics)
 from taildet.compare.posthoc import _plot_mean_scores, _run_posthoc
+from taildet.compare.grids import detection_grid_section
 from taildet.recipes import DEMO_RECIPES, RECIPES, _config_path, expand_recipes, replicate_name
 from taildet.compare.summary import (_argmax_diagnostic, _bbox, _run_row, _train_counts, default_jobs, machine_info,
                                      prior_baseline_results, summarize)
@@ -338,6 +339,7 @@ def run_compare(recipes: Iterable[str] | None, out_dir: str | Path, seeds: Itera
     for name in names:
         lines += [f"### {name}", "", f"![per-class AP {name}]({first}/per_class_ap_{name}.png)", ""]
     lines += compare_error_sections(out, first, names, data[reps[0][0]]["val"])  # issue 15: error analysis
+    lines += detection_grid_section(summary, names, out, first, data[reps[0][0]]["val"])
     lines += [f"Total time: {time.time() - start:.0f} s.", ""]
     atomic_write_text("\n".join(lines), out / "report.md")
     print(f"\nreport: {out / 'report.md'}\nsummary: {out / 'summary.json'}")
