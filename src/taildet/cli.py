@@ -71,6 +71,13 @@ def _cmd_eval_results(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_errors(args: argparse.Namespace) -> int:
+    from taildet.analysis.error_report import errors_main  # start-up: lazy, keeps --help fast
+
+    errors_main(args.gt, args.results, out=args.out, iou_type=args.iou_type, top_pairs=args.top_pairs)
+    return 0
+
+
 def _cmd_show(args: argparse.Namespace) -> int:
     from taildet.analysis.show import detection_grid  # start-up: lazy, keeps --help fast
 
@@ -246,6 +253,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AP-fixed (Dave et al. 2021): no per-image cap, top 10,000 detections per class")
     e.add_argument("--out", help="directory for metrics.json and the per-class AP plot")
     e.set_defaults(func=_cmd_eval_results)
+
+    er = sub.add_parser("errors", help="TIDE-style error analysis (dAP50 per error type and frequency group, "
+                                       "confusions of rare classes) of a results JSON on LVIS ground truth")
+    er.add_argument("gt", help="ground-truth annotation JSON (LVIS v1)")
+    er.add_argument("results", help="results JSON: list of {image_id, category_id, bbox|segmentation, score}")
+    er.add_argument("--out", help="directory for errors.json, errors.md, errors_dap.png and errors_pairs.png")
+    er.add_argument("--iou-type", choices=["bbox", "segm"], default="bbox", help="what to analyse")
+    er.add_argument("--top-pairs", type=int, default=10,
+                    help="confusion pairs to report, their cost computed exactly (default 10)")
+    er.set_defaults(func=_cmd_errors)
 
     sh = sub.add_parser("show", help="draw ground truth and detections on dataset images into a PNG grid")
     sh.add_argument("gt", help="ground-truth annotation JSON (LVIS v1 or COCO)")

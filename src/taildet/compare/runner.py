@@ -15,6 +15,7 @@ import yaml
 
 from taildet import evidence
 from taildet.analysis.gradient_ratio import gradient_ratio_report
+from taildet.analysis.error_report import compare_error_sections
 from taildet.calibration.calibrators import LogN
 from taildet.config import apply_overrides, load_config
 from taildet.data.stats import dataset_stats, format_stats, plot_long_tail
@@ -340,6 +341,7 @@ def run_compare(recipes: Iterable[str] | None, out_dir: str | Path, seeds: Itera
     first = reps[0][2]
     for name in names:
         lines += [f"### {name}", "", f"![per-class AP {name}]({first}/per_class_ap_{name}.png)", ""]
+    lines += compare_error_sections(out, first, names, data[reps[0][0]]["val"])  # issue 15: error analysis
     lines += detection_grid_section(summary, names, out, first, data[reps[0][0]]["val"])
     lines += [f"Total time: {time.time() - start:.0f} s.", ""]
     atomic_write_text("\n".join(lines), out / "report.md")
