@@ -42,9 +42,13 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
+from torchvision.ops import box_convert
+from torchvision.utils import draw_bounding_boxes, make_grid
 
 from taildet.data.lvis import LVISDataset, load_lvis
 from taildet.errors import ConfigError, DataError
+from taildet.evaluation.result_columns import GtIds, read_result_columns
 from taildet.fileio import atomic_write, check_not_inputs, check_output_path
 
 __all__ = ["CAPTION_PX", "DEFAULT_SCORE_THRESH", "DEFAULT_TOP_K", "DET_WIDTH", "GROUP_COLORS", "GT_COLOR", "GT_WIDTH",
@@ -118,7 +122,6 @@ def draw_detections(image: torch.Tensor, gt_boxes: torch.Tensor, boxes: torch.Te
     Returns:
         uint8 ``[3, H * scale, W * scale]``.
     """
-    from torchvision.utils import draw_bounding_boxes  # start-up: lazy, torchvision is heavy
 
     out = upscale(image, scale)
     if len(gt_boxes):
@@ -155,7 +158,6 @@ def _tile(drawn: torch.Tensor, tile_h: int, tile_w: int, caption: str) -> torch.
     """One grid cell: ``drawn`` (uint8 ``[3, h, w]``, ``h <= tile_h``, ``w <= tile_w``) at the top-left
     of a black ``[3, tile_h + CAPTION_PX, tile_w]`` cell, ``caption`` written in the strip under it
     (cut at the cell's edge)."""
-    from PIL import Image, ImageDraw, ImageFont  # start-up: lazy
 
     cell = Image.new("RGB", (tile_w, tile_h + CAPTION_PX), (0, 0, 0))
     cell.paste(Image.fromarray(drawn.permute(1, 2, 0).numpy()), (0, 0))
@@ -165,7 +167,6 @@ def _tile(drawn: torch.Tensor, tile_h: int, tile_w: int, caption: str) -> torch.
 
 def _with_legend(grid: torch.Tensor) -> np.ndarray:
     """The grid (uint8 ``[3, H, W]``) with the legend strip added under it: ``[H + LEGEND_PX, W, 3]``."""
-    from PIL import Image, ImageDraw, ImageFont  # start-up: lazy
 
     h, w = grid.shape[1:]
     canvas = Image.new("RGB", (w, h + LEGEND_PX), (0, 0, 0))
@@ -207,10 +208,7 @@ def detection_grid(gt: str | os.PathLike | LVISDataset, results: str | os.PathLi
         ConfigError for a parameter out of range; OutputError when ``out_png`` is an input or
         cannot be written. Everything is checked and drawn before the PNG is written.
     """
-    from torchvision.ops import box_convert  # start-up: lazy, torchvision is heavy
-    from torchvision.utils import make_grid  # start-up: lazy, torchvision is heavy
 
-    from taildet.evaluation.result_columns import GtIds, read_result_columns
 
     _check_params(num_images, score_thresh, top_k, cols, scale)
     ds = gt if isinstance(gt, LVISDataset) else None
@@ -256,7 +254,6 @@ def detection_grid(gt: str | os.PathLike | LVISDataset, results: str | os.PathLi
     pixels = _with_legend(grid)
 
     def write(fh) -> None:
-        from PIL import Image  # start-up: lazy
 
         buf = io.BytesIO()
         Image.fromarray(pixels).save(buf, format="PNG")
