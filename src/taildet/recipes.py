@@ -157,6 +157,11 @@ RECIPES: dict[str, Recipe] = {
                                                              ("mode", "no_beta")),
                                              about="LogN released recipe without beta",
                                              baselines=("faster_logn_normed", "faster_logn_normed+logn")),
+    # Cascade R-CNN (one change from faster_ce: the architecture) and LogN per stage on it
+    "cascade_ce": Recipe("train", "demo_cascade_tiny_ce.yaml", about="Cascade R-CNN, softmax CE, random sampling",
+                         baselines=("faster_ce",)),
+    "cascade_ce+logn": Recipe("posthoc", stage1="cascade_ce", posthoc="logn",
+                              about="Cascade + LogN per stage (no training)", baselines=("cascade_ce", "faster_ce+logn")),
 }
 
 

@@ -1,0 +1,146 @@
+"""LogN for detectors with several classification stages (Cascade R-CNN): one statistics entry and
+one logit transform per stage.
+
+Each stage of a cascade (:mod:`taildet.models.cascade`) has its own
+:class:`~taildet.models.heads.ClassificationHead` named ``"roi_heads.0"``, ``"roi_heads.1"``,
+``"roi_heads.2"`` (:func:`~taildet.calibration.heads.classification_heads`), and each keeps its own
+statistics (spec section 1):
+
+* :func:`collect_stage_statistics` -- the statistics pass of
+  :func:`~taildet.calibration.collect_logit_statistics` (training-time sampling mode, no backward,
+  the model left as it was) accumulating every stage's sampled logits into that stage's
+  :class:`~taildet.calibration.LogitNormalizer`; save them in one file with
+  :func:`~taildet.calibration.save_normalizers` (one key per stage);
+* :func:`apply_stage_transforms` -- install one transform per stage (each stage's logits are
+  normalised with its own statistics before the cascade averages them);
+* :func:`fit_stages` -- a post-hoc :class:`~taildet.calibration.calibrators.Calibrator` fitted per
+  stage (LogN picks each stage's entry of the statistics file).
+
+Every function also takes a one-head detector (one stage).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from taildet.calibration.heads import classification_heads
+from taildet.calibration.logit_norm import LogitNormalizer, load_normalizers
+from taildet.calibration.statistics import (_find_class_names, _install, _new_normalizer, _progress_bar,
+                                            _record_only_logits, _sampled, _to_device, _unwrap,
+                                            training_sampling_mode)
+from taildet.errors import ConfigError
+from taildet.models.heads import ClassificationHead
+
+__all__ = ["collect_stage_statistics", "apply_stage_transforms", "fit_stages", "last_stage_normalizer"]
+
+log = logging.getLogger(__name__)
+
+
+def collect_stage_statistics(
+    model: nn.Module,
+    data_loader: Iterable,
+    *,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    max_batches: int | None = None,
+    class_names: Sequence[str] | None = None,
+    sync: bool = True,
+    positives: Any = None,
+    **normalizer_kwargs: Any,
+) -> dict[str, LogitNormalizer]:
+    """LogN statistics of every classification stage of ``model``: ``{stage name: normalizer}``.
+
+    One pass over ``data_loader`` as :func:`~taildet.calibration.collect_logit_statistics` (same
+    arguments; ``normalizer_kwargs`` apply to every stage); each training forward fills every
+    stage head's ``record`` and each stage's normalizer accumulates its own stage's sampled
+    logits (for a cascade: stage ``t``'s RoIs, sampled at its IoU threshold from the boxes
+    refined by stage ``t - 1``). ``positives`` receives the **last** stage's logits.
+    """
+    device = torch.device(device)
+    model = _unwrap(model)
+    heads = classification_heads(model)
+    model.to(device)
+    if class_names is None:
+        class_names = _find_class_names(data_loader)
+    names = list(class_names) if class_names is not None else None
+    norms = {k: _new_normalizer(h, names, **normalizer_kwargs).to(device) for k, h in heads.items()}
+    last = list(heads)[-1]
+    bar = _progress_bar(data_loader, max_batches, progress, "LogN statistics")
+    restores = [_record_only_logits(h) for h in heads.values()]
+    batches = 0
+    try:
+        with training_sampling_mode(model, keep=[b for n in norms.values() for b in n.buffers()]):
+            for batch in data_loader:
+                if max_batches is not None and batches >= max_batches:
+                    break
+                images, targets = _to_device(list(batch[0]), list(batch[1]), device)
+                if len(heads) == 1:
+                    records = {last: _sampled(model, heads[last], images, targets)}
+                else:
+                    for h in heads.values():
+                        h.clear()
+                    model(images, targets)
+                    records = {k: h.record.kept() for k, h in heads.items()}  # type: ignore[union-attr]
+                for k, rec in records.items():
+                    norms[k].update(rec.logits)
+                if positives is not None and isinstance(heads[last], ClassificationHead):
+                    positives.add(records[last].logits, records[last].labels)
+                batches += 1
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        for restore in restores:
+            restore()
+    for k, norm in norms.items():
+        if sync:
+            norm.sync()
+        if float(norm.count) == 0:
+            raise ValueError(f"collect_stage_statistics: stage {k!r} got no logits (empty loader?)")
+    log.info("LogN statistics of %d stage(s): %d batches", len(norms), batches)
+    return norms
+
+
+def apply_stage_transforms(model: nn.Module, transforms: Mapping[str, nn.Module | None] | None) -> nn.Module:
+    """Install ``transforms[stage]`` as the logit transform of each stage's head (checked against
+    that head as :func:`~taildet.calibration.apply_logit_normalization` does; None removes it);
+    ``transforms=None`` removes every stage's. Every stage must be given: a transform for some
+    stages only, or for a stage the model lacks, is a ConfigError naming them."""
+    model = _unwrap(model)
+    heads = classification_heads(model)
+    if transforms is None:
+        transforms = dict.fromkeys(heads)
+    if not isinstance(transforms, Mapping):
+        raise ConfigError(f"{type(model).__name__} has {len(heads)} classification stages ({', '.join(heads)}): "
+                          "give one logit transform per stage, {stage: transform}")
+    unknown = sorted(set(transforms) - set(heads))
+    missing = [k for k in heads if k not in transforms]
+    if unknown or missing:
+        raise ConfigError(f"logit transforms per stage: the model's stages are {', '.join(heads)}"
+                          + (f"; unknown: {', '.join(unknown)}" if unknown else "")
+                          + (f"; missing: {', '.join(missing)}" if missing else ""))
+    for k, head in heads.items():
+        t = transforms[k]
+        if t is None:
+            head.logit_transform = None
+        else:
+            _install(model, head, t)
+    return model
+
+
+def fit_stages(method: Any, model: nn.Module, **inputs: Any) -> dict[str, nn.Module | None]:
+    """``{stage: method.fit(head, **inputs)}`` over every classification head of ``model`` (a
+    :class:`~taildet.calibration.calibrators.Calibrator`; LogN reads each stage's own entry)."""
+    return {k: method.fit(h, **inputs) for k, h in classification_heads(model).items()}
+
+
+def last_stage_normalizer(path: str | os.PathLike) -> LogitNormalizer:
+    """The statistics of a file's only stage, or of its last one (a cascade's final stage)."""
+    stages = load_normalizers(path)
+    return stages[list(stages)[-1]]
