@@ -183,6 +183,9 @@ def test_eval_scores_are_the_softmax_of_the_stages_mean_logits():
     (scores,) = seen
     torch.testing.assert_close(scores, hand)
     torch.testing.assert_close(average_stage_logits(z), (z[0] + z[1] + z[2]) / 3)
+    half = average_stage_logits([z[0].half(), z[1], z[2]])  # a float16 stage (autocast) with float32 ones
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, (z[0].half().float() + z[1] + z[2]) / 3)
     _check_scores_come_from(out, hand, rh.stages[-1].last_logit_image_index)
     # not the last stage's scores alone, nor the mean of the stages' probabilities (detectron2)
     for other in (_softmax_fg(z[2]), (_softmax_fg(z[0]) + _softmax_fg(z[1]) + _softmax_fg(z[2])) / 3):
@@ -359,3 +362,15 @@ def test_cascade_trains_calibrates_per_stage_and_evaluates(tmp_path):
         calibrate_checkpoint(cfg, ckpt, str(tmp_path / "running.json"), stats="running", progress=False)
     res = evaluate_checkpoint(cfg, ckpt, calibration=stats, out_dir=str(tmp_path / "eval"))
     assert 0.0 <= res["bbox"]["AP"] <= 1.0
+    # the compare row cascade_ce+logn: the post-hoc method fitted on every stage from its own entry
+    from taildet.compare.posthoc import posthoc_calibration
+    from taildet.engine.builders import build_datasets, build_model_for_checkpoint
+
+    calibrate = posthoc_calibration("logn", cfg, ckpt, tmp_path / "posthoc")
+    train_set = build_datasets(cfg, need_train=True)[0]
+    model = calibrate(build_model_for_checkpoint(cfg, train_set.num_classes, train_set))
+    written = load_normalizers(tmp_path / "posthoc" / "logit_stats.json")
+    assert list(written) == STAGES
+    for k, head in classification_heads(model).items():
+        torch.testing.assert_close(head.logit_transform.mean, written[k].mean)
+    assert (tmp_path / "posthoc" / "logit_stats.png").exists()

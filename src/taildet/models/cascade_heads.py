@@ -33,6 +33,7 @@ score threshold, NMS and top-k of the two-stage heads. The mask head runs on the
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import torch
@@ -122,7 +123,8 @@ class CascadeRoIHeads(nn.Module):
         assert rec is not None
         props = rec["proposals"]
         counts = [len(p) for p in props]
-        boxes = stage.box_coder.decode(rec["box_deltas"][:, :4], props).reshape(-1, 4).detach()
+        # in the proposals' dtype (under autocast the deltas, hence the decoded boxes, may be float16)
+        boxes = stage.box_coder.decode(rec["box_deltas"][:, :4], props).reshape(-1, 4).detach().to(props[0].dtype)
         out = []
         for i, (b, p, lab, gi) in enumerate(zip(boxes.split(counts), props, rec["labels"].split(counts),
                                                 rec["gt_index"].split(counts))):
@@ -163,11 +165,14 @@ class CascadeRoIHeads(nn.Module):
 
     @staticmethod
     def _refine(stage: TailRoIHeads, deltas: Tensor, proposals: list[Tensor], image_shapes) -> list[Tensor]:
-        boxes = stage.box_coder.decode(deltas[:, :4], proposals).reshape(-1, 4)
+        boxes = stage.box_coder.decode(deltas[:, :4], proposals).reshape(-1, 4).to(proposals[0].dtype)
         return [box_ops.clip_boxes_to_image(b, s)
                 for b, s in zip(boxes.split([len(p) for p in proposals]), image_shapes)]
 
 
 def average_stage_logits(logits: Sequence[Tensor]) -> Tensor:
-    """The test-time logits of a cascade: the mean of the stages' (transformed) logits ``[R, K]``."""
-    return torch.stack(list(logits)).mean(dim=0)
+    """The test-time logits of a cascade: the mean of the stages' (transformed) logits ``[R, K]``
+    (in their promoted dtype: a stage with a float32 transform and one without under autocast)."""
+    logits = list(logits)
+    dtype = functools.reduce(torch.promote_types, (z.dtype for z in logits))
+    return torch.stack([z.to(dtype) for z in logits]).mean(dim=0)
