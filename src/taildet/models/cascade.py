@@ -4,11 +4,14 @@ Built from torchvision parts as :mod:`taildet.models.two_stage` (transform, RPN,
 ``MultiScaleRoIAlign``, a ``TwoMLPHead`` per stage, a ``BoxCoder`` and a ``Matcher`` per stage,
 the mask head and mask loss), with :class:`~taildet.models.cascade_heads.CascadeRoIHeads` as the
 RoI heads. The defaults are those of mmdetection's reference config
-(``configs/_base_/models/cascade_rcnn_r50_fpn.py``): three stages at IoU 0.5 / 0.6 / 0.7, box
+(``configs/_base_/models/cascade_rcnn_r50_fpn.py``, ``cascade-rcnn_r50_fpn.py`` in mmdetection 3):
+three stages at IoU 0.5 / 0.6 / 0.7, box
 targets normalised with stds (0.1, 0.1, 0.2, 0.2), (0.05, 0.05, 0.1, 0.1), (0.033, 0.033, 0.067,
 0.067) -- torchvision box-coder weights (10, 10, 5, 5), (20, 20, 10, 10), (30, 30, 15, 15) --,
 class-agnostic box regression (``reg_class_agnostic=True``) and stage loss weights
-(``stage_loss_weights=[1, 0.5, 0.25]``).
+(``stage_loss_weights=[1, 0.5, 0.25]``); each stage samples 512 RoIs per image at a quarter
+positives with the GT boxes added. One difference: the box loss is torchvision's smooth-L1 with
+beta 1/9 (mmdetection's cascade heads use beta 1.0), as in taildet's Faster R-CNN.
 
 Classification heads: every stage has its own classifier and its own
 :class:`~taildet.models.heads.ClassificationHead` with its own loss instance (stateful losses --
