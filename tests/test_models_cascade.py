@@ -337,8 +337,13 @@ def test_config_accepts_the_cascade_and_refuses_decoupled_fine_tunes():
     assert lvis.model.arch == "cascade_mask_rcnn" and lvis.data.with_masks
     with pytest.raises(ConfigError, match="not supported on a cascade"):
         apply_overrides(cfg, ["model.init_from=x.pth", "model.reset_classifier=true"])
-    with pytest.raises(ConfigError, match="not supported on a cascade"):
+    with pytest.raises(ConfigError, match="train.mfs.enabled.*not supported on a cascade"):
         apply_overrides(cfg, ["train.mfs.enabled=true"])
+    with pytest.raises(ConfigError, match="train.freeze.*not supported on a cascade"):
+        apply_overrides(cfg, ["model.init_from=x.pth", "train.freeze=classifier_only"])
+    # weights to start from, or frozen parts of a run from scratch, are not a decoupled fine-tune
+    assert apply_overrides(cfg, ["model.init_from=x.pth"]).model.init_from == "x.pth"
+    assert apply_overrides(cfg, ["train.freeze=['^backbone\\.']"]).train.freeze
     assert apply_overrides(cfg, ["model.stage_loss_weights=[1.0, 1.0, 1.0]"]).model.kwargs["stage_loss_weights"]
 
 

@@ -23,9 +23,11 @@ the output) and ``model.classification_heads()`` gives ``{stage name: head}``
 (:func:`taildet.calibration.heads.classification_heads` reads it). The test-time averaging rule
 is in :mod:`taildet.models.cascade_heads`.
 
-Not supported on a cascade (ConfigError): LOCE's memory-augmented feature sampling (MFS), the
-classifier re-initialisation of decoupled stage-2 fine-tunes (``model.reset_classifier``) and
-LogN's ``--stats running`` source (the statistics pass works per stage).
+Not supported on a cascade (ConfigError): decoupled stage-2 fine-tunes -- LOCE's memory-augmented
+feature sampling (MFS), the classifier re-initialisation (``model.reset_classifier``) and
+``train.freeze`` with ``model.init_from`` (the freeze presets name the parameters of the
+one-stage RoI head, ``roi_heads.box_head`` / ``roi_heads.box_predictor``) -- and LogN's
+``--stats running`` source (the statistics pass works per stage).
 """
 
 from __future__ import annotations
