@@ -328,8 +328,9 @@ def test_each_stage_is_normalised_with_its_own_statistics_before_the_average(tmp
     assert all(h.logit_transform is None for h in classification_heads(model).values())
 
 
-def test_config_accepts_the_cascade_and_refuses_decoupled_fine_tunes():
+def test_config_accepts_the_cascade_and_refuses_decoupled_fine_tunes(tmp_path):
     from taildet.config import apply_overrides, load_config
+    from taildet.engine import calibrate_checkpoint
 
     cfg = load_config(os.path.join(REPO, "configs", "demo_cascade_tiny_ce.yaml"))
     assert cfg.model.arch == "cascade_rcnn"
@@ -345,6 +346,11 @@ def test_config_accepts_the_cascade_and_refuses_decoupled_fine_tunes():
     assert apply_overrides(cfg, ["model.init_from=x.pth"]).model.init_from == "x.pth"
     assert apply_overrides(cfg, ["train.freeze=['^backbone\\.']"]).train.freeze
     assert apply_overrides(cfg, ["model.stage_loss_weights=[1.0, 1.0, 1.0]"]).model.kwargs["stage_loss_weights"]
+    # the running-statistics source of LogN's released recipe: refused before anything is read or written
+    out = tmp_path / "stats.json"
+    with pytest.raises(ConfigError, match="3 classification stages"):
+        calibrate_checkpoint(cfg, str(tmp_path / "missing.pth"), str(out), stats="running", progress=False)
+    assert not out.exists()
 
 
 @pytest.mark.slow

@@ -48,6 +48,7 @@ from taildet.engine.checkpoint import load_checkpoint, load_model_weights
 from taildet.engine.distributed import init_distributed
 from taildet.engine.rundir import run_inputs
 from taildet.errors import ConfigError
+from taildet.models.build import architecture_info
 from taildet.fileio import check_not_inputs, check_output_path
 from taildet.utils.comm import barrier, get_rank, get_world_size, is_main_process, main_process_check
 
@@ -82,6 +83,11 @@ def calibrate_checkpoint(cfg, checkpoint_path: str, out: str | None = None, *, s
         running_momentum = RUNNING_MOMENTUM if running_momentum is None else running_momentum
     elif running_momentum is not None:
         raise ConfigError("calibrate: --running-momentum applies to --stats running")
+    n_stages = architecture_info(cfg.model.arch).stages
+    if stats == "running" and n_stages > 1:
+        raise ConfigError(f"calibrate --stats running: {cfg.model.arch} has {n_stages} classification stages; the "
+                          "running-statistics source is for one-head detectors (use --stats pass: it collects "
+                          "every stage's statistics)")
     init_distributed(cfg.train.device)
     setup_logging()
     device = resolve_device(cfg.train.device)
@@ -95,11 +101,7 @@ def calibrate_checkpoint(cfg, checkpoint_path: str, out: str | None = None, *, s
     model = build_model_for_checkpoint(cfg, train_set.num_classes, train_set)
     load_model_weights(model, state["model"], checkpoint_path, state.get("config"))
     model.to(device)
-    cascade = len(classification_heads(model)) > 1
-    if stats == "running" and cascade:
-        raise ConfigError(f"calibrate --stats running: {cfg.model.arch} has {len(classification_heads(model))} "
-                          "classification stages; the running-statistics source is for one-head detectors "
-                          "(use --stats pass: it collects every stage's statistics)")
+    cascade = len(classification_heads(model)) > 1  # one statistics entry per stage
     if stats == "running" and find_logit_batchnorm(model) is None:
         raise ConfigError(f"calibrate --stats running: {checkpoint_path} has no BatchNorm on its class logits "
                           "(train with model.logit_bn: true, LogN's released recipe), or use --stats pass")
@@ -123,9 +125,8 @@ def calibrate_checkpoint(cfg, checkpoint_path: str, out: str | None = None, *, s
         if momentum is not None:
             normalizer_kwargs["momentum"] = momentum
         collect = collect_stage_statistics if cascade else collect_logit_statistics
-        normalizer = collect(model, loader, device=device, progress=show,
-                                              max_batches=max_batches, class_names=train_set.class_names,
-                                              positives=positives, **normalizer_kwargs)
+        normalizer = collect(model, loader, device=device, progress=show, max_batches=max_batches,
+                             class_names=train_set.class_names, positives=positives, **normalizer_kwargs)
     stages = normalizer if cascade else {model.cls_head.stage: normalizer}
     normalizer = list(stages.values())[-1]  # the diagnostic: the (last) stage whose scores are output
     if is_main_process():
