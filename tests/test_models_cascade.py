@@ -90,6 +90,10 @@ def test_both_archs_build_with_the_reference_stage_settings():
         build_cascade_rcnn(C, class_agnostic_box_reg=False)
     with pytest.raises(ConfigError, match="one entry per stage"):
         build_cascade_rcnn(C, stage_iou_thresholds=(0.5, 0.6))
+    with pytest.raises(ConfigError, match="lists of numbers"):
+        build_cascade_rcnn(C, stage_loss_weights=("a", 1, 1))
+    with pytest.raises(ConfigError, match=r"stage_iou_thresholds must be in \(0, 1\)"):
+        build_cascade_rcnn(C, stage_iou_thresholds=(0.5, 0.6, 1.2))
     two = build_cascade_rcnn(C, **SMALL, stage_iou_thresholds=(0.4, 0.8), stage_box_weights=((1, 1, 1, 1),) * 2,
                              stage_loss_weights=(1.0, 2.0))
     assert [st.proposal_matcher.high_threshold for st in two.roi_heads.stages] == [0.4, 0.8]

@@ -106,9 +106,15 @@ class CascadeOptions:
     stage_loss_weights: tuple[float, ...] = CASCADE_LOSS_WEIGHTS
 
     def checked(self) -> "CascadeOptions":
-        ious = tuple(float(x) for x in self.stage_iou_thresholds)
-        boxes = tuple(tuple(float(v) for v in w) for w in self.stage_box_weights)
-        weights = tuple(float(x) for x in self.stage_loss_weights)
+        """The options as tuples of floats; a ConfigError naming what is wrong otherwise."""
+        try:
+            ious = tuple(float(x) for x in self.stage_iou_thresholds)
+            boxes = tuple(tuple(float(v) for v in w) for w in self.stage_box_weights)
+            weights = tuple(float(x) for x in self.stage_loss_weights)
+        except (TypeError, ValueError):
+            raise ConfigError(f"cascade: stage_iou_thresholds and stage_loss_weights are lists of numbers, "
+                              f"stage_box_weights a list of 4-number lists; got {self.stage_iou_thresholds!r}, "
+                              f"{self.stage_loss_weights!r}, {self.stage_box_weights!r}") from None
         n = len(ious)
         if n < 1 or len(boxes) != n or len(weights) != n:
             raise ConfigError(f"cascade: stage_iou_thresholds, stage_box_weights and stage_loss_weights need one "
