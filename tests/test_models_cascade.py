@@ -332,9 +332,48 @@ def test_each_stage_is_normalised_with_its_own_statistics_before_the_average(tmp
     assert all(h.logit_transform is None for h in classification_heads(model).values())
 
 
-def test_config_accepts_the_cascade_and_refuses_decoupled_fine_tunes(tmp_path):
+def test_running_statistics_continue_each_stage_batchnorm():
+    """LogN's released recipe on a cascade: each stage's BatchNorm on its logits continues its own
+    running statistics (EMA by hand from that stage's raw logits); the model is left as it was."""
+    from taildet.calibration.stages import collect_stage_running_statistics
+
+    model = _model(logit_bn=True)
+    images, targets = _data()
+    bns = [h.logit_bn for h in classification_heads(model).values()]
+    assert len({id(bn) for bn in bns}) == 3
+    with torch.no_grad():  # distinct starting statistics per stage
+        for t, bn in enumerate(bns):
+            bn.running_mean.fill_(0.5 * t)
+            bn.running_var.fill_(1.0 + t)
+    before = [(bn.running_mean.clone(), bn.running_var.clone()) for bn in bns]
+    seen = {k: [] for k in STAGES}
+    hooks = [st.box_predictor.cls_score.register_forward_hook(
+        lambda m, a, out, k=k: seen[k].append(out.detach())) for k, st in zip(STAGES, model.roi_heads.stages)]
+    m = 0.1
+    try:
+        norms = collect_stage_running_statistics(model, [(images, targets)] * 2, momentum=m, progress=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert list(norms) == STAGES
+    for (k, z_list), (mean, var) in zip(seen.items(), before):
+        assert len(z_list) == 2
+        mean, var = mean.double(), var.double()
+        for z in z_list:
+            mean = (1 - m) * mean + m * z.double().mean(0)
+            var = (1 - m) * var + m * z.double().var(0, unbiased=True)
+        torch.testing.assert_close(norms[k].mean, mean, rtol=1e-5, atol=1e-6)  # the BatchNorm runs in float32
+        torch.testing.assert_close(norms[k].running_var, var, rtol=1e-5, atol=1e-6)
+        assert norms[k].momentum == m
+    for bn, (mean, var) in zip(bns, before):  # the checkpoint's statistics are untouched
+        assert torch.equal(bn.running_mean, mean) and torch.equal(bn.running_var, var)
+    assert not torch.allclose(norms["roi_heads.0"].mean, norms["roi_heads.1"].mean)
+    with pytest.raises(ConfigError, match="stage.*roi_heads.0, roi_heads.1, roi_heads.2 have none"):
+        collect_stage_running_statistics(_model(), [(images, targets)], progress=False)
+
+
+def test_config_accepts_the_cascade_and_refuses_decoupled_fine_tunes():
     from taildet.config import apply_overrides, load_config
-    from taildet.engine import calibrate_checkpoint
 
     cfg = load_config(os.path.join(REPO, "configs", "demo_cascade_tiny_ce.yaml"))
     assert cfg.model.arch == "cascade_rcnn"
@@ -350,11 +389,9 @@ def test_config_accepts_the_cascade_and_refuses_decoupled_fine_tunes(tmp_path):
     assert apply_overrides(cfg, ["model.init_from=x.pth"]).model.init_from == "x.pth"
     assert apply_overrides(cfg, ["train.freeze=['^backbone\\.']"]).train.freeze
     assert apply_overrides(cfg, ["model.stage_loss_weights=[1.0, 1.0, 1.0]"]).model.kwargs["stage_loss_weights"]
-    # the running-statistics source of LogN's released recipe: refused before anything is read or written
-    out = tmp_path / "stats.json"
-    with pytest.raises(ConfigError, match="3 classification stages"):
-        calibrate_checkpoint(cfg, str(tmp_path / "missing.pth"), str(out), stats="running", progress=False)
-    assert not out.exists()
+    released = load_config(os.path.join(REPO, "configs", "lvis_cascade_mask_rcnn_r50_fpn_random_logn_normed_mstrain_2x.yaml"))
+    assert released.model.arch == "cascade_mask_rcnn" and released.model.kwargs["logit_bn"]
+    assert released.model.kwargs["classifier"] == "cosine"
 
 
 @pytest.mark.slow
@@ -373,8 +410,16 @@ def test_cascade_trains_calibrates_per_stage_and_evaluates(tmp_path):
     ckpt = os.path.join(out["run_dir"], "model_final.pth")
     stats = calibrate_checkpoint(cfg, ckpt, str(tmp_path / "stats.json"), progress=False, max_batches=2)
     assert list(load_normalizers(stats)) == STAGES
-    with pytest.raises(ConfigError, match="classification stages"):
+    with pytest.raises(ConfigError, match="no BatchNorm on its class logits"):
         calibrate_checkpoint(cfg, ckpt, str(tmp_path / "running.json"), stats="running", progress=False)
+    # LogN's released recipe on the cascade: BatchNorm on every stage's logits, running statistics per stage
+    normed = apply_overrides(cfg, [f"output_dir={tmp_path / 'normed'}", "model.classifier=cosine", "model.logit_bn=true",
+                                   "train.iterations=2"])
+    ckpt_n = train(normed, progress=False, evaluate=False)["checkpoint"]
+    running = calibrate_checkpoint(normed, ckpt_n, str(tmp_path / "running.json"), stats="running",
+                                   running_momentum=0.1, max_batches=1, progress=False)
+    assert [n.momentum for n in load_normalizers(running).values()] == [0.1] * 3
+    assert list(load_normalizers(running)) == STAGES
     res = evaluate_checkpoint(cfg, ckpt, calibration=stats, out_dir=str(tmp_path / "eval"))
     assert 0.0 <= res["bbox"]["AP"] <= 1.0
     # the compare row cascade_ce+logn: the post-hoc method fitted on every stage from its own entry

@@ -23,8 +23,9 @@ rank sees its shard and the statistics are merged across ranks; rank 0 writes th
 
 A cascade (``cascade_rcnn``, ``cascade_mask_rcnn``): the pass collects every stage's statistics
 (:func:`taildet.calibration.collect_stage_statistics`), one file entry per stage
-(``roi_heads.0``, ``roi_heads.1``, ``roi_heads.2``); the diagnostic is the last stage's;
-``--stats running`` is refused.
+(``roi_heads.0``, ``roi_heads.1``, ``roi_heads.2``; ``--stats running``: each stage's logits'
+BatchNorm continued, :func:`taildet.calibration.stages.collect_stage_running_statistics`); the
+diagnostic is the last stage's.
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ import torch
 
 from taildet.calibration import (classification_heads, collect_logit_statistics, collect_running_statistics,
                                  collect_stage_statistics, save_normalizers)
+from taildet.calibration.stages import collect_stage_running_statistics
 from taildet.calibration.diagnostics import (PositiveLogitSample, background_argmax_report,
                                              format_background_argmax_share)
-from taildet.calibration.statistics import RUNNING_MOMENTUM, find_logit_batchnorm
+from taildet.calibration.statistics import RUNNING_MOMENTUM
 from taildet.data.loading import list_collate
 from taildet.data.samplers import TrainingSampler
 from taildet.engine.builders import (build_datasets, build_model_for_checkpoint, build_sampler, resolve_device,
@@ -48,7 +50,6 @@ from taildet.engine.checkpoint import load_checkpoint, load_model_weights
 from taildet.engine.distributed import init_distributed
 from taildet.engine.rundir import run_inputs
 from taildet.errors import ConfigError
-from taildet.models.build import architecture_info
 from taildet.fileio import check_not_inputs, check_output_path
 from taildet.utils.comm import barrier, get_rank, get_world_size, is_main_process, main_process_check
 
@@ -83,11 +84,6 @@ def calibrate_checkpoint(cfg, checkpoint_path: str, out: str | None = None, *, s
         running_momentum = RUNNING_MOMENTUM if running_momentum is None else running_momentum
     elif running_momentum is not None:
         raise ConfigError("calibrate: --running-momentum applies to --stats running")
-    n_stages = architecture_info(cfg.model.arch).stages
-    if stats == "running" and n_stages > 1:
-        raise ConfigError(f"calibrate --stats running: {cfg.model.arch} has {n_stages} classification stages; the "
-                          "running-statistics source is for one-head detectors (use --stats pass: it collects "
-                          "every stage's statistics)")
     init_distributed(cfg.train.device)
     setup_logging()
     device = resolve_device(cfg.train.device)
@@ -102,7 +98,8 @@ def calibrate_checkpoint(cfg, checkpoint_path: str, out: str | None = None, *, s
     load_model_weights(model, state["model"], checkpoint_path, state.get("config"))
     model.to(device)
     cascade = len(classification_heads(model)) > 1  # one statistics entry per stage
-    if stats == "running" and find_logit_batchnorm(model) is None:
+    if stats == "running" and not all(isinstance(h.logit_bn, torch.nn.modules.batchnorm._BatchNorm)
+                                      for h in classification_heads(model).values()):
         raise ConfigError(f"calibrate --stats running: {checkpoint_path} has no BatchNorm on its class logits "
                           "(train with model.logit_bn: true, LogN's released recipe), or use --stats pass")
     seed_all(cfg.train.seed)
@@ -117,10 +114,10 @@ def calibrate_checkpoint(cfg, checkpoint_path: str, out: str | None = None, *, s
     positives = PositiveLogitSample(train_set.num_classes, diagnostic_rows) if diagnostic_rows else None
     show = progress and is_main_process()
     if stats == "running":
-        normalizer = collect_running_statistics(model, loader, momentum=running_momentum, device=device,
-                                                progress=show, max_batches=max_batches,
-                                                class_names=train_set.class_names, positives=positives,
-                                                **normalizer_kwargs)
+        collect = collect_stage_running_statistics if cascade else collect_running_statistics
+        normalizer = collect(model, loader, momentum=running_momentum, device=device, progress=show,
+                             max_batches=max_batches, class_names=train_set.class_names, positives=positives,
+                             **normalizer_kwargs)
     else:
         if momentum is not None:
             normalizer_kwargs["momentum"] = momentum

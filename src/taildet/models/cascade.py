@@ -26,8 +26,9 @@ is in :mod:`taildet.models.cascade_heads`.
 Not supported on a cascade (ConfigError): decoupled stage-2 fine-tunes -- LOCE's memory-augmented
 feature sampling (MFS), the classifier re-initialisation (``model.reset_classifier``) and
 ``train.freeze`` with ``model.init_from`` (the freeze presets name the parameters of the
-one-stage RoI head, ``roi_heads.box_head`` / ``roi_heads.box_predictor``) -- and LogN's
-``--stats running`` source (the statistics pass works per stage).
+one-stage RoI head, ``roi_heads.box_head`` / ``roi_heads.box_predictor``). LogN works per stage
+with either source: the statistics pass, or (``logit_bn: true``, one BatchNorm per stage) the
+running statistics (:mod:`taildet.calibration.stages`).
 """
 
 from __future__ import annotations
