@@ -127,6 +127,11 @@ def test_compare_finetune_and_posthoc_rows(tmp_path):
     assert stats["num_classes"] > 0
     for name in names:
         assert summary["recipes"][name]["runs"]["seed0"]["AP"] is not None
+    # the calibration rows show APpool (pooled over classes: what LogN / LogA change) in the report
+    header = next(ln for ln in (tmp_path / "cmp" / "report.md").read_text().splitlines() if ln.startswith("| recipe | n |"))
+    assert header.rstrip().endswith("| APpool |")
+    for name in ("faster_ce+logn", "faster_ce+loga"):
+        assert 0.0 <= summary["recipes"][name]["runs"]["seed0"]["APpool"] <= 100.0
     # --reuse: nothing is trained or calibrated again, the rows are read back unchanged
     stamp = (rep / "faster_ce+bsoftmax" / "model_final.pth").stat().st_mtime_ns
     again = run_compare(names, tmp_path / "cmp", progress=False, scale=0.05, extra_opts=tiny, jobs=1,

@@ -218,7 +218,8 @@ def test_lvis_presets_build_their_detector_and_stage_2_loss(path):
         head = getattr(model, "roi_heads", None)
         if head is not None:
             k = model.cls_head.loss.num_outputs()
-            assert head.box_predictor.cls_score.out_features == k
+            for rh in getattr(head, "stages", [head]):  # a cascade: every stage's classifier
+                assert rh.box_predictor.cls_score.out_features == k
             assert k in (1203, 1204, 1205)
 
 

@@ -67,13 +67,15 @@ def test_model_options_and_traits_come_from_the_builder(monkeypatch):
     def my_two_stage(num_classes, **options):
         return build_faster_rcnn(num_classes, **options)
 
-    with pytest.raises(ConfigError, match=r"needs a two-stage detector \(faster_rcnn or mask_rcnn\)"):
+    with pytest.raises(ConfigError, match=r"needs a two-stage detector \(faster_rcnn or mask_rcnn or "
+                                          r"cascade_rcnn or cascade_mask_rcnn\)"):
         _cfg({"arch": "fcos", "logit_bn": True})
     monkeypatch.setitem(model_build.ARCHITECTURES, "my_two_stage", my_two_stage)
     cfg = _cfg({"arch": "my_two_stage", "logit_bn": True, "box_batch_size_per_image": 64})
     assert model_build.architecture_info("my_two_stage").options == model_build.architecture_info("faster_rcnn").options
     assert cfg.model.kwargs["box_batch_size_per_image"] == 64
-    with pytest.raises(ConfigError, match=r"needs a two-stage detector \(faster_rcnn or mask_rcnn or my_two_stage\)"):
+    with pytest.raises(ConfigError, match=r"needs a two-stage detector \(faster_rcnn or mask_rcnn or "
+                                          r"cascade_rcnn or cascade_mask_rcnn or my_two_stage\)"):
         _cfg({"arch": "fcos", "logit_bn": True})
     assert model_build.architecture_info("my_two_stage").stage == "roi_heads"
     assert model_build.architecture_info("mask_rcnn").masks and not model_build.architecture_info("my_two_stage").masks

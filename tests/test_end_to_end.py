@@ -212,9 +212,9 @@ def test_demo_shows_the_long_tail_problem(tmp_path):
 
 def test_every_architecture_is_a_valid_config_value():
     from taildet.config import config_from_dict
-    from taildet.models.build import ARCHITECTURES
+    from taildet.models.build import ARCHITECTURES, architecture_info
 
     for arch in ARCHITECTURES:
         raw = {"model": {"arch": arch}, "train": {"iterations": 1},
-               "data": {"synthetic": {"seed": 0}, "with_masks": arch == "mask_rcnn"}}
+               "data": {"synthetic": {"seed": 0}, "with_masks": architecture_info(arch).masks}}
         assert config_from_dict(raw).model.arch == arch

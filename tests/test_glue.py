@@ -474,7 +474,8 @@ def test_compare_posthoc_rows_evaluate_the_calibrated_model(tiny_ckpt):
     raw = _scores(root / "cmp_raw" / "results_bbox.json")
     rows = {}
     for name in ("faster_ce+logn", "faster_ce+logn_nobeta", "faster_ce+loga"):
-        _run_posthoc(name, RECIPES[name], preset, opts, str(ckpt), root / "cmp" / name)
+        metrics = _run_posthoc(name, RECIPES[name], preset, opts, str(ckpt), root / "cmp" / name)
+        assert 0.0 <= metrics["APpool"] <= 1.0, name  # the row's pooled AP (cross-class ranking)
         rows[name] = _scores(root / "cmp" / name / "results_bbox.json")
         assert rows[name] != raw, name
     assert rows["faster_ce+logn"] != rows["faster_ce+logn_nobeta"]

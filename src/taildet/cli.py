@@ -71,6 +71,32 @@ def _cmd_eval_results(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_errors(args: argparse.Namespace) -> int:
+    from taildet.analysis.error_report import errors_main  # start-up: lazy, keeps --help fast
+
+    errors_main(args.gt, args.results, out=args.out, iou_type=args.iou_type, top_pairs=args.top_pairs)
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from taildet.analysis.show import detection_grid  # start-up: lazy, keeps --help fast
+
+    info = detection_grid(args.gt, args.results, args.out, image_root=args.images, image_ids=args.image_ids,
+                          num_images=args.num, score_thresh=args.score_thresh, top_k=args.top_k, cols=args.cols,
+                          scale=args.scale)
+    w, h = info["size"]
+    print(f"{info['path']}: {len(info['image_ids'])} images ({', '.join(map(str, info['image_ids']))}), "
+          f"scale {info['scale']}, {w}x{h} px")
+    return 0
+
+
+def _image_id_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integer image ids, got {text!r}") from None
+
+
 def _load_cfg(args: argparse.Namespace):
     from taildet.config import apply_overrides, load_config  # start-up: lazy, keeps --help fast
 
@@ -292,6 +318,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AP-fixed (Dave et al. 2021): no per-image cap, top 10,000 detections per class")
     e.add_argument("--out", help="directory for metrics.json and the per-class AP plot")
     e.set_defaults(func=_cmd_eval_results)
+
+    er = sub.add_parser("errors", help="TIDE-style error analysis (dAP50 per error type and frequency group, "
+                                       "confusions of rare classes) of a results JSON on LVIS ground truth")
+    er.add_argument("gt", help="ground-truth annotation JSON (LVIS v1)")
+    er.add_argument("results", help="results JSON: list of {image_id, category_id, bbox|segmentation, score}")
+    er.add_argument("--out", help="directory for errors.json, errors.md, errors_dap.png and errors_pairs.png")
+    er.add_argument("--iou-type", choices=["bbox", "segm"], default="bbox", help="what to analyse")
+    er.add_argument("--top-pairs", type=int, default=10,
+                    help="confusion pairs to report, their cost computed exactly (default 10)")
+    er.set_defaults(func=_cmd_errors)
+
+    sh = sub.add_parser("show", help="draw ground truth and detections on dataset images into a PNG grid")
+    sh.add_argument("gt", help="ground-truth annotation JSON (LVIS v1 or COCO)")
+    sh.add_argument("results", help="bbox results JSON: list of {image_id, category_id, bbox, score}")
+    sh.add_argument("--images", help="image directory (default: <GT dir>/../images if it exists, else the GT's dir)")
+    sh.add_argument("--out", required=True, help="PNG to write (never one of the inputs)")
+    sh.add_argument("--score-thresh", type=float, default=0.3, help="draw detections scoring at least this "
+                    "(default 0.3)")
+    sh.add_argument("--top-k", type=int, default=10, help="at most this many detections per image, best first "
+                    "(default 10)")
+    sh.add_argument("--image-ids", type=_image_id_list, help="comma-separated image ids to show, in this order "
+                    "(default: images with rare classes first, then common, then the rest, by id)")
+    sh.add_argument("--num", type=int, default=16, help="number of images without --image-ids (default 16)")
+    sh.add_argument("--cols", type=int, default=4, help="images per row (default 4)")
+    sh.add_argument("--scale", type=int, default=None, help="integer upscale factor (default: the largest image "
+                    "side becomes about 384 px; 4 for the embedded dataset)")
+    sh.set_defaults(func=_cmd_show)
 
     t = sub.add_parser("train", help="train a detector from a YAML config (works under torchrun)")
     t.add_argument("config", help="YAML config (see configs/)")

@@ -32,8 +32,9 @@ import yaml
 from taildet.errors import ConfigError
 from taildet.recipes import RECIPES
 
-#: Metrics summarised over seeds, in the order tables show them.
-METRICS = ("AP", "APr", "APc", "APf", "AP50")
+#: Metrics summarised over seeds, in the order tables show them (APpool: pooled AP, Dave et al.
+#: 2021; absent from summaries written before it, where its statistics have n = 0).
+METRICS = ("AP", "APr", "APc", "APf", "AP50", "APpool")
 #: Metrics that are means of per-class AP (so a class bootstrap applies): metric -> group or None.
 PER_CLASS_METRICS = {"AP": None, "APr": "r", "APc": "c", "APf": "f"}
 #: Confidence level of every interval.

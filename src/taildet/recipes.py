@@ -67,6 +67,8 @@ RECIPES: dict[str, Recipe] = {
                          baselines=("faster_cos_sigmoid", "faster_cos_ce")),
     "faster_eqlv2": Recipe("train", "demo_faster_tiny_eqlv2.yaml", about="EQLv2, cosine classifier",
                            baselines=("faster_cos_ce", "faster_cos_sigmoid")),
+    "faster_fed": Recipe("train", "demo_faster_tiny_fed.yaml", about="federated loss, cosine classifier",
+                         baselines=("faster_cos_sigmoid",)),
     "faster_seesaw": Recipe("train", "demo_faster_tiny_seesaw.yaml", about="Seesaw, cosine classifier",
                             baselines=("faster_cos_ce",)),
     "faster_ce+bsoftmax": Recipe("finetune", "demo_faster_tiny_bsoftmax_ft.yaml", "faster_ce",
@@ -109,6 +111,17 @@ RECIPES: dict[str, Recipe] = {
     "faster_ce_rfs+logn": Recipe("posthoc", stage1="faster_ce_rfs", posthoc="logn", about="RFS + LogN",
                                  baselines=("faster_ce_rfs", "faster_ce")),
     "faster_ce+loga": Recipe("posthoc", stage1="faster_ce", posthoc="loga", about="logit adjustment, tau 1"),
+    # cause tests of the evidence issue (not tuned rows): one change each against the row they explain
+    "faster_ce_rfs+logn_nobeta": Recipe("posthoc", stage1="faster_ce_rfs", posthoc="logn",
+                                        posthoc_kwargs=(("mode", "no_beta"),), about="RFS + LogN without beta",
+                                        baselines=("faster_ce_rfs+logn", "faster_ce_rfs")),
+    "faster_eqlv2_gamma4": Recipe("train", "demo_faster_tiny_eqlv2.yaml", opts=("model.loss_kwargs.gamma=4.0",),
+                                  about="EQLv2 with gamma 4 instead of 12 (cause test)",
+                                  baselines=("faster_eqlv2", "faster_cos_sigmoid")),
+    "faster_ce+bsoftmax_long": Recipe("finetune", "demo_faster_tiny_bsoftmax_ft.yaml", "faster_ce",
+                                      opts=("train.iterations=1200",),
+                                      about="stage 2: Balanced Softmax, 3x longer fine-tune (cause test)",
+                                      baselines=("faster_ce+bsoftmax", "faster_ce")),
     "faster_ce+logn_mean": Recipe("posthoc", stage1="faster_ce", posthoc="logn",
                                   posthoc_kwargs=(("mode", "mean_only"),), about="LogN ablation: mean only"),
     "faster_ce+logn_std": Recipe("posthoc", stage1="faster_ce", posthoc="logn",
@@ -144,6 +157,11 @@ RECIPES: dict[str, Recipe] = {
                                                              ("mode", "no_beta")),
                                              about="LogN released recipe without beta",
                                              baselines=("faster_logn_normed", "faster_logn_normed+logn")),
+    # Cascade R-CNN (one change from faster_ce: the architecture) and LogN per stage on it
+    "cascade_ce": Recipe("train", "demo_cascade_tiny_ce.yaml", about="Cascade R-CNN, softmax CE, random sampling",
+                         baselines=("faster_ce",)),
+    "cascade_ce+logn": Recipe("posthoc", stage1="cascade_ce", posthoc="logn",
+                              about="Cascade + LogN per stage (no training)", baselines=("cascade_ce", "faster_ce+logn")),
 }
 
 

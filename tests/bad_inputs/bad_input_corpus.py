@@ -286,6 +286,25 @@ def _segm_case(root: Path, name: str, segmentation: Any, expect: str) -> Case:
 
 
 @case
+def errors_out_would_overwrite_the_results(root: Path) -> Case:
+    out = root / "err"
+    out.mkdir()
+    res = out / "errors.json"
+    shutil.copy(_perfect_results(root, val_json(root)), res)
+    return Case(["errors", str(val_json(root)), str(res), "--out", str(out)],
+                ("errors.json", "would overwrite the results file"))
+
+
+@case
+def errors_results_of_an_unknown_category(root: Path) -> Case:
+    res = root / "unknown_cat.json"
+    res.write_text(json.dumps([{"image_id": json.loads(val_json(root).read_text())["images"][0]["id"],
+                                "category_id": 9999, "bbox": [1, 1, 5, 5], "score": 0.5}]))
+    return Case(["errors", str(val_json(root)), str(res), "--out", str(root / "err_out")],
+                ("unknown_cat.json", "results[0]", "9999"))
+
+
+@case
 def eval_results_segm_gt_is_a_string(root: Path) -> Case:
     return _segm_case(root, "segm_string", "not a mask", "segmentation must be a polygon list or an RLE dict")
 

@@ -23,7 +23,8 @@ post-hoc methods by name: ``logn``, ``loga``, ``none``), :mod:`~taildet.calibrat
 classification head of a detector: ``model.cls_head``, or an adapter over a plain torchvision
 R-CNN), :mod:`~taildet.calibration.statistics` (the statistics pass and
 applying a transform to a model), :mod:`~taildet.calibration.plots` (the per-class statistics figure),
-:mod:`~taildet.calibration.diagnostics` (the background-argmax diagnostic). The online inverse
+:mod:`~taildet.calibration.diagnostics` (the background-argmax diagnostic),
+:mod:`~taildet.calibration.stages` (per-stage statistics and transforms of a cascade). The online inverse
 variant (a training loss) is :class:`taildet.losses.online_logn.OnlineLogNLoss`.
 """
 
@@ -52,6 +53,8 @@ from taildet.calibration.statistics import (
     remove_logit_normalization,
     training_sampling_mode,
 )
+from taildet.calibration.heads import classification_heads
+from taildet.calibration.stages import apply_stage_transforms, collect_stage_statistics
 from taildet.calibration.plots import plot_logit_statistics as _plot
 
 
@@ -83,4 +86,7 @@ __all__ = [
     "apply_calibration",
     "training_sampling_mode",
     "plot_logit_statistics",
+    "classification_heads",
+    "collect_stage_statistics",
+    "apply_stage_transforms",
 ]

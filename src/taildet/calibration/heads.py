@@ -5,6 +5,10 @@ A taildet detector's head is its ``model.cls_head``
 ``MaskRCNN`` is read through :class:`TorchvisionRoIHead`, an adapter with the attributes the
 calibration code uses (``num_outputs``, ``num_classes``, ``background_index``, ``stage``,
 ``logit_bn``, ``logit_transform``). :func:`classification_head` returns the one or the other.
+
+A cascade has one head per stage: :func:`classification_heads` gives every head of any detector
+by its LogN stage name (``{"roi_heads.0": ..., "roi_heads.1": ..., "roi_heads.2": ...}``; a
+one-head detector: ``{head.stage: head}``); :func:`classification_head` refuses a cascade.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from taildet.calibration.logit_norm import DEFAULT_STAGE, LogitNormalizer
 from taildet.errors import ConfigError, DataError
 from taildet.models.heads import ClassificationHead, SampledLogits
 
-__all__ = ["TorchvisionRoIHead", "Head", "classification_head", "select_stage"]
+__all__ = ["TorchvisionRoIHead", "Head", "classification_head", "classification_heads", "select_stage"]
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -94,6 +98,15 @@ def classification_head(model: nn.Module) -> Head:
     """The classification head of ``model`` (DDP unwrapped): a taildet detector's ``cls_head``, or
     a :class:`TorchvisionRoIHead` over a plain torchvision Faster/Mask R-CNN."""
     model = _unwrap(model)
+    stages = _stage_heads(model)
+    if stages is not None:
+        if len(stages) == 1:
+            return next(iter(stages.values()))
+        raise ConfigError(
+            f"{type(model).__name__} has {len(stages)} classification stages ({', '.join(stages)}), each with its "
+            "own head and LogN statistics: use taildet.calibration.classification_heads(model), "
+            "collect_stage_statistics and apply_logit_normalization(model, {stage: transform})"
+        )
     head = dict(model.named_children()).get("cls_head")
     if isinstance(head, ClassificationHead):
         return head
@@ -103,6 +116,23 @@ def classification_head(model: nn.Module) -> Head:
         f"{type(model).__name__} is not a taildet detector nor a torchvision Faster/Mask R-CNN; "
         "LogN needs access to its classification logits"
     )
+
+
+def _stage_heads(model: nn.Module) -> dict[str, ClassificationHead] | None:
+    fn = getattr(model, "classification_heads", None)
+    return dict(fn()) if callable(fn) else None
+
+
+def classification_heads(model: nn.Module) -> dict[str, Head]:
+    """Every classification head of ``model`` (DDP unwrapped) by its LogN stage name, in stage
+    order: a cascade's ``model.classification_heads()`` (``"roi_heads.0"``, ...), else
+    ``{head.stage: classification_head(model)}``."""
+    model = _unwrap(model)
+    stages = _stage_heads(model)
+    if stages is not None:
+        return stages
+    head = classification_head(model)
+    return {head.stage: head}
 
 
 def select_stage(stages: dict[str, LogitNormalizer], head: Head, path: str | os.PathLike,

@@ -56,14 +56,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from taildet.calibration.logit_norm import LogitNormalizer, load_normalizers
 from taildet.errors import ConfigError
-from taildet.calibration.heads import Head, TorchvisionRoIHead, classification_head, select_stage
+from taildet.calibration.heads import (Head, TorchvisionRoIHead, classification_head, classification_heads,
+                                      select_stage)
 from taildet.models.heads import ClassificationHead, SampledLogits
 from taildet.utils.comm import is_main_process
 
@@ -394,12 +395,14 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def remove_logit_normalization(model: nn.Module) -> nn.Module:
-    """Undo :func:`apply_logit_normalization` (any logit transform); returns the model."""
-    classification_head(model).logit_transform = None
+    """Undo :func:`apply_logit_normalization` (any logit transform, every stage); returns the model."""
+    for head in classification_heads(model).values():
+        head.logit_transform = None
     return _unwrap(model)
 
 
-def apply_logit_normalization(model: nn.Module, normalizer: nn.Module | None) -> nn.Module:
+def apply_logit_normalization(model: nn.Module,
+                              normalizer: nn.Module | Mapping[str, nn.Module | None] | None) -> nn.Module:
     """Make ``model`` use ``normalizer`` on its class logits at inference; returns the model.
 
     * taildet detectors: ``model.cls_head.logit_transform = normalizer``;
@@ -412,12 +415,22 @@ def apply_logit_normalization(model: nn.Module, normalizer: nn.Module | None) ->
     The normalizer (any module with ``num_outputs`` and ``background_index``, e.g. a
     :class:`LogitNormalizer` or a :class:`~taildet.calibration.LogitAdjuster`) is moved to the
     model's device and checked against the head's class count and background column. ``None``
-    removes it.
+    removes it. A cascade takes ``{stage name: transform}`` with every stage (see
+    :func:`taildet.calibration.stages.apply_stage_transforms`).
     """
     model = _unwrap(model)
+    if isinstance(normalizer, Mapping) or len(classification_heads(model)) > 1:  # a cascade: one per stage
+        from taildet.calibration.stages import apply_stage_transforms
+
+        return apply_stage_transforms(model, normalizer)
     head = classification_head(model)
     if normalizer is None:
         return remove_logit_normalization(model)
+    return _install(model, head, normalizer)
+
+
+def _install(model: nn.Module, head: Head, normalizer: nn.Module) -> nn.Module:
+    """Check ``normalizer`` against ``head`` (columns, background) and make it its transform."""
     k_norm, bg_norm = normalizer.num_outputs, normalizer.background_index
     k, bg = head.num_outputs, head.background_index
     if int(k_norm) != k:
@@ -468,7 +481,11 @@ def apply_calibration(model: nn.Module, path: str | os.PathLike, class_names: Se
                       stage: str | None = None) -> nn.Module:
     """Load a statistics file for ``model`` (its class count, and ``class_names`` when given, are
     checked) and apply it. ``stage`` default: ``"roi_heads"`` for R-CNNs, ``"head"`` for one-stage
-    models, or the file's only stage."""
-    head = classification_head(model)
-    stages = load_normalizers(path, class_names=class_names, num_classes=head.num_classes)
-    return apply_logit_normalization(model, select_stage(stages, head, path, stage))
+    models, or the file's only stage; a cascade takes every stage from its own entry."""
+    heads = classification_heads(model)
+    stages = load_normalizers(path, class_names=class_names, num_classes=next(iter(heads.values())).num_classes)
+    if len(heads) > 1:  # a cascade: each stage its own statistics
+        if stage is not None:
+            raise ConfigError(f"a cascade applies every stage of {path}; stage={stage!r} picks one")
+        return apply_logit_normalization(model, {k: select_stage(stages, h, path, k) for k, h in heads.items()})
+    return apply_logit_normalization(model, select_stage(stages, next(iter(heads.values())), path, stage))

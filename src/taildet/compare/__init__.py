@@ -9,6 +9,8 @@ checkpoints, results JSON) and, for the whole comparison:
 * ``report.md`` — the table, the data set's long-tail statistics and links to the plots;
 * ``per_class_ap_<recipe>.png`` — per-class AP against training image count, coloured by group;
 * ``long_tail.png`` — the training set's class histogram.
+* ``detections_<recipe>.png`` — the baseline's and the best-APr recipe's detections on the same
+  validation images (:mod:`~taildet.compare.grids`).
 
 The recipe ``prior`` needs no training: it scores the validation ground-truth boxes with class
 scores drawn from the training-set class prior. It exercises the whole data -> results JSON ->

@@ -12,8 +12,9 @@ import torch
 
 from taildet import engine
 from taildet.analysis.plots import plot_mean_score_vs_instances
-from taildet.calibration import (CALIBRATORS, LogitNormalizer, apply_logit_normalization, build_calibrator,
+from taildet.calibration import (CALIBRATORS, apply_logit_normalization, build_calibrator,
                                  plot_logit_statistics)
+from taildet.calibration.stages import fit_stages, last_stage_normalizer
 from taildet.recipes import Recipe, _config_path
 from taildet.compare.summary import _bbox
 from taildet.config import apply_overrides, load_config
@@ -40,7 +41,7 @@ def _statistics_input(cfg, checkpoint: str, out_dir: Path, method) -> str:
     path = method.write_statistics(cached, out_dir / "logit_stats.json")
     # the paper's Fig. 2: per-class logit mean and std against training instance count
     train_set, _, _ = build_datasets(cfg, need_train=True)
-    plot_logit_statistics(LogitNormalizer.load(path), train_set.instance_counts, out_dir / "logit_stats.png",
+    plot_logit_statistics(last_stage_normalizer(path), train_set.instance_counts, out_dir / "logit_stats.png",
                           class_names=train_set.class_names)
     return path
 
@@ -48,7 +49,7 @@ def _statistics_input(cfg, checkpoint: str, out_dir: Path, method) -> str:
 def posthoc_calibration(name: str, cfg, checkpoint: str, out_dir: Path, **options):
     """What ``evaluate_checkpoint(calibration=...)`` takes for the post-hoc method ``name`` (a key
     of :data:`taildet.calibration.CALIBRATORS`) with ``options``: None for the identity, else a
-    function ``model -> model`` that fits the method on ``model.cls_head`` and installs the
+    function ``model -> model`` that fits the method on each classification head and installs the
     transform. The method's inputs (statistics pass, training set) are gathered here."""
     method = build_calibrator(name, **options)
     if method.identity:
@@ -60,7 +61,8 @@ def posthoc_calibration(name: str, cfg, checkpoint: str, out_dir: Path, **option
         inputs["train_set"] = build_datasets(cfg, need_train=True)[0]
 
     def calibrate(model):
-        return apply_logit_normalization(model, method.fit(model.cls_head, **inputs))
+        # one transform per classification stage (one for most detectors, three for a cascade)
+        return apply_logit_normalization(model, fit_stages(method, model, **inputs))
 
     return calibrate
 

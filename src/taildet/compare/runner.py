@@ -15,6 +15,7 @@ import yaml
 
 from taildet import evidence
 from taildet.analysis.gradient_ratio import gradient_ratio_report
+from taildet.analysis.error_report import compare_error_sections
 from taildet.calibration.calibrators import LogN
 from taildet.config import apply_overrides, load_config
 from taildet.data.stats import dataset_stats, format_stats, plot_long_tail
@@ -29,6 +30,7 @@ from taildet.fileio import atomic_write_text, check_not_inputs, check_output_pat
 from taildet.results_docs import (format_claims_table, format_paired_table, format_recipe_table, plot_claims_forest,
                                   plot_recipe_metrics)
 from taildet.compare.posthoc import _plot_mean_scores, _run_posthoc
+from taildet.compare.grids import detection_grid_section
 from taildet.recipes import DEMO_RECIPES, RECIPES, _config_path, expand_recipes, replicate_name
 from taildet.compare.summary import (_argmax_diagnostic, _bbox, _run_row, _train_counts, default_jobs, machine_info,
                                      prior_baseline_results, summarize)
@@ -321,21 +323,26 @@ def run_compare(recipes: Iterable[str] | None, out_dir: str | Path, seeds: Itera
 
     atomic_write_text(json.dumps(summary, indent=1) + "\n", out / "summary.json")
     plot_recipe_metrics(summary, out / "metrics_by_recipe.png")
-    recipe_table = format_recipe_table(summary)
+    recipe_table = format_recipe_table(summary, metrics=evidence.METRICS)  # with APpool (cross-class ranking)
     print("\n" + recipe_table)
     lines = [f"# {title}", "", f"Embedded long-tail dataset (data seeds {data_seeds}, training seeds {seeds}, "
              f"regime {regime}): `{data[data_seeds[0]]['train']}`", "",
              "```", stats_text, "```", "", "![long tail](long_tail.png)", "",
              "## Results (LVIS federated AP, percent; mean and 95 % t interval over replicates)", "",
-             recipe_table, "", "![metrics by recipe](metrics_by_recipe.png)", ""]
+             recipe_table, "", "APpool: every class's detections ranked together into one precision / recall "
+             "curve (Dave et al. 2021), so it also scores how comparable the scores are across classes.", "",
+             "![metrics by recipe](metrics_by_recipe.png)", ""]
     if summary["paired"]:
-        lines += ["## Paired differences to each recipe's baseline", "", format_paired_table(summary), ""]
+        lines += ["## Paired differences to each recipe's baseline", "",
+                  format_paired_table(summary, metrics=evidence.METRICS), ""]
     if summary["claims"]:
         plot_claims_forest(summary, out / "claims_forest.png")
         lines += ["## Claims", "", format_claims_table(summary), "", "![claims](claims_forest.png)", ""]
     first = reps[0][2]
     for name in names:
         lines += [f"### {name}", "", f"![per-class AP {name}]({first}/per_class_ap_{name}.png)", ""]
+    lines += compare_error_sections(out, first, names, data[reps[0][0]]["val"])  # issue 15: error analysis
+    lines += detection_grid_section(summary, names, out, first, data[reps[0][0]]["val"])
     lines += [f"Total time: {time.time() - start:.0f} s.", ""]
     atomic_write_text("\n".join(lines), out / "report.md")
     print(f"\nreport: {out / 'report.md'}\nsummary: {out / 'summary.json'}")

@@ -16,7 +16,7 @@ from taildet.recipes import Recipe
 from taildet.utils.machine import default_jobs, machine_info  # noqa: F401  (re-exported by taildet.compare)
 
 
-SUMMARY_KEYS = ("AP", "APr", "APc", "APf", "AP50", "AP75", "APs", "APm", "APl", "AR@300")
+SUMMARY_KEYS = ("AP", "APr", "APc", "APf", "AP50", "AP75", "APs", "APm", "APl", "AR@300", "APpool")
 
 
 def prior_baseline_results(train_json: str | Path, val_json: str | Path, seed: int = 0,

@@ -110,6 +110,13 @@ def _check_whole(cfg: Config, file: str | None) -> Config:
         raise _err(file, "train.mfs.enabled",
                    f"memory-augmented feature sampling needs a two-stage detector ({_two_stage()}), "
                    f"got model.arch {cfg.model.arch!r}")
+    stage2 = [k for k, on in (("train.mfs.enabled", cfg.train.mfs.enabled),
+                              ("model.reset_classifier", cfg.model.reset_classifier),
+                              ("train.freeze", bool(cfg.train.freeze) and cfg.model.init_from is not None)) if on]
+    if arch.stages > 1 and stage2:
+        raise _err(file, stage2[0], f"model.arch {cfg.model.arch!r} has {arch.stages} classification stages: decoupled "
+                   "stage-2 fine-tunes (MFS, classifier re-initialisation, freezing parts of a stage-1 model: the "
+                   "freeze presets name the one-stage RoI head's parameters) are not supported on a cascade")
     accepted = builder_options()  # per architecture, build_model checks again
     unknown = [k for k in mk if accepted is not None and k not in accepted]
     if unknown:

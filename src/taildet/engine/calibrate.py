@@ -20,6 +20,12 @@ Both also keep the raw logits of up to ``diagnostic_rows`` positive RoIs and sav
 frequency group (raw, after LogN, after LogN without beta; see
 :mod:`taildet.calibration.diagnostics`); ``taildet calibrate`` prints it. Under torchrun every
 rank sees its shard and the statistics are merged across ranks; rank 0 writes the file.
+
+A cascade (``cascade_rcnn``, ``cascade_mask_rcnn``): the pass collects every stage's statistics
+(:func:`taildet.calibration.collect_stage_statistics`), one file entry per stage
+(``roi_heads.0``, ``roi_heads.1``, ``roi_heads.2``; ``--stats running``: each stage's logits'
+BatchNorm continued, :func:`taildet.calibration.stages.collect_stage_running_statistics`); the
+diagnostic is the last stage's.
 """
 
 from __future__ import annotations
@@ -30,10 +36,12 @@ from typing import Any
 
 import torch
 
-from taildet.calibration import collect_logit_statistics, collect_running_statistics
+from taildet.calibration import (classification_heads, collect_logit_statistics, collect_running_statistics,
+                                 collect_stage_statistics, save_normalizers)
+from taildet.calibration.stages import collect_stage_running_statistics
 from taildet.calibration.diagnostics import (PositiveLogitSample, background_argmax_report,
                                              format_background_argmax_share)
-from taildet.calibration.statistics import RUNNING_MOMENTUM, find_logit_batchnorm
+from taildet.calibration.statistics import RUNNING_MOMENTUM
 from taildet.data.loading import list_collate
 from taildet.data.samplers import TrainingSampler
 from taildet.engine.builders import (build_datasets, build_model_for_checkpoint, build_sampler, resolve_device,
@@ -89,7 +97,9 @@ def calibrate_checkpoint(cfg, checkpoint_path: str, out: str | None = None, *, s
     model = build_model_for_checkpoint(cfg, train_set.num_classes, train_set)
     load_model_weights(model, state["model"], checkpoint_path, state.get("config"))
     model.to(device)
-    if stats == "running" and find_logit_batchnorm(model) is None:
+    cascade = len(classification_heads(model)) > 1  # one statistics entry per stage
+    if stats == "running" and not all(isinstance(h.logit_bn, torch.nn.modules.batchnorm._BatchNorm)
+                                      for h in classification_heads(model).values()):
         raise ConfigError(f"calibrate --stats running: {checkpoint_path} has no BatchNorm on its class logits "
                           "(train with model.logit_bn: true, LogN's released recipe), or use --stats pass")
     seed_all(cfg.train.seed)
@@ -104,18 +114,19 @@ def calibrate_checkpoint(cfg, checkpoint_path: str, out: str | None = None, *, s
     positives = PositiveLogitSample(train_set.num_classes, diagnostic_rows) if diagnostic_rows else None
     show = progress and is_main_process()
     if stats == "running":
-        normalizer = collect_running_statistics(model, loader, momentum=running_momentum, device=device,
-                                                progress=show, max_batches=max_batches,
-                                                class_names=train_set.class_names, positives=positives,
-                                                **normalizer_kwargs)
+        collect = collect_stage_running_statistics if cascade else collect_running_statistics
+        normalizer = collect(model, loader, momentum=running_momentum, device=device, progress=show,
+                             max_batches=max_batches, class_names=train_set.class_names, positives=positives,
+                             **normalizer_kwargs)
     else:
         if momentum is not None:
             normalizer_kwargs["momentum"] = momentum
-        normalizer = collect_logit_statistics(model, loader, device=device, progress=show,
-                                              max_batches=max_batches, class_names=train_set.class_names,
-                                              positives=positives, **normalizer_kwargs)
+        collect = collect_stage_statistics if cascade else collect_logit_statistics
+        normalizer = collect(model, loader, device=device, progress=show, max_batches=max_batches,
+                             class_names=train_set.class_names, positives=positives, **normalizer_kwargs)
+    stages = normalizer if cascade else {model.cls_head.stage: normalizer}
+    normalizer = list(stages.values())[-1]  # the diagnostic: the (last) stage whose scores are output
     if is_main_process():
-        stage = model.cls_head.stage
         extra: dict[str, Any] = {"checkpoint": os.path.abspath(checkpoint_path), "stats": stats}
         if stats == "running":
             extra["running_momentum"] = running_momentum
@@ -128,7 +139,7 @@ def calibrate_checkpoint(cfg, checkpoint_path: str, out: str | None = None, *, s
                      ", ".join(f"{k} {100 * v['all']['share']:.1f} %" for k, v in report.items()
                                if isinstance(v, dict) and v["all"]["share"] is not None))
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        normalizer.save(out, stage=stage, extra=extra)
+        save_normalizers(out, stages, extra=extra)
         log.info("calibrate: statistics of %d sampled logits over %d training images -> %s",
                  int(normalizer.count.max().item()) if normalizer.count.numel() else 0, len(train_set), out)
     barrier()

@@ -133,6 +133,8 @@ def summaries(prec: np.ndarray, rec: np.ndarray, p, cat_groups: Mapping[str, lis
     out["_AR"] = _mean_defined(rec[:, :, area["all"]])
     out["per_class_AP"] = {int(cid): _mean_defined(prec[:, :, k, area["all"]])
                            for k, cid in enumerate(p.catIds)}
+    out["per_class_AP50"] = {int(cid): _mean_defined(prec[t50, :, k, area["all"]])  # error analysis's AP
+                             for k, cid in enumerate(p.catIds)}
     return out
 
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from taildet.evaluation.eval_backend import _FREQS, _coco_objects, _run, summaries
 from taildet.evaluation.lvis_gt import _ann_area
+from taildet.evaluation.pooled import pooled_matches
 from taildet.evaluation.result_columns import GtIds, ResultColumns, cap_order, top_k_order
 
 __all__ = ["PairIndex", "evaluate_federated"]
@@ -149,7 +150,8 @@ def _runs(cat_ids: np.ndarray, gt_groups, det_groups, gt_img, det_img) -> list[l
 
 def evaluate_federated(gt_prep: Mapping, cols: ResultColumns, pairs: PairIndex, iou_type: str, fixed: bool,
                        max_dets: int, per_class: int) -> tuple[dict[str, Any], int]:
-    """LVIS summaries (:func:`~taildet.evaluation.eval_backend.summaries`, with ``_AR``) of
+    """LVIS summaries (:func:`~taildet.evaluation.eval_backend.summaries`, with ``_AR``, and
+    ``APpool`` pooled over every run's categories: :mod:`taildet.evaluation.pooled`) of
     ``cols`` and the number of detections evaluated. ``max_dets``: the per-image cap, or with
     ``fixed`` the least per-(image, class) cap given to faster-coco-eval; ``per_class``: AP-fixed's
     detections per class."""
@@ -170,6 +172,7 @@ def evaluate_federated(gt_prep: Mapping, cols: ResultColumns, pairs: PairIndex, 
     T, R, A = len(params.iouThrs), len(params.recThrs), len(params.areaRngLbl)
     prec = np.full((T, R, len(cat_ids), A), -1.0)
     rec = np.full((T, len(cat_ids), A), -1.0)
+    pooled = pooled_matches(gt_prep, dets["score"], dets["image_id"], dets["category_id"], pairs.key, params.iouThrs)
     images = {im["id"]: im for im in gt_prep["images"]}
     cats = {c["id"]: c for c in gt_prep["categories"]}
     for run in _runs(cat_ids, gt_groups, det_groups, gt_img, dets["image_id"]):
@@ -180,10 +183,13 @@ def evaluate_federated(gt_prep: Mapping, cols: ResultColumns, pairs: PairIndex, 
                   "annotations": [dict(anns[j]) for j in gt_idx.tolist()]}
         coco_gt, coco_dt = _coco_objects(run_gt, _det_dicts(dets, det_idx, iou_type))
         ev = _run(coco_gt, coco_dt, iou_type, lvis_style=True, max_dets=[cap])
+        pooled.add_run(ev.ious, det_idx, pairs.key)
         where = np.searchsorted(cat_ids, np.asarray(ev.params.catIds, dtype=np.int64))
         prec[:, :, where, :] = np.asarray(ev.eval["precision"])[..., -1]
         rec[:, where, :] = np.asarray(ev.eval["recall"])[..., -1]
     params.catIds = cat_ids.tolist()
     freqs = {c["id"]: c["frequency"] for c in gt_prep["categories"]}
     groups = {g: [k for k, cid in enumerate(params.catIds) if freqs[cid] == g] for g in _FREQS}
-    return summaries(prec, rec, params, groups), len(dets["score"])
+    out = summaries(prec, rec, params, groups)
+    out["APpool"] = pooled.ap(params.recThrs)
+    return out, len(dets["score"])

@@ -54,6 +54,7 @@ from taildet.evaluation.eval_backend import (
     _summaries,
 )
 from taildet.evaluation.federated import PairIndex, evaluate_federated
+from taildet.evaluation.pooled import pooled_matches
 from taildet.evaluation.lvis_gt import (  # noqa: F401  (_box_problem, _frequencies: used by report and tests)
     _FREQS,
     MAX_BOX_COORD,
@@ -103,9 +104,11 @@ def evaluate_lvis(gt_json_path: str | os.PathLike | Mapping, results: str | os.P
         gt_name: the file name errors give when the GT is a dict (e.g. the file it was read from).
 
     Returns:
-        dict with ``AP, AP50, AP75, APs, APm, APl, APr, APc, APf`` and ``AR@300`` (average
-        recall under the per-image cap in use: ``max_dets``, or none when ``fixed``) as
-        fractions in [0, 1], ``NaN`` when undefined; ``per_class_AP`` {category id: AP, NaN for
+        dict with ``AP, AP50, AP75, APs, APm, APl, APr, APc, APf``, ``AR@300`` (average
+        recall under the per-image cap in use: ``max_dets``, or none when ``fixed``) and
+        ``APpool`` (every category's detections ranked together, Dave et al. 2021:
+        :mod:`taildet.evaluation.pooled`; under the same cap, so with ``fixed`` it is the
+        paper's) as fractions in [0, 1], ``NaN`` when undefined; ``per_class_AP`` {category id: AP, NaN for
         classes without GT}; ``num_images`` (GT images), ``num_results`` (results given),
         ``num_detections`` (detections evaluated: after the cap, without zero-area ones and
         without those the federated rule never looks at), ``iou_type``, ``fixed``,
@@ -138,6 +141,7 @@ def _lvis_metrics(s: dict, gt_prep: Mapping, num_results: int, num_detections: i
     ar = s.pop("_AR")
     metrics = {k: s[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")}
     metrics["AR@300"] = ar
+    metrics["APpool"] = s["APpool"]
     metrics["per_class_AP"] = s["per_class_AP"]
     metrics.update(num_images=len(gt_prep["images"]), num_results=num_results, num_detections=num_detections,
                    iou_type=iou_type, fixed=bool(fixed), max_dets=None if fixed else int(max_dets))
@@ -195,7 +199,14 @@ def _evaluate_lvis_dicts(gt_json_path: str | os.PathLike | Mapping, results: str
     freqs = {c["id"]: c["frequency"] for c in gt_prep["categories"]}
     groups = {g: [k for k, cid in enumerate(ev.params.catIds) if freqs[int(cid)] == g]
               for g in _FREQS}
-    return _lvis_metrics(_summaries(ev, groups), gt_prep, num_results, len(dets), iou_type, fixed, max_dets)
+    s = _summaries(ev, groups)
+    pairs = PairIndex(gt)
+    pooled = pooled_matches(gt_prep, np.array([d["score"] for d in dets], dtype=np.float64),
+                            np.array([d["image_id"] for d in dets], dtype=np.int64),
+                            np.array([d["category_id"] for d in dets], dtype=np.int64), pairs.key, ev.params.iouThrs)
+    pooled.add_run(ev.ious, np.arange(len(dets)), pairs.key)
+    s["APpool"] = pooled.ap(ev.params.recThrs)
+    return _lvis_metrics(s, gt_prep, num_results, len(dets), iou_type, fixed, max_dets)
 
 
 def evaluate_coco(gt_json_path: str | os.PathLike | Mapping, results: str | os.PathLike | list,

@@ -208,7 +208,7 @@ def eval_results_main(gt: str | os.PathLike, results: str | os.PathLike | list,
         if iou_type not in ("bbox", "segm"):
             raise ValueError(f"iou_type must be 'bbox' or 'segm', not {iou_type!r}")
         metrics = _evaluate_lvis(gt_data, gt_name, results, iou_type=iou_type, fixed=fixed, max_dets=LVIS_MAX_DETS)
-        keys = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf", "AR@300")
+        keys = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf", "AR@300", "APpool")
         name = f"{iou_type} AP-fixed" if fixed else iou_type
     else:
         if fixed:

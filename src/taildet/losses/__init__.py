@@ -16,6 +16,7 @@ from taildet.losses.base import DATASET_STATISTICS, ClassificationLoss
 from taildet.losses.eql import EQLLoss, EQLv2Loss
 from taildet.losses.equalized_focal import EqualizedFocalLoss, EqualizedQualityFocalLoss
 from taildet.losses.equilibrium import EquilibriumLoss
+from taildet.losses.federated import FederatedLoss
 from taildet.losses.focal import SigmoidFocalLoss
 from taildet.losses.mean_score import MeanScoreTracker
 from taildet.losses.online_logn import OnlineLogitNormalization, OnlineLogNLoss
@@ -29,7 +30,7 @@ __all__ = [
     "fill_dataset_statistics", "SoftmaxCrossEntropyLoss", "SigmoidBCELoss", "BalancedSoftmaxLoss",
     "BalancedSigmoidLoss", "EquilibriumLoss", "MeanScoreTracker", "OnlineLogitNormalization", "OnlineLogNLoss",
     "online_logn_loss", "EQLLoss", "EQLv2Loss", "SeesawLoss", "EqualizedFocalLoss",
-    "EqualizedQualityFocalLoss", "QualityFocalLoss",
+    "EqualizedQualityFocalLoss", "QualityFocalLoss", "FederatedLoss",
 ]
 
 
@@ -67,6 +68,7 @@ LOSSES: dict[str, Callable[..., ClassificationLoss]] = {
     "quality_focal": QualityFocalLoss,
     "qfl": QualityFocalLoss,
     "online_logn": _online_logn,
+    "federated": FederatedLoss,
 }
 
 

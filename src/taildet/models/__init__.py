@@ -6,6 +6,7 @@ and the options under ``model:`` against it (:func:`~taildet.models.build.archit
 """
 
 from taildet.models.backbones import build_backbone
+from taildet.models.cascade import build_cascade_mask_rcnn, build_cascade_rcnn
 from taildet.models.build import ARCHITECTURES, architecture_info, build_model
 from taildet.models.classifiers import build_classifier
 from taildet.models.two_stage import build_faster_rcnn, build_mask_rcnn
@@ -18,4 +19,6 @@ __all__ = [
     "build_classifier",
     "build_faster_rcnn",
     "build_mask_rcnn",
+    "build_cascade_rcnn",
+    "build_cascade_mask_rcnn",
 ]

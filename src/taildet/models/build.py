@@ -2,10 +2,11 @@
 
 Every builder is called as ``builder(num_classes, **options)``; its signature lists the options
 (the config accepts exactly those under ``model:``, see :func:`architecture_info`). A builder
-declares what it builds with two attributes, read by the config checks: ``cls_stage`` -- the
+declares what it builds with attributes read by the config checks: ``cls_stage`` -- the
 ``model.cls_head.stage`` of its models (``"roi_heads"``: a two-stage detector with RoI features
-and a RoI box predictor; default ``"head"``, a dense one-stage head) and ``with_masks`` (it trains
-on instance masks; default False).
+and a RoI box predictor; default ``"head"``, a dense one-stage head), ``with_masks`` (it trains
+on instance masks; default False) and ``cls_stages`` (how many classification stages its models
+have, each with its own head: 3 for a cascade; default 1).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 
 from taildet.errors import ConfigError
 from taildet.models.atss import build_atss
+from taildet.models.cascade import build_cascade_mask_rcnn, build_cascade_rcnn
 from taildet.models.one_stage import build_fcos, build_retinanet
 from taildet.models.two_stage import build_faster_rcnn, build_mask_rcnn
 
@@ -30,6 +32,8 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "retinanet": build_retinanet,
     "fcos": build_fcos,
     "atss": build_atss,
+    "cascade_rcnn": build_cascade_rcnn,
+    "cascade_mask_rcnn": build_cascade_mask_rcnn,
 }
 
 
@@ -44,6 +48,8 @@ class ArchitectureInfo:
     masks: bool
     #: the options its builder takes (``None``: the builder takes ``**kwargs``, anything goes).
     options: frozenset[str] | None
+    #: classification stages, each with its own head (a cascade: 3).
+    stages: int = 1
 
 
 def architecture_info(arch: str) -> ArchitectureInfo:
@@ -55,7 +61,7 @@ def architecture_info(arch: str) -> ArchitectureInfo:
         options = frozenset(k for k, p in params.items()
                             if k != "num_classes" and p.kind is not inspect.Parameter.VAR_POSITIONAL)
     return ArchitectureInfo(arch, getattr(builder, "cls_stage", "head"), bool(getattr(builder, "with_masks", False)),
-                            options)
+                            options, int(getattr(builder, "cls_stages", 1)))
 
 
 def _call_checked(builder: Callable[..., nn.Module], arch: str, num_classes: int, kwargs: dict[str, Any]):

@@ -251,17 +251,9 @@ def _builder_signature(with_masks: bool, returns: str) -> inspect.Signature:
     return inspect.Signature(params, return_annotation=returns)
 
 
-def _build_two_stage(with_masks: bool, num_classes: int, o: TwoStageOptions) -> FasterRCNN:
-    if int(num_classes) <= 0:
-        raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
-    num_classes = int(num_classes)
-    net = build_backbone(
-        o.backbone, norm=o.norm, weights=o.backbone_weights, trainable_layers=o.trainable_backbone_layers, fpn=o.fpn
-    )
-    cls_loss = build_loss(o.loss, num_classes, **(o.loss_kwargs or {}))
-    if cls_loss.kind != "two_stage":
-        raise ConfigError(f"loss {o.loss!r} is for one-stage detectors; Faster/Mask R-CNN need a two-stage loss")
-
+def anchor_generator(o: TwoStageOptions, net: Any) -> AnchorGenerator:
+    """The RPN's anchors for backbone ``net`` (``o.anchor_sizes`` / ``o.aspect_ratios``, checked
+    against its feature maps)."""
     num_maps = len(net.strides)
     anchor_sizes = o.anchor_sizes
     if anchor_sizes is None:
@@ -281,23 +273,35 @@ def _build_two_stage(with_masks: bool, num_classes: int, o: TwoStageOptions) -> 
     anchor_gen = AnchorGenerator(anchor_sizes, per_level)
     if len(set(anchor_gen.num_anchors_per_location())) != 1:
         raise ConfigError("every feature map needs the same number of anchors (sizes x ratios) for the RPN head")
+    return anchor_gen
 
-    box_roi_pool = ParallelMultiScaleRoIAlign(featmap_names=list(net.featmap_names), output_size=7, sampling_ratio=2)
-    box_head = TwoMLPHead(net.out_channels * 7 * 7, o.representation_size)
-    cls_layer = build_classifier(o.classifier, o.representation_size, cls_loss.num_outputs())
-    cls_loss.init_bias(cls_layer.bias)
+
+def logit_batchnorm(o: TwoStageOptions, num_outputs: int) -> LogitBatchNorm | None:
+    """The BatchNorm on the class logits (``o.logit_bn``), or None."""
     if not isinstance(o.logit_bn, bool):
         raise ConfigError(f"logit_bn must be true or false, got {o.logit_bn!r}")
-    bn = None
     if o.logit_bn:
-        bn = LogitBatchNorm(cls_loss.num_outputs(),
-                            momentum=1e-4 if o.logit_bn_momentum is None else o.logit_bn_momentum)
-    elif o.logit_bn_momentum is not None:
+        return LogitBatchNorm(num_outputs, momentum=1e-4 if o.logit_bn_momentum is None else o.logit_bn_momentum)
+    if o.logit_bn_momentum is not None:
         raise ConfigError("logit_bn_momentum is set but logit_bn is false (it is the momentum of the logits' BatchNorm)")
-    box_predictor = TailBoxPredictor(o.representation_size, cls_layer, num_classes, o.class_agnostic_box_reg,
-                                     logit_bn=bn)
+    return None
 
-    common: dict[str, Any] = dict(
+
+def mask_head_parts(o: TwoStageOptions, net: Any, num_classes: int) -> dict[str, Any]:
+    """Mask R-CNN's mask RoIAlign (14 x 14), head (``o.mask_layers``) and predictor (``C`` channels)."""
+    mask_layers = o.mask_layers
+    if mask_layers is None:
+        mask_layers = (256, 256, 256, 256) if net.out_channels >= 256 else (64, 64)
+    return dict(
+        mask_roi_pool=ParallelMultiScaleRoIAlign(featmap_names=list(net.featmap_names), output_size=14, sampling_ratio=2),
+        mask_head=MaskRCNNHeads(net.out_channels, tuple(mask_layers), 1),
+        mask_predictor=MaskRCNNPredictor(mask_layers[-1], mask_layers[-1], num_classes),  # C channels
+    )
+
+
+def rpn_options(o: TwoStageOptions, anchor_gen: AnchorGenerator) -> dict[str, Any]:
+    """The keyword arguments of torchvision's ``FasterRCNN`` for the transform sizes and the RPN."""
+    return dict(
         num_classes=None,
         min_size=o.min_size,
         max_size=o.max_size,
@@ -308,20 +312,39 @@ def _build_two_stage(with_masks: bool, num_classes: int, o: TwoStageOptions) -> 
         rpn_post_nms_top_n_test=o.rpn_post_nms_top_n_test,
         rpn_batch_size_per_image=o.rpn_batch_size_per_image,
         rpn_positive_fraction=o.rpn_positive_fraction,
+    )
+
+
+def _build_two_stage(with_masks: bool, num_classes: int, o: TwoStageOptions) -> FasterRCNN:
+    if int(num_classes) <= 0:
+        raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
+    num_classes = int(num_classes)
+    net = build_backbone(
+        o.backbone, norm=o.norm, weights=o.backbone_weights, trainable_layers=o.trainable_backbone_layers, fpn=o.fpn
+    )
+    cls_loss = build_loss(o.loss, num_classes, **(o.loss_kwargs or {}))
+    if cls_loss.kind != "two_stage":
+        raise ConfigError(f"loss {o.loss!r} is for one-stage detectors; Faster/Mask R-CNN need a two-stage loss")
+
+    anchor_gen = anchor_generator(o, net)
+
+    box_roi_pool = ParallelMultiScaleRoIAlign(featmap_names=list(net.featmap_names), output_size=7, sampling_ratio=2)
+    box_head = TwoMLPHead(net.out_channels * 7 * 7, o.representation_size)
+    cls_layer = build_classifier(o.classifier, o.representation_size, cls_loss.num_outputs())
+    cls_loss.init_bias(cls_layer.bias)
+    bn = logit_batchnorm(o, cls_loss.num_outputs())
+    box_predictor = TailBoxPredictor(o.representation_size, cls_layer, num_classes, o.class_agnostic_box_reg,
+                                     logit_bn=bn)
+
+    common: dict[str, Any] = dict(
+        **rpn_options(o, anchor_gen),
         box_roi_pool=box_roi_pool,
         box_head=box_head,
         box_predictor=box_predictor,
     )
     mask_parts: dict[str, Any] = {}
     if with_masks:
-        mask_layers = o.mask_layers
-        if mask_layers is None:
-            mask_layers = (256, 256, 256, 256) if net.out_channels >= 256 else (64, 64)
-        mask_parts = dict(
-            mask_roi_pool=ParallelMultiScaleRoIAlign(featmap_names=list(net.featmap_names), output_size=14, sampling_ratio=2),
-            mask_head=MaskRCNNHeads(net.out_channels, tuple(mask_layers), 1),
-            mask_predictor=MaskRCNNPredictor(mask_layers[-1], mask_layers[-1], num_classes),  # C channels
-        )
+        mask_parts = mask_head_parts(o, net, num_classes)
         model: FasterRCNN = TailMaskRCNN(net, **common, **mask_parts)
     else:
         model = TailFasterRCNN(net, **common)

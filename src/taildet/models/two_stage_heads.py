@@ -75,7 +75,8 @@ class TailRoIHeads(RoIHeads):
         ``batch_gt_index`` [R] (the same, unique over the batch: what ``loss.update`` receives),
         ``image_index`` [R], ``regression_targets`` [R, 4], ``box_features`` [R, ch, 7, 7] (pooled,
         before the box head; ``None`` unless ``cls_head.record_features``), ``logits`` [R, K]
-        (what the loss saw: batch-normalised when the predictor's ``logit_bn`` is in training mode).
+        (what the loss saw: batch-normalised when the predictor's ``logit_bn`` is in training mode),
+        ``box_deltas`` [R, 4C or 4] (the box regression of the sampled RoIs; a cascade refines them).
     ``last_logits`` / ``last_logit_image_index`` (inference) -- raw logits ``[R, K]`` of every RoI
         (before ``logit_transform``) and the image each belongs to.
 
@@ -246,6 +247,7 @@ class TailRoIHeads(RoIHeads):
             "regression_targets": reg_targets.detach(),
             "box_features": pooled.detach() if head.record_features else None,
             "logits": logits.detach(),
+            "box_deltas": box_deltas.detach(),
         }
         head.observe(logits, labels, batch_gt_index, image_index, pooled)
 
@@ -293,17 +295,27 @@ class TailRoIHeads(RoIHeads):
     ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """Scores from ``cls_head.scores`` (transform, then the loss's), per-class boxes, NMS, top-k;
         labels 0..C-1."""
+        return self.postprocess_scores(self.cls_head.scores(class_logits), box_regression, proposals, image_shapes)
+
+    def postprocess_scores(
+        self,
+        scores_all: Tensor,
+        box_regression: Tensor,
+        proposals: list[Tensor],
+        image_shapes: list[tuple[int, int]],
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """:meth:`postprocess_detections` from foreground scores ``[R, C]`` (a cascade averages its
+        stages before this): per-class boxes, clipping, score threshold, NMS, top-k."""
         C = self.num_classes
-        scores_all = self.cls_head.scores(class_logits)
-        if scores_all.shape != (class_logits.shape[0], C):
+        if scores_all.shape != (box_regression.shape[0], C):
             raise RuntimeError(
                 f"{type(self.cls_head.loss).__name__}.scores returned {tuple(scores_all.shape)}, "
-                f"expected [{class_logits.shape[0]}, {C}]"
+                f"expected [{box_regression.shape[0]}, {C}]"
             )
         # the box count per RoI from the regression width: ``-1`` is ambiguous when a batch has no
         # proposal at all (a badly trained RPN), which made inference fail inside torch
         pred_boxes = self.box_coder.decode(box_regression, proposals).reshape(
-            class_logits.shape[0], box_regression.shape[-1] // 4, 4)
+            box_regression.shape[0], box_regression.shape[-1] // 4, 4)
         if pred_boxes.shape[1] == 1:
             pred_boxes = pred_boxes.expand(-1, C, 4)
         counts = [len(p) for p in proposals]
