@@ -47,3 +47,27 @@ def test_compare_classification_recipes(tmp_path, capsys):
     assert not (tmp_path / "ce_run").exists()
     assert "| ce + logit_adjust |" in capsys.readouterr().out
     assert main(["compare", "--recipes", str(tmp_path / "ce.yaml"), "faster_ce", "--out", str(out)]) == 2
+
+
+def test_demo_runner_reuses_only_runs_of_the_same_config(tmp_path):
+    from taildet.classify.config import classify_config_from_dict
+    from taildet.classify.demo import _run
+
+    rng = np.random.default_rng(3)
+    labels = np.repeat(np.arange(2), 10)
+    np.savez(tmp_path / "src.npz", images=rng.integers(0, 255, (20, 4, 4), dtype=np.uint8), labels=labels)
+    manifest = make_split(str(tmp_path / "src.npz"), tmp_path / "lt", 2, test_per_class=2, val_per_class=0)["manifest"]
+
+    def cfg(iterations):
+        return classify_config_from_dict({"data": {"manifest": manifest, "batch_size": 4}, "eval": {"posthoc": []},
+                                          "train": {"iterations": iterations, "device": "cpu", "warmup_iters": 1},
+                                          "output_dir": str(tmp_path / "run")})
+
+    first = _run(cfg(2), progress=False)
+    stamp = (tmp_path / "run" / "model_final.pth").stat().st_mtime_ns
+    again = _run(cfg(2), progress=False)  # reused: the metrics file read back, nothing trained or written
+    assert (tmp_path / "run" / "model_final.pth").stat().st_mtime_ns == stamp
+    assert json.dumps(again["metrics"], sort_keys=True) == json.dumps(first["metrics"], sort_keys=True)
+    changed = _run(cfg(3), progress=False)  # another config: trained again (3 iterations)
+    assert torch.load(changed["checkpoint"], weights_only=False)["iteration"] == 3
+    assert list((tmp_path / "run").glob("superseded-*"))  # the 2-iteration run set aside, not overwritten

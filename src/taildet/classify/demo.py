@@ -67,16 +67,22 @@ def _config(manifest: str, out: str, seed: int, loss: str, epochs: int, crt_from
 
 
 def _run(cfg, progress: bool) -> dict:
+    """Train and evaluate ``cfg``, reusing its run directory when that holds a run of the same
+    config: its metrics (finished), its final checkpoint (evaluated again) or its last checkpoint
+    (resumed). A run of another config there is set aside (:func:`prepare_run_dir`) and redone."""
     final = os.path.join(cfg.output_dir, "model_final.pth")
     metrics = os.path.join(cfg.output_dir, "metrics.json")
-    if os.path.isfile(metrics) and os.path.isfile(final):  # reuse a finished run of the same config
-        with open(os.path.join(cfg.output_dir, "config.yaml"), encoding="utf-8") as fh:
-            if yaml.safe_load(fh) == yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False)):
-                with open(metrics, encoding="utf-8") as mf:
-                    return {"checkpoint": final, "metrics": json.load(mf)}
-    if os.path.isfile(final):
+    saved = os.path.join(cfg.output_dir, "config.yaml")
+    same = False
+    if os.path.isfile(saved):
+        with open(saved, encoding="utf-8") as fh:
+            same = yaml.safe_load(fh) == yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if same and os.path.isfile(final):
+        if os.path.isfile(metrics):
+            with open(metrics, encoding="utf-8") as mf:
+                return {"checkpoint": final, "metrics": json.load(mf)}
         return {"checkpoint": final, "metrics": evaluate_classifier(cfg, final)}
-    return train_classifier(cfg, resume=True, progress=progress)
+    return train_classifier(cfg, resume=same, progress=progress)
 
 
 def summarise(runs: dict[int, dict[str, dict]], train_counts: list[int]) -> dict[str, Any]:
