@@ -7,8 +7,9 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
-from taildet.classify.data import list_image_folder, load_split
+from taildet.classify.data import ClassificationDataset, list_image_folder, load_split
 from taildet.classify.splits import build_lt_split, lt_counts, make_split, read_manifest
 from taildet.errors import ConfigError, DataError
 
@@ -125,3 +126,21 @@ def test_separate_test_source_cifar_lt_protocol(tmp_path):
     with pytest.raises(DataError, match="other.npz: classes: differ"):
         make_split(str(tmp_path / "train.npz"), tmp_path / "y", 10, test_per_class=0, val_per_class=0,
                    test_src=str(tmp_path / "other.npz"))
+
+
+def test_augmentation_is_seeded_flip_and_pad_crop(tmp_path):
+    images = np.arange(2 * 4 * 4, dtype=np.uint8).reshape(2, 4, 4) * 7
+    plain = ClassificationDataset(images, [0, 1], 2)[0][0]
+    aug = ClassificationDataset(images, [0, 1], 2, augment=("flip", "pad_crop"), pad=1)
+    seen = set()
+    for seed in range(30):
+        torch.manual_seed(seed)
+        x = aug[0][0]
+        torch.manual_seed(seed)
+        assert torch.equal(x, aug[0][0])  # the same RNG state, the same crop and flip
+        # every output is a flip and/or a 1-px shift of the image (zero padding = (0 - 0.5) / 0.25)
+        seen.add(bytes(x.numpy().tobytes()))
+        inner = [x[:, i:i + 2, j:j + 2] for i in range(3) for j in range(3)]
+        assert any(torch.equal(p, plain[:, a:a + 2, b:b + 2]) or torch.equal(p, plain.flip(-1)[:, a:a + 2, b:b + 2])
+                   for p in inner for a in range(3) for b in range(3))
+    assert len(seen) > 5

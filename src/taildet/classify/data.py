@@ -142,7 +142,7 @@ class ClassificationDataset(torch.utils.data.Dataset):
         return x.contiguous(), {"label": torch.tensor(int(self.labels[idx]), dtype=torch.int64)}
 
 
-def load_split(manifest: dict, split: str, augment: tuple[str, ...] = ()) -> ClassificationDataset:
+def load_split(manifest: dict, split: str, augment: tuple[str, ...] = (), pad: int = 4) -> ClassificationDataset:
     """The ``split`` of a manifest read by :func:`taildet.classify.splits.read_manifest`."""
     entries = manifest["splits"].get(split)
     if entries is None or not entries:
@@ -152,7 +152,7 @@ def load_split(manifest: dict, split: str, augment: tuple[str, ...] = ()) -> Cla
     classes = manifest["classes"]
     if src["kind"] == "folder":
         files = [os.path.join(src["root"], e[0]) for e in entries]
-        return ClassificationDataset(None, labels, len(classes), files=files, augment=augment,
+        return ClassificationDataset(None, labels, len(classes), files=files, augment=augment, pad=pad,
                                      source=manifest["path"], class_names=classes)
     try:
         with np.load(src["file"], allow_pickle=False) as z:
@@ -166,5 +166,5 @@ def load_split(manifest: dict, split: str, augment: tuple[str, ...] = ()) -> Cla
                         f"index {int(idx[bad])} is outside {src['file']} ({images.shape[0]} images)")
     if images.dtype != np.uint8 or images.ndim not in (3, 4):
         raise DataError(src["file"], "images", f"expected uint8 [N, H, W(, ch)], got {images.dtype} {images.shape}")
-    return ClassificationDataset(images[idx], labels, len(classes), augment=augment, source=manifest["path"],
-                                 class_names=classes)
+    return ClassificationDataset(images[idx], labels, len(classes), augment=augment, pad=pad,
+                                 source=manifest["path"], class_names=classes)

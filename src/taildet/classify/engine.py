@@ -45,8 +45,7 @@ def load_data(cfg: ClassifyConfig, augment: bool = True) -> tuple[dict, Classifi
     """``(manifest, training split)`` of ``cfg.data.manifest``."""
     manifest = read_manifest(cfg.data.manifest)
     aug = tuple(cfg.data.augment) if augment else ()
-    train_set = load_split(manifest, "train", aug)
-    train_set.pad = cfg.data.pad
+    train_set = load_split(manifest, "train", aug, cfg.data.pad)
     return manifest, train_set
 
 
