@@ -31,6 +31,7 @@ from taildet.classify.config import classify_config_from_dict
 from taildet.classify.engine import evaluate_classifier, train_classifier
 from taildet.classify.report import format_table, plot_per_class
 from taildet.classify.splits import make_split, read_manifest
+from taildet.engine.pretrain import _threads
 from taildet.errors import ConfigError
 from taildet.evidence import paired_difference, seed_statistics
 from taildet.fileio import atomic_write_text, check_output_path
@@ -132,9 +133,11 @@ COLUMNS = ["method", "top-1", "many", "medium", "few", "mean per-class", "few - 
 
 def run_demo(out: str | os.PathLike = "runs/demo_classify", *, data: str = "digits", seeds=(0, 1, 2),
              epochs: int | None = None, summary: str | None = None, figure: str | None = None,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, threads: int | None = 1) -> dict[str, Any]:
     """Run (or reuse) every run of the demo and write its table, figure and summaries (``summary``,
-    ``figure``: extra copies, e.g. under docs/)."""
+    ``figure``: extra copies, e.g. under docs/). ``threads``: torch threads of the trainings (one by
+    default: the networks are tiny, more threads only contend on a shared machine, and the
+    committed table was made with one)."""
     if data not in ("digits", "synthetic"):
         raise ConfigError(f"--data: expected digits or synthetic, got {data!r}")
     out = Path(out)
@@ -149,12 +152,15 @@ def run_demo(out: str | os.PathLike = "runs/demo_classify", *, data: str = "digi
                    per_class=180 if data == "synthetic" else None)
     counts = read_manifest(manifest)["protocol"]["train_counts"]
     runs: dict[int, dict[str, dict]] = {}
-    for seed in seeds:
-        base = out / f"seed{seed}"
-        ce = _run(_config(str(manifest), str(base / "ce"), seed, "softmax_ce", epochs), progress)
-        bs = _run(_config(str(manifest), str(base / "balanced_softmax"), seed, "balanced_softmax", epochs), progress)
-        crt = _run(_config(str(manifest), str(base / "crt"), seed, "softmax_ce", epochs, ce["checkpoint"]), progress)
-        runs[seed] = {"ce": ce["metrics"], "balanced_softmax": bs["metrics"], "crt": crt["metrics"]}
+    with _threads(threads):
+        for seed in seeds:
+            base = out / f"seed{seed}"
+            ce = _run(_config(str(manifest), str(base / "ce"), seed, "softmax_ce", epochs), progress)
+            bs = _run(_config(str(manifest), str(base / "balanced_softmax"), seed, "balanced_softmax", epochs),
+                      progress)
+            crt = _run(_config(str(manifest), str(base / "crt"), seed, "softmax_ce", epochs, ce["checkpoint"]),
+                       progress)
+            runs[seed] = {"ce": ce["metrics"], "balanced_softmax": bs["metrics"], "crt": crt["metrics"]}
     summ = summarise(runs, counts)
     atomic_write_text(json.dumps({"recipe": {**RECIPE, "epochs": epochs}, "data": data, "runs": runs,
                                   "summary": summ}, indent=1) + "\n", out / "runs.json")
