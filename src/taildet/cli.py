@@ -78,6 +78,17 @@ def _cmd_errors(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_errors_table(args: argparse.Namespace) -> int:
+    from taildet.analysis.error_seeds import errors_table_main  # start-up: lazy, keeps --help fast
+
+    recipes = [r for r in args.recipes.split(",") if r]
+    if not recipes:
+        raise ConfigError("--recipes: give at least one recipe name")
+    errors_table_main(args.gt, args.compare_dir, recipes, args.json,
+                      command="taildet errors-table " + " ".join(sys.argv[2:]))
+    return 0
+
+
 def _cmd_show(args: argparse.Namespace) -> int:
     from taildet.analysis.show import detection_grid  # start-up: lazy, keeps --help fast
 
@@ -263,6 +274,14 @@ def build_parser() -> argparse.ArgumentParser:
     er.add_argument("--top-pairs", type=int, default=10,
                     help="confusion pairs to report, their cost computed exactly (default 10)")
     er.set_defaults(func=_cmd_errors)
+
+    et = sub.add_parser("errors-table", help="the error analysis of compared recipes over every replicate "
+                                             "(mean +- sd over seeds) as a table the docs can name")
+    et.add_argument("gt", help="ground-truth annotation JSON the compared runs were evaluated on")
+    et.add_argument("compare_dir", help="output folder of `taildet compare` (holds seed<s>/<recipe>/results_bbox.json)")
+    et.add_argument("--recipes", required=True, help="comma-separated recipe names, one table row each")
+    et.add_argument("--json", required=True, help="measured-tables file to write (e.g. docs/results/errors_x.json)")
+    et.set_defaults(func=_cmd_errors_table)
 
     sh = sub.add_parser("show", help="draw ground truth and detections on dataset images into a PNG grid")
     sh.add_argument("gt", help="ground-truth annotation JSON (LVIS v1 or COCO)")
