@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from taildet.classify.cli_args import add_classify_parser
 from taildet.errors import ConfigError, TaildetError
 from taildet.fileio import check_not_inputs, check_output_path
 
@@ -75,6 +76,17 @@ def _cmd_errors(args: argparse.Namespace) -> int:
     from taildet.analysis.error_report import errors_main  # start-up: lazy, keeps --help fast
 
     errors_main(args.gt, args.results, out=args.out, iou_type=args.iou_type, top_pairs=args.top_pairs)
+    return 0
+
+
+def _cmd_errors_table(args: argparse.Namespace) -> int:
+    from taildet.analysis.error_seeds import errors_table_main  # start-up: lazy, keeps --help fast
+
+    recipes = [r for r in args.recipes.split(",") if r]
+    if not recipes:
+        raise ConfigError("--recipes: give at least one recipe name")
+    errors_table_main(args.gt, args.compare_dir, recipes, args.json,
+                      command="taildet errors-table " + " ".join(sys.argv[2:]))
     return 0
 
 
@@ -228,49 +240,6 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     return run_classify_command(args)
 
 
-def _add_classify_parser(sub) -> None:
-    """``taildet classify split|train|eval|demo`` (long-tailed image classification)."""
-    cl = sub.add_parser("classify", help="long-tailed image classification: split, train, eval, demo")
-    csub = cl.add_subparsers(dest="classify_command", required=True, metavar="CLASSIFY_COMMAND")
-    sp = csub.add_parser("split", help="write a long-tailed (CIFAR-LT profile) train split and balanced "
-                                       "val/test splits as a manifest")
-    sp.add_argument("src", help="digits (scikit-learn's 8x8 digits), synthetic (the generator's object crops), "
-                                "an image folder (one sub-folder per class) or an .npz (images, labels)")
-    sp.add_argument("out", help="output directory (manifest.json, and images.npz for array sources)")
-    sp.add_argument("--imbalance", type=float, default=100.0, help="n_max / n_min of the exponential profile "
-                                                                   "(default 100)")
-    sp.add_argument("--n-max", type=int, default=None,
-                    help="training images of class 0 (default: the smallest class pool left)")
-    sp.add_argument("--test-per-class", type=int, default=40, help="balanced test images per class (default 40)")
-    sp.add_argument("--val-per-class", type=int, default=20,
-                    help="balanced validation images per class (default 20; tau-normalisation picks tau on it)")
-    sp.add_argument("--per-class", type=int, default=None,
-                    help="synthetic: crops rendered per class before the split (default 60)")
-    sp.add_argument("--seed", type=int, default=0, help="which images each split takes (and the synthetic crops)")
-    sp.add_argument("--test-src", default=None,
-                    help="a separate test set of the same kind and classes (e.g. CIFAR's official test set); "
-                         "all of it is the test split (use with --test-per-class 0)")
-    for name, text in (("train", "train a classifier from a YAML config (works under torchrun)"),
-                       ("eval", "evaluate a checkpoint: raw, LogN, logit adjustment, tau-normalisation")):
-        c = csub.add_parser(name, help=text)
-        c.add_argument("config", help="classification YAML config (see configs/classify/)")
-        if name == "eval":
-            c.add_argument("checkpoint", help="checkpoint (.pth)")
-            c.add_argument("--output-dir", help="where metrics.json and the plot go (default: beside the checkpoint)")
-        else:
-            c.add_argument("--output-dir", help="run directory (overrides output_dir)")
-            c.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
-        c.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
-    dm = csub.add_parser("demo", help="CE vs Balanced Softmax vs CE + LogN vs cRT over seeds, with a table")
-    dm.add_argument("--out", default="runs/demo_classify", help="run directory (default runs/demo_classify)")
-    dm.add_argument("--data", default="digits", help="digits (default) or synthetic")
-    dm.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default 0 1 2)")
-    dm.add_argument("--epochs", type=int, default=None, help="epochs of each training (default: the demo's)")
-    dm.add_argument("--summary", default=None, help="also write the summary JSON here (e.g. docs/results/...)")
-    dm.add_argument("--figure", default=None, help="also write the per-class accuracy figure here (e.g. docs/img/...)")
-    cl.set_defaults(func=_cmd_classify)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="taildet",
@@ -328,6 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
     er.add_argument("--top-pairs", type=int, default=10,
                     help="confusion pairs to report, their cost computed exactly (default 10)")
     er.set_defaults(func=_cmd_errors)
+
+    et = sub.add_parser("errors-table", help="the error analysis of compared recipes over every replicate "
+                                             "(mean +- sd over seeds) as a table the docs can name")
+    et.add_argument("gt", help="ground-truth annotation JSON the compared runs were evaluated on")
+    et.add_argument("compare_dir", help="output folder of `taildet compare` (holds seed<s>/<recipe>/results_bbox.json)")
+    et.add_argument("--recipes", required=True, help="comma-separated recipe names, one table row each")
+    et.add_argument("--json", required=True, help="measured-tables file to write (e.g. docs/results/errors_x.json)")
+    et.set_defaults(func=_cmd_errors_table)
 
     sh = sub.add_parser("show", help="draw ground truth and detections on dataset images into a PNG grid")
     sh.add_argument("gt", help="ground-truth annotation JSON (LVIS v1 or COCO)")
@@ -443,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("files", nargs="*", help="Markdown files (default: README.md docs/RESULTS.md)")
     dc.add_argument("--check", action="store_true", help="write nothing; exit 1 when a table is stale")
     dc.set_defaults(func=_cmd_docs)
-    _add_classify_parser(sub)
+    add_classify_parser(sub, _cmd_classify)
     return p
 
 

@@ -25,14 +25,15 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from taildet.calibration.heads import classification_heads
 from taildet.calibration.logit_norm import LogitNormalizer, load_normalizers
-from taildet.calibration.statistics import (RUNNING_MOMENTUM, _find_class_names, _install, _new_normalizer,
+from taildet.calibration.install import apply_stage_transforms
+from taildet.calibration.statistics import (RUNNING_MOMENTUM, _find_class_names, _new_normalizer,
                                             _progress_bar, _record_only_logits, _sampled, _to_device, _unwrap,
                                             training_sampling_mode)
 from taildet.errors import ConfigError
@@ -206,33 +207,6 @@ def collect_stage_running_statistics(
             norm.sync()
     log.info("LogN running statistics of %d stage(s): %d batches (momentum %g)", len(norms), batches, momentum)
     return norms
-
-
-def apply_stage_transforms(model: nn.Module, transforms: Mapping[str, nn.Module | None] | None) -> nn.Module:
-    """Install ``transforms[stage]`` as the logit transform of each stage's head (checked against
-    that head as :func:`~taildet.calibration.apply_logit_normalization` does; None removes it);
-    ``transforms=None`` removes every stage's. Every stage must be given: a transform for some
-    stages only, or for a stage the model lacks, is a ConfigError naming them."""
-    model = _unwrap(model)
-    heads = classification_heads(model)
-    if transforms is None:
-        transforms = dict.fromkeys(heads)
-    if not isinstance(transforms, Mapping):
-        raise ConfigError(f"{type(model).__name__} has {len(heads)} classification stages ({', '.join(heads)}): "
-                          "give one logit transform per stage, {stage: transform}")
-    unknown = sorted(set(transforms) - set(heads))
-    missing = [k for k in heads if k not in transforms]
-    if unknown or missing:
-        raise ConfigError(f"logit transforms per stage: the model's stages are {', '.join(heads)}"
-                          + (f"; unknown: {', '.join(unknown)}" if unknown else "")
-                          + (f"; missing: {', '.join(missing)}" if missing else ""))
-    for k, head in heads.items():
-        t = transforms[k]
-        if t is None:
-            head.logit_transform = None
-        else:
-            _install(model, head, t)
-    return model
 
 
 def fit_stages(method: Any, model: nn.Module, **inputs: Any) -> dict[str, nn.Module | None]:

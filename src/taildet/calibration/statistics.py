@@ -56,11 +56,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from taildet.calibration.install import apply_logit_normalization, remove_logit_normalization
 from taildet.calibration.logit_norm import LogitNormalizer, load_normalizers
 from taildet.errors import ConfigError
 from taildet.calibration.heads import (Head, TorchvisionRoIHead, classification_head, classification_heads,
@@ -387,62 +388,6 @@ def collect_running_statistics(
 
 # ---------------------------------------------------------------------------------------------
 # applying
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-def remove_logit_normalization(model: nn.Module) -> nn.Module:
-    """Undo :func:`apply_logit_normalization` (any logit transform, every stage); returns the model."""
-    for head in classification_heads(model).values():
-        head.logit_transform = None
-    return _unwrap(model)
-
-
-def apply_logit_normalization(model: nn.Module,
-                              normalizer: nn.Module | Mapping[str, nn.Module | None] | None) -> nn.Module:
-    """Make ``model`` use ``normalizer`` on its class logits at inference; returns the model.
-
-    * taildet detectors: ``model.cls_head.logit_transform = normalizer``;
-    * plain torchvision Faster/Mask R-CNN: the normalizer becomes
-      ``model.roi_heads.box_predictor.logit_transform`` and a forward hook on the box predictor
-      transforms the class logits in eval mode, i.e. right before torchvision's
-      ``postprocess_detections`` (softmax, background column 0 dropped, NMS). Training is
-      unaffected. The existing state-dict keys are unchanged (the normalizer's are added).
-
-    The normalizer (any module with ``num_outputs`` and ``background_index``, e.g. a
-    :class:`LogitNormalizer` or a :class:`~taildet.calibration.LogitAdjuster`) is moved to the
-    model's device and checked against the head's class count and background column. ``None``
-    removes it. A cascade takes ``{stage name: transform}`` with every stage (see
-    :func:`taildet.calibration.stages.apply_stage_transforms`).
-    """
-    model = _unwrap(model)
-    if isinstance(normalizer, Mapping) or len(classification_heads(model)) > 1:  # a cascade: one per stage
-        from taildet.calibration.stages import apply_stage_transforms
-
-        return apply_stage_transforms(model, normalizer)
-    head = classification_head(model)
-    if normalizer is None:
-        return remove_logit_normalization(model)
-    return _install(model, head, normalizer)
-
-
-def _install(model: nn.Module, head: Head, normalizer: nn.Module) -> nn.Module:
-    """Check ``normalizer`` against ``head`` (columns, background) and make it its transform."""
-    k_norm, bg_norm = normalizer.num_outputs, normalizer.background_index
-    k, bg = head.num_outputs, head.background_index
-    if int(k_norm) != k:
-        raise ConfigError(f"the logit transform expects {k_norm} logit columns, the model's classifier has {k}")
-    if bg_norm != bg:
-        raise ConfigError(
-            f"the logit transform's background column is {bg_norm}, the model's is {bg} "
-            "(torchvision detectors: background_index=0; taildet softmax heads: last; sigmoid heads: none)"
-        )
-    normalizer.to(_model_device(model))
-    head.logit_transform = normalizer
-    return model
 
 
 def calibrate_torchvision_model(
