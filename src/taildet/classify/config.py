@@ -35,7 +35,9 @@ from taildet.fileio import atomic_write_text
 __all__ = ["ClassifyConfig", "load_classify_config", "classify_config_from_dict", "POSTHOC_METHODS"]
 
 #: Post-hoc methods ``eval.posthoc`` may list (besides the raw logits, always reported).
-POSTHOC_METHODS = ("logn", "logit_adjust", "tau_norm")
+POSTHOC_METHODS = ("logn", "logit_adjust", "tau_norm", "logn_balanced", "logn_val")
+#: The default ``eval.posthoc`` (the LogN statistics variants of :mod:`taildet.classify.logn_stats` are opt-in).
+DEFAULT_POSTHOC = ("logn", "logit_adjust", "tau_norm")
 
 
 def v_loss_name(v):
@@ -73,7 +75,9 @@ class CEvalConfig:
     """``eval:``"""
 
     split: str = _f("test", v_enum("test", "val"), "split evaluated")
-    posthoc: list = _f(list(POSTHOC_METHODS), v_list(v_enum(*POSTHOC_METHODS)), "post-hoc methods reported")
+    posthoc: list = _f(list(DEFAULT_POSTHOC), v_list(v_enum(*POSTHOC_METHODS)),
+                        "post-hoc methods reported (logn_balanced, logn_val: LogN with class-balanced training "
+                        "statistics / with the val split's statistics)")
     la_tau: float = _f(1.0, v_pos_num, "logit adjustment's tau")
     tau_grid: list = _f([round(0.1 * i, 1) for i in range(21)], v_list(v_nonneg_num, min_len=1),
                         "tau-normalisation: candidates, the best mean per-class accuracy on the val split wins")

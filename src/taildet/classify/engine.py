@@ -24,6 +24,7 @@ import torch
 
 from taildet.classify.config import ClassifyConfig
 from taildet.classify.data import ClassificationDataset, load_split
+from taildet.classify.logn_stats import check_posthoc_splits
 from taildet.classify.models import Classifier, build_classifier
 from taildet.classify.posthoc import evaluate_model
 from taildet.classify.splits import read_manifest
@@ -79,7 +80,8 @@ def train_classifier(cfg: ClassifyConfig, resume: bool = False, progress: bool =
     device = resolve_device(cfg.train.device)
     inputs = {"data.manifest": cfg.data.manifest, "model.init_from": cfg.model.init_from}
     run_dir = check_run_dir(cfg, resume, inputs)
-    _, train_set = load_data(cfg)
+    manifest, train_set = load_data(cfg)
+    check_posthoc_splits(cfg.eval.posthoc, manifest, cfg.data.manifest)  # before training, not after
     seed_all(cfg.train.seed)
     model = build_for_config(cfg, train_set)
     if cfg.model.stage == "crt":

@@ -9,8 +9,11 @@ Methods (each a function of the trained model's features / logits; nothing is re
     (:class:`taildet.calibration.LogitAdjuster`, ``background=False``; ``eval.la_tau``).
 ``logn``
     LogN without background (:class:`taildet.calibration.LogitNormalizer`, ``background=False``):
-    per-class mean and variance of the logits over the training split (no augmentation), then
-    ``(z_c - mu_c) / sqrt(var_c + eps)``.
+    the mean and variance of each logit column over the images of the training split (eval mode,
+    no augmentation), then ``(z_c - mu_c) / sqrt(var_c + eps)``.
+``logn_balanced`` / ``logn_val`` (opt-in)
+    the same transform with the columns' moments taken with every training class weighted equally /
+    over the ``val`` split (:mod:`taildet.classify.logn_stats`, which says why).
 ``tau_norm``
     Kang et al. 2020: ``w_c / ||w_c||^tau`` (bias dropped). ``tau`` is chosen from ``eval.tau_grid``
     by the mean per-class accuracy on the manifest's balanced ``val`` split (the test split is
@@ -33,6 +36,7 @@ from torch import Tensor
 from taildet.calibration.logit_adjust import LogitAdjuster
 from taildet.calibration.logit_norm import LogitNormalizer
 from taildet.classify.data import ClassificationDataset, load_split
+from taildet.classify.logn_stats import LOGN_VARIANTS, check_posthoc_splits, logn_variant
 from taildet.classify.report import plot_per_class
 from taildet.evaluation.classification import long_tail_accuracy
 from taildet.fileio import atomic_write_text
@@ -98,6 +102,7 @@ def evaluate_model(cfg, model, manifest: dict, train_set: ClassificationDataset,
     """Raw and post-hoc metrics of ``model`` on ``cfg.eval.split``; writes ``metrics.json`` and
     ``per_class_accuracy.png`` to ``out_dir``. Returns the ``metrics.json`` content."""
     ecfg = cfg.eval
+    check_posthoc_splits(ecfg.posthoc, manifest, cfg.data.manifest)
     counts = train_set.counts
     test = load_split(manifest, ecfg.split)
     bs = ecfg.batch_size
@@ -110,9 +115,17 @@ def evaluate_model(cfg, model, manifest: dict, train_set: ClassificationDataset,
     if "logit_adjust" in ecfg.posthoc:
         methods["logit_adjust"] = method_metrics(logit_adjust(z_test, counts, ecfg.la_tau), y_test, counts)
         extra["la_tau"] = ecfg.la_tau
-    if "logn" in ecfg.posthoc:
-        z_train = extract_features(model, train_set, device, bs) @ w.t() + b
-        methods["logn"] = method_metrics(logn(z_test, z_train), y_test, counts)
+    logn_runs = [m for m in LOGN_VARIANTS if m in ecfg.posthoc]
+    if logn_runs:  # LogN: statistics of the training split (or of val: logn_val), taildet.classify.logn_stats
+        z_stats = {}
+        extra["logn_statistics"] = {}
+        for name in logn_runs:
+            split = LOGN_VARIANTS[name][0]
+            if split not in z_stats:
+                ds = train_set if split == "train" else load_split(manifest, split)
+                z_stats[split] = (extract_features(model, ds, device, bs) @ w.t() + b, ds.labels)
+            z, extra["logn_statistics"][name] = logn_variant(name, z_test, *z_stats[split])
+            methods[name] = method_metrics(z, y_test, counts)
     if "tau_norm" in ecfg.posthoc:
         if manifest["splits"].get("val"):
             val = load_split(manifest, "val")
