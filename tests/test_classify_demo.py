@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 def _metrics(raw_few, other=None):
     def m(few):
         return {"top1": few, "many": 90.0, "medium": 50.0, "few": few, "mean_class_acc": few, "per_class": [90.0, few]}
-    methods = {"raw": m(raw_few), "logn": m(other or raw_few), "logit_adjust": m(raw_few), "tau_norm": m(raw_few)}
+    methods = {"raw": m(raw_few), "logn": m(other or raw_few), "logit_adjust": m(raw_few), "tau_norm": m(raw_few),
+               "logn_balanced": m(raw_few), "logn_val": m(raw_few)}
     return {"methods": methods}
 
 

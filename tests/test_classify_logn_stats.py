@@ -105,3 +105,21 @@ def test_logn_val_without_a_val_split_fails_before_training(manifests, tmp_path)
     assert not out.exists()
     cfg = _cfg(manifests[1], out, ["logn_balanced"])  # needs only the training split
     assert cfg.eval.posthoc == ["logn_balanced"]
+
+
+def test_demo_reevaluates_a_finished_run_whose_config_differs_only_in_eval(manifests, tmp_path, monkeypatch):
+    from taildet.classify import demo
+
+    done = train_classifier(_cfg(manifests[0], tmp_path / "run", ["logn"]), progress=False)
+    weights = (tmp_path / "run" / "model_final.pth").read_bytes()
+    monkeypatch.setattr(demo, "train_classifier", lambda *a, **k: pytest.fail("retrained"))
+    again = demo._run(_cfg(manifests[0], tmp_path / "run", ["logn", "logn_val"]), progress=False)
+    assert set(again["metrics"]["methods"]) == {"raw", "logn", "logn_val"}
+    for key in ("top1", "few", "per_class"):  # the same weights: the same LogN result
+        assert again["metrics"]["methods"]["logn"][key] == done["metrics"]["methods"]["logn"][key]
+    assert (tmp_path / "run" / "model_final.pth").read_bytes() == weights
+    assert "logn_val" in (tmp_path / "run" / "config.yaml").read_text()
+    # now the same config: the metrics are read back, nothing is evaluated
+    monkeypatch.setattr(demo, "evaluate_classifier", lambda *a, **k: pytest.fail("evaluated"))
+    reread = demo._run(_cfg(manifests[0], tmp_path / "run", ["logn", "logn_val"]), progress=False)["metrics"]
+    assert reread["methods"]["logn_val"]["per_class"] == again["metrics"]["methods"]["logn_val"]["per_class"]

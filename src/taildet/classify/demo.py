@@ -47,6 +47,8 @@ DEMO_METHODS = {
     "CE": ("ce", "raw"),
     "Balanced Softmax": ("balanced_softmax", "raw"),
     "CE + LogN": ("ce", "logn"),
+    "CE + LogN (class-balanced statistics)": ("ce", "logn_balanced"),
+    "CE + LogN (val statistics)": ("ce", "logn_val"),
     "cRT": ("crt", "raw"),
     "CE + logit adjustment": ("ce", "logit_adjust"),
     "CE + tau-norm": ("ce", "tau_norm"),
@@ -62,7 +64,8 @@ def _config(manifest: str, out: str, seed: int, loss: str, epochs: int, crt_from
            "train": {"epochs": RECIPE["crt_epochs"] if crt else epochs, "lr": RECIPE["crt_lr"] if crt else RECIPE["lr"],
                      "warmup_iters": 20, "schedule": "cosine", "weight_decay": 5e-4, "seed": seed, "device": "cpu",
                      "log_period": 10},
-           "eval": {"posthoc": [] if crt or loss != "softmax_ce" else ["logn", "logit_adjust", "tau_norm"]},
+           "eval": {"posthoc": [] if crt or loss != "softmax_ce" else ["logn", "logit_adjust", "tau_norm", "logn_balanced",
+                                                                         "logn_val"]},
            "output_dir": out}
     return classify_config_from_dict(raw)
 
@@ -70,19 +73,29 @@ def _config(manifest: str, out: str, seed: int, loss: str, epochs: int, crt_from
 def _run(cfg, progress: bool) -> dict:
     """Train and evaluate ``cfg``, reusing its run directory when that holds a run of the same
     config: its metrics (finished), its final checkpoint (evaluated again) or its last checkpoint
-    (resumed). A run of another config there is set aside (:func:`prepare_run_dir`) and redone."""
+    (resumed). A finished run whose config differs only in ``eval`` is evaluated again with the new
+    ``eval`` (its ``config.yaml`` then records it). A run of another config there is set aside
+    (:func:`prepare_run_dir`) and redone."""
     final = os.path.join(cfg.output_dir, "model_final.pth")
     metrics = os.path.join(cfg.output_dir, "metrics.json")
     saved = os.path.join(cfg.output_dir, "config.yaml")
-    same = False
+    same = same_training = False
     if os.path.isfile(saved):
         with open(saved, encoding="utf-8") as fh:
-            same = yaml.safe_load(fh) == yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            old = yaml.safe_load(fh)
+        new = yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        same = old == new
+        same_training = isinstance(old, dict) and {k: v for k, v in old.items() if k != "eval"} == \
+            {k: v for k, v in new.items() if k != "eval"}
     if same and os.path.isfile(final):
         if os.path.isfile(metrics):
             with open(metrics, encoding="utf-8") as mf:
                 return {"checkpoint": final, "metrics": json.load(mf)}
         return {"checkpoint": final, "metrics": evaluate_classifier(cfg, final)}
+    if same_training and os.path.isfile(final):
+        out = {"checkpoint": final, "metrics": evaluate_classifier(cfg, final)}
+        cfg.save(saved)
+        return out
     return train_classifier(cfg, resume=same, progress=progress)
 
 
