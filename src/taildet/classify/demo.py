@@ -4,7 +4,9 @@
 Data: scikit-learn's digits (default; 8 x 8 px, 10 classes) or the generator's object crops
 (``synthetic``: 48 classes, 32 px), split at imbalance 100 (:func:`taildet.classify.splits.make_split`,
 split seed 0, 40 test and 20 val images per class). Per training seed: ResNet-32 with CE (stage 1;
-its raw logits, LogN, logit adjustment and tau-normalisation are evaluated from the one run), ResNet-32
+its raw logits, LogN -- statistics of the training split as sampled, class-balanced, and of the val split
+(:mod:`taildet.classify.logn_stats`) --, logit adjustment and tau-normalisation are evaluated from the
+one run), ResNet-32
 with Balanced Softmax, and cRT (the CE run's features frozen, the classifier retrained with
 class-balanced sampling). The recipe is fixed (:data:`RECIPE`), not tuned per method.
 
