@@ -74,17 +74,16 @@ from typing import Any, Mapping
 import numpy as np
 
 from taildet.errors import ConfigError
+from taildet.evaluation.error_ap import per_class_ap50
+from taildet.evaluation.error_types import BG_IOU, FG_IOU, classify, pair_keys
 from taildet.evaluation.eval_backend import _FREQS
-from taildet.evaluation.federated import PairIndex, _detections, evaluate_federated
+from taildet.evaluation.federated import PairIndex, _detections
 from taildet.evaluation.lvis_eval import AP_FIXED_DETS_PER_CLASS, LVIS_MAX_DETS, _check_rle_size_columns
 from taildet.evaluation.lvis_gt import _prepare_gt, load_gt
 from taildet.evaluation.result_columns import ResultColumns, read_result_columns
 
 __all__ = ["BG_IOU", "ERROR_TYPES", "FG_IOU", "error_breakdown"]
 
-#: TIDE's foreground and background IoU thresholds.
-FG_IOU = 0.5
-BG_IOU = 0.1
 #: The error types, in the order of the tables.
 ERROR_TYPES = ("Cls", "Loc", "Both", "Dupe", "Bkg", "Missed")
 _FIXED_BY_REMOVAL = ("Both", "Dupe", "Bkg")
@@ -140,10 +139,6 @@ class _Analysis:
         self.cats = {c["id"]: c for c in gt_prep["categories"]}
         self.group = {cid: c["frequency"] for cid, c in self.cats.items()}
         self.gt_cat = np.array([x["category_id"] for x in self.anns], dtype=np.int64)
-        n = len(dets["score"])
-        self.kind = np.full(n, "", dtype=object)
-        self.target = np.full(n, -1, dtype=np.int64)
-        self.gt_used = np.zeros(len(self.anns), bool)
         self.gt_geom = self._gt_geometry()
         self._classify()
         self._fixers()
@@ -157,63 +152,36 @@ class _Analysis:
         coco = COCO(self.gt, print_function=lambda *a, **k: None)
         return [coco.annToRLE(x) for x in self.anns]
 
-    def _det_geom(self, i: int):
-        return self.dets["segmentation"][i] if self.iou_type == "segm" else self.dets["bbox"][i].tolist()
-
     def _classify(self) -> None:
         from faster_coco_eval.core import mask as mask_utils  # optional: faster_coco_eval, imported on use
 
-        img, cat, score = self.dets["image_id"], self.dets["category_id"], self.dets["score"]
+        d = self.dets
+        if self.iou_type == "bbox":
+            gt_box = np.array([x["bbox"] for x in self.anns], dtype=np.float64).reshape(-1, 4)
+
+            def ious_of(di, gi):
+                return mask_utils.iou(d["bbox"][di], gt_box[gi], [0] * len(gi))
+        else:
+            def ious_of(di, gi):
+                return mask_utils.iou([d["segmentation"][i] for i in di.tolist()],
+                                      [self.gt_geom[j] for j in gi.tolist()], [0] * len(gi))
         gt_img = np.array([x["image_id"] for x in self.anns], dtype=np.int64)
-        gts_of = defaultdict(list)
-        for j, im in enumerate(gt_img.tolist()):
-            gts_of[im].append(j)
-        not_exhaustive = {im["id"]: set(im["not_exhaustive_category_ids"]) for im in self.gt["images"]}
-        dets_of = defaultdict(list)
-        for i, im in enumerate(img.tolist()):
-            dets_of[im].append(i)
-        for im, didx in dets_of.items():
-            didx = np.array(didx, dtype=np.int64)
-            didx = didx[np.argsort(-score[didx], kind="stable")]
-            gidx = np.array(gts_of.get(im, []), dtype=np.int64)
-            if len(gidx):
-                ious = np.asarray(mask_utils.iou([self._det_geom(i) for i in didx.tolist()],
-                                                 [self.gt_geom[j] for j in gidx.tolist()], [0] * len(gidx)),
-                                  dtype=np.float64).reshape(len(didx), len(gidx))
-            else:
-                ious = np.zeros((len(didx), 0))
-            same = cat[didx][:, None] == self.gt_cat[gidx][None, :]
-            used = np.zeros(len(gidx), bool)
-            for r, i in enumerate(didx.tolist()):  # the evaluator's matching at IoU t_f
-                cand = np.where(same[r] & ~used & (ious[r] >= FG_IOU), ious[r], -1.0)
-                if len(cand) and cand.max() >= FG_IOU:
-                    j = int(np.argmax(cand))
-                    used[j] = True
-                    self.kind[i], self.target[i] = "TP", gidx[j]
-            self.gt_used[gidx] = used
-            for r, i in enumerate(didx.tolist()):
-                if self.kind[i] == "TP":
-                    continue
-                if int(cat[i]) in not_exhaustive.get(im, ()):
-                    self.kind[i] = "ignored"
-                    continue
-                self.kind[i], t = _error_type(ious[r], same[r], used)
-                self.target[i] = gidx[t] if t >= 0 else -1
+        ne = [(im["id"], c) for im in self.gt["images"] for c in im["not_exhaustive_category_ids"]]
+        ne_img, ne_cat = (np.array(x, dtype=np.int64) for x in zip(*ne)) if ne else (np.zeros(0, np.int64),) * 2
+        self.kind, self.target, self.gt_used = classify(d["image_id"], d["category_id"], d["score"], gt_img,
+                                                        self.gt_cat, ious_of, pair_keys(ne_img, ne_cat))
 
     def _fixers(self) -> None:
         """TIDE's one fix per GT: of the Cls / Loc errors pointing at an unmatched GT, the
         highest-scoring one (the first on ties) is fixed; ``usable`` GT are not Missed."""
         self.fixer = np.zeros(len(self.kind), bool)
-        best: dict[int, int] = {}
-        for i in np.flatnonzero(np.isin(self.kind, ("Cls", "Loc"))).tolist():
-            j = int(self.target[i])
-            if self.gt_used[j]:
-                continue
-            if j not in best or self.dets["score"][i] > self.dets["score"][best[j]]:
-                best[j] = i
-        self.fixer[list(best.values())] = True
+        cand = np.flatnonzero(np.isin(self.kind, ("Cls", "Loc")))
+        cand = cand[~self.gt_used[self.target[cand]]]
+        cand = cand[np.lexsort((cand, -self.dets["score"][cand], self.target[cand]))]
+        first = np.r_[True, self.target[cand][1:] != self.target[cand][:-1]] if len(cand) else np.zeros(0, bool)
+        self.fixer[cand[first]] = True
         self.missed = ~self.gt_used
-        self.missed[list(best)] = False
+        self.missed[self.target[cand]] = False
 
     # ------------------------------------------------------------------ oracle
     def _columns(self, keep: np.ndarray, cat: np.ndarray | None = None, relocate: np.ndarray | None = None):
@@ -234,27 +202,40 @@ class _Analysis:
                              bbox=bbox[idx], has_bbox=np.ones(len(idx), bool),
                              segm=[segm[i] for i in idx.tolist()] if segm is not None else None)
 
-    def _ap50(self, cols: ResultColumns, gt: Mapping | None = None, pairs: PairIndex | None = None) -> dict:
+    def _ap50(self, cols: ResultColumns, gt: Mapping | None = None, pairs: PairIndex | None = None,
+              classes=None) -> dict:
+        """Per-class AP50 of ``classes`` (default: all) on ``cols`` and ``gt``."""
         gt = self.gt if gt is None else gt
-        s, _ = evaluate_federated(gt, cols, pairs if pairs is not None else self.pairs, self.iou_type, False,
-                                  LVIS_MAX_DETS, AP_FIXED_DETS_PER_CLASS)
-        return s["per_class_AP50"]
+        return per_class_ap50(gt, cols, pairs if pairs is not None else self.pairs, self.iou_type, classes)
 
-    def fixed_ap50(self, error: str) -> dict:
-        """Per-class AP50 with only ``error`` fixed."""
+    def _changed_ap50(self, keep: np.ndarray, classes, cat: np.ndarray | None = None,
+                      relocate: np.ndarray | None = None, gt: Mapping | None = None) -> dict:
+        """Per-class AP50 of ``classes`` only, on the detections ``keep`` of those classes (the
+        others do not change a class's AP) as :meth:`_columns` gives them."""
+        classes = np.unique(np.asarray(classes, dtype=np.int64))
+        keep = keep & np.isin(self.dets["category_id"] if cat is None else cat, classes)
+        return self._ap50(self._columns(keep, cat, relocate), gt, PairIndex(gt) if gt is not None else None, classes)
+
+    def fixed_ap50(self, error: str, base: Mapping) -> dict:
+        """Per-class AP50 with only ``error`` fixed: only the classes whose detections or GT the fix
+        changes are evaluated again, the others keep their ``base`` AP50 (federated classes are
+        independent)."""
         n = len(self.kind)
         is_e = self.kind == error
+        det_cat = self.dets["category_id"]
         if error == "Missed":
             gt = _without(self.gt, self.missed)
-            return self._ap50(self._columns(np.ones(n, bool)), gt, PairIndex(gt))
-        if error in _FIXED_BY_REMOVAL:
-            return self._ap50(self._columns(~is_e))
-        keep = ~is_e | self.fixer
-        fix = is_e & self.fixer
-        cat = self.dets["category_id"].copy()
-        if error == "Cls":
-            cat[fix] = self.gt_cat[self.target[fix]]
-        return self._ap50(self._columns(keep, cat, fix))
+            changed = self._changed_ap50(np.ones(n, bool), self.gt_cat[self.missed], gt=gt)
+        elif error in _FIXED_BY_REMOVAL:
+            changed = self._changed_ap50(~is_e, det_cat[is_e])
+        else:
+            keep = ~is_e | self.fixer
+            fix = is_e & self.fixer
+            cat = det_cat.copy()
+            if error == "Cls":
+                cat[fix] = self.gt_cat[self.target[fix]]
+            changed = self._changed_ap50(keep, np.concatenate([det_cat[is_e], cat[fix]]), cat, fix)
+        return {**base, **changed}
 
     # ------------------------------------------------------------------ report
     def _means(self, ap: Mapping, classes: list[int]) -> dict:
@@ -274,7 +255,7 @@ class _Analysis:
         pred_group = np.array([self.group[int(c)] for c in self.dets["category_id"].tolist()], dtype=object)
         gt_group = np.array([self.group[int(c)] for c in self.gt_cat.tolist()], dtype=object)
         for e in ERROR_TYPES:
-            fixed = self._means(self.fixed_ap50(e), classes)
+            fixed = self._means(self.fixed_ap50(e, base), classes)
             dap[e] = {g: fixed[g] - ap[g] for g in _GROUPS}
             where, grp = (self.missed, gt_group) if e == "Missed" else (self.kind == e, pred_group)
             counts[e] = {g: int((where & ((grp == g) if g != "all" else True)).sum()) for g in _GROUPS}
@@ -326,10 +307,10 @@ class _Analysis:
             r.append(key)
         out = []
         for r in rounds:  # classes are independent: only the round's predicted classes are evaluated
-            drop = ~np.isin(self.dets["category_id"], [p for p, _ in r])
+            drop = np.zeros(len(self.kind), bool)
             for p, t in r:
                 drop[conf[(pred == p) & (true == t)]] = True
-            after = self._ap50(self._columns(~drop))
+            after = self._changed_ap50(~drop, [p for p, _ in r])
             for p, t in r:
                 gain = float(after[p] - base[p]) if not np.isnan(base[p]) else 0.0
                 out.append({"predicted": p, "true": t, "predicted_name": self.cats[p].get("name", str(p)),
