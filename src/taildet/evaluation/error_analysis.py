@@ -252,8 +252,7 @@ class _Analysis:
         classes = sorted(c for c, v in base.items() if not np.isnan(v))
         ap = self._means(base, classes)
         dap, counts = {}, {}
-        pred_group = np.array([self.group[int(c)] for c in self.dets["category_id"].tolist()], dtype=object)
-        gt_group = np.array([self.group[int(c)] for c in self.gt_cat.tolist()], dtype=object)
+        pred_group, gt_group = self._groups_of(self.dets["category_id"]), self._groups_of(self.gt_cat)
         for e in ERROR_TYPES:
             fixed = self._means(self.fixed_ap50(e, base), classes)
             dap[e] = {g: fixed[g] - ap[g] for g in _GROUPS}
@@ -273,23 +272,25 @@ class _Analysis:
         fp = np.isin(self.kind, ("Cls", "Loc", "Both", "Dupe", "Bkg"))
         conf = np.isin(self.kind, _CONFUSIONS)
         cat = self.dets["category_id"]
-        per_class = []
-        for cid in sorted(set(cat[fp].tolist())):
-            mine = cat == cid
-            per_class.append({"id": cid, "name": self.cats[cid].get("name", str(cid)), "group": self.group[cid],
-                              **self._shares(mine & fp, mine & conf)})
-        by_group = {}
-        for g in _FREQS:
-            grp = np.array([self.group[int(c)] == g for c in cat.tolist()], dtype=bool)
-            by_group[g] = self._shares(grp & fp, grp & conf)
+        pred_group = self._groups_of(cat)
+        true_group = np.full(len(cat), "", dtype=object)
+        true_group[conf] = self._groups_of(self.gt_cat[self.target[conf]])
+        ids, totals = np.unique(cat[fp], return_counts=True)
+        with_ = {g: dict(zip(*(x.tolist() for x in np.unique(cat[conf & (true_group == g)], return_counts=True))))
+                 for g in _FREQS}
+        per_class = [{"id": cid, "name": self.cats[cid].get("name", str(cid)), "group": self.group[cid],
+                      **_shares(total, {g: with_[g].get(cid, 0) for g in _FREQS})}
+                     for cid, total in zip(ids.tolist(), totals.tolist())]
+        by_group = {g: _shares(int((fp & (pred_group == g)).sum()),
+                               {t: int((conf & (pred_group == g) & (true_group == t)).sum()) for t in _FREQS})
+                    for g in _FREQS}
         return {"by_group": by_group, "per_class": per_class}
 
-    def _shares(self, fp: np.ndarray, conf: np.ndarray) -> dict:
-        total = int(fp.sum())
-        tgroups = [self.group[int(self.gt_cat[j])] for j in self.target[conf].tolist()]
-        with_ = {g: tgroups.count(g) for g in _FREQS}
-        return {"false_positives": total, "with": with_,
-                "share": {g: (with_[g] / total if total else float("nan")) for g in _FREQS}}
+    def _groups_of(self, cat_ids: np.ndarray) -> np.ndarray:
+        """The frequency group (object array of 'r' / 'c' / 'f') of each category id."""
+        ids = np.array(sorted(self.group), dtype=np.int64)
+        groups = np.array([self.group[int(c)] for c in ids.tolist()], dtype=object)
+        return groups[np.searchsorted(ids, cat_ids)] if len(ids) else np.zeros(0, dtype=object)
 
     def _pairs(self, base: Mapping, num_classes: int, top_pairs: int) -> list[dict]:
         conf = np.flatnonzero(np.isin(self.kind, _CONFUSIONS))
@@ -319,6 +320,12 @@ class _Analysis:
                             "cost": gain / num_classes if num_classes else 0.0})
         out.sort(key=lambda x: (-x["cost"], -x["count"], x["predicted"], x["true"]))
         return out[:top_pairs]
+
+
+def _shares(total: int, with_: Mapping[str, int]) -> dict:
+    """False positives, confusions with each group and their shares (NaN without false positives)."""
+    return {"false_positives": total, "with": dict(with_),
+            "share": {g: (with_[g] / total if total else float("nan")) for g in _FREQS}}
 
 
 def _error_type(iou: np.ndarray, same: np.ndarray, used: np.ndarray) -> tuple[str, int]:

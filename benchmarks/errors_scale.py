@@ -1,0 +1,78 @@
+"""Time and peak memory of the error analysis (``taildet errors``) at fractions of LVIS v1 val.
+
+Runs ``lvis_scale.py``'s ``errors`` step (and its ``eval_bbox`` step, one evaluation, for
+scale) on the LVIS-shaped files ``lvis_scale_data.py`` writes at each ``--fractions`` (val
+19,809 images x fraction, 300 detections per image), each in its own process, and extrapolates
+time and peak RSS to fraction 1 with a least-squares line through the measured fractions (both
+grow linearly with the number of images: every step is per image or per class). Usage::
+
+    python benchmarks/errors_scale.py --fractions 0.01 0.02 0.05 0.1 --json ../docs/results/bench_errors_scale.json
+
+The full-size run is ``lvis_scale.py --steps errors`` (about 3 GB of generated JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import lvis_scale  # noqa: E402  (the LVIS-size benchmark beside this file)
+
+GB = lvis_scale.GB
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.02, 0.05, 0.1],
+                   help="of LVIS v1's numbers of images and annotations (at least two, each in (0, 1])")
+    p.add_argument("--segm", action="store_true",
+                   help="use (or generate) the files with RLE results too (shares lvis_scale.py --segm's folders)")
+    p.add_argument("--data", default=str(Path(tempfile.gettempdir()) / "taildet_lvis_scale"),
+                   help="folder of the generated files (lvis_scale.py's)")
+    p.add_argument("--json", metavar="PATH", default=None, help="write the table as a measured-tables summary")
+    args = p.parse_args(argv)
+    if len(args.fractions) < 2 or not all(0 < f <= 1 for f in args.fractions):
+        p.error(f"--fractions needs at least two values in (0, 1], got {args.fractions}")
+    py = sys.executable
+    rows = []
+    for f in sorted(args.fractions):
+        data, paths = lvis_scale.prepare(args.data, f, 50, 300, args.segm)
+        cmds = lvis_scale.commands(paths, py, [py, "-m", "taildet"])
+        r = {s: lvis_scale.run_step(cmds[s], data / f"{s}.log") for s in ("eval_bbox", "errors")}
+        for s, x in r.items():
+            if x["rc"] != 0:
+                print(f"{s} at fraction {f:g} FAILED (exit {x['rc']}); see {x['log']}")
+                return 1
+        found = re.search(r"(\d+) detections analysed", r["errors"]["stdout"])
+        analysed = int(found.group(1)) if found else None
+        rows.append([f"{f:g}", round(19_809 * f), analysed, round(r["eval_bbox"]["wall_s"], 1),
+                     round(r["errors"]["wall_s"], 1), round(r["errors"]["peak_rss"] / GB, 2)])
+        print(f"fraction {f:g}: eval_bbox {r['eval_bbox']['wall_s']:.1f} s; errors {r['errors']['wall_s']:.1f} s, "
+              f"peak RSS {r['errors']['peak_rss'] / GB:.2f} GB", flush=True)
+    x = np.array([float(r[0]) for r in rows])
+    fit = [float(np.polyval(np.polyfit(x, np.array([r[k] for r in rows], dtype=float), 1), 1.0)) for k in (3, 4, 5)]
+    rows.append(["1 (extrapolated)", 19_809, None, round(fit[0], 1), round(fit[1], 1), round(fit[2], 2)])
+    print(f"extrapolated to fraction 1: eval_bbox {fit[0]:.0f} s; errors {fit[1]:.0f} s, peak RSS {fit[2]:.2f} GB")
+    if args.json:
+        sys.path.insert(0, str(HERE.parent / "src"))
+        from taildet.results_docs import write_table_summary  # the docs' table format
+
+        command = "python benchmarks/errors_scale.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+        table = {"columns": ["fraction", "val images", "detections analysed", "eval_bbox s", "errors s",
+                             "errors peak RSS GB"],
+                 "formats": ["s", "d", "d", ".1f", ".1f", ".2f"], "rows": rows}
+        print("wrote", write_table_summary(args.json, "Error analysis at fractions of LVIS v1 val",
+                                           {"errors": table}, command))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
