@@ -56,6 +56,11 @@ Every AP is the evaluator's (:func:`taildet.evaluation.federated.evaluate_federa
 TIDE's analysis uses one IoU threshold, the one that defines the error types. Groups (r/c/f) are
 the GT categories' ``frequency``.
 
+At LVIS size: the types are assigned vectorised (:mod:`taildet.evaluation.error_types`), and each
+oracle fix evaluates again, at IoU 0.5 only, just the classes whose detections or GT it changes
+(:func:`taildet.evaluation.error_ap.per_class_ap50`, the evaluator's runs); every other class keeps
+its AP50 before the fix, which is exact because federated classes are independent.
+
 Long-tail part: per class, the share of its false positives that are confusions (``Cls`` or
 ``Both``) with a frequent / common / rare class, and the confusion pairs that cost most. The cost
 of a pair (predicted p, true t) is the AP50 that class p gains when only p's ``Cls`` / ``Both``
