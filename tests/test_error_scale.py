@@ -1,5 +1,6 @@
 """The error analysis at scale (taildet.evaluation.error_types, error_ap): the vectorised TIDE typing
-equals a plain per-detection loop (the rules as first written, kept here as the reference), and the
+equals a plain per-detection loop (the analysis as first written, kept here as the reference, with
+error_analysis._error_type, the one-detection rule tested by hand in test_error_analysis.py), and the
 AP50-only evaluation of chosen classes equals the evaluator's per-class AP50."""
 
 from __future__ import annotations
@@ -9,32 +10,12 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
+from taildet.evaluation.error_analysis import _error_type
 from taildet.evaluation.error_ap import per_class_ap50
 from taildet.evaluation.error_types import FG_IOU, classify, first_max, pair_keys
 from taildet.evaluation.federated import PairIndex, _detections, evaluate_federated
 from taildet.evaluation.lvis_gt import _prepare_gt
 from taildet.evaluation.result_columns import read_result_columns
-
-
-def _error_type_ref(iou, same, used):
-    """TIDE's type of one unmatched detection (the reference rule, one detection at a time)."""
-    if not len(iou):
-        return "Bkg", -1
-    own = np.where(same, iou, -1.0)
-    j = int(np.argmax(own))
-    if 0.1 <= own[j] < 0.5:
-        return "Loc", j
-    other = np.where(~same, iou, -1.0)
-    k = int(np.argmax(other))
-    if other[k] >= 0.5:
-        return "Cls", k
-    dup = np.where(same & used, iou, -1.0)
-    d = int(np.argmax(dup))
-    if dup[d] >= 0.5:
-        return "Dupe", d
-    if iou.max() < 0.1:
-        return "Bkg", -1
-    return "Both", k
 
 
 def _classify_ref(img, cat, score, gt_img, gt_cat, iou_fn, not_exhaustive):
@@ -66,7 +47,7 @@ def _classify_ref(img, cat, score, gt_img, gt_cat, iou_fn, not_exhaustive):
             if (im, int(cat[i])) in not_exhaustive:
                 kind[i] = "ignored"
                 continue
-            kind[i], t = _error_type_ref(ious[r], same[r], used)
+            kind[i], t = _error_type(ious[r], same[r], used)
             target[i] = gidx[t] if t >= 0 else -1
     return kind, target, gt_used
 

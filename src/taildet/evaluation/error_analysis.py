@@ -151,7 +151,7 @@ class _Analysis:
     # ------------------------------------------------------------------ types
     def _gt_geometry(self) -> list:
         if self.iou_type == "bbox":
-            return [list(map(float, x["bbox"])) for x in self.anns]
+            return []  # boxes are read from the annotations where needed
         from faster_coco_eval import COCO  # optional: faster_coco_eval, imported on use
 
         coco = COCO(self.gt, print_function=lambda *a, **k: None)
@@ -335,7 +335,9 @@ def _shares(total: int, with_: Mapping[str, int]) -> dict:
 
 def _error_type(iou: np.ndarray, same: np.ndarray, used: np.ndarray) -> tuple[str, int]:
     """TIDE's type of one unmatched detection from its IoUs with the image's GT (``same``: GT of
-    its class; ``used``: matched GT) and the GT index it points at (-1 for none)."""
+    its class; ``used``: matched GT) and the GT index it points at (-1 for none). The rule one
+    detection at a time: :func:`~taildet.evaluation.error_types.classify` applies it to all at
+    once (tested equal to a loop over this)."""
     if not len(iou):
         return "Bkg", -1
     own = np.where(same, iou, -1.0)
