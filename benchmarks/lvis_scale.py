@@ -15,6 +15,8 @@ load_lvis     ``taildet.data.load_lvis(train.json)``                      <= 6 G
 workers       a full epoch of targets through a DataLoader (2 workers);  <= 200 MB private
               each worker's private memory (USS) at the end of the epoch  per worker
 data_stats    ``taildet data stats train.json``                           <= 60 s
+errors        ``taildet errors val.json results.json`` (error analysis:   <= 6 GB, <= 300 s
+              TIDE types, 6 oracle fixes, confusion pairs)
 lvis_api      the official lvis-api on eval_bbox's inputs, when installed  (reference)
 ============  ==========================================================  =====================
 
@@ -48,7 +50,7 @@ GB = 1024 ** 3
 # step -> (peak RSS goal in bytes or None, wall time goal in s or None); at fraction 1.
 GOALS = {"eval_bbox": (6 * GB, 120.0), "eval_fixed": (6 * GB, 120.0), "eval_segm": (10 * GB, None),
          "load_lvis": (6 * GB, 90.0), "workers": (None, None), "data_stats": (None, 60.0),
-         "lvis_api": (None, None)}
+         "lvis_api": (None, None), "errors": (6 * GB, 300.0)}
 WORKER_GOAL = 200 * 1024 ** 2
 
 _WORKERS = r"""
@@ -129,6 +131,8 @@ def commands(paths: dict, py: str, taildet: list[str]) -> dict[str, list[str]]:
         "data_stats": taildet + ["data", "stats", str(paths["train"]), "--out",
                                  str(Path(tempfile.gettempdir()) / "taildet_lvis_scale_stats.png")],
         "lvis_api": [py, "-c", _LVIS_API, str(paths["val"]), str(paths["results"])],
+        "errors": taildet + ["errors", str(paths["val"]), str(paths["results"]), "--out",
+                             str(Path(tempfile.gettempdir()) / "taildet_lvis_scale_errors")],
     }
     if "results_segm" in paths:
         cmds["eval_segm"] = taildet + ["eval-results", str(paths["val"]), str(paths["results_segm"]),
@@ -138,6 +142,21 @@ def commands(paths: dict, py: str, taildet: list[str]) -> dict[str, list[str]]:
 
 def _have_lvis_api(py: str) -> bool:
     return subprocess.run([py, "-c", "import lvis"], capture_output=True).returncode == 0
+
+
+def prepare(root: str, fraction: float, points: int, dets: int, segm: bool) -> tuple[Path, dict[str, Path]]:
+    """The generated files at ``fraction`` under ``root`` (written on first use): their folder and paths."""
+    data = Path(root) / f"f{fraction:g}_p{points}_d{dets}{'_segm' if segm else ''}"
+    done = data / "done.json"
+    if not done.exists():
+        t0 = time.perf_counter()
+        paths = lvis_scale_data.write_lvis_pair(data, fraction, points, dets, segm)
+        done.write_text(json.dumps({k: str(v) for k, v in paths.items()}))
+        print(f"generated in {time.perf_counter() - t0:.0f} s")
+    paths = {k: Path(v) for k, v in json.loads(done.read_text()).items()}
+    for k, v in paths.items():
+        print(f"  {k}: {v} ({v.stat().st_size / 1e6:.0f} MB)")
+    return data, paths
 
 
 def main(argv=None) -> int:
@@ -156,16 +175,7 @@ def main(argv=None) -> int:
     if args.points < 3 or args.dets < 1:
         p.error(f"--points must be >= 3 and --dets >= 1, got {args.points} and {args.dets}")
 
-    data = Path(args.data) / f"f{args.fraction:g}_p{args.points}_d{args.dets}{'_segm' if args.segm else ''}"
-    done = data / "done.json"
-    if not done.exists():
-        t0 = time.perf_counter()
-        paths = lvis_scale_data.write_lvis_pair(data, args.fraction, args.points, args.dets, args.segm)
-        done.write_text(json.dumps({k: str(v) for k, v in paths.items()}))
-        print(f"generated in {time.perf_counter() - t0:.0f} s")
-    paths = {k: Path(v) for k, v in json.loads(done.read_text()).items()}
-    for k, v in paths.items():
-        print(f"  {k}: {v} ({v.stat().st_size / 1e6:.0f} MB)")
+    data, paths = prepare(args.data, args.fraction, args.points, args.dets, args.segm)
 
     py = sys.executable
     taildet = [py, "-m", "taildet"]

@@ -56,6 +56,11 @@ Every AP is the evaluator's (:func:`taildet.evaluation.federated.evaluate_federa
 TIDE's analysis uses one IoU threshold, the one that defines the error types. Groups (r/c/f) are
 the GT categories' ``frequency``.
 
+At LVIS size: the types are assigned vectorised (:mod:`taildet.evaluation.error_types`), and each
+oracle fix evaluates again, at IoU 0.5 only, just the classes whose detections or GT it changes
+(:func:`taildet.evaluation.error_ap.per_class_ap50`, the evaluator's runs); every other class keeps
+its AP50 before the fix, which is exact because federated classes are independent.
+
 Long-tail part: per class, the share of its false positives that are confusions (``Cls`` or
 ``Both``) with a frequent / common / rare class, and the confusion pairs that cost most. The cost
 of a pair (predicted p, true t) is the AP50 that class p gains when only p's ``Cls`` / ``Both``
@@ -74,17 +79,16 @@ from typing import Any, Mapping
 import numpy as np
 
 from taildet.errors import ConfigError
+from taildet.evaluation.error_ap import per_class_ap50
+from taildet.evaluation.error_types import BG_IOU, FG_IOU, classify, pair_keys
 from taildet.evaluation.eval_backend import _FREQS
-from taildet.evaluation.federated import PairIndex, _detections, evaluate_federated
+from taildet.evaluation.federated import PairIndex, _detections
 from taildet.evaluation.lvis_eval import AP_FIXED_DETS_PER_CLASS, LVIS_MAX_DETS, _check_rle_size_columns
 from taildet.evaluation.lvis_gt import _prepare_gt, load_gt
 from taildet.evaluation.result_columns import ResultColumns, read_result_columns
 
 __all__ = ["BG_IOU", "ERROR_TYPES", "FG_IOU", "error_breakdown"]
 
-#: TIDE's foreground and background IoU thresholds.
-FG_IOU = 0.5
-BG_IOU = 0.1
 #: The error types, in the order of the tables.
 ERROR_TYPES = ("Cls", "Loc", "Both", "Dupe", "Bkg", "Missed")
 _FIXED_BY_REMOVAL = ("Both", "Dupe", "Bkg")
@@ -140,10 +144,6 @@ class _Analysis:
         self.cats = {c["id"]: c for c in gt_prep["categories"]}
         self.group = {cid: c["frequency"] for cid, c in self.cats.items()}
         self.gt_cat = np.array([x["category_id"] for x in self.anns], dtype=np.int64)
-        n = len(dets["score"])
-        self.kind = np.full(n, "", dtype=object)
-        self.target = np.full(n, -1, dtype=np.int64)
-        self.gt_used = np.zeros(len(self.anns), bool)
         self.gt_geom = self._gt_geometry()
         self._classify()
         self._fixers()
@@ -151,69 +151,42 @@ class _Analysis:
     # ------------------------------------------------------------------ types
     def _gt_geometry(self) -> list:
         if self.iou_type == "bbox":
-            return [list(map(float, x["bbox"])) for x in self.anns]
+            return []  # boxes are read from the annotations where needed
         from faster_coco_eval import COCO  # optional: faster_coco_eval, imported on use
 
         coco = COCO(self.gt, print_function=lambda *a, **k: None)
         return [coco.annToRLE(x) for x in self.anns]
 
-    def _det_geom(self, i: int):
-        return self.dets["segmentation"][i] if self.iou_type == "segm" else self.dets["bbox"][i].tolist()
-
     def _classify(self) -> None:
         from faster_coco_eval.core import mask as mask_utils  # optional: faster_coco_eval, imported on use
 
-        img, cat, score = self.dets["image_id"], self.dets["category_id"], self.dets["score"]
+        d = self.dets
+        if self.iou_type == "bbox":
+            gt_box = np.array([x["bbox"] for x in self.anns], dtype=np.float64).reshape(-1, 4)
+
+            def ious_of(di, gi):
+                return mask_utils.iou(d["bbox"][di], gt_box[gi], [0] * len(gi))
+        else:
+            def ious_of(di, gi):
+                return mask_utils.iou([d["segmentation"][i] for i in di.tolist()],
+                                      [self.gt_geom[j] for j in gi.tolist()], [0] * len(gi))
         gt_img = np.array([x["image_id"] for x in self.anns], dtype=np.int64)
-        gts_of = defaultdict(list)
-        for j, im in enumerate(gt_img.tolist()):
-            gts_of[im].append(j)
-        not_exhaustive = {im["id"]: set(im["not_exhaustive_category_ids"]) for im in self.gt["images"]}
-        dets_of = defaultdict(list)
-        for i, im in enumerate(img.tolist()):
-            dets_of[im].append(i)
-        for im, didx in dets_of.items():
-            didx = np.array(didx, dtype=np.int64)
-            didx = didx[np.argsort(-score[didx], kind="stable")]
-            gidx = np.array(gts_of.get(im, []), dtype=np.int64)
-            if len(gidx):
-                ious = np.asarray(mask_utils.iou([self._det_geom(i) for i in didx.tolist()],
-                                                 [self.gt_geom[j] for j in gidx.tolist()], [0] * len(gidx)),
-                                  dtype=np.float64).reshape(len(didx), len(gidx))
-            else:
-                ious = np.zeros((len(didx), 0))
-            same = cat[didx][:, None] == self.gt_cat[gidx][None, :]
-            used = np.zeros(len(gidx), bool)
-            for r, i in enumerate(didx.tolist()):  # the evaluator's matching at IoU t_f
-                cand = np.where(same[r] & ~used & (ious[r] >= FG_IOU), ious[r], -1.0)
-                if len(cand) and cand.max() >= FG_IOU:
-                    j = int(np.argmax(cand))
-                    used[j] = True
-                    self.kind[i], self.target[i] = "TP", gidx[j]
-            self.gt_used[gidx] = used
-            for r, i in enumerate(didx.tolist()):
-                if self.kind[i] == "TP":
-                    continue
-                if int(cat[i]) in not_exhaustive.get(im, ()):
-                    self.kind[i] = "ignored"
-                    continue
-                self.kind[i], t = _error_type(ious[r], same[r], used)
-                self.target[i] = gidx[t] if t >= 0 else -1
+        ne = [(im["id"], c) for im in self.gt["images"] for c in im["not_exhaustive_category_ids"]]
+        ne_img, ne_cat = (np.array(x, dtype=np.int64) for x in zip(*ne)) if ne else (np.zeros(0, np.int64),) * 2
+        self.kind, self.target, self.gt_used = classify(d["image_id"], d["category_id"], d["score"], gt_img,
+                                                        self.gt_cat, ious_of, pair_keys(ne_img, ne_cat))
 
     def _fixers(self) -> None:
         """TIDE's one fix per GT: of the Cls / Loc errors pointing at an unmatched GT, the
         highest-scoring one (the first on ties) is fixed; ``usable`` GT are not Missed."""
         self.fixer = np.zeros(len(self.kind), bool)
-        best: dict[int, int] = {}
-        for i in np.flatnonzero(np.isin(self.kind, ("Cls", "Loc"))).tolist():
-            j = int(self.target[i])
-            if self.gt_used[j]:
-                continue
-            if j not in best or self.dets["score"][i] > self.dets["score"][best[j]]:
-                best[j] = i
-        self.fixer[list(best.values())] = True
+        cand = np.flatnonzero(np.isin(self.kind, ("Cls", "Loc")))
+        cand = cand[~self.gt_used[self.target[cand]]]
+        cand = cand[np.lexsort((cand, -self.dets["score"][cand], self.target[cand]))]
+        first = np.r_[True, self.target[cand][1:] != self.target[cand][:-1]] if len(cand) else np.zeros(0, bool)
+        self.fixer[cand[first]] = True
         self.missed = ~self.gt_used
-        self.missed[list(best)] = False
+        self.missed[self.target[cand]] = False
 
     # ------------------------------------------------------------------ oracle
     def _columns(self, keep: np.ndarray, cat: np.ndarray | None = None, relocate: np.ndarray | None = None):
@@ -234,27 +207,40 @@ class _Analysis:
                              bbox=bbox[idx], has_bbox=np.ones(len(idx), bool),
                              segm=[segm[i] for i in idx.tolist()] if segm is not None else None)
 
-    def _ap50(self, cols: ResultColumns, gt: Mapping | None = None, pairs: PairIndex | None = None) -> dict:
+    def _ap50(self, cols: ResultColumns, gt: Mapping | None = None, pairs: PairIndex | None = None,
+              classes=None) -> dict:
+        """Per-class AP50 of ``classes`` (default: all) on ``cols`` and ``gt``."""
         gt = self.gt if gt is None else gt
-        s, _ = evaluate_federated(gt, cols, pairs if pairs is not None else self.pairs, self.iou_type, False,
-                                  LVIS_MAX_DETS, AP_FIXED_DETS_PER_CLASS)
-        return s["per_class_AP50"]
+        return per_class_ap50(gt, cols, pairs if pairs is not None else self.pairs, self.iou_type, classes)
 
-    def fixed_ap50(self, error: str) -> dict:
-        """Per-class AP50 with only ``error`` fixed."""
+    def _changed_ap50(self, keep: np.ndarray, classes, cat: np.ndarray | None = None,
+                      relocate: np.ndarray | None = None, gt: Mapping | None = None) -> dict:
+        """Per-class AP50 of ``classes`` only, on the detections ``keep`` of those classes (the
+        others do not change a class's AP) as :meth:`_columns` gives them."""
+        classes = np.unique(np.asarray(classes, dtype=np.int64))
+        keep = keep & np.isin(self.dets["category_id"] if cat is None else cat, classes)
+        return self._ap50(self._columns(keep, cat, relocate), gt, PairIndex(gt) if gt is not None else None, classes)
+
+    def fixed_ap50(self, error: str, base: Mapping) -> dict:
+        """Per-class AP50 with only ``error`` fixed: only the classes whose detections or GT the fix
+        changes are evaluated again, the others keep their ``base`` AP50 (federated classes are
+        independent)."""
         n = len(self.kind)
         is_e = self.kind == error
+        det_cat = self.dets["category_id"]
         if error == "Missed":
             gt = _without(self.gt, self.missed)
-            return self._ap50(self._columns(np.ones(n, bool)), gt, PairIndex(gt))
-        if error in _FIXED_BY_REMOVAL:
-            return self._ap50(self._columns(~is_e))
-        keep = ~is_e | self.fixer
-        fix = is_e & self.fixer
-        cat = self.dets["category_id"].copy()
-        if error == "Cls":
-            cat[fix] = self.gt_cat[self.target[fix]]
-        return self._ap50(self._columns(keep, cat, fix))
+            changed = self._changed_ap50(np.ones(n, bool), self.gt_cat[self.missed], gt=gt)
+        elif error in _FIXED_BY_REMOVAL:
+            changed = self._changed_ap50(~is_e, det_cat[is_e])
+        else:
+            keep = ~is_e | self.fixer
+            fix = is_e & self.fixer
+            cat = det_cat.copy()
+            if error == "Cls":
+                cat[fix] = self.gt_cat[self.target[fix]]
+            changed = self._changed_ap50(keep, np.concatenate([det_cat[is_e], cat[fix]]), cat, fix)
+        return {**base, **changed}
 
     # ------------------------------------------------------------------ report
     def _means(self, ap: Mapping, classes: list[int]) -> dict:
@@ -271,10 +257,9 @@ class _Analysis:
         classes = sorted(c for c, v in base.items() if not np.isnan(v))
         ap = self._means(base, classes)
         dap, counts = {}, {}
-        pred_group = np.array([self.group[int(c)] for c in self.dets["category_id"].tolist()], dtype=object)
-        gt_group = np.array([self.group[int(c)] for c in self.gt_cat.tolist()], dtype=object)
+        pred_group, gt_group = self._groups_of(self.dets["category_id"]), self._groups_of(self.gt_cat)
         for e in ERROR_TYPES:
-            fixed = self._means(self.fixed_ap50(e), classes)
+            fixed = self._means(self.fixed_ap50(e, base), classes)
             dap[e] = {g: fixed[g] - ap[g] for g in _GROUPS}
             where, grp = (self.missed, gt_group) if e == "Missed" else (self.kind == e, pred_group)
             counts[e] = {g: int((where & ((grp == g) if g != "all" else True)).sum()) for g in _GROUPS}
@@ -292,23 +277,25 @@ class _Analysis:
         fp = np.isin(self.kind, ("Cls", "Loc", "Both", "Dupe", "Bkg"))
         conf = np.isin(self.kind, _CONFUSIONS)
         cat = self.dets["category_id"]
-        per_class = []
-        for cid in sorted(set(cat[fp].tolist())):
-            mine = cat == cid
-            per_class.append({"id": cid, "name": self.cats[cid].get("name", str(cid)), "group": self.group[cid],
-                              **self._shares(mine & fp, mine & conf)})
-        by_group = {}
-        for g in _FREQS:
-            grp = np.array([self.group[int(c)] == g for c in cat.tolist()], dtype=bool)
-            by_group[g] = self._shares(grp & fp, grp & conf)
+        pred_group = self._groups_of(cat)
+        true_group = np.full(len(cat), "", dtype=object)
+        true_group[conf] = self._groups_of(self.gt_cat[self.target[conf]])
+        ids, totals = np.unique(cat[fp], return_counts=True)
+        with_ = {g: dict(zip(*(x.tolist() for x in np.unique(cat[conf & (true_group == g)], return_counts=True))))
+                 for g in _FREQS}
+        per_class = [{"id": cid, "name": self.cats[cid].get("name", str(cid)), "group": self.group[cid],
+                      **_shares(total, {g: with_[g].get(cid, 0) for g in _FREQS})}
+                     for cid, total in zip(ids.tolist(), totals.tolist())]
+        by_group = {g: _shares(int((fp & (pred_group == g)).sum()),
+                               {t: int((conf & (pred_group == g) & (true_group == t)).sum()) for t in _FREQS})
+                    for g in _FREQS}
         return {"by_group": by_group, "per_class": per_class}
 
-    def _shares(self, fp: np.ndarray, conf: np.ndarray) -> dict:
-        total = int(fp.sum())
-        tgroups = [self.group[int(self.gt_cat[j])] for j in self.target[conf].tolist()]
-        with_ = {g: tgroups.count(g) for g in _FREQS}
-        return {"false_positives": total, "with": with_,
-                "share": {g: (with_[g] / total if total else float("nan")) for g in _FREQS}}
+    def _groups_of(self, cat_ids: np.ndarray) -> np.ndarray:
+        """The frequency group (object array of 'r' / 'c' / 'f') of each category id."""
+        ids = np.array(sorted(self.group), dtype=np.int64)
+        groups = np.array([self.group[int(c)] for c in ids.tolist()], dtype=object)
+        return groups[np.searchsorted(ids, cat_ids)] if len(ids) else np.zeros(0, dtype=object)
 
     def _pairs(self, base: Mapping, num_classes: int, top_pairs: int) -> list[dict]:
         conf = np.flatnonzero(np.isin(self.kind, _CONFUSIONS))
@@ -326,10 +313,10 @@ class _Analysis:
             r.append(key)
         out = []
         for r in rounds:  # classes are independent: only the round's predicted classes are evaluated
-            drop = ~np.isin(self.dets["category_id"], [p for p, _ in r])
+            drop = np.zeros(len(self.kind), bool)
             for p, t in r:
                 drop[conf[(pred == p) & (true == t)]] = True
-            after = self._ap50(self._columns(~drop))
+            after = self._changed_ap50(~drop, [p for p, _ in r])
             for p, t in r:
                 gain = float(after[p] - base[p]) if not np.isnan(base[p]) else 0.0
                 out.append({"predicted": p, "true": t, "predicted_name": self.cats[p].get("name", str(p)),
@@ -340,9 +327,17 @@ class _Analysis:
         return out[:top_pairs]
 
 
+def _shares(total: int, with_: Mapping[str, int]) -> dict:
+    """False positives, confusions with each group and their shares (NaN without false positives)."""
+    return {"false_positives": total, "with": dict(with_),
+            "share": {g: (with_[g] / total if total else float("nan")) for g in _FREQS}}
+
+
 def _error_type(iou: np.ndarray, same: np.ndarray, used: np.ndarray) -> tuple[str, int]:
     """TIDE's type of one unmatched detection from its IoUs with the image's GT (``same``: GT of
-    its class; ``used``: matched GT) and the GT index it points at (-1 for none)."""
+    its class; ``used``: matched GT) and the GT index it points at (-1 for none). The rule one
+    detection at a time: :func:`~taildet.evaluation.error_types.classify` applies it to all at
+    once (tested equal to a loop over this)."""
     if not len(iou):
         return "Bkg", -1
     own = np.where(same, iou, -1.0)
