@@ -13,7 +13,7 @@ from taildet.cli import main
 from taildet.errors import DataError
 from taildet.evaluation.error_analysis import error_breakdown
 from taildet.results_docs import format_measured_table, load_measured_tables
-from tests.test_error_analysis import MAIN_DETS, MAIN_GT
+from test_error_analysis import MAIN_DETS, MAIN_GT
 
 
 def _compare_dir(tmp_path):

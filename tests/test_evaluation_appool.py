@@ -282,3 +282,31 @@ def test_compare_rows_and_report_table_carry_appool():
     cells = {ln.split("|")[1].strip(): ln.split("|")[-2].strip() for ln in table[2:]}
     assert cells == {"faster_ce": f"{round(100 * before['APpool'], 2):.1f}",
                      "faster_ce+logn": f"{round(100 * after['APpool'], 2):.1f}", "faster_ce_rfs": "-"}
+
+
+def test_compare_reuse_fills_appool_of_runs_evaluated_before_it(tmp_path):
+    """A finished compare run whose metrics.json predates APpool gets it from its results file (the
+    evaluator's value), in memory; a run that has it is returned as written, without evaluating."""
+    from taildet.compare.runner import _reusable
+
+    gt = {"images": [{"id": 1, "width": 100, "height": 100, "neg_category_ids": [], "not_exhaustive_category_ids": []}],
+          "categories": [{"id": 1, "name": "a", "frequency": "f"}, {"id": 2, "name": "b", "frequency": "r"}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10], "area": 100},
+                          {"id": 2, "image_id": 1, "category_id": 2, "bbox": [50, 50, 10, 10], "area": 100}]}
+    dets = [{"image_id": 1, "category_id": 2, "bbox": [0, 0, 10, 10], "score": 0.9},
+            {"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10], "score": 0.8},
+            {"image_id": 1, "category_id": 2, "bbox": [50, 50, 10, 10], "score": 0.7}]
+    val = tmp_path / "val.json"
+    val.write_text(json.dumps(gt))
+    run = tmp_path / "seed0" / "row"
+    run.mkdir(parents=True)
+    (run / "results_bbox.json").write_text(json.dumps(dets))
+    (run / "metrics.json").write_text(json.dumps({"bbox": {"AP": 0.5, "APr": 0.25}}))
+    before = (run / "metrics.json").read_text()
+    m = _reusable(run, "posthoc", val)
+    expected = evaluate_lvis(val, run / "results_bbox.json")["APpool"]
+    assert m == {"AP": 0.5, "APr": 0.25, "APpool": expected} and 0 < expected < 1
+    assert (run / "metrics.json").read_text() == before
+    (run / "metrics.json").write_text(json.dumps({"bbox": {"AP": 0.5, "APpool": 0.125}}))
+    assert _reusable(run, "posthoc", tmp_path / "no_such_gt.json") == {"AP": 0.5, "APpool": 0.125}
+    assert _reusable(run, "train", val) is None  # a trained row needs its model_final.pth

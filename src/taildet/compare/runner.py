@@ -126,14 +126,19 @@ def _train_recipes(runs: list[tuple], jobs: int, progress: bool, resume: bool = 
     return out
 
 
-def _reusable(run_dir: Path, kind: str) -> dict | None:
+def _reusable(run_dir: Path, kind: str, val_json: Path | None = None) -> dict | None:
     """The bbox metrics of a finished run in ``run_dir`` (``metrics.json``, and ``model_final.pth``
-    for trained rows), or ``None``."""
+    for trained rows), or ``None``. A run evaluated before APpool existed gets it computed here
+    from its ``results_bbox.json`` against ``val_json`` (in memory: the run's files are not changed)."""
     mfile = run_dir / "metrics.json"
     if not mfile.exists() or (kind in ("train", "finetune") and not (run_dir / "model_final.pth").exists()):
         return None
     with open(mfile) as fh:
-        return _bbox(json.load(fh))
+        metrics = _bbox(json.load(fh))
+    results = run_dir / "results_bbox.json"
+    if "APpool" not in metrics and val_json is not None and results.exists():
+        metrics = dict(metrics, APpool=evaluate_lvis(val_json, results)["APpool"])
+    return metrics
 
 
 def run_compare(recipes: Iterable[str] | None, out_dir: str | Path, seeds: Iterable[int] = (0,),
@@ -237,12 +242,12 @@ def run_compare(recipes: Iterable[str] | None, out_dir: str | Path, seeds: Itera
     if reuse:
         for d, s, rep in reps:
             for n in stage1:
-                m = _reusable(out / rep / n, "train")
+                m = _reusable(out / rep / n, "train", data[d]["val"])
                 if m is not None:
                     done[f"{rep}/{n}"] = (m, 0.0)
                     reused.add(f"{rep}/{n}")
             for n in stage2 + posthoc:
-                m = _reusable(out / rep / n, specs[n].kind)
+                m = _reusable(out / rep / n, specs[n].kind, data[d]["val"])
                 if m is not None and f"{rep}/{specs[n].stage1}" in reused:
                     done[f"{rep}/{n}"] = (m, 0.0)
         if done:
