@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _Stop(Exception):
-    pass
+    """Raised from a training hook to interrupt a run at a chosen iteration (the resume tests)."""
 
 
 @pytest.fixture(scope="module")

@@ -33,11 +33,10 @@ from torch import Tensor, nn
 from taildet.calibration.heads import classification_heads
 from taildet.calibration.logit_norm import LogitNormalizer, load_normalizers
 from taildet.calibration.install import apply_stage_transforms
-from taildet.calibration.statistics import (RUNNING_MOMENTUM, _find_class_names, _new_normalizer,
-                                            _progress_bar, _record_only_logits, _sampled, _to_device, _unwrap,
+from taildet.calibration.statistics import (RUNNING_MOMENTUM, _accumulate_stages, _find_class_names, _new_normalizer,
+                                            _progress_bar, _record_only_logits, _to_device, _unwrap,
                                             training_sampling_mode)
 from taildet.errors import ConfigError
-from taildet.models.heads import ClassificationHead
 
 __all__ = ["collect_stage_statistics", "collect_stage_running_statistics", "apply_stage_transforms", "fit_stages",
            "last_stage_normalizer"]
@@ -73,35 +72,7 @@ def collect_stage_statistics(
         class_names = _find_class_names(data_loader)
     names = list(class_names) if class_names is not None else None
     norms = {k: _new_normalizer(h, names, **normalizer_kwargs).to(device) for k, h in heads.items()}
-    last = list(heads)[-1]
-    bar = _progress_bar(data_loader, max_batches, progress, "LogN statistics")
-    restores = [_record_only_logits(h) for h in heads.values()]
-    batches = 0
-    try:
-        with training_sampling_mode(model, keep=[b for n in norms.values() for b in n.buffers()]):
-            for batch in data_loader:
-                if max_batches is not None and batches >= max_batches:
-                    break
-                images, targets = _to_device(list(batch[0]), list(batch[1]), device)
-                if len(heads) == 1:
-                    records = {last: _sampled(model, heads[last], images, targets)}
-                else:
-                    for h in heads.values():
-                        h.clear()
-                    model(images, targets)
-                    records = {k: h.record.kept() for k, h in heads.items()}  # type: ignore[union-attr]
-                for k, rec in records.items():
-                    norms[k].update(rec.logits)
-                if positives is not None and isinstance(heads[last], ClassificationHead):
-                    positives.add(records[last].logits, records[last].labels)
-                batches += 1
-                if bar is not None:
-                    bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-        for restore in restores:
-            restore()
+    batches = _accumulate_stages(model, heads, norms, data_loader, device, max_batches, progress, positives)
     for k, norm in norms.items():
         if sync:
             norm.sync()

@@ -56,7 +56,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -179,6 +179,46 @@ def _progress_bar(data_loader: Any, max_batches: int | None, progress: bool, des
     return tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True)
 
 
+def _accumulate_stages(model: nn.Module, heads: Mapping[str, Head], norms: Mapping[str, LogitNormalizer],
+                       data_loader: Iterable, device: torch.device, max_batches: int | None, progress: bool,
+                       positives: Any) -> int:
+    """The statistics pass shared by :func:`collect_logit_statistics` (one head) and
+    :func:`taildet.calibration.stages.collect_stage_statistics` (every stage): each batch's
+    training-time sampled logits of ``heads[k]`` go into ``norms[k]``; ``positives`` gets the last
+    head's. One head is read through :func:`_sampled`; several through one training forward that
+    fills every head's ``record``. Returns the number of batches."""
+    last = list(heads)[-1]
+    bar = _progress_bar(data_loader, max_batches, progress, "LogN statistics")
+    restores = [_record_only_logits(h) for h in heads.values()]
+    batches = 0
+    try:
+        with training_sampling_mode(model, keep=[b for n in norms.values() for b in n.buffers()]):
+            for batch in data_loader:
+                if max_batches is not None and batches >= max_batches:
+                    break
+                images, targets = _to_device(list(batch[0]), list(batch[1]), device)
+                if len(heads) == 1:
+                    records = {last: _sampled(model, heads[last], images, targets)}
+                else:
+                    for h in heads.values():
+                        h.clear()
+                    model(images, targets)
+                    records = {k: h.record.kept() for k, h in heads.items()}  # type: ignore[union-attr]
+                for k, rec in records.items():
+                    norms[k].update(rec.logits)
+                if positives is not None and isinstance(heads[last], ClassificationHead):
+                    positives.add(records[last].logits, records[last].labels)
+                batches += 1
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        for restore in restores:
+            restore()
+    return batches
+
+
 def collect_logit_statistics(
     model: nn.Module,
     data_loader: Iterable,
@@ -224,30 +264,10 @@ def collect_logit_statistics(
         raise ValueError(f"normalizer given: unexpected arguments {sorted(normalizer_kwargs)}")
     normalizer.to(device)
 
-    bar = _progress_bar(data_loader, max_batches, progress, "LogN statistics")
-
-    restore = _record_only_logits(head)
-    batches = rows = 0
-    try:
-        with training_sampling_mode(model, keep=list(normalizer.buffers())):
-            for batch in data_loader:
-                if max_batches is not None and batches >= max_batches:
-                    break
-                images, targets = batch[0], batch[1]
-                images, targets = _to_device(list(images), list(targets), device)
-                sampled = _sampled(model, head, images, targets)
-                logits = sampled.logits
-                if positives is not None and isinstance(head, ClassificationHead):
-                    positives.add(logits, sampled.labels)
-                normalizer.update(logits)
-                batches += 1
-                rows += logits.shape[0]
-                if bar is not None:
-                    bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-        restore()
+    before = float(normalizer.count)
+    batches = _accumulate_stages(model, {head.stage: head}, {head.stage: normalizer}, data_loader, device,
+                                 max_batches, progress, positives)
+    rows = int(float(normalizer.count) - before)
     if sync:
         normalizer.sync()
     if float(normalizer.count) == 0:
