@@ -301,6 +301,9 @@ def test_long_tail_losses_are_compared_on_their_own_classifier():
     for c in evidence.load_claims():
         if c.recipe in ("faster_eql", "faster_eqlv2", "faster_seesaw"):
             assert classifier(c.baseline) == "cosine", c.id
+    # the cause-test row that takes Seesaw back to the linear classifier is compared with linear CE
+    assert classifier("faster_seesaw_linear") == "linear"
+    assert classifier(RECIPES["faster_seesaw_linear"].baselines[0]) == "linear"
 
 
 def test_every_claim_compares_detectors_with_the_same_classifier_bias_prior():
