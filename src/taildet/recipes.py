@@ -121,6 +121,14 @@ RECIPES: dict[str, Recipe] = {
     "faster_seesaw_linear": Recipe("train", "demo_faster_tiny_seesaw_linear.yaml",
                                    about="Seesaw with the linear classifier (cause test)",
                                    baselines=("faster_ce", "faster_seesaw")),
+    # EFL's premise (rare classes' positive/negative gradient ratio far below 1) without RFS, which
+    # repeats the rare classes' images: the same two ATSS rows with the random sampler
+    "atss_focal_norfs": Recipe("train", "demo_atss_tiny_focal.yaml", opts=("data.sampler=random",),
+                               about="ATSS improved baseline, focal, random sampler (cause test)",
+                               baselines=("atss_focal",)),
+    "atss_efl_norfs": Recipe("train", "demo_atss_tiny_efl.yaml", opts=("data.sampler=random",),
+                             about="ATSS improved baseline, EFL, random sampler (cause test)",
+                             baselines=("atss_focal_norfs", "atss_efl")),
     "faster_ce+bsoftmax_long": Recipe("finetune", "demo_faster_tiny_bsoftmax_ft.yaml", "faster_ce",
                                       opts=("train.iterations=1200",),
                                       about="stage 2: Balanced Softmax, 3x longer fine-tune (cause test)",
