@@ -129,6 +129,13 @@ RECIPES: dict[str, Recipe] = {
     "atss_efl_norfs": Recipe("train", "demo_atss_tiny_efl.yaml", opts=("data.sampler=random",),
                              about="ATSS improved baseline, EFL, random sampler (cause test)",
                              baselines=("atss_focal_norfs", "atss_efl")),
+    # ... and at twice the image resolution (images and anchors 2x, so ~4x the anchor positions
+    # per image and the same anchor-to-object sizes): does the ratio fall with the number of anchors?
+    "atss_efl_2xres": Recipe("train", "demo_atss_tiny_efl.yaml",
+                             opts=("data.min_sizes=[192]", "data.max_size=192", "model.min_size=192",
+                                   "model.max_size=192", "model.anchor_scales=[4,8]"),
+                             about="ATSS improved baseline, EFL, 2x image resolution (cause test)",
+                             baselines=("atss_efl",)),
     "faster_ce+bsoftmax_long": Recipe("finetune", "demo_faster_tiny_bsoftmax_ft.yaml", "faster_ce",
                                       opts=("train.iterations=1200",),
                                       about="stage 2: Balanced Softmax, 3x longer fine-tune (cause test)",
