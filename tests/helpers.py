@@ -3,9 +3,34 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+from types import ModuleType
 
+import numpy as np
 import torch
+
+#: The repository root (benchmarks/ scripts are loaded from it by :func:`load_benchmark`).
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """The script ``benchmarks/<name>.py`` imported as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def write_separable_images(path: Path, num_classes: int = 3, per_class: int = 20) -> Path:
+    """A tiny ``.npz`` image source for taildet.classify (``images`` [N, 4, 4, 1] uint8, ``labels``
+    [N]) whose classes are separable by brightness: class c's pixels lie in [90 c, 90 c + 60)."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(num_classes), per_class)
+    images = (rng.integers(0, 60, (len(labels), 4, 4, 1)) + 90 * labels[:, None, None, None]).astype(np.uint8)
+    np.savez(path, images=images, labels=labels)
+    return path
+
 
 #: The vendored LVIS v0.5 val sample (100 images), see tests/data/README.md.
 LVIS_VAL_100 = Path(__file__).parent / "data" / "lvis_v0.5_val_100.json"

@@ -16,6 +16,7 @@ from taildet.classify.models import build_classifier
 from taildet.classify.splits import make_split
 from taildet.cli import main
 from taildet.errors import ConfigError
+from helpers import write_separable_images
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,11 +28,8 @@ class _Stop(Exception):
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
     d = tmp_path_factory.mktemp("cls")
-    rng = np.random.default_rng(0)
-    labels = np.repeat(np.arange(3), 20)
-    images = (rng.integers(0, 60, (60, 4, 4, 1)) + 90 * labels[:, None, None, None]).astype(np.uint8)
-    np.savez(d / "src.npz", images=images, labels=labels)
-    return make_split(str(d / "src.npz"), d / "lt", 4, test_per_class=4, val_per_class=2)["manifest"]
+    src = write_separable_images(d / "src.npz")
+    return make_split(str(src), d / "lt", 4, test_per_class=4, val_per_class=2)["manifest"]
 
 
 def _cfg(manifest, out, **over):

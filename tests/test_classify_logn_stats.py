@@ -4,7 +4,6 @@ check that a split they need exists before anything is trained."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -16,6 +15,7 @@ from taildet.classify.models import build_classifier
 from taildet.classify.posthoc import extract_features, logn, per_class_accuracy
 from taildet.classify.splits import make_split
 from taildet.errors import ConfigError
+from helpers import write_separable_images
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -57,12 +57,9 @@ def test_variants_apply_the_logn_formula_and_plain_logn_is_unchanged():
 @pytest.fixture(scope="module")
 def manifests(tmp_path_factory):
     d = tmp_path_factory.mktemp("clslogn")
-    rng = np.random.default_rng(0)
-    labels = np.repeat(np.arange(3), 20)
-    images = (rng.integers(0, 60, (60, 4, 4, 1)) + 90 * labels[:, None, None, None]).astype(np.uint8)
-    np.savez(d / "src.npz", images=images, labels=labels)
-    with_val = make_split(str(d / "src.npz"), d / "lt", 4, test_per_class=4, val_per_class=2)["manifest"]
-    no_val = make_split(str(d / "src.npz"), d / "noval", 4, test_per_class=4, val_per_class=0)["manifest"]
+    src = write_separable_images(d / "src.npz")
+    with_val = make_split(str(src), d / "lt", 4, test_per_class=4, val_per_class=2)["manifest"]
+    no_val = make_split(str(src), d / "noval", 4, test_per_class=4, val_per_class=0)["manifest"]
     return with_val, no_val
 
 

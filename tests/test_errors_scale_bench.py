@@ -3,21 +3,14 @@ the full size with a least-squares line, written as a measured-tables file for t
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
+from helpers import load_benchmark
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("errors_scale", ROOT / "benchmarks" / "errors_scale.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("errors_scale")
 
 
 def test_extrapolation_is_the_least_squares_line(bench):

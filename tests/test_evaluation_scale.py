@@ -9,7 +9,6 @@ bad input must get the same error.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import math
@@ -26,10 +25,7 @@ from taildet.evaluation import federated, result_columns
 from taildet.evaluation.lvis_eval import _evaluate_lvis_dicts
 from taildet.evaluation.result_columns import cap_order, read_result_columns, top_k_order
 from taildet.evaluation.results_json import iter_json_list, read_flat_bbox
-from helpers import LVIS_VAL_100
-
-ROOT = Path(__file__).resolve().parents[1]
-
+from helpers import LVIS_VAL_100, load_benchmark
 
 def same(a, b) -> bool:
     """Equal to the bit (NaN equals NaN), types included, recursively."""
@@ -59,9 +55,7 @@ def sample():
 def generated(tmp_path_factory):
     """A LVIS-v1-shaped val set at fraction 0.002 (40 images, 300 detections each, 1,203
     categories, neg / not-exhaustive lists) with bbox and RLE results files."""
-    spec = importlib.util.spec_from_file_location("lvis_scale_data", ROOT / "benchmarks" / "lvis_scale_data.py")
-    gen = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gen)
+    gen = load_benchmark("lvis_scale_data")
     out = tmp_path_factory.mktemp("lvis_scale")
     return gen.write_lvis_pair(out, 0.002, points=12, dets=300, segm=True, progress=lambda *a: None)
 

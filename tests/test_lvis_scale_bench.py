@@ -4,25 +4,18 @@ far from 0 and 1 -- so the full-size numbers in the README measure LVIS-shaped w
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
 from taildet.data.lvis import load_lvis
 from taildet.evaluation import evaluate_lvis
-
-ROOT = Path(__file__).resolve().parents[1]
-
+from helpers import load_benchmark
 
 @pytest.fixture(scope="module")
 def gen():
-    spec = importlib.util.spec_from_file_location("lvis_scale_data", ROOT / "benchmarks" / "lvis_scale_data.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("lvis_scale_data")
 
 
 def test_category_split_is_lvis_v1s(gen):
