@@ -79,9 +79,13 @@ def _worker(rank: int, world: int, init_method: str, out_dir: str) -> None:
         eqlv2(z_eql[keep], labels[keep])
         seesaw(z_ss[keep], labels[keep])
         torch.save(_state((ebl, eqlv2, seesaw)), os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()  # both ranks done before gloo is torn down
-    finally:
+        dist.barrier()  # both ranks done: the results are on disk
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # Leave without gloo's C++ teardown: its destructors can abort a process at exit ("terminate
+    # called without an active exception", SIGABRT) after every result has been written.
+    os._exit(0)
 
 
 def _single_process_state() -> dict[str, torch.Tensor]:
