@@ -107,7 +107,7 @@ class BalancedSoftmaxLoss(ClassificationLoss):
         return adj.to(dtype)
 
     def forward(self, logits: Tensor, labels: Tensor, weight: Tensor | None = None) -> Tensor:
-        check_inputs(self, logits, labels, weight, max_label=self.num_outputs() - 1, finite=False)
+        labels = check_inputs(self, logits, labels, weight, max_label=self.num_outputs() - 1, finite=False)
         if logits.shape[0] == 0:
             return logits.sum() * 0.0
         dt = compute_dtype(logits.dtype)
@@ -161,7 +161,7 @@ class BalancedSigmoidLoss(SigmoidClassificationLoss):
         return s.to(dtype)
 
     def forward(self, logits: Tensor, labels: Tensor, weight: Tensor | None = None) -> Tensor:
-        check_inputs(self, logits, labels, weight, finite=False)
+        labels = check_inputs(self, logits, labels, weight, finite=False)
         n = logits.shape[0]
         if n == 0:
             return logits.sum() * 0.0

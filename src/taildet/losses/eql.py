@@ -68,7 +68,7 @@ class EQLLoss(SigmoidClassificationLoss):
         self.register_buffer("image_frequency", f)
 
     def forward(self, logits: Tensor, labels: Tensor, weight: Tensor | None = None) -> Tensor:
-        check_inputs(self, logits, labels, weight, finite=False)
+        labels = check_inputs(self, logits, labels, weight, finite=False)
         n = logits.shape[0]
         if n == 0:
             return logits.sum() * 0.0
@@ -141,7 +141,7 @@ class EQLv2Loss(ClassificationLoss):
         """No-op: each batch's increments are already summed over processes in ``forward``."""
 
     def forward(self, logits: Tensor, labels: Tensor, weight: Tensor | None = None) -> Tensor:
-        check_inputs(self, logits, labels, weight, finite=False)
+        labels = check_inputs(self, logits, labels, weight, finite=False)
         n = logits.shape[0]
         if n == 0:
             if self.training:  # the increments are all-reduced: every process takes part

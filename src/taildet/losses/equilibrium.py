@@ -105,7 +105,7 @@ class EquilibriumLoss(ClassificationLoss):
     # -- loss --------------------------------------------------------------------------------------
 
     def forward(self, logits: Tensor, labels: Tensor, weight: Tensor | None = None) -> Tensor:
-        check_inputs(self, logits, labels, weight, finite=False)
+        labels = check_inputs(self, logits, labels, weight, finite=False)
         if logits.shape[0] == 0:
             return logits.sum() * 0.0
         dt = compute_dtype(logits.dtype)

@@ -121,7 +121,7 @@ class FederatedLoss(SigmoidClassificationLoss):
         return torch.where(f > 0, f.pow(self.power), torch.zeros_like(f))
 
     def forward(self, logits: Tensor, labels: Tensor, weight: Tensor | None = None) -> Tensor:
-        check_inputs(self, logits, labels, weight, finite=False)
+        labels = check_inputs(self, logits, labels, weight, finite=False)
         n = logits.shape[0]
         if n == 0:
             return logits.sum() * 0.0

@@ -96,7 +96,7 @@ class SeesawLoss(ClassificationLoss):
         return seesaw_log_factors(class_logits, labels, log_n, self.p, self.q, self.eps)
 
     def forward(self, logits: Tensor, labels: Tensor, weight: Tensor | None = None) -> Tensor:
-        check_inputs(self, logits, labels, weight, finite=False)
+        labels = check_inputs(self, logits, labels, weight, finite=False)
         C = self.num_classes
         n = logits.shape[0]
         if self.training:

@@ -18,7 +18,6 @@ the losses promise: they name the loss and what is wrong.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -26,6 +25,7 @@ import torch
 from torch import Tensor
 
 from taildet.utils.comm import all_gather_cat, all_reduce_sum_, is_distributed, world_size
+from taildet.utils.host_sync import checks_deferred, expect
 
 __all__ = [
     "is_distributed",
@@ -51,16 +51,19 @@ def check_inputs(
     weight: Tensor | None,
     max_label: int | None = None,
     finite: bool = True,
-) -> None:
-    """Raise ``ValueError`` naming ``loss`` when the two-stage inputs are malformed.
+) -> Tensor:
+    """Raise ``ValueError`` naming ``loss`` when the two-stage inputs are malformed; return the
+    labels to compute with.
 
     Checks: ``logits`` is ``[N, loss.num_outputs()]``, ``labels`` is an int64 ``[N]`` vector with
     values in ``0..max_label`` (default ``C``, the background), ``weight`` (if given) is ``[N]``,
-    and (``finite=True``) every logit is finite. Cost: a pass over the labels, with
-    ``finite=True`` one pass over the logits (a sum), and one host sync; the detailed diagnosis
-    runs only when something is wrong. Losses that compute their value anyway pass
-    ``finite=False`` and call :func:`check_finite_loss` on the result instead (no pass over the
-    logits: a NaN or infinite logit makes the loss non-finite).
+    and (``finite=True``) every logit is finite. The shapes are checked on the host; the values
+    through :func:`taildet.utils.host_sync.expect` (one host read, or none inside
+    :func:`~taildet.utils.host_sync.deferred_checks`: the check is queued, and the labels returned
+    are clamped into range so that no kernel indexes out of bounds before the queued check
+    raises). Losses that compute their value anyway pass ``finite=False`` and call
+    :func:`check_finite_loss` on the result instead (no pass over the logits: a NaN or infinite
+    logit makes the loss non-finite).
     """
     name = type(loss).__name__
     k = loss.num_outputs()
@@ -76,26 +79,28 @@ def check_inputs(
     if weight is not None and weight.shape != (n,):
         raise ValueError(f"{name}: expected weight of shape [{n}], got {tuple(weight.shape)}")
     if n == 0:
-        return
+        return labels
     hi = loss.num_classes if max_label is None else int(max_label)
+    lo_v, hi_v = torch.aminmax(labels)
+    ok = (lo_v >= 0) & (hi_v <= hi)
     if finite:
-        # one host sync for both checks; the logits are checked through their sum (finite iff every
-        # entry is, barring an overflow of the sum itself, which the slow path below rules out)
+        # the logits are checked through their sum (finite iff every entry is, barring an overflow
+        # of the sum itself, which the diagnosis rules out)
         acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        lo_hi = torch.stack(torch.aminmax(labels)).to(acc)
-        lo_v, hi_v, total = torch.cat([lo_hi, logits.detach().sum(dtype=acc).view(1)]).tolist()
-    else:
-        (lo_v, hi_v), total = label_range(labels), 0.0
-    if lo_v >= 0 and hi_v <= hi and math.isfinite(total):
-        return
-    if bool(((labels < 0) | (labels > hi)).any()):
-        lo_v, hi_v = int(labels.min()), int(labels.max())
-        raise ValueError(
-            f"{name}: labels must be in 0..{hi} (foreground 0..{loss.num_classes - 1}"
-            + (f", background {loss.num_classes}" if hi == loss.num_classes else "")
-            + f"), got values in [{lo_v}, {hi_v}]"
-        )
-    _raise_if_nonfinite(name, logits)
+        ok = ok & torch.isfinite(logits.detach().sum(dtype=acc))
+
+    def diagnose() -> None:
+        if bool(((labels < 0) | (labels > hi)).any()):
+            raise ValueError(
+                f"{name}: labels must be in 0..{hi} (foreground 0..{loss.num_classes - 1}"
+                + (f", background {loss.num_classes}" if hi == loss.num_classes else "")
+                + f"), got values in [{int(labels.min())}, {int(labels.max())}]"
+            )
+        if finite:
+            _raise_if_nonfinite(name, logits)
+
+    expect(ok, diagnose)
+    return labels.clamp(0, hi) if checks_deferred() else labels
 
 
 def label_range(labels: Tensor) -> tuple[int, int]:
@@ -116,10 +121,11 @@ def _raise_if_nonfinite(name: str, logits: Tensor) -> None:
 
 def check_finite_loss(loss: Any, value: Tensor, logits: Tensor) -> Tensor:
     """``value`` (a 0-d loss); when it is not finite, a ``ValueError`` naming ``loss`` if any logit
-    is NaN or infinite. One host sync. (A finite-logit overflow is returned as is: the trainer's
-    non-finite-loss stop reports it.)"""
-    if not math.isfinite(float(value.detach())):
-        _raise_if_nonfinite(type(loss).__name__, logits)
+    is NaN or infinite (through :func:`taildet.utils.host_sync.expect`: one host read, none when
+    deferred). A finite-logit overflow is returned as is: the trainer's non-finite-loss stop
+    reports it."""
+    name, z = type(loss).__name__, logits.detach()
+    expect(torch.isfinite(value.detach()), lambda: _raise_if_nonfinite(name, z))
     return value
 
 
