@@ -41,6 +41,7 @@ from taildet.engine.stage2 import init_from_checkpoint, setup_mfs
 from taildet.errors import ConfigError, TrainingDivergedError
 from taildet.fileio import atomic_write_text
 from taildet.losses.base import ClassificationLoss
+from taildet.utils.host_sync import deferred_checks
 from taildet.utils.comm import (all_gather_object, all_true, barrier, broadcast_object, get_rank, get_world_size,
                                 is_main_process, reduce_loss_dict, unwrap_model)
 
@@ -234,10 +235,14 @@ def run_training(
                 t_start = time.perf_counter()
                 images = [im.to(device, non_blocking=True) for im in images]
                 targets = to_device(targets, device)
-                with torch.autocast(device_type=device.type, enabled=use_amp):
-                    loss_dict = ddp_model(images, targets)
-                total = sum(loss_dict.values())
-                if not _all_finite([total] + list(loss_dict.values())):
+                # the losses queue their input checks; they are read with the losses' finiteness
+                # in the step's one host read (no synchronisation inside a loss on GPU)
+                with deferred_checks() as checks:
+                    with torch.autocast(device_type=device.type, enabled=use_amp):
+                        loss_dict = ddp_model(images, targets)
+                    total = sum(loss_dict.values())
+                    finite = all_true(checks.verify(finite=[total] + list(loss_dict.values())))
+                if not finite:
                     terms = {k: float(v.detach()) for k, v in loss_dict.items()}
                     bad = ", ".join(f"{k}={v}" for k, v in terms.items() if not math.isfinite(v))
                     raise TrainingDivergedError(

@@ -39,7 +39,7 @@ from torch import Tensor
 from taildet.losses.base import ClassificationLoss, SigmoidClassificationLoss, check_prior, reduce_loss
 from taildet.ops import use_fast_path
 from taildet.ops.rowwise import SigmoidBCEKernel, SoftmaxOffsetKernel, compute_dtype, rowwise_loss
-from taildet.losses.state import _short, as_class_vector, cached, check_finite_loss, check_inputs
+from taildet.losses.state import _short, as_class_vector, cached, check_finite_loss, check_inputs, one_hot
 
 __all__ = ["BalancedSoftmaxLoss", "BalancedSigmoidLoss", "balanced_softmax_loss", "balanced_sigmoid_loss"]
 
@@ -190,6 +190,6 @@ def balanced_sigmoid_loss(logits: Tensor, labels: Tensor, shift: Tensor, weight:
     all zero), ``fg_i = [y_i < C]``."""
     C = logits.shape[1]
     fg = (labels < C).to(logits.dtype)[:, None]
-    t = F.one_hot(labels, C + 1)[:, :C].to(logits.dtype)
+    t = one_hot(labels, C + 1, logits.dtype)[:, :C]
     bce = F.binary_cross_entropy_with_logits(logits + fg * shift, t, reduction="none").sum(1)
     return reduce_loss(bce, logits.shape[0], weight)

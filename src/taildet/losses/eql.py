@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from taildet.losses.base import ClassificationLoss, SigmoidClassificationLoss, check_prior, reduce_loss
-from taildet.losses.state import all_reduce_sum_, as_class_vector, cached, check_finite_loss, check_inputs
+from taildet.losses.state import all_reduce_sum_, as_class_vector, cached, check_finite_loss, check_inputs, one_hot
 from taildet.ops import use_fast_path
 from taildet.ops.eqlv2_kernel import EQLv2Kernel
 from taildet.ops.rowwise import SigmoidBCEKernel, compute_dtype, rowwise_loss
@@ -89,7 +89,7 @@ def eql_loss(logits: Tensor, labels: Tensor, rare: Tensor, weight: Tensor | None
     ``w_ij = 1 - E(i) T_lambda(f_j) (1 - t_ij)``; ``rare`` ``[C]`` is ``T_lambda(f_j) = [f_j < lambda]``,
     ``E(i) = [y_i < C]``, ``t`` one-hot over ``C`` (background rows all zero)."""
     C = logits.shape[1]
-    t = F.one_hot(labels, C + 1)[:, :C].to(logits.dtype)
+    t = one_hot(labels, C + 1, logits.dtype)[:, :C]
     fg = (labels < C).to(logits.dtype)[:, None]
     w_ij = 1.0 - fg * rare * (1.0 - t)
     bce = (F.binary_cross_entropy_with_logits(logits, t, reduction="none") * w_ij).sum(1)
@@ -183,7 +183,7 @@ def eqlv2_loss(logits: Tensor, labels: Tensor, pos_w: Tensor, neg_w: Tensor, wei
     gradient statistics ``sum_i g w t`` and ``sum_i g w (1 - t)`` with ``g = |sigmoid(z) - t|``
     (detached), ``w`` the full weight.
     """
-    t = F.one_hot(labels, logits.shape[1]).to(logits.dtype)
+    t = one_hot(labels, logits.shape[1], logits.dtype)
     w_ij = pos_w * t + neg_w * (1.0 - t)
     if weight is not None:
         w_ij = w_ij * weight[:, None]

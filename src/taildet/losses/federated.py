@@ -22,10 +22,16 @@ the batch has a background RoI; here the count is over foreground classes only. 
 samples with ``f_c ** power`` from the training images' counts (the same distribution: the
 counts differ from the frequencies by a constant factor).
 
-Reproducibility: the draw is ``torch.multinomial`` on the host with ``generator`` (None: torch's
-global CPU generator), so ``torch.manual_seed`` fixes it whatever device the logits are on. Under
-DDP each rank draws its own set from its own RNG state and its own GT classes, as the reference
-does (no collective).
+Where the draw runs. On CPU (:func:`federated_classes`): ``torch.multinomial`` on the host with
+``generator`` (None: torch's global CPU generator). On GPU the GT classes would have to come to the
+host (a synchronisation every step), so the set is drawn on the device instead
+(:func:`federated_class_mask`, also under :func:`taildet.utils.host_sync.sync_free_paths`): the
+Gumbel-top-k form of the same draw -- keys ``log w_c + G_c`` with ``G`` standard Gumbel noise, GT
+classes first, then the largest keys, which is sampling without replacement with probability
+proportional to ``w`` (the same distribution, other random numbers; tested). ``torch.manual_seed``
+fixes either (the GPU draw uses the device's generator, or ``generator``'s numbers when one is
+given). Under DDP each rank draws its own set from its own RNG state and its own GT classes, as
+the reference does (no collective).
 """
 
 from __future__ import annotations
@@ -37,10 +43,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from taildet.losses.base import SigmoidClassificationLoss, check_prior, reduce_loss
-from taildet.losses.state import as_class_vector, check_finite_loss, check_inputs
+from taildet.losses.state import as_class_vector, cached, check_finite_loss, check_inputs, one_hot
 from taildet.ops.rowwise import compute_dtype
+from taildet.utils.host_sync import avoid_host_sync
 
-__all__ = ["FederatedLoss", "federated_classes", "federated_loss"]
+__all__ = ["FederatedLoss", "federated_classes", "federated_class_mask", "federated_loss"]
 
 
 def federated_classes(labels: Tensor, num_classes: int, sample_weight: Tensor, num_fed_classes: int,
@@ -67,13 +74,37 @@ def federated_classes(labels: Tensor, num_classes: int, sample_weight: Tensor, n
     return torch.cat([gt, drawn])
 
 
+def federated_class_mask(labels: Tensor, num_classes: int, sample_weight: Tensor, num_fed_classes: int,
+                         generator: torch.Generator | None = None) -> Tensor:
+    """The class set ``S`` of one step as a ``[C]`` boolean mask on ``labels``' device, drawn there
+    without a host read (module docstring: Gumbel top-k). Same set size and distribution as
+    :func:`federated_classes`: every GT class, then ``min(num_fed_classes - #GT, #{c not GT:
+    weight_c > 0})`` classes without replacement with probability proportional to the weight."""
+    C, device = num_classes, labels.device
+    present = torch.zeros(C + 1, dtype=torch.bool, device=device).index_fill_(0, labels, True)[:C]
+    gen_device = generator.device if generator is not None else device
+    u = torch.rand(C, dtype=torch.float64, device=gen_device, generator=generator)
+    u = u.to(device, non_blocking=True).clamp_(min=torch.finfo(torch.float64).tiny)
+    w = sample_weight.detach().to(device=device, dtype=torch.float64)
+    keys = torch.log(w) - torch.log(-torch.log(u))  # log w + Gumbel; -inf where w = 0
+    keys = torch.where(present, torch.full_like(keys, float("inf")), keys)
+    sorted_keys, order = torch.sort(keys, descending=True)
+    size = torch.clamp(present.sum(), min=int(num_fed_classes))
+    take = (torch.arange(C, device=device) < size) & (sorted_keys > float("-inf"))
+    return torch.zeros(C, dtype=torch.bool, device=device).scatter_(0, order, take)
+
+
 def federated_loss(logits: Tensor, labels: Tensor, classes: Tensor, weight: Tensor | None) -> Tensor:
     """The federated loss written plainly: ``sum_i w_i sum_{j in classes} BCE(z_ij, t_ij) / N``
-    (``t`` one-hot over ``C``, background rows all zero; ``N`` the rows)."""
+    (``t`` one-hot over ``C``, background rows all zero; ``N`` the rows). ``classes``: the class
+    ids ``[|S|]``, or a ``[C]`` boolean mask."""
     C = logits.shape[1]
-    t = F.one_hot(labels, C + 1)[:, :C].to(logits.dtype)
-    mask = torch.zeros(C, dtype=logits.dtype, device=logits.device)
-    mask[classes.to(logits.device)] = 1.0
+    t = one_hot(labels, C + 1, logits.dtype)[:, :C]
+    if classes.dtype == torch.bool:
+        mask = classes.to(device=logits.device, dtype=logits.dtype)
+    else:
+        mask = torch.zeros(C, dtype=logits.dtype, device=logits.device)
+        mask[classes.to(logits.device)] = 1.0
     bce = (F.binary_cross_entropy_with_logits(logits, t, reduction="none") * mask).sum(1)
     return reduce_loss(bce, logits.shape[0], weight)
 
@@ -90,7 +121,9 @@ class FederatedLoss(SigmoidClassificationLoss):
         prior: initial foreground probability for the bias (0.01).
         generator: an optional ``torch.Generator`` (CPU) for the draws; None: torch's global one.
 
-    ``last_classes`` holds the class set of the latest ``forward`` (int64, host), for inspection.
+    ``last_classes`` holds the class set of the latest ``forward``, for inspection: int64 ids on
+    the host from the CPU draw; a ``[C]`` boolean device mask from the GPU draw (reading it there
+    is the caller's host read, not the loss's).
     """
 
     kind = "two_stage"
@@ -120,13 +153,18 @@ class FederatedLoss(SigmoidClassificationLoss):
         f = self.image_frequency.double()
         return torch.where(f > 0, f.pow(self.power), torch.zeros_like(f))
 
+    def _weight(self, device: torch.device) -> Tensor:
+        """:meth:`sample_weight` on ``device``, computed once per change of ``image_frequency``."""
+        return cached(self, f"sample_weight@{self.power}", self.image_frequency, torch.float64, device,
+                      self.sample_weight)
+
     def forward(self, logits: Tensor, labels: Tensor, weight: Tensor | None = None) -> Tensor:
         labels = check_inputs(self, logits, labels, weight, finite=False)
         n = logits.shape[0]
         if n == 0:
             return logits.sum() * 0.0
-        classes = federated_classes(labels, self.num_classes, self.sample_weight(), self.num_fed_classes,
-                                    self.generator)
+        draw = federated_class_mask if avoid_host_sync(logits) else federated_classes
+        classes = draw(labels, self.num_classes, self._weight(logits.device), self.num_fed_classes, self.generator)
         self.last_classes = classes
         dt = compute_dtype(logits.dtype)
         w = None if weight is None else weight.detach().to(dt)

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from taildet.losses.state import all_reduce_sum_, label_range
 from taildet.ops.pool import Scratch
 from taildet.ops.rowwise import compute_dtype, log_softmax_
+from taildet.utils.host_sync import avoid_host_sync, checks_deferred, expect
 
 __all__ = ["MeanScoreTracker", "target_prob"]
 
@@ -119,6 +120,31 @@ class MeanScoreTracker(nn.Module):
         n_obs = torch.zeros(C + 1, dtype=torch.float64, device=logits.device)
         obs_sum = torch.zeros_like(n_obs)
 
+        if avoid_host_sync(logits):
+            self._gt_observations_sync_free(logits, labels, gt_index, n_obs, obs_sum)
+        else:
+            self._gt_observations(logits, labels, gt_index, n_obs, obs_sum)
+        for m_logits, m_labels in memory:
+            if m_labels.numel() == 0:
+                continue
+            m_labels = m_labels.to(logits.device)
+            if checks_deferred():  # in range until the queued check raises
+                m_labels = m_labels.clamp(0, C - 1)
+            prob = target_prob(m_logits.to(logits.device), m_labels)
+            expect(torch.isfinite(prob).all(), _raiser(f"{name}.update: memory-sample logits contain NaN or infinite values"))
+            # one observation per class among the memory samples: its mean probability
+            cnt = prob.new_zeros(C + 1).index_add_(0, m_labels, torch.ones_like(prob))
+            sums = prob.new_zeros(C + 1).index_add_(0, m_labels, prob)
+            seen = cnt > 0
+            n_obs += seen.to(n_obs.dtype)
+            obs_sum += torch.where(seen, sums / cnt.clamp(min=1.0), torch.zeros_like(sums))
+        return n_obs, obs_sum
+
+    def _gt_observations(self, logits: Tensor, labels: Tensor, gt_index: Tensor, n_obs: Tensor,
+                         obs_sum: Tensor) -> None:
+        """The GT instances' observations added into ``n_obs`` / ``obs_sum`` (CPU: the positive rows
+        compacted with ``nonzero``, one host read for the checks)."""
+        name, C = self.owner, self.num_classes
         pos = torch.nonzero(labels < C).flatten()
         if pos.numel():
             gid = gt_index[pos]
@@ -139,20 +165,37 @@ class MeanScoreTracker(nn.Module):
             # ids without RoIs (gaps in gt_index) add 0 observations and 0 / 1 to class 0
             n_obs.index_add_(0, gt_cls, (cnt > 0).to(n_obs.dtype))
             obs_sum.index_add_(0, gt_cls, sums / cnt.clamp(min=1.0))
-        for m_logits, m_labels in memory:
-            if m_labels.numel() == 0:
-                continue
-            m_labels = m_labels.to(logits.device)
-            prob = target_prob(m_logits.to(logits.device), m_labels)
-            if not bool(torch.isfinite(prob).all()):
-                raise ValueError(f"{name}.update: memory-sample logits contain NaN or infinite values")
-            # one observation per class among the memory samples: its mean probability
-            cnt = torch.bincount(m_labels, minlength=C + 1).to(prob.dtype)
-            sums = prob.new_zeros(C + 1).index_add_(0, m_labels, prob)
-            seen = cnt > 0
-            n_obs += seen.to(n_obs.dtype)
-            obs_sum += torch.where(seen, sums / cnt.clamp(min=1.0), torch.zeros_like(sums))
-        return n_obs, obs_sum
+
+    def _gt_observations_sync_free(self, logits: Tensor, labels: Tensor, gt_index: Tensor, n_obs: Tensor,
+                                   obs_sum: Tensor) -> None:
+        """:meth:`_gt_observations` with fixed shapes and no host read (GPU): every row is kept
+        (background rows weighted 0); the GT ids are renumbered ``0..G-1`` by a sort (a
+        ``unique`` without its host read), per-GT counts and sums by ``index_add_``; the checks
+        are :func:`~taildet.utils.host_sync.expect` flags."""
+        name, C = self.owner, self.num_classes
+        n = labels.shape[0]
+        if n == 0:
+            return
+        fg = labels < C
+        prob = target_prob(logits, labels.clamp(0, C - 1))
+        expect(~(fg & (gt_index < 0)).any(),
+               _raiser(f"{name}.update: foreground RoIs need gt_index >= 0 (got -1 for a positive RoI)"))
+        expect((torch.isfinite(prob) | ~fg).all(), _raiser(f"{name}.update: logits contain NaN or infinite values"))
+        key = torch.where(fg, gt_index, torch.full_like(gt_index, -1))
+        sorted_key, order = torch.sort(key)
+        first = torch.ones_like(sorted_key, dtype=torch.bool)
+        first[1:] = sorted_key[1:] != sorted_key[:-1]
+        group = torch.empty_like(order).scatter_(0, order, torch.cumsum(first, 0) - 1)  # [N] dense GT ids
+        w = fg.to(prob.dtype)
+        cnt = prob.new_zeros(n).index_add_(0, group, w)
+        sums = prob.new_zeros(n).index_add_(0, group, torch.where(fg, prob, torch.zeros_like(prob)))
+        hi = torch.full((n,), -1, dtype=labels.dtype, device=labels.device).scatter_reduce_(0, group, labels, "amax")
+        lo = torch.full((n,), C + 1, dtype=labels.dtype, device=labels.device).scatter_reduce_(0, group, labels, "amin")
+        has = cnt > 0
+        expect(~(has & (hi != lo)).any(), _raiser(f"{name}.update: gt_index assigns RoIs of different labels to the same GT"))
+        gt_cls = hi.clamp(0, C)  # groups without foreground RoIs add 0 observations
+        n_obs.index_add_(0, gt_cls, has.to(n_obs.dtype))
+        obs_sum.index_add_(0, gt_cls, torch.where(has, sums / cnt.clamp(min=1.0), torch.zeros_like(sums)))
 
     def _ema_step(self, n: Tensor, total: Tensor) -> None:
         """``s_c <- alpha^n s_c + (1 - alpha^n) total_c / n_c`` for every class, then ``s_C = s_hat``."""
@@ -176,9 +219,13 @@ class MeanScoreTracker(nn.Module):
             raise ValueError(f"{name}: expected int64 labels, got {labels.dtype}")
         if labels.numel():
             hi = self.num_classes - 1 if foreground_only else self.num_classes
-            lo_v, hi_v = label_range(labels)
-            if lo_v < 0 or hi_v > hi:
-                raise ValueError(f"{name}: labels must be in 0..{hi}, got [{lo_v}, {hi_v}]")
+            lo_v, hi_v = torch.aminmax(labels)
+
+            def diagnose() -> None:
+                lo_i, hi_i = label_range(labels)
+                raise ValueError(f"{name}: labels must be in 0..{hi}, got [{lo_i}, {hi_i}]")
+
+            expect((lo_v >= 0) & (hi_v <= hi), diagnose)
 
 
 def target_prob(logits: Tensor, labels: Tensor, rows: Tensor | None = None) -> Tensor:
@@ -199,3 +246,10 @@ def target_prob(logits: Tensor, labels: Tensor, rows: Tensor | None = None) -> T
         buf.copy_(z[rows])
     lp = log_softmax_(buf).gather(1, labels[:, None]).squeeze(1)
     return torch.exp(lp.to(torch.float64))
+
+
+def _raiser(message: str):
+    """A ``diagnose`` for :func:`~taildet.utils.host_sync.expect` that raises ``ValueError(message)``."""
+    def diagnose() -> None:
+        raise ValueError(message)
+    return diagnose

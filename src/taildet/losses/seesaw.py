@@ -101,7 +101,9 @@ class SeesawLoss(ClassificationLoss):
         n = logits.shape[0]
         if self.training:
             with torch.no_grad():
-                counts = torch.bincount(labels, minlength=C + 1)
+                # per-class counts without bincount (a host sync on GPU for its length)
+                counts = torch.zeros(C + 1, dtype=torch.int64, device=labels.device)
+                counts.index_add_(0, labels, torch.ones_like(labels))
                 all_reduce_sum_(counts)
                 self.cum_samples += counts.to(self.cum_samples.device)
         if n == 0:
@@ -148,9 +150,12 @@ def seesaw_loss(logits: Tensor, labels: Tensor, num_classes: int, log_factors: C
     detached logits: no gradient through the factors)."""
     C = num_classes
     obj = F.cross_entropy(logits[:, C:], (labels == C).long(), reduction="none")
-    pos = labels < C
-    zc = logits[pos, :C]
-    cls = F.cross_entropy(zc + log_factors(zc.detach(), labels[pos]), labels[pos], reduction="none")
+    # every row's class term, background rows' zeroed (fixed shapes: no boolean-mask indexing,
+    # which would read the mask on the host)
+    fg = (labels < C).to(logits.dtype)
+    yc = labels.clamp(max=C - 1)
+    zc = logits[:, :C]
+    cls = F.cross_entropy(zc + log_factors(zc.detach(), yc), yc, reduction="none") * fg
     if weight is None:
         return (obj.sum() + cls.sum()) / logits.shape[0]
-    return ((obj * weight).sum() + (cls * weight[pos]).sum()) / logits.shape[0]
+    return ((obj * weight).sum() + (cls * weight).sum()) / logits.shape[0]

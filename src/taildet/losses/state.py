@@ -36,6 +36,7 @@ __all__ = [
     "check_finite_loss",
     "label_range",
     "as_class_vector",
+    "one_hot",
     "cached",
 ]
 
@@ -127,6 +128,14 @@ def check_finite_loss(loss: Any, value: Tensor, logits: Tensor) -> Tensor:
     name, z = type(loss).__name__, logits.detach()
     expect(torch.isfinite(value.detach()), lambda: _raise_if_nonfinite(name, z))
     return value
+
+
+def one_hot(labels: Tensor, num_columns: int, dtype: torch.dtype) -> Tensor:
+    """``F.one_hot(labels, num_columns).to(dtype)`` (``[N, num_columns]``) without its range check,
+    which reads the labels on the host (a synchronisation on GPU); the labels are checked by the
+    losses' own :func:`check_inputs`."""
+    out = torch.zeros(labels.shape[0], num_columns, dtype=dtype, device=labels.device)
+    return out.scatter_(1, labels[:, None], 1.0)
 
 
 def as_class_vector(value: Any, num_classes: int, loss_name: str, arg_name: str) -> Tensor:

@@ -34,6 +34,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from taildet.ops.pool import DEFAULT_BLOCK_BYTES, Scratch
+from taildet.utils.host_sync import avoid_host_sync
 
 __all__ = ["RowKernel", "Scratch", "rowwise_loss", "block_rows", "compute_dtype", "softmax_", "log_softmax_", "minus_ones",
            "softmax_target_log_prob_", "SoftmaxOffsetKernel", "SigmoidBCEKernel",
@@ -182,8 +183,9 @@ def rowwise_loss(logits: Tensor, kernel: RowKernel, denom: Tensor | float) -> Te
 
 
 def _host_checks_free(t: Tensor) -> bool:
-    """Whether reading a value of ``t`` on the host costs nothing (CPU: no device sync)."""
-    return t.device.type == "cpu"
+    """Whether reading a value of ``t`` on the host costs nothing (CPU, outside
+    :func:`taildet.utils.host_sync.sync_free_paths`: no device sync)."""
+    return not avoid_host_sync(t)
 
 
 def softmax_target_log_prob_(t: Tensor, target: Tensor, rows_again) -> Tensor:
@@ -301,11 +303,17 @@ class SigmoidBCEKernel:
             self._keep = 1.0 - suppress
 
     def _split(self, rows: slice):
-        """Foreground mask ``[r]``, foreground row indices ``[P]`` and their labels ``[P]``."""
+        """Foreground mask ``[r]``, foreground row indices ``[P]``, their labels ``[P]`` and, for
+        the sync-free form (GPU: :func:`~taildet.utils.host_sync.avoid_host_sync`), ``[P]`` 0/1
+        factors: there every row is kept (``P = r``, labels clamped to ``C - 1``) and the factor
+        ``fg_i`` zeroes the background rows' corrections; on CPU the rows are compacted with
+        ``nonzero`` (factor None)."""
         y = self.labels[rows]
         fg = y < self.C
+        if avoid_host_sync(y):
+            return fg, torch.arange(y.shape[0], device=y.device), y.clamp(max=self.C - 1), fg
         pos = torch.nonzero(fg).flatten()
-        return fg, pos, y[pos]
+        return fg, pos, y[pos], None
 
     def _x(self, z: Tensor, fg: Tensor, out: Tensor) -> Tensor:
         if self.shift is None:
@@ -313,7 +321,7 @@ class SigmoidBCEKernel:
         return torch.addcmul(z, fg.to(z.dtype)[:, None], self.shift[None, :], out=out)
 
     def loss(self, z: Tensor, rows: slice, scratch: Scratch) -> Tensor:
-        fg, pos, yp = self._split(rows)
+        fg, pos, yp, keep_row = self._split(rows)
         x = self._x(z, fg, scratch(z, "shifted"))
         sp = torch._C._nn.softplus(x, 1, 20, out=scratch(z, "softplus"))  # F.softplus into a work buffer
         if self.suppress is None:
@@ -321,20 +329,29 @@ class SigmoidBCEKernel:
         else:
             sums = sp @ self._sums
             row = sums[:, 0].clone()
-            row.index_add_(0, pos, sums[:, 1].index_select(0, pos), alpha=-1.0)
+            sub = sums[:, 1].index_select(0, pos)
+            row.index_add_(0, pos, sub if keep_row is None else sub * keep_row, alpha=-1.0)
         if pos.numel():
             corr = -x[pos, yp]
             if self.suppress is not None:
                 corr = corr + self.suppress[yp] * sp[pos, yp]
-            row.index_add_(0, pos, corr)
+            row.index_add_(0, pos, corr if keep_row is None else corr * keep_row)
         if self.weight is not None:
             return (row * self.weight[rows]).sum()
         return row.sum()
 
     def grad(self, z: Tensor, rows: slice, scale: Tensor, out: Tensor, scratch: Scratch) -> None:
-        fg, pos, yp = self._split(rows)
+        fg, pos, yp, keep_row = self._split(rows)
         torch.sigmoid(self._x(z, fg, out), out=out)
-        if pos.numel():
+        if keep_row is not None:  # sync-free: every row, background rows left as they are
+            f = keep_row.to(out.dtype)
+            if self.suppress is None:
+                out.index_put_((pos, yp), -f, accumulate=True)
+            else:
+                s_y = out[pos, yp]
+                out.mul_(1.0 - f[:, None] * self.suppress)
+                out.index_put_((pos, yp), s_y - f)
+        elif pos.numel():
             if self.suppress is None:
                 out.index_put_((pos, yp), minus_ones(pos.shape[0], out.dtype, out.device).squeeze(1), accumulate=True)
             else:

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from taildet.ops.pool import Scratch
 from taildet.ops.rowwise import minus_ones, softmax_target_log_prob_
+from taildet.utils.host_sync import avoid_host_sync
 
 __all__ = ["SeesawKernel"]
 
@@ -28,9 +29,16 @@ class SeesawKernel:
         self.labels, self.C, self.log_factors, self.weight = labels, num_classes, log_factors, weight
 
     def _split(self, rows: slice):
-        """Objectness targets ``[r, 1]``, foreground row indices ``[P]`` and their labels ``[P]``."""
+        """Objectness targets ``[r, 1]``, foreground row indices ``[P]``, the labels ``[r]`` and
+        the foreground factors: None on CPU (rows compacted with ``nonzero``); in the sync-free
+        form (GPU, :func:`~taildet.utils.host_sync.avoid_host_sync`) every row is kept (``P = r``,
+        labels clamped to ``C - 1``) and the ``[r]`` 0/1 factor ``fg_i`` zeroes the class term of
+        background rows."""
         y = self.labels[rows]
-        return (y == self.C).long()[:, None], torch.nonzero(y < self.C).flatten(), y
+        obj_t = (y == self.C).long()[:, None]
+        if avoid_host_sync(y):
+            return obj_t, torch.arange(y.shape[0], device=y.device), y.clamp(max=self.C - 1), (y < self.C)
+        return obj_t, torch.nonzero(y < self.C).flatten(), y, None
 
     def _adjusted(self, z: Tensor, pos: Tensor, yp: Tensor, scratch: Scratch | None) -> Tensor:
         """The foreground rows' adjusted class logits ``z + log(M C)`` ``[P, C]`` (in work buffers
@@ -50,7 +58,7 @@ class SeesawKernel:
         (foreground rows; 0 on background rows) and the objectness softmax."""
         C = self.C
         scratch = Scratch() if scratch is None else scratch
-        obj_t, pos, y = self._split(rows)
+        obj_t, pos, y, fg = self._split(rows)
         yp = y[pos]
         zc = self._adjusted(z, pos, yp, scratch)
         cls = -softmax_target_log_prob_(zc, yp[:, None],
@@ -58,9 +66,13 @@ class SeesawKernel:
         lo = torch.log_softmax(z[:, C:], dim=1)
         obj = -lo.gather(1, obj_t).squeeze(1)
         keep_cls = keep[:, :C]
-        if pos.shape[0] < y.shape[0]:
-            keep_cls.zero_()  # (index_fill_ of the background rows: single-threaded, ~10x slower)
-        keep_cls.index_copy_(0, pos, zc)
+        if fg is not None:  # sync-free: every row; the background rows' class softmax zeroed
+            cls = cls * fg
+            torch.mul(zc, fg.to(zc.dtype)[:, None], out=keep_cls)
+        else:
+            if pos.shape[0] < y.shape[0]:
+                keep_cls.zero_()  # (index_fill_ of the background rows: single-threaded, ~10x slower)
+            keep_cls.index_copy_(0, pos, zc)
         torch.exp(lo, out=keep[:, C:])
         if self.weight is None:
             return obj.sum() + cls.sum()
@@ -70,8 +82,9 @@ class SeesawKernel:
     def grad_from_kept(self, kept: Tensor, rows: slice, scale: Tensor) -> None:
         """:meth:`grad` in place from :meth:`loss_keep`'s buffer: ``scale * w (softmax - onehot)``."""
         C = self.C
-        obj_t, pos, y = self._split(rows)
-        kept.index_put_((pos, y[pos]), minus_ones(pos.shape[0], kept.dtype, kept.device).squeeze(1), accumulate=True)
+        obj_t, pos, y, fg = self._split(rows)
+        target = minus_ones(pos.shape[0], kept.dtype, kept.device).squeeze(1)
+        kept.index_put_((pos, y[pos]), target if fg is None else target * fg, accumulate=True)
         kept[:, C:].scatter_add_(1, obj_t, minus_ones(obj_t.shape[0], kept.dtype, kept.device))
         if self.weight is None:
             kept.mul_(scale)

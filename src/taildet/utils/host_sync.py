@@ -24,7 +24,9 @@ has); the losses must add none. Three tools:
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -150,17 +152,28 @@ class HostSyncDetector(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.calls: list[str] = []
+        #: for each call, the innermost Python frame outside torch (``file:line``): where to look
+        self.sites: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
         if name in _READS:
-            self.calls.append(name)
+            self._record(name)
         elif name in _MAYBE_READS and _has_bool_index(args):
-            self.calls.append(f"{name} (boolean mask)")
+            self._record(f"{name} (boolean mask)")
         elif name == "repeat_interleave" and kwargs.get("output_size") is None and len(args) == 1:
-            self.calls.append(name)
+            self._record(name)
         return func(*args, **kwargs)
+
+    def _record(self, name: str) -> None:
+        self.calls.append(name)
+        site = "?"
+        for frame in reversed(traceback.extract_stack()[:-2]):
+            if f"{os.sep}torch{os.sep}" not in frame.filename:
+                site = f"{frame.filename}:{frame.lineno}"
+                break
+        self.sites.append(site)
 
 
 def _has_bool_index(args: tuple) -> bool:
