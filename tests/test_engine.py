@@ -20,6 +20,7 @@ from taildet.engine import (TrainingDivergedError, inference, last_checkpoint, l
                             train)
 from taildet.engine.finetune import finetune
 from taildet.engine.schedule import build_scheduler
+from taildet.utils.host_sync import checks_deferred, expect
 
 # ----------------------------------------------------------------------------- stand-ins
 
@@ -365,3 +366,37 @@ def test_new_run_sets_an_old_runs_checkpoints_aside_and_temp_files_go(tmp_path):
     assert len(aside) == 1 and "model_final.pth" in os.listdir(os.path.join(rd, aside[0]))
     # ... so its --resume starts from scratch instead of continuing the old run's weights
     assert last_checkpoint(rd) is None
+
+
+class QueuesACheck(TinyFasterRCNN):
+    """Queues a loss-style input check (``expect``) in every training forward; it fails from
+    forward ``fail_at`` on. Records whether checks were deferred (queued, not read at once)."""
+
+    def __init__(self, fail_at):
+        super().__init__()
+        self.fail_at, self.deferred = fail_at, []
+
+    def forward(self, images, targets=None):
+        out = super().forward(images, targets)
+        if self.training:
+            self.deferred.append(checks_deferred())
+            bad = torch.tensor(self.calls >= self.fail_at)
+
+            def diagnose():
+                raise ValueError(f"SomeLoss: labels must be in 0..3, got values in [0, 9] (forward {self.calls})")
+
+            expect(~bad, diagnose)
+        return out
+
+
+def test_trainer_reads_the_losses_queued_checks_once_per_step(tmp_path):
+    """The trainer runs the forward inside deferred_checks() (issue 18: no host read inside a loss)
+    and reads the queued checks in its one host read of the step: the loss's own error comes out of
+    the step whose forward queued it, before its backward, and the last checkpoint stays."""
+    cfg = make_cfg(tmp_path, iterations=8, checkpoint_period=2)
+    model = QueuesACheck(fail_at=5)
+    with pytest.raises(ValueError, match=r"SomeLoss: labels must be in 0\.\.3, got values in \[0, 9\] \(forward 5\)"):
+        run(cfg, model=model)
+    assert model.deferred == [True] * 5
+    assert last_checkpoint(cfg.output_dir).endswith("checkpoint_0000004.pth")
+    assert not os.path.exists(os.path.join(cfg.output_dir, "model_final.pth"))

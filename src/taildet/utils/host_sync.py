@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["avoid_host_sync", "sync_free_paths", "deferred_checks", "expect", "PendingChecks",
+__all__ = ["avoid_host_sync", "sync_free_paths", "deferred_checks", "checks_deferred", "expect", "PendingChecks",
            "HostSyncDetector"]
 
 _LOCAL = threading.local()
