@@ -27,6 +27,7 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any
 
+import torch
 from torch import Tensor
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FasterRCNN, TwoMLPHead
@@ -67,7 +68,6 @@ def prepare_targets(targets: list[dict[str, Tensor]], num_classes: int) -> list[
 
     Returns new dicts (the caller's are not modified). Raises :class:`DataError` naming the target.
     """
-    out = []
     for i, t in enumerate(targets):
         if "boxes" not in t or "labels" not in t:
             raise DataError("model targets", f"targets[{i}]", "needs 'boxes' and 'labels'")
@@ -78,18 +78,28 @@ def prepare_targets(targets: list[dict[str, Tensor]], num_classes: int) -> list[
                 f"targets[{i}]",
                 f"expected boxes [N, 4] and labels [N], got {tuple(boxes.shape)} and {tuple(labels.shape)}",
             )
-        if labels.numel():
-            lo, hi = int(labels.min()), int(labels.max())
-            if lo < 0 or hi >= num_classes:
-                raise DataError(
-                    "model targets",
-                    f"targets[{i}]['labels']",
-                    f"labels must be foreground classes 0..{num_classes - 1} (background is implicit), "
-                    f"got values in [{lo}, {hi}]",
-                )
+    # one host read for the whole batch (a synchronisation on GPU): per image the label range and
+    # whether it has a crowd box
+    summary = []
+    for t in targets:
+        labels, crowd = t["labels"], t.get("iscrowd")
+        lo_hi = torch.stack(torch.aminmax(labels)) if labels.numel() else labels.new_tensor([0, 0])
+        has_crowd = (crowd != 0).any().to(lo_hi.dtype).view(1) if crowd is not None and crowd.numel() \
+            else lo_hi.new_zeros(1)
+        summary.append(torch.cat([lo_hi, has_crowd]))
+    values = torch.stack(summary).tolist() if summary else []
+    out = []
+    for i, (t, (lo, hi, has_crowd)) in enumerate(zip(targets, values)):
+        if lo < 0 or hi >= num_classes:
+            raise DataError(
+                "model targets",
+                f"targets[{i}]['labels']",
+                f"labels must be foreground classes 0..{num_classes - 1} (background is implicit), "
+                f"got values in [{lo}, {hi}]",
+            )
         t = dict(t)
         crowd = t.get("iscrowd")
-        if crowd is not None and crowd.numel() and bool((crowd != 0).any()):
+        if has_crowd:
             keep = crowd == 0
             n = keep.shape[0]
             for k in _PER_BOX_KEYS:
