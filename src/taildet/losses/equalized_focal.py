@@ -34,6 +34,11 @@ The loss is written plainly in :func:`equalized_focal_loss` (a dense target matr
 on every entry). Its fast path, :func:`taildet.ops.efl_kernel.sparse_focal_loss_and_grad`
 (the negative formula on every entry, the few positive entries corrected: no target matrix), is
 chosen per device by :func:`taildet.ops.use_fast_path`, as for the other losses, and tested equal.
+Either form takes the positive entries in a layout of :mod:`taildet.losses.one_stage_inputs`:
+compacted on the CPU (ignored rows dropped, ``nonzero``), fixed-shape where
+:func:`taildet.utils.host_sync.avoid_host_sync` holds (CUDA: every row kept, ignored ones with
+zero weight and zero gradient), where the forward, the backward and the state update read no
+device value on the host. The two layouts give equal losses, gradients and state (tested).
 
 State and when it changes
 -------------------------
@@ -70,7 +75,8 @@ Details:
 * Set ``loss.update_state = False`` to freeze the state (e.g. a stage 2 with fixed ratios).
 
 Also usable outside detection (any ``[N, C]`` multi-label logits with a ``{0, 1}`` target
-matrix): :meth:`EqualizedFocalLoss.forward_multilabel`.
+matrix): :meth:`EqualizedFocalLoss.forward_multilabel` (sync-free too where the host must not
+read: every entry is then a candidate positive, masked by the targets).
 """
 
 from __future__ import annotations
@@ -83,7 +89,9 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from taildet.losses.base import SigmoidClassificationLoss, check_prior
-from taildet.losses.focal import check_dense_inputs, default_normalizer, mean_over_ranks, sparse_positives  # noqa: F401
+from taildet.losses.focal import check_dense_inputs, default_normalizer, mean_over_ranks  # noqa: F401
+from taildet.losses.one_stage_inputs import (PositiveEntries, check_binary_targets, check_quality, multilabel_entries,
+                                             positive_entries, positive_quality, positive_values)
 from taildet.ops import use_fast_path
 from taildet.ops.efl_kernel import sparse_focal_loss_and_grad
 from taildet.utils.comm import all_reduce_mean_
@@ -126,6 +134,8 @@ def equalized_focal_loss(
     alpha: float = 0.25,
     quality: Tensor | None = None,
     need_grad: bool = True,
+    keep: Tensor | None = None,
+    pos: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """EFL (``quality is None``) or EQFL of logits ``x`` ``[N, C]`` and its gradient, as methods.md
     section 4 writes them: ``(sum_ij l_ij / normalizer, d/dx of it)`` (the gradient None unless
@@ -136,15 +146,19 @@ def equalized_focal_loss(
     ``alpha_t w_j (1 - p_t)^gamma_j (-log p_t)`` (EFL; ``alpha < 0``: no alpha) or
     ``w_j |q_ij - p|^gamma_j BCE(x_ij, q_ij)`` (EQFL), with ``gamma``, ``weight`` the ``[C]``
     vectors ``gamma_j``, ``w_j``; its derivative is the paper's appendix eq. 6 (module docstring).
+    Fixed-shape layout (:mod:`taildet.losses.one_stage_inputs`): only the candidates ``pos``
+    (``[P]`` bool) are positive, and the rows outside ``keep`` (``[N]`` bool) add nothing.
     """
     t = torch.zeros_like(x)
-    t[rows, cols] = 1.0
+    t[rows, cols] = 1.0 if pos is None else pos.to(x.dtype)
     if quality is None:
         terms, grad = _efl_terms(x, t, gamma, weight, alpha)
     else:
         q = torch.zeros_like(x)
-        q[rows, cols] = quality.to(x.dtype)
+        q[rows, cols] = quality.to(x.dtype) if pos is None else torch.where(pos, quality.to(x.dtype), 0.0)
         terms, grad = _quality_terms(x, q, gamma, weight)
+    if keep is not None:
+        terms, grad = terms.masked_fill_(~keep[:, None], 0.0), grad.masked_fill_(~keep[:, None], 0.0)
     return terms.sum() / normalizer, (grad / normalizer if need_grad else None)
 
 
@@ -198,8 +212,7 @@ def _quality_terms(x: Tensor, q: Tensor, gamma: Tensor | float, coef: Tensor | f
 
 
 def _check_binary(targets: Tensor) -> None:
-    if targets.numel() and not bool(((targets == 0) | (targets == 1)).all()):
-        raise ValueError("equalized focal loss: targets must be 0 or 1")
+    check_binary_targets("equalized focal loss", targets)
 
 
 def equalized_focal_loss_terms(
@@ -258,6 +271,8 @@ def _sparse_loss_and_grad(
     alpha: float = 0.25,
     quality: Tensor | None = None,
     need_grad: bool = True,
+    keep: Tensor | None = None,
+    pos: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """:func:`equalized_focal_loss` without a target matrix: every entry as a negative, then the
     positive entries corrected with this file's terms (:func:`sparse_focal_loss_and_grad`)."""
@@ -271,7 +286,7 @@ def _sparse_loss_and_grad(
         def positive_terms(xs: Tensor) -> tuple[Tensor, Tensor]:
             return _quality_terms(xs, quality.to(xs.dtype), g_s, c_s)
     return sparse_focal_loss_and_grad(x, rows, cols, gamma, coef, positive_terms, negative_scale=a_neg,
-                                      need_grad=need_grad)
+                                      need_grad=need_grad, keep=keep, pos=pos)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,25 +300,25 @@ class _EqualizedFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, logits, rows, cols, gamma, weight, normalizer, alpha, quality, compute, on_backward
+        ctx, logits, entries, gamma, weight, normalizer, alpha, quality, compute, on_backward
     ):
         x = logits.detach().to(torch.promote_types(logits.dtype, torch.float32))
         with torch.autocast(device_type=x.device.type, enabled=False):
-            loss, grad = compute(x, rows, cols, gamma.to(x.dtype), weight.to(x.dtype), normalizer, alpha=alpha,
-                                 quality=quality)
-        ctx.save_for_backward(grad, rows, cols)
-        ctx.on_backward = on_backward
+            loss, grad = compute(x, entries.rows, entries.cols, gamma.to(x.dtype), weight.to(x.dtype), normalizer,
+                                 alpha=alpha, quality=quality, keep=entries.keep, pos=entries.pos)
+        ctx.save_for_backward(grad)
+        ctx.entries, ctx.on_backward = entries, on_backward
         ctx.logits_dtype = logits.dtype
         return loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):  # type: ignore[override]
-        grad, rows, cols = ctx.saved_tensors
+        (grad,) = ctx.saved_tensors
         g = grad * grad_output.to(grad.dtype)
         if ctx.on_backward is not None:
-            ctx.on_backward(g, (rows, cols))
-        return g.to(ctx.logits_dtype), None, None, None, None, None, None, None, None, None
+            ctx.on_backward(g, ctx.entries)
+        return g.to(ctx.logits_dtype), None, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -374,19 +389,22 @@ class EqualizedFocalLoss(SigmoidClassificationLoss):
 
     # -- state ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def _accumulate(self, grad: Tensor, targets: tuple[Tensor, Tensor]) -> None:
-        """The one state update: add ``|grad|`` of the positive entries ``targets = (rows, cols)``
+    def _accumulate(self, grad: Tensor, entries: PositiveEntries) -> None:
+        """The one state update: add ``|grad|`` of the positive entries (``entries``, either layout)
         to ``pos_grad`` and of all other entries to ``neg_grad`` (per class), summed over DDP
         ranks (divided by the world size, see the module docstring), then recompute the ratio.
-        ``grad`` is the gradient of the total loss w.r.t. the (non-ignored) logits ``[N, C]``."""
+        ``grad`` is the gradient of the total loss w.r.t. the logits ``[N, C]`` (the non-ignored
+        rows, or all rows with the ignored ones zero: they add nothing). No host read."""
         if not self.update_state:
             return
-        rows, cols = targets
+        rows, cols = entries.rows, entries.cols
         g = grad.detach().abs().to(self.pos_grad.dtype)  # a new tensor: safe to edit in place
         if float(self.grad_scale) != 1.0:
             g /= float(self.grad_scale)  # the true gradient under GradScaler
-        pos = torch.zeros_like(self.pos_grad).index_add_(0, cols, g[rows, cols])
-        g[rows, cols] = 0
+        at = g[rows, cols]
+        on = positive_values(at, entries)  # the positive entries' |g| (0 at the other candidates)
+        pos = torch.zeros_like(self.pos_grad).index_add_(0, cols, on)
+        g[rows, cols] = at - on  # the positive entries out of the negatives' sum
         delta = torch.stack([pos, g.sum(0)])
         all_reduce_mean_(delta)  # over DDP processes (the module docstring says why the mean)
         delta = torch.where(torch.isfinite(delta).all(), delta, torch.zeros_like(delta))
@@ -395,14 +413,8 @@ class EqualizedFocalLoss(SigmoidClassificationLoss):
         self.pos_neg_ratio.copy_((self.pos_grad / (self.neg_grad + _EPS)).clamp(0.0, 1.0))
 
     # -- losses ---------------------------------------------------------------------------------
-    def _loss(
-        self,
-        logits: Tensor,
-        rows: Tensor,
-        cols: Tensor,
-        normalizer: Tensor | float,
-        quality: Tensor | None,
-    ) -> Tensor:
+    def _loss(self, logits: Tensor, entries: PositiveEntries, normalizer: Tensor | float,
+              quality: Tensor | None) -> Tensor:
         gamma, weight = self.focusing_factors()
         alpha = self.alpha
         if use_fast_path(logits.device):  # no dense target matrix (taildet.ops.efl_kernel)
@@ -410,14 +422,12 @@ class EqualizedFocalLoss(SigmoidClassificationLoss):
         else:
             compute = equalized_focal_loss
         if torch.is_grad_enabled() and logits.requires_grad:
-            return _EqualizedFunction.apply(logits, rows, cols, gamma, weight, normalizer, alpha, quality, compute,
+            return _EqualizedFunction.apply(logits, entries, gamma, weight, normalizer, alpha, quality, compute,
                                             self._accumulate)
         x = logits.to(torch.promote_types(logits.dtype, torch.float32))
         gamma, weight = gamma.to(x.dtype), weight.to(x.dtype)
-        return compute(x, rows, cols, gamma, weight, normalizer, alpha=alpha, quality=quality, need_grad=False)[0]
-
-    def _quality_of(self, quality: Tensor | None, labels: Tensor, rows: Tensor) -> Tensor | None:
-        return None
+        return compute(x, entries.rows, entries.cols, gamma, weight, normalizer, alpha=alpha, quality=quality,
+                       need_grad=False, keep=entries.keep, pos=entries.pos)[0]
 
     def forward(
         self,
@@ -426,11 +436,13 @@ class EqualizedFocalLoss(SigmoidClassificationLoss):
         normalizer: float | Tensor | None = None,
         quality: Tensor | None = None,
     ) -> Tensor:
-        check_dense_inputs(self, logits, labels)
-        logits, labels, quality, rows, cols = sparse_positives(logits, labels, quality, self.num_classes)
-        q = self._quality_of(quality, labels, rows)
-        normalizer = default_normalizer(rows.new_tensor(rows.numel()), normalizer, torch.float32)
-        return self._loss(logits, rows, cols, normalizer, q)
+        labels = check_dense_inputs(self, logits, labels)
+        if self.uses_quality:
+            check_quality(self, quality, labels)
+        logits, labels, quality, entries = positive_entries(logits, labels, quality, self.num_classes)
+        q = positive_quality(quality, entries) if self.uses_quality else None
+        normalizer = default_normalizer(entries.count, normalizer, torch.float32)
+        return self._loss(logits, entries, normalizer, q)
 
     def forward_multilabel(
         self,
@@ -442,21 +454,22 @@ class EqualizedFocalLoss(SigmoidClassificationLoss):
         """The loss for any ``[N, C]`` multi-label logits and a ``{0, 1}`` target matrix (several
         positives per row allowed). ``normalizer`` defaults to the number of positive entries
         (averaged over DDP ranks, at least 1). EQFL takes ``quality`` ``[N, C]`` (``q`` of each
-        positive entry; default 1). The state updates in the backward as for ``forward``."""
+        positive entry; default 1). The state updates in the backward as for ``forward``. Entries
+        as :func:`~taildet.losses.one_stage_inputs.multilabel_entries` gives them (no host read on CUDA)."""
         if logits.dim() != 2 or logits.shape[1] != self.num_classes or targets.shape != logits.shape:
             raise ValueError(
                 f"{type(self).__name__}.forward_multilabel: expected logits and targets of shape "
                 f"[N, {self.num_classes}], got {tuple(logits.shape)} and {tuple(targets.shape)}"
             )
-        if targets.numel() and not bool(((targets == 0) | (targets == 1)).all()):
-            raise ValueError(f"{type(self).__name__}.forward_multilabel: targets must be 0 or 1")
-        rows, cols = torch.nonzero(targets, as_tuple=True)
+        check_binary_targets(f"{type(self).__name__}.forward_multilabel", targets)
+        entries = multilabel_entries(targets)
         q = None
         if self.uses_quality:
+            rows, cols = entries.rows, entries.cols
             q = quality[rows, cols].detach() if quality is not None else logits.new_ones(rows.shape[0])
-            q = q.clamp(0.0, 1.0)
-        normalizer = default_normalizer(rows.new_tensor(rows.numel()), normalizer, torch.float32)
-        return self._loss(logits, rows, cols, normalizer, q)
+            q = positive_values(q.clamp(0.0, 1.0), entries)
+        normalizer = default_normalizer(entries.count, normalizer, torch.float32)
+        return self._loss(logits, entries, normalizer, q)
 
 
 class EqualizedQualityFocalLoss(EqualizedFocalLoss):
@@ -470,17 +483,6 @@ class EqualizedQualityFocalLoss(EqualizedFocalLoss):
 
     def __init__(self, num_classes: int, gamma_b: float = 2.0, scale: float = 8.0, prior: float = 0.001):
         super().__init__(num_classes, gamma_b=gamma_b, scale=scale, alpha=-1.0, prior=prior)
-
-    def _quality_of(self, quality: Tensor | None, labels: Tensor, rows: Tensor) -> Tensor:
-        if quality is None:
-            raise ValueError(
-                f"{type(self).__name__} needs quality= (IoU of each positive anchor's decoded box with its GT)"
-            )
-        if quality.shape != labels.shape:
-            raise ValueError(
-                f"{type(self).__name__}: expected quality of shape [{labels.shape[0]}], got {tuple(quality.shape)}"
-            )
-        return quality[rows].detach().clamp(0.0, 1.0)
 
 
 def set_grad_scale(model: torch.nn.Module, scale: float) -> int:

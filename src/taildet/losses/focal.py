@@ -14,6 +14,14 @@ positive anchor, ``C`` for a negative anchor (all-zero target row) and ``-1`` fo
 (contributes nothing). The loss is the sum over non-ignored anchors and all ``C`` classes divided by
 ``max(normalizer, 1)``; the normalizer defaults to the number of positive anchors.
 
+Two code paths, equal up to float rounding (``tests/test_losses_sync_free_one_stage.py``): on the
+CPU the ignored anchors are dropped by a boolean mask (fewer rows, but the host reads the mask);
+where :func:`taildet.utils.host_sync.avoid_host_sync` holds (CUDA, any non-CPU device) every row
+is kept, the one-hot target built by comparison with the class indices and the ignored rows'
+terms zeroed, so the loss reads no device value on the host (forward or backward). The label
+check goes through :func:`taildet.utils.host_sync.expect` (queued inside
+:func:`~taildet.utils.host_sync.deferred_checks`).
+
 :func:`focal_loss` is the element-wise maths on its own (no reduction), for comparisons with the
 Equalized Focal Loss, which reduces to it when every class's focusing factor equals ``gamma``.
 The numeric reference is :func:`torchvision.ops.sigmoid_focal_loss`.
@@ -27,7 +35,9 @@ from torch import Tensor
 
 from taildet.losses.base import ClassificationLoss, SigmoidClassificationLoss, check_prior, default_normalizer, reduce_loss
 from taildet.losses.base import mean_over_ranks as mean_over_ranks  # re-exported
+from taildet.losses.one_stage_inputs import sparse_positives as sparse_positives  # re-exported
 from taildet.losses.state import label_range
+from taildet.utils.host_sync import avoid_host_sync, checks_deferred, expect
 
 __all__ = ["SigmoidFocalLoss", "focal_loss", "dense_targets", "sparse_positives", "check_dense_inputs"]
 
@@ -52,9 +62,14 @@ def focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: floa
     return loss
 
 
-def check_dense_inputs(loss: ClassificationLoss, logits: Tensor, labels: Tensor) -> None:
-    """Shape, dtype and label-range checks for one-stage losses (clear messages instead of torch's;
-    one host sync for the label range)."""
+def check_dense_inputs(loss: ClassificationLoss, logits: Tensor, labels: Tensor) -> Tensor:
+    """Shape, dtype and label-range checks for one-stage losses (clear messages instead of torch's);
+    returns the labels to compute with.
+
+    The shapes are checked on the host; the label range (``-1..C``) through
+    :func:`taildet.utils.host_sync.expect`: one host read, or none inside
+    :func:`~taildet.utils.host_sync.deferred_checks`, where the check is queued and the labels
+    returned are clamped into ``-1..C`` (no kernel indexes out of bounds before it raises)."""
     k = loss.num_outputs()
     if logits.dim() != 2 or logits.shape[1] != k:
         raise ValueError(
@@ -67,13 +82,19 @@ def check_dense_inputs(loss: ClassificationLoss, logits: Tensor, labels: Tensor)
         )
     if labels.dtype != torch.int64:
         raise ValueError(f"{type(loss).__name__}: expected int64 labels, got {labels.dtype}")
-    if labels.numel():
+    if not labels.numel():
+        return labels
+    lo_v, hi_v = torch.aminmax(labels)
+
+    def diagnose() -> None:
         lo, hi = label_range(labels)
-        if lo < -1 or hi > loss.num_classes:
-            raise ValueError(
-                f"{type(loss).__name__}: labels must be in -1..{loss.num_classes} (-1 ignored, "
-                f"{loss.num_classes} negative), got values in {lo}..{hi}"
-            )
+        raise ValueError(
+            f"{type(loss).__name__}: labels must be in -1..{loss.num_classes} (-1 ignored, "
+            f"{loss.num_classes} negative), got values in {lo}..{hi}"
+        )
+
+    expect((lo_v >= -1) & (hi_v <= loss.num_classes), diagnose)
+    return labels.clamp(-1, loss.num_classes) if checks_deferred() else labels
 
 
 def dense_targets(labels: Tensor, num_classes: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -81,30 +102,13 @@ def dense_targets(labels: Tensor, num_classes: int, dtype: torch.dtype) -> tuple
 
     ``valid`` is the boolean mask ``labels >= 0`` (ignored anchors removed); ``targets`` is the
     ``[num_valid, C]`` one-hot matrix of the valid anchors (all-zero rows for negatives, label ``C``).
+    The CPU path of :class:`SigmoidFocalLoss` (the boolean mask makes the host read the labels).
     """
     valid = labels >= 0
     kept = labels[valid]
     targets = torch.zeros(kept.shape[0], num_classes + 1, dtype=dtype, device=labels.device)
     targets[torch.arange(kept.shape[0], device=labels.device), kept] = 1.0
     return valid, targets[:, :num_classes]
-
-
-def sparse_positives(
-    logits: Tensor, labels: Tensor, quality: Tensor | None, num_classes: int
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor]:
-    """Drop the ignored anchors (label ``-1``) and locate the positive entries.
-
-    Returns ``(logits, labels, quality, rows, cols)`` restricted to the non-ignored anchors
-    (``quality`` stays None when None), with ``logits[rows, cols]`` the positive entries (one per
-    positive anchor, ``cols`` its label). The inputs are returned as they are when nothing is ignored.
-    """
-    valid = labels >= 0
-    if not bool(valid.all()):
-        logits, labels = logits[valid], labels[valid]
-        if quality is not None:
-            quality = quality[valid]
-    rows = torch.where(labels < num_classes)[0]
-    return logits, labels, quality, rows, labels[rows]
 
 
 class SigmoidFocalLoss(SigmoidClassificationLoss):
@@ -141,11 +145,16 @@ class SigmoidFocalLoss(SigmoidClassificationLoss):
         normalizer: float | Tensor | None = None,
         quality: Tensor | None = None,
     ) -> Tensor:
-        check_dense_inputs(self, logits, labels)
+        labels = check_dense_inputs(self, logits, labels)
         # float32 for half-precision logits (AMP), as EFL / QFL: 1 - p_t in float16 quantises the
         # focal factor of easy negatives (prior ~0.01) and zeroes it below p ~ 2.4e-4
         x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-        valid, targets = dense_targets(labels, self.num_classes, x.dtype)
         num_pos = ((labels >= 0) & (labels < self.num_classes)).sum()
         normalizer = default_normalizer(num_pos, normalizer, x.dtype)
+        if avoid_host_sync(x):  # every row kept, the ignored ones zeroed: no host read
+            classes = torch.arange(self.num_classes, device=labels.device)
+            targets = (labels[:, None] == classes).to(x.dtype)  # all-zero rows for labels C and -1
+            terms = focal_loss(x, targets, self.alpha, self.gamma)
+            return reduce_loss(torch.where((labels >= 0)[:, None], terms, terms.new_zeros(())), normalizer)
+        valid, targets = dense_targets(labels, self.num_classes, x.dtype)
         return reduce_loss(focal_loss(x[valid], targets, self.alpha, self.gamma), normalizer)

@@ -11,7 +11,10 @@ number of positive anchors, averaged over DDP ranks, at least 1). Stateless; pla
 Written plainly on the dense target ``q`` (:func:`quality_focal_loss` of every entry); the fast
 path :func:`taildet.ops.efl_kernel.sparse_focal_loss_and_grad` (no target matrix: every entry as a
 negative, the positive entries corrected) is chosen per device by
-:func:`taildet.ops.use_fast_path` and tested equal.
+:func:`taildet.ops.use_fast_path` and tested equal. Either form takes the positive entries in a
+layout of :mod:`taildet.losses.one_stage_inputs`: compacted on the CPU (ignored rows dropped), or
+fixed-shape where :func:`taildet.utils.host_sync.avoid_host_sync` holds (CUDA: every row kept,
+the ignored ones with zero weight; no host read in the forward or the backward); tested equal.
 :class:`~taildet.losses.equalized_focal.EqualizedQualityFocalLoss` with every gradient ratio
 equal to 1 is exactly this loss with ``beta = gamma_b``.
 """
@@ -23,7 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from taildet.losses.base import SigmoidClassificationLoss, check_prior, default_normalizer
-from taildet.losses.focal import check_dense_inputs, sparse_positives
+from taildet.losses.focal import check_dense_inputs
+from taildet.losses.one_stage_inputs import check_quality, positive_entries, positive_quality
 from taildet.ops import use_fast_path
 from taildet.ops.efl_kernel import sparse_focal_loss_and_grad
 
@@ -67,24 +71,24 @@ class QualityFocalLoss(SigmoidClassificationLoss):
         normalizer: float | Tensor | None = None,
         quality: Tensor | None = None,
     ) -> Tensor:
-        check_dense_inputs(self, logits, labels)
-        if quality is None:
-            raise ValueError("QualityFocalLoss needs quality= (IoU of each positive anchor's decoded box with its GT)")
-        if quality.shape != labels.shape:
-            raise ValueError(
-                f"QualityFocalLoss: expected quality of shape [{labels.shape[0]}], got {tuple(quality.shape)}"
-            )
-        logits, labels, quality, rows, cols = sparse_positives(logits, labels, quality, self.num_classes)
-        normalizer = default_normalizer(rows.new_tensor(rows.numel()), normalizer, torch.float32)
+        labels = check_dense_inputs(self, logits, labels)
+        check_quality(self, quality, labels)
+        logits, labels, quality, entries = positive_entries(logits, labels, quality, self.num_classes)
+        rows, cols, keep = entries.rows, entries.cols, entries.keep
+        normalizer = default_normalizer(entries.count, normalizer, torch.float32)
         x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-        q = quality[rows].detach().to(x.dtype).clamp(0.0, 1.0)  # the positive entries' targets
+        q = positive_quality(quality, entries).to(x.dtype)  # the positive entries' targets (0 elsewhere)
         if use_fast_path(logits.device):  # no dense target matrix (taildet.ops.efl_kernel)
             def positive_terms(xs: Tensor) -> tuple[Tensor, None]:
                 return quality_focal_loss(xs, q, self.beta), None
 
-            loss = sparse_focal_loss_and_grad(x, rows, cols, self.beta, 1.0, positive_terms, need_grad=False)[0]
+            loss = sparse_focal_loss_and_grad(x, rows, cols, self.beta, 1.0, positive_terms, need_grad=False,
+                                              keep=keep, pos=entries.pos)[0]
         else:
             soft = torch.zeros_like(x)
-            soft[rows, cols] = q
-            loss = quality_focal_loss(x, soft, self.beta).sum()
+            soft[rows, cols] = q  # fixed-shape layout: 0 at the candidates that are not positive
+            terms = quality_focal_loss(x, soft, self.beta)
+            if keep is not None:  # fixed-shape layout: the ignored rows add nothing
+                terms = torch.where(keep[:, None], terms, terms.new_zeros(()))
+            loss = terms.sum()
         return loss / normalizer

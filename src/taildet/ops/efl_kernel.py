@@ -11,6 +11,11 @@ whole matrix (the gradient built in place from the same temporaries), and then o
 positive entries are corrected: their negative term taken out, their own term (given by the
 loss: EFL's positive term, or a quality term) put in, their gradient entries overwritten. No
 target matrix, no second dense branch.
+
+The positive entries come in either layout of :mod:`taildet.losses.one_stage_inputs`: compacted
+(the ``P`` positives of the non-ignored rows; the CPU path) or fixed-shape (one candidate per
+row masked by ``pos``, the ignored rows given zero weight by ``keep``: no host read, the path
+taken on CUDA). Nothing here reads device values on the host in the fixed-shape layout.
 """
 
 from __future__ import annotations
@@ -43,34 +48,56 @@ def sparse_focal_loss_and_grad(
     *,
     negative_scale: float = 1.0,
     need_grad: bool = True,
+    keep: Tensor | None = None,
+    pos: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """``sum_ij l_ij`` and its gradient ``d/dx`` (``[N, C]``; None unless ``need_grad``), where
     ``l_ij = a c_j p_ij^g_j (-log(1 - p_ij))`` on every negative entry (``a`` = ``negative_scale``,
     ``p = sigmoid(x)``) and ``positive_terms`` on the positive entries ``x[rows, cols]`` (each
     at most once).
 
+    Fixed-shape layout: ``keep`` (``[N]`` bool) the rows that count -- the others add nothing to
+    the loss and get a zero gradient --, ``pos`` (``[P]`` bool) which of the ``(rows, cols)``
+    candidates are positive (the others stay negative entries); None: every row / candidate.
+
     ``gamma`` and ``coef`` are ``[C]`` vectors, 0-d tensors or numbers. With ``need_grad`` the
     logits must be detached (the gradient is built in place); without it, the loss is
     differentiable by autograd when ``x`` requires grad (QFL).
     """
+    dropped = None if keep is None else ~keep[:, None]  # [N, 1]: the rows that add nothing
     grad = None
     if need_grad:
         ce = -F.logsigmoid(-x)
         p = torch.sigmoid(x)
         p_gamma = p.pow(gamma)
-        loss = (p_gamma * ce).sum(0).mul_(coef).sum() * negative_scale
+        terms = p_gamma * ce
+        if dropped is not None:
+            terms.masked_fill_(dropped, 0.0)
+        loss = terms.sum(0).mul_(coef).sum() * negative_scale
+        del terms
         # c p^g (g (1 - p) CE + p): the derivative of the negative term
         grad = torch.sigmoid(-x).mul_(gamma).mul_(ce).add_(p).mul_(p_gamma).mul_(coef * negative_scale)
         del ce, p, p_gamma
     else:
         # under autograd (QFL) in this order: p^g before CE keeps one [N, C] tensor fewer alive at
         # the peak (87 MiB at 20,000 x 1203, benchmarks/losses_one_stage.py)
-        loss = (torch.sigmoid(x).pow(gamma) * -F.logsigmoid(-x)).sum(0).mul_(coef).sum() * negative_scale
+        terms = torch.sigmoid(x).pow(gamma) * -F.logsigmoid(-x)
+        if dropped is not None:
+            terms.masked_fill_(dropped, 0.0)
+        loss = terms.sum(0).mul_(coef).sum() * negative_scale
+        del terms
     if rows.numel() > 0:
         xs = x[rows, cols]
         wrong = _at(coef, cols) * negative_scale * torch.sigmoid(xs).pow(_at(gamma, cols)) * -F.logsigmoid(-xs)
         right, right_grad = positive_terms(xs)
-        loss = loss + (right.sum() - wrong.sum())
+        if pos is None:
+            loss = loss + (right.sum() - wrong.sum())
+        else:  # only the positive candidates are corrected (a where: no NaN of the others leaks)
+            loss = loss + torch.where(pos, right - wrong, wrong.new_zeros(())).sum()
         if grad is not None:
+            if pos is not None:
+                right_grad = torch.where(pos, right_grad, grad[rows, cols])
             grad[rows, cols] = right_grad
+    if dropped is not None and grad is not None:
+        grad.masked_fill_(dropped, 0.0)
     return loss, grad
