@@ -11,8 +11,10 @@ marked block::
 Kinds: ``recipes`` (mean and 95 % interval per metric), ``paired`` (differences to baselines),
 ``claims`` (the claims table with verdicts), ``argmax`` (LogN's background-argmax diagnostic),
 ``gradient_ratio`` (EFL's accumulated gradient ratio per checkpoint), all
-from a compare summary; and ``table`` (a measured table from a benchmark's ``--json`` file, written
-by :func:`write_table_summary`, with the machine and command it was measured with). Options:
+from a compare summary; ``table`` (a measured table from a benchmark's ``--json`` file, written
+by :func:`write_table_summary`, with the machine and command it was measured with); and
+``gpu_suite`` (issue 18's GPU suite, ``benchmarks/gpu_suite.py --out``, rendered by
+:mod:`taildet.results_docs_gpu`; a file not committed yet renders as one line saying so). Options:
 ``recipes=a,b`` (rows, in that order), ``metrics=AP,APr`` (columns or rows), ``claims=id1,id2``,
 ``table=NAME`` (which table of a benchmark file). ``taildet docs`` rewrites the blocks;
 ``taildet docs --check`` (and a test) fails when a block differs from what its summary gives.
@@ -30,6 +32,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from taildet.errors import ConfigError, DataError
+from taildet.results_docs_gpu import format_gpu_suite, load_gpu_suite
 from taildet.utils.machine import machine_info
 from taildet.fileio import atomic_write_text
 
@@ -286,8 +289,13 @@ def _render_gradient_ratio(summary, opts, source):
     return format_gradient_ratio_table(summary, opts.get("recipes"), source)
 
 
+def _render_gpu_suite(summary, opts, source):
+    return format_gpu_suite(summary, source)
+
+
 RENDERERS = {"recipes": _render_recipes, "paired": _render_paired, "claims": _render_claims,
-             "argmax": _render_argmax, "gradient_ratio": _render_gradient_ratio, "table": _render_table}
+             "argmax": _render_argmax, "gradient_ratio": _render_gradient_ratio, "table": _render_table,
+             "gpu_suite": _render_gpu_suite}
 
 
 def _read_json(path: Path) -> object:
@@ -372,7 +380,7 @@ def render_markdown(text: str, root: str | Path, where: str = "markdown") -> str
     def replace(m: re.Match) -> str:
         kind, rel, opts = _parse_args(m.group("args"), where)
         if rel not in cache:
-            loader = load_measured_tables if kind == "table" else load_summary
+            loader = {"table": load_measured_tables, "gpu_suite": load_gpu_suite}.get(kind, load_summary)
             cache[rel] = loader(Path(root) / rel)
         body = RENDERERS[kind](cache[rel], opts, rel)
         return m.group("begin") + body + "\n" + m.group("end")
