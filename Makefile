@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-classify test test-all lint bench bench-docs bench-scale compare evidence docs clean-venv
+.PHONY: demo demo-classify test test-all lint bench bench-docs bench-gpu bench-scale compare evidence docs clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,13 @@ bench-docs: $(STAMP)
 	cd benchmarks && ../$(PY) losses.py --json ../docs/results/bench_losses.json
 	cd benchmarks && ../$(PY) losses.py --retain-memory --json ../docs/results/bench_losses_retain.json
 	cd benchmarks && ../$(PY) mfs.py --json ../docs/results/bench_mfs.json
+	cd benchmarks && ../$(PY) host_reads.py --json ../docs/results/bench_host_reads.json
+	$(VENV)/bin/taildet docs
+
+# Issue 18 on a GPU machine: the CUDA tests, then the training-step table (at most 8 minutes on one
+# H100/H200) -> docs/results/bench_gpu_suite.json, then the docs.
+bench-gpu: $(STAMP)
+	PYTHON=$(PY) bash benchmarks/gpu_suite.sh
 	$(VENV)/bin/taildet docs
 
 # LVIS v1 at full size on this machine: memory and time of evaluation, load_lvis, data-loader workers
