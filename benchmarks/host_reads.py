@@ -51,7 +51,8 @@ def where(site: str) -> str:
 
 def measure(argv: list[str] | None = None) -> dict[str, dict]:
     """Row key -> ``{"label", "group", "total", "loss", "host", "taildet", "torchvision", "other",
-    "sites"}`` for the last training step of each row (the suite at smoke sizes, one warm-up
+    "kernels", "reference", "sites"}`` (``kernels``: aten operators that are not views or bare
+    allocations, about the kernels a GPU launches; ``reference``: the row's reference in the suite) for the last training step of each row (the suite at smoke sizes, one warm-up
     step and one measured step per row)."""
     records: dict[int, HostSyncDetector] = {}
     step = gpu_suite.training_step
@@ -68,13 +69,14 @@ def measure(argv: list[str] | None = None) -> dict[str, dict]:
                                  "--groups", ",".join(GROUPS), *(argv or [])], keep_models=True)
     finally:
         gpu_suite.training_step = step
-    labels = {r.key: (r.label, r.group) for r in gpu_suite.ROWS}
+    labels = {r.key: (r.label, r.group, r.reference) for r in gpu_suite.ROWS}
     result = {}
     for key, model in out["models"].items():
         det = records[id(model)]
         kinds = collections.Counter(where(s) for s in det.sites)
-        result[key] = {"label": labels[key][0], "group": labels[key][1], "total": len(det.calls),
-                       **{k: kinds.get(k, 0) for k in _KINDS},
+        result[key] = {"label": labels[key][0], "group": labels[key][1], "reference": labels[key][2],
+                       "total": len(det.calls),
+                       **{k: kinds.get(k, 0) for k in _KINDS}, "kernels": det.kernels,
                        "sites": sorted(collections.Counter(f"{c} @ {s}" for c, s in zip(det.calls, det.sites)).items())}
     return result
 
@@ -86,11 +88,16 @@ def main() -> None:
     args = p.parse_args()
     torch.manual_seed(0)
     result = measure()
-    rows = [[r["group"], r["label"], r["total"] - r["host"], *(r[k] for k in _KINDS)] for r in result.values()]
-    head = ["group", "row", "device reads", "in a loss", "host data", "taildet", "torchvision", "step"]
-    print(f"{head[0]:10s}{head[1]:28s}" + "".join(f"{h:>14s}" for h in head[2:]))
+    def extra_kernels(r: dict) -> int | None:
+        return None if r["reference"] is None else r["kernels"] - result[r["reference"]]["kernels"]
+
+    rows = [[r["group"], r["label"], r["total"] - r["host"], *(r[k] for k in _KINDS), r["kernels"], extra_kernels(r)]
+            for r in result.values()]
+    head = ["group", "row", "device reads", "in a loss", "host data", "taildet", "torchvision", "step", "kernels",
+            "vs reference"]
+    print(f"{head[0]:10s}{head[1]:28s}" + "".join(f"{h:>13s}" for h in head[2:]))
     for r in rows:
-        print(f"{r[0]:10s}{r[1]:28s}" + "".join(f"{v:14d}" for v in r[2:]))
+        print(f"{r[0]:10s}{r[1]:28s}" + "".join(f"{'-' if v is None else v:>13}" for v in r[2:]))
     if args.verbose:
         for key, r in result.items():
             print(f"== {r['label']}")
@@ -102,8 +109,9 @@ def main() -> None:
         from taildet.results_docs import write_table_summary
 
         tables = {"reads": {"columns": ["group", "row", "device reads / step", "in a loss", "MFS host data (no read on GPU)",
-                                        "elsewhere in taildet", "in torchvision", "step (clipping)"],
-                            "formats": ["s", "s", "d", "d", "d", "d", "d", "d"], "rows": rows}}
+                                        "elsewhere in taildet", "in torchvision", "step (clipping)", "kernels / step",
+                                        "kernels vs reference"],
+                            "formats": ["s", "s", "d", "d", "d", "d", "d", "d", "d", "+d"], "rows": rows}}
         command = "python benchmarks/host_reads.py" + " ".join([""] + sys.argv[1:])
         print("wrote", write_table_summary(args.json, "Host reads per training step (GPU code paths)", tables, command))
 

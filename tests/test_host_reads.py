@@ -27,6 +27,8 @@ def test_no_host_read_inside_a_loss_and_losses_add_none(reads):
     assert 0 < device["ce"] <= device["torchvision"]
     assert device["mfs"] == device["ce_ft"] and reads["mfs"]["host"] > 0  # MFS's draws: host tensors
     assert device["efl"] == device["qfl"] == device["eqfl"] == device["focal"] > 0
+    # the kernel count (aten ops that are not views): a loss row launches at least what CE launches
+    assert all(reads[k]["kernels"] >= reads["ce"]["kernels"] > 0 for k in ("bsoftmax", "ebl", "eqlv2", "seesaw"))
 
 
 def test_the_sites_name_where_each_read_happens(reads):

@@ -138,6 +138,8 @@ def expect(ok: Tensor, diagnose: Callable[[], None]) -> None:
 
 _READS = {"_local_scalar_dense", "nonzero", "unique", "_unique", "_unique2", "unique_consecutive", "unique_dim",
           "bincount", "masked_select", "masked_scatter"}
+_NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh", "_to_copy_noop",
+              "set_", "resize_", "_local_scalar_dense"}
 _MAYBE_READS = {"index", "index_put", "index_put_", "_index_put_impl_"}
 
 
@@ -154,10 +156,15 @@ class HostSyncDetector(TorchDispatchMode):
         self.calls: list[str] = []
         #: for each call, the innermost Python frame outside torch (``file:line``): where to look
         self.sites: list[str] = []
+        #: aten operators run that are neither views nor bare allocations: about the kernels a GPU
+        #: would launch (a device-independent count of launch overhead)
+        self.kernels = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
+        if not func.is_view and name not in _NO_KERNEL:
+            self.kernels += 1
         if name in _READS:
             self._record(name)
         elif name in _MAYBE_READS and _has_bool_index(args):
