@@ -133,9 +133,10 @@ def atss_assign(
     is_pos &= margin > 0.01
 
     # an anchor positive for several GTs takes the one with the highest IoU
+    # (a scatter along the anchors: the candidates of one GT are distinct anchors; no boolean-mask
+    # indexing, so no host read on GPU)
     scored = torch.full_like(ious, -math.inf)
-    gt_index = torch.arange(num_gt, device=anchors.device).expand_as(cand)
-    scored[cand[is_pos], gt_index[is_pos]] = ious[cand[is_pos], gt_index[is_pos]]
+    scored.scatter_(0, cand, torch.where(is_pos, cand_iou, torch.full_like(cand_iou, -math.inf)))
     best, arg = scored.max(dim=1)
     matched = torch.where(best > -math.inf, arg, matched)
     return (matched, thresh) if return_thresholds else matched

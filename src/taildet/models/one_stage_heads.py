@@ -61,12 +61,15 @@ def anchor_labels(matched_idxs: Tensor, gt_labels: Tensor, num_classes: int) -> 
 
     ``matched_idxs[a] >= 0`` -> ``gt_labels[matched_idxs[a]]``; ``Matcher.BELOW_LOW_THRESHOLD``
     (-1, also FCOS's "unmatched") -> ``num_classes``; ``Matcher.BETWEEN_THRESHOLDS`` (-2) -> ``-1``.
+    Fixed shapes (no boolean-mask indexing: no host read on GPU).
     """
-    labels = torch.full_like(matched_idxs, num_classes)
-    pos = matched_idxs >= 0
-    labels[pos] = gt_labels[matched_idxs[pos]].to(labels.dtype)
-    labels[matched_idxs == det_utils.Matcher.BETWEEN_THRESHOLDS] = -1
-    return labels
+    negative = torch.full_like(matched_idxs, num_classes)
+    if gt_labels.numel():
+        labels = gt_labels.to(matched_idxs.dtype)[matched_idxs.clamp(min=0)]
+        labels = torch.where(matched_idxs >= 0, labels, negative)
+    else:
+        labels = negative
+    return labels.masked_fill(matched_idxs == det_utils.Matcher.BETWEEN_THRESHOLDS, -1)
 
 
 def _batch_labels(targets: list[dict[str, Tensor]], matched_idxs: list[Tensor], num_classes: int) -> Tensor:
